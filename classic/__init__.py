@@ -1,0 +1,3 @@
+"""classic: deep RL on gymnasium environments (DQN family, vanilla PG, PPO variants, TRPO)."""
+
+__version__ = "0.1.0"

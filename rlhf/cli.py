@@ -1,0 +1,58 @@
+"""`rlhf sft|reward|ppo|grpo|pipeline|plot ...` — one sub-command per stage.
+
+Each stage module exposes a `Config` dataclass and `train(cfg) -> summary dict`; this file only
+parses the command line into that config (defaults < --config YAML < --field value).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "sft": ("rlhf.sft", "Supervised fine-tuning on demonstrations."),
+    "reward": ("rlhf.reward", "Train a reward model from pairwise preferences or K-wise rankings (`rlhf reward score ...` scores a file)."),
+    "ppo": ("rlhf.ppo", "PPO against a reward model or reward functions, with a KL penalty to a frozen reference."),
+    "grpo": ("rlhf.grpo", "GRPO: group-normalised advantages, no critic."),
+    "pipeline": ("rlhf.pipeline", "SFT -> rankings -> reward model -> PPO and GRPO, with a report."),
+    "plot": ("rlhf.plot", "Plot curves from metrics.jsonl of one or more runs."),
+}
+
+
+def usage(prog: str, commands: dict) -> str:
+    width = max(map(len, commands))
+    lines = [f"usage: {prog} <command> [--config FILE.yaml] [--option value ...]", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in commands.items()]
+    lines += ["", f"`{prog} <command> --help` lists every option with its default."]
+    return "\n".join(lines)
+
+
+def dispatch(prog: str, commands: dict, argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage(prog, commands))
+        raise SystemExit(0 if argv else 2)
+    name, rest = argv[0], argv[1:]
+    if name not in commands:
+        print(f"{prog}: unknown command `{name}`\n\n{usage(prog, commands)}", file=sys.stderr)
+        raise SystemExit(2)
+    module = importlib.import_module(commands[name][0])
+    if hasattr(module, "cli"):  # commands with their own sub-commands or positional arguments
+        module.cli(rest, prog=f"{prog} {name}")
+        return
+    from rlhf.runtime import ConfigError, parse_config
+
+    try:
+        cfg = parse_config(module.Config, rest, prog=f"{prog} {name}")
+        module.train(cfg)
+    except ConfigError as e:
+        print(f"{prog} {name}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    dispatch("rlhf", COMMANDS, argv)
+
+
+if __name__ == "__main__":
+    main()
