@@ -396,16 +396,13 @@ def load_state(path: str | os.PathLike, restore_rng: bool = True) -> dict[str, A
     return state
 
 
-_SAFE_GLOBALS = [np.core.multiarray._reconstruct if hasattr(np, "core") else None, np.ndarray, np.dtype,
-                 type(np.dtype(np.uint32)), type(np.dtype(np.float64)), type(np.dtype(np.int64)),
-                 type(np.dtype(np.float32)), type(np.dtype(np.uint8)), type(np.dtype(np.bool_))]
-try:  # numpy >= 2 moved the pickling helper
+try:  # the pickling helper of numpy arrays moved in numpy 2
     from numpy._core.multiarray import _reconstruct as _np_reconstruct  # type: ignore
+except ImportError:  # pragma: no cover - numpy 1.x
+    from numpy.core.multiarray import _reconstruct as _np_reconstruct  # type: ignore
 
-    _SAFE_GLOBALS.append(_np_reconstruct)
-except ImportError:  # pragma: no cover
-    pass
-_SAFE_GLOBALS = [g for g in _SAFE_GLOBALS if g is not None]
+_SAFE_GLOBALS = [_np_reconstruct, np.ndarray, np.dtype] + [
+    type(np.dtype(t)) for t in (np.uint8, np.uint32, np.int64, np.float32, np.float64, np.bool_)]
 
 
 # --------------------------------------------------------------------------------------------

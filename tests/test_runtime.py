@@ -1,0 +1,134 @@
+"""The shared run plumbing: config precedence and errors, run directory, atomic checkpoints, RNG state."""
+
+import dataclasses
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from rlhf.runtime import (
+    CheckpointWriter, ConfigError, Run, RunConfig, arg, check, checkpoint_dirs, load_state, parse_config,
+    read_jsonl, resolve_checkpoint, save_state,
+)
+
+
+@dataclasses.dataclass
+class DemoConfig(RunConfig):
+    learning_rate: float = arg(3e-4, "Adam step size.")
+    double_q: bool = arg(False, "Use the Double DQN target.")
+    dueling: str = arg("none", "Dueling aggregation.", choices=["none", "mean", "max"])
+    lora_target_modules: list[str] = arg(["q_proj", "v_proj"], "Modules that get LoRA adapters.")
+    total_timesteps: int = arg(1000, "Environment steps.")
+
+    def __post_init__(self):
+        check(self.total_timesteps > 0, "total_timesteps", "must be positive")
+
+
+def test_defaults_yaml_cli_precedence(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("learning_rate: 0.1\ndueling: max\ntotal_timesteps: 5000\n")
+    cfg = parse_config(DemoConfig, ["--config", str(cfg_file), "--dueling", "mean", "--double_q", "true"])
+    assert cfg.learning_rate == 0.1  # YAML over default
+    assert cfg.dueling == "mean"  # command line over YAML
+    assert cfg.double_q is True and cfg.total_timesteps == 5000
+    assert cfg.lora_target_modules == ["q_proj", "v_proj"]
+    assert parse_config(DemoConfig, ["--lora_target_modules", "a,b", "--total_timesteps", "1e5"]).lora_target_modules == ["a", "b"]
+    assert parse_config(DemoConfig, ["--total_timesteps", "1e5"]).total_timesteps == 100000
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--dueling", "avg"], "`dueling` must be one of"),
+        (["--double_q", "maybe"], "`double_q` expects bool"),
+        (["--learning_rate", "fast"], "`learning_rate` expects float"),
+        (["--total_timesteps", "0"], "`total_timesteps`: must be positive"),
+    ],
+)
+def test_bad_values_name_the_option(argv, needle):
+    with pytest.raises(ConfigError, match=needle):
+        parse_config(DemoConfig, argv)
+
+
+def test_unknown_cli_option_exits(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(DemoConfig, ["--learning_rat", "1"])
+    assert "unknown option --learning_rat" in capsys.readouterr().err
+
+
+def test_unknown_yaml_key_names_file_and_key(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("learning_rat: 0.1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key `learning_rat`.*did you mean `learning_rate`"):
+        parse_config(DemoConfig, ["--config", str(f)])
+    f.write_text("double_q: 3\n")
+    with pytest.raises(ConfigError, match="bad.yaml: `double_q` expects bool"):
+        parse_config(DemoConfig, ["--config", str(f)])
+
+
+def test_help_lists_every_field_with_default(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(DemoConfig, ["--help"])
+    out = capsys.readouterr().out
+    for name in ("--learning_rate", "--double_q", "--output_dir", "--resume_from_checkpoint"):
+        assert name in out
+    assert "Adam step size. (default: 0.0003)" in " ".join(out.split())
+
+
+def test_run_dir_files_and_refusal_to_overwrite(tmp_path):
+    cfg = DemoConfig(output_dir=str(tmp_path / "run"), report_to="tensorboard")
+    run = Run(cfg)
+    run.log(1, {"loss/policy": torch.tensor(0.5), "eval/return_mean": 3})
+    run.log(2, {"loss/policy": 0.25})
+    run.write_summary({"eval/return_mean": 7.0})
+    run.close()
+    d = tmp_path / "run"
+    assert (d / "config.yaml").read_text().count("learning_rate: 0.0003") == 1
+    assert read_jsonl(d / "metrics.jsonl") == [
+        {"step": 1, "loss/policy": 0.5, "eval/return_mean": 3}, {"step": 2, "loss/policy": 0.25}]
+    assert json.loads((d / "summary.json").read_text()) == {"eval/return_mean": 7.0}
+    assert any((d / "tensorboard").iterdir())
+    with pytest.raises(ConfigError, match="already holds a finished run"):
+        Run(cfg)
+    Run(dataclasses.replace(cfg, overwrite=True)).close()
+    assert not (d / "summary.json").exists() and not (d / "metrics.jsonl").exists()
+
+
+def test_truncate_metrics_on_resume(tmp_path):
+    cfg = DemoConfig(output_dir=str(tmp_path), report_to="none")
+    run = Run(cfg)
+    for s in range(1, 6):
+        run.log(s, {"x": s})
+    run.close()
+    run = Run(dataclasses.replace(cfg, resume_from_checkpoint="latest"))
+    run.truncate_metrics(3)
+    run.log(4, {"x": 40})
+    run.close()
+    assert [r["x"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3, 40]
+
+
+def test_checkpoint_is_atomic_and_pruned(tmp_path):
+    for step in (10, 20, 30):
+        with CheckpointWriter(tmp_path, step, keep=2) as d:
+            save_state(d / "state.pt", {"step": step})
+    with pytest.raises(RuntimeError):
+        with CheckpointWriter(tmp_path, 40, keep=2) as d:
+            (d / "partial").write_text("x")
+            raise RuntimeError("crash while writing")
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-00000020", "step-00000030"]
+    assert resolve_checkpoint("latest", tmp_path).name == "step-00000030"
+    assert resolve_checkpoint("", tmp_path) is None
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        resolve_checkpoint("latest", tmp_path / "empty")
+
+
+def test_rng_state_round_trip(tmp_path):
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    save_state(tmp_path / "s.pt", {"step": 3})
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    state = load_state(tmp_path / "s.pt")
+    assert state["step"] == 3
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
