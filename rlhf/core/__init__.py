@@ -1,0 +1,81 @@
+"""The policy-optimisation core shared by ``rlhf`` and ``classic``: pure functions on torch tensors.
+
+Imports nothing but torch, numpy and the standard library.
+"""
+
+from .advantages import discounted_returns, gae, group_advantages, token_gae
+from .kl import (
+    AdaptiveKLController,
+    FixedKLController,
+    ProportionalKLController,
+    kl_controller,
+    kl_estimate,
+)
+from .losses import (
+    bradley_terry_loss,
+    dqn_target,
+    dueling_q,
+    entropy_from_logits,
+    kl_penalty_loss,
+    logprobs_from_logits,
+    policy_gradient_loss,
+    ppo_clip_loss,
+    ranking_loss,
+    td_loss,
+    value_loss,
+)
+from .masked import (
+    AGGREGATION_MODES,
+    aggregate_loss,
+    explained_variance,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+)
+from .trust_region import (
+    backtracking_line_search,
+    conjugate_gradient,
+    fisher_vector_product,
+    flat_grad,
+    flat_params,
+    set_flat_params,
+    trpo_step_size,
+)
+
+__all__ = [
+    "AGGREGATION_MODES",
+    "AdaptiveKLController",
+    "FixedKLController",
+    "ProportionalKLController",
+    "aggregate_loss",
+    "backtracking_line_search",
+    "bradley_terry_loss",
+    "conjugate_gradient",
+    "discounted_returns",
+    "dqn_target",
+    "dueling_q",
+    "entropy_from_logits",
+    "explained_variance",
+    "fisher_vector_product",
+    "flat_grad",
+    "flat_params",
+    "gae",
+    "group_advantages",
+    "kl_controller",
+    "kl_estimate",
+    "kl_penalty_loss",
+    "logprobs_from_logits",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "policy_gradient_loss",
+    "ppo_clip_loss",
+    "ranking_loss",
+    "set_flat_params",
+    "td_loss",
+    "token_gae",
+    "trpo_step_size",
+    "value_loss",
+]
