@@ -1,0 +1,508 @@
+"""What vanilla PG, PPO and TRPO share: config fields, vector envs, the rollout, GAE, evaluation, checkpoints.
+
+Each algorithm file (`pg.py`, `ppo.py`, `trpo.py`) reads top to bottom and calls into here for
+the parts that are the same in all three, so they are written (and tested) once.
+
+Autoreset. Gymnasium 1.x vector envs reset a finished sub-env on the *next* call to `step`
+("next-step" mode, https://farama.org/Vector-Autoreset-Mode): the step that ends an episode
+returns the episode's *final* observation as the ordinary next observation, and the following
+step ignores the action, returns reward 0 and the reset observation. We keep that mode (the vector
+`NormalizeObservation` wrapper refuses the "same-step" mode) and use it directly:
+- the bootstrap value of a truncated step t is V(obs_{t+1}) = V(final observation), which the
+  rollout computes anyway at step t+1, so truncation bootstraps without a special case;
+- the reset step t+1 is not a transition of the MDP: it is stored with `valid = 0` and masked out
+  of every loss, statistic and advantage normalisation (its own advantage is never used, and
+  GAE does not reach across it because step t has `episode_end = 1`).
+Truncation is not termination (Pardo et al. 2018; SB3 issue #633): `terminated` cuts the
+bootstrap, `episode_end = terminated | truncated` only stops the GAE recursion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import pickle
+import warnings
+from collections import deque
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium.wrappers import vector as vw
+
+from classic.policies import ActorCritic, is_image_space
+from rlhf.core import explained_variance, gae
+from rlhf.runtime import ConfigError, arg, check
+
+
+# --------------------------------------------------------------------------------------------
+# Config fields shared by pg / ppo / trpo (a mixin: each command's Config is `(OnPolicyArgs, RunConfig)`)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class OnPolicyArgs:
+    env_id: str = arg("CartPole-v1", "Gymnasium environment id (classic control, MuJoCo e.g. Hopper-v5, or Atari e.g. ALE/Breakout-v5).")
+    total_timesteps: int = arg(100_000, "Environment steps to train for (rounded up to whole rollouts of num_envs * num_steps).")
+    num_envs: int = arg(4, "Parallel environments in the vector env.")
+    num_steps: int = arg(128, "Steps per environment in each rollout (the horizon T); batch = num_envs * num_steps.")
+    vector: str = arg("sync", "Vector env: sync (one process) or async (one process per env; resume is then not bit-exact).", choices=("sync", "async"))
+    gamma: float = arg(0.99, "Discount factor.")
+    gae_lambda: float = arg(0.95, "GAE lambda (1: Monte-Carlo returns with a baseline, 0: one-step TD).")
+    learning_rate: float = arg(3e-4, "Adam learning rate (of the value function for TRPO).")
+    anneal_lr: bool = arg(True, "Linearly anneal the learning rate to 0 over training.")
+    norm_adv: bool = arg(True, "Normalise advantages to zero mean, unit std (per minibatch).")
+    max_grad_norm: float = arg(0.5, "Clip the global gradient norm to this (0: no clipping).")
+    norm_obs: bool = arg(False, "Normalise observations with running statistics (gymnasium NormalizeObservation); frozen at evaluation.")
+    norm_reward: bool = arg(False, "Scale rewards by the std of a running discounted return (gymnasium NormalizeReward).")
+    clip_obs: float = arg(10.0, "Clip normalised observations to [-clip_obs, clip_obs] (0: no clipping; only with norm_obs).")
+    clip_reward: float = arg(10.0, "Clip normalised rewards to [-clip_reward, clip_reward] (0: no clipping; only with norm_reward).")
+    policy: str = arg("auto", "Network: mlp, cnn (Nature CNN on 84x84 frames, discrete actions) or auto (cnn for image observations).", choices=("auto", "mlp", "cnn"))
+    hidden_sizes: list[int] = arg([64, 64], "Hidden layer sizes of the actor and critic MLPs (comma-separated).")
+    activation: str = arg("tanh", "Hidden activation of the MLPs.", choices=("tanh", "relu"))
+    init_log_std: float = arg(0.0, "Initial log-std of the Gaussian policy (continuous actions).")
+    eval_episodes: int = arg(10, "Episodes of the final evaluation (deterministic policy; 0: none).")
+    eval_interval: int = arg(0, "Also evaluate every this many environment steps (0: only at the end).")
+    torch_threads: int = arg(1, "torch intra-op threads (1 is fastest for small MLPs; 0: leave torch's default).")
+    device: str = arg("cpu", "torch device (cpu, cuda, cuda:0, ...).")
+
+    def __post_init__(self):
+        check(bool(self.env_id), "env_id", "must not be empty")
+        check(self.total_timesteps >= 1, "total_timesteps", f"must be >= 1, got {self.total_timesteps}")
+        check(self.num_envs >= 1, "num_envs", f"must be >= 1, got {self.num_envs}")
+        check(self.num_steps >= 1, "num_steps", f"must be >= 1, got {self.num_steps}")
+        check(0.0 <= self.gamma <= 1.0, "gamma", f"must be in [0, 1], got {self.gamma}")
+        check(0.0 <= self.gae_lambda <= 1.0, "gae_lambda", f"must be in [0, 1], got {self.gae_lambda}")
+        check(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
+        check(self.max_grad_norm >= 0, "max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
+        check(self.clip_obs >= 0, "clip_obs", f"must be >= 0, got {self.clip_obs}")
+        check(self.clip_reward >= 0, "clip_reward", f"must be >= 0, got {self.clip_reward}")
+        check(len(self.hidden_sizes) >= 1 and all(h >= 1 for h in self.hidden_sizes), "hidden_sizes",
+              f"must be a non-empty list of positive sizes, got {self.hidden_sizes}")
+        check(self.eval_episodes >= 0, "eval_episodes", f"must be >= 0, got {self.eval_episodes}")
+        check(self.eval_interval >= 0, "eval_interval", f"must be >= 0, got {self.eval_interval}")
+        check(self.torch_threads >= 0, "torch_threads", f"must be >= 0, got {self.torch_threads}")
+
+    @property
+    def batch_size(self) -> int:
+        return self.num_envs * self.num_steps
+
+    @property
+    def num_iterations(self) -> int:
+        return math.ceil(self.total_timesteps / self.batch_size)
+
+
+def is_atari(env_id: str) -> bool:
+    return env_id.startswith("ALE/") or env_id.endswith("NoFrameskip-v4")
+
+
+def atari_game(env_id: str) -> str:
+    """`ALE/Breakout-v5` or `BreakoutNoFrameskip-v4` -> `breakout` (ale-py's snake_case ROM name)."""
+    import re
+
+    name = env_id.split("/")[-1].split("-")[0].replace("NoFrameskip", "")
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def env_spaces(env_id: str) -> tuple[gym.Space, gym.Space]:
+    """(single observation space, single action space) of `env_id`; a ConfigError naming `env_id` if unknown."""
+    if is_atari(env_id):
+        import ale_py
+
+        gym.register_envs(ale_py)
+        # ale-py's vector env: grey 84x84, 4 stacked frames, uint8.
+        obs = gym.spaces.Box(0, 255, (4, 84, 84), np.uint8)
+        probe = gym.make(env_id)
+        act = probe.action_space
+        probe.close()
+        return obs, act
+    try:
+        probe = gym.make(env_id)
+    except gym.error.Error as e:
+        raise ConfigError(f"`env_id`: cannot make {env_id!r}: {e}") from None
+    spaces = probe.observation_space, probe.action_space
+    probe.close()
+    return spaces
+
+
+def check_env(cfg: OnPolicyArgs, discrete_only: str | None = None) -> tuple[gym.Space, gym.Space, str]:
+    """Validate the env against the config before any work; returns (obs space, action space, policy)."""
+    obs_space, act_space = env_spaces(cfg.env_id)
+    discrete = isinstance(act_space, gym.spaces.Discrete)
+    if discrete_only and not discrete:
+        raise ConfigError(f"`{discrete_only}`: needs a discrete action space, but {cfg.env_id} has {act_space}")
+    policy = cfg.policy
+    if policy == "auto":
+        policy = "cnn" if is_image_space(obs_space) else "mlp"
+    if policy == "cnn":
+        if not discrete:
+            raise ConfigError(f"`policy`: cnn needs a discrete action space, but {cfg.env_id} has {act_space}")
+        if not is_image_space(obs_space):
+            raise ConfigError(f"`policy`: cnn needs image observations, but {cfg.env_id} has {obs_space}")
+    if cfg.norm_obs and is_image_space(obs_space):
+        raise ConfigError(f"`norm_obs`: image observations of {cfg.env_id} are scaled by 1/255 in the network; set norm_obs false")
+    return obs_space, act_space, policy
+
+
+# --------------------------------------------------------------------------------------------
+# Vector environments
+# --------------------------------------------------------------------------------------------
+
+
+def make_vector_env(
+    env_id: str,
+    num_envs: int,
+    seed: int,
+    vector: str = "sync",
+    norm_obs: bool = False,
+    norm_reward: bool = False,
+    gamma: float = 0.99,
+    clip_obs: float = 10.0,
+    clip_reward: float = 10.0,
+) -> gym.vector.VectorEnv:
+    """A gymnasium vector env (next-step autoreset; not reset yet: call `envs.reset(seed=...)`), episode statistics of *raw* rewards, then
+    optional observation / reward normalisation. Atari ids use ale-py's own `AtariVectorEnv`
+    (84x84 grey, 4-frame stack, frameskip 4, noop starts, fire reset; rewards clipped to [-1, 1]
+    after the raw return is recorded). Continuous actions are clipped to the action bounds by the
+    wrapper; the policy's log-probs are of the unclipped sample (as CleanRL / SB3 do).
+    """
+    if is_atari(env_id):
+        import ale_py
+        from ale_py.vector_env import AtariVectorEnv
+
+        gym.register_envs(ale_py)
+        envs = AtariVectorEnv(atari_game(env_id), num_envs, reward_clipping=False, num_threads=1)
+        envs = vw.RecordEpisodeStatistics(envs)
+        envs = vw.ClipReward(envs, -1.0, 1.0)
+        return envs
+    fns = [functools.partial(gym.make, env_id) for _ in range(num_envs)]  # partial, not lambda: picklable
+    envs = gym.vector.SyncVectorEnv(fns) if vector == "sync" else gym.vector.AsyncVectorEnv(fns)
+    envs = vw.RecordEpisodeStatistics(envs)
+    if isinstance(envs.single_action_space, gym.spaces.Box):
+        envs = vw.ClipAction(envs)
+    if norm_obs:
+        envs = vw.NormalizeObservation(envs)
+        if clip_obs:
+            envs = vw.TransformObservation(envs, functools.partial(_clip, bound=clip_obs), envs.observation_space)
+    if norm_reward:
+        envs = vw.NormalizeReward(envs, gamma=gamma)
+        if clip_reward:
+            envs = vw.ClipReward(envs, -clip_reward, clip_reward)
+    return envs
+
+
+def _clip(obs: np.ndarray, bound: float) -> np.ndarray:
+    return np.clip(obs, -bound, bound)
+
+
+def find_wrapper(envs, cls):
+    while True:
+        if isinstance(envs, cls):
+            return envs
+        if not hasattr(envs, "env"):
+            return None
+        envs = envs.env
+
+
+def norm_stats(envs) -> dict:
+    """Running statistics of the normalisation wrappers (numpy arrays), for checkpoints and evaluation."""
+    out = {}
+    obs_norm = find_wrapper(envs, vw.NormalizeObservation)
+    if obs_norm is not None:
+        rms = obs_norm.obs_rms
+        out["obs"] = {"mean": rms.mean.copy(), "var": rms.var.copy(), "count": float(rms.count)}
+    rew_norm = find_wrapper(envs, vw.NormalizeReward)
+    if rew_norm is not None:
+        rms = rew_norm.return_rms
+        out["reward"] = {"mean": float(rms.mean), "var": float(rms.var), "count": float(rms.count),
+                         "accumulated_reward": rew_norm.accumulated_reward.copy()}
+    return out
+
+
+def load_norm_stats(envs, stats: dict, freeze: bool = False) -> None:
+    obs_norm = find_wrapper(envs, vw.NormalizeObservation)
+    if obs_norm is not None and "obs" in stats:
+        rms = obs_norm.obs_rms
+        rms.mean, rms.var, rms.count = np.array(stats["obs"]["mean"]), np.array(stats["obs"]["var"]), stats["obs"]["count"]
+        if freeze:
+            obs_norm.update_running_mean = False
+    rew_norm = find_wrapper(envs, vw.NormalizeReward)
+    if rew_norm is not None and "reward" in stats:
+        s = stats["reward"]
+        rew_norm.return_rms.mean, rew_norm.return_rms.var, rew_norm.return_rms.count = s["mean"], s["var"], s["count"]
+        rew_norm.accumulated_reward[:] = s["accumulated_reward"]
+        if freeze:
+            rew_norm.update_running_mean = False
+
+
+def save_envs(envs, path: Path) -> bool:
+    """Pickle a sync vector env (all wrapper state, RNGs, partial episodes) for an exact resume.
+
+    MuJoCo envs pickle by re-running their constructor (gymnasium's EzPickle), which loses the
+    physics state and the env's RNG, so those are saved alongside and put back in `load_envs`.
+    Returns False (nothing written) for async vector envs, whose sub-envs live in other processes.
+    """
+    base = envs.unwrapped
+    if not isinstance(base, gym.vector.SyncVectorEnv):
+        return False
+    extra = []
+    for env in base.envs:
+        u = env.unwrapped
+        state = {"np_random": u.np_random.bit_generator.state if u._np_random is not None else None}
+        if hasattr(u, "data") and hasattr(u, "model"):  # MuJoCo
+            import mujoco
+
+            size = mujoco.mj_stateSize(u.model, mujoco.mjtState.mjSTATE_INTEGRATION)
+            phys = np.empty(size, dtype=np.float64)
+            mujoco.mj_getState(u.model, u.data, phys, mujoco.mjtState.mjSTATE_INTEGRATION)
+            state["mujoco"] = phys
+        extra.append(state)
+    with open(path, "wb") as fh:
+        pickle.dump({"envs": envs, "extra": extra}, fh)
+    return True
+
+
+def load_envs(path: Path):
+    """Inverse of `save_envs`. The file is a pickle: load only checkpoints you wrote yourself."""
+    with open(path, "rb") as fh:
+        blob = pickle.load(fh)
+    envs = blob["envs"]
+    for env, state in zip(envs.unwrapped.envs, blob["extra"]):
+        u = env.unwrapped
+        if state["np_random"] is not None:
+            u.np_random.bit_generator.state = state["np_random"]
+        if "mujoco" in state:
+            import mujoco
+
+            mujoco.mj_setState(u.model, u.data, state["mujoco"], mujoco.mjtState.mjSTATE_INTEGRATION)
+            mujoco.mj_forward(u.model, u.data)
+    return envs
+
+
+# --------------------------------------------------------------------------------------------
+# Rollout storage and collection
+# --------------------------------------------------------------------------------------------
+
+
+class Rollout:
+    """num_steps x num_envs transitions, collected with the current policy, plus GAE.
+
+    Carries the env's current observation and the pending-autoreset flags from one rollout to the
+    next (they are part of a checkpoint). Every buffer is allocated once.
+    """
+
+    def __init__(self, envs, policy: ActorCritic, num_steps: int, device: torch.device, first_obs: np.ndarray):
+        n, t = envs.num_envs, num_steps
+        obs_space, act_space = envs.single_observation_space, envs.single_action_space
+        obs_dtype = torch.uint8 if is_image_space(obs_space) else torch.float32
+        self.envs, self.policy, self.num_steps, self.device = envs, policy, num_steps, device
+        self.obs = torch.zeros((t, n, *obs_space.shape), dtype=obs_dtype, device=device)  # (T, N, ...)
+        act_shape = () if isinstance(act_space, gym.spaces.Discrete) else act_space.shape
+        self.actions = torch.zeros((t, n, *act_shape), dtype=torch.long if not act_shape else torch.float32, device=device)
+        self.logp = torch.zeros((t, n), device=device)  # (T, N)
+        self.values = torch.zeros((t, n), device=device)
+        self.rewards = torch.zeros((t, n), device=device)
+        self.terminated = torch.zeros((t, n), device=device)
+        self.episode_end = torch.zeros((t, n), device=device)
+        self.valid = torch.zeros((t, n), device=device)  # 0 on next-step autoreset steps (no transition)
+        self.next_obs = first_obs  # numpy (N, ...): what the policy acts on next
+        self.autoreset = np.zeros(n, dtype=bool)  # envs whose next step is a reset (their last step ended an episode)
+        self.episode_returns: deque = deque(maxlen=100)  # raw returns of finished training episodes
+        self.episode_lengths: deque = deque(maxlen=100)
+
+    def _to_tensor(self, obs: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(obs)
+        t = t if t.dtype == torch.uint8 else t.float()
+        return t.to(self.device, non_blocking=True)
+
+    def collect(self) -> list[tuple[float, int]]:
+        """Run num_steps steps in every env; returns (return, length) of the episodes that finished."""
+        finished = []
+        for t in range(self.num_steps):
+            obs = self._to_tensor(self.next_obs)
+            actions, logp, values = self.policy.act(obs)
+            self.obs[t] = obs
+            self.actions[t] = actions
+            self.logp[t] = logp
+            self.values[t] = values
+            self.valid[t] = torch.from_numpy(~self.autoreset)
+            next_obs, rewards, terminated, truncated, infos = self.envs.step(actions.cpu().numpy())
+            self.rewards[t] = torch.from_numpy(np.asarray(rewards, dtype=np.float32))
+            self.terminated[t] = torch.from_numpy(terminated)
+            done = np.logical_or(terminated, truncated)
+            self.episode_end[t] = torch.from_numpy(done)
+            self.autoreset = done
+            self.next_obs = next_obs
+            if "_episode" in infos:
+                for i in np.flatnonzero(infos["_episode"]):
+                    ret, length = float(infos["episode"]["r"][i]), int(infos["episode"]["l"][i])
+                    finished.append((ret, length))
+                    self.episode_returns.append(ret)
+                    self.episode_lengths.append(length)
+        return finished
+
+    @torch.no_grad()
+    def advantages(self, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """GAE (rlhf.core.gae) with next_values[t] = V(obs_{t+1}); the last one from the current obs.
+
+        Under next-step autoreset obs_{t+1} of an episode's last step is its final observation, so
+        a truncated step bootstraps from V(final observation), as it must.
+        """
+        last_value = self.policy.value(self._to_tensor(self.next_obs))  # (N,)
+        next_values = torch.cat([self.values[1:], last_value.unsqueeze(0)])  # (T, N)
+        return gae(self.rewards, self.values, next_values, self.terminated, self.episode_end, gamma, lam)
+
+    def flat(self, advantages: torch.Tensor, returns: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The batch as flat (T * N, ...) tensors for minibatching."""
+        n = self.num_steps * self.envs.num_envs
+        return {
+            "obs": self.obs.reshape(n, *self.obs.shape[2:]),
+            "actions": self.actions.reshape(n, *self.actions.shape[2:]),
+            "logp": self.logp.reshape(n),
+            "values": self.values.reshape(n),
+            "advantages": advantages.reshape(n),
+            "returns": returns.reshape(n),
+            "valid": self.valid.reshape(n),
+        }
+
+    def state_dict(self) -> dict:
+        return {"next_obs": torch.from_numpy(np.asarray(self.next_obs).copy()), "autoreset": torch.from_numpy(self.autoreset.copy()),
+                "episode_returns": list(self.episode_returns), "episode_lengths": list(self.episode_lengths)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.next_obs = state["next_obs"].numpy()
+        self.autoreset = state["autoreset"].numpy().astype(bool)
+        self.episode_returns.extend(state["episode_returns"])
+        self.episode_lengths.extend(state["episode_lengths"])
+
+
+def rollout_metrics(batch: dict[str, torch.Tensor], finished: list[tuple[float, int]], rollout: Rollout) -> dict:
+    """Metrics every algorithm logs after its update: explained variance and episode returns."""
+    out = {"value/explained_var": float(explained_variance(batch["values"], batch["returns"], batch["valid"]))}
+    if finished:
+        out["train/episode_return"] = float(np.mean([r for r, _ in finished]))
+        out["train/episode_length"] = float(np.mean([l for _, l in finished]))
+    if rollout.episode_returns:
+        out["train/episode_return_last100"] = float(np.mean(rollout.episode_returns))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(cfg: OnPolicyArgs, policy: ActorCritic, stats: dict, episodes: int, seed: int, device) -> dict:
+    """Mean / std of the raw return of `episodes` episodes of the deterministic policy (mode of pi).
+
+    One sub-env per episode, each counted once (counting the first `episodes` to finish would
+    favour short episodes); observations are normalised with the training statistics, frozen.
+    """
+    envs = make_vector_env(cfg.env_id, episodes, seed, "sync", norm_obs=cfg.norm_obs, norm_reward=False,
+                           clip_obs=cfg.clip_obs)
+    load_norm_stats(envs, stats, freeze=True)
+    obs, _ = envs.reset(seed=seed)
+    returns = np.full(episodes, np.nan)
+    policy.eval()
+    while np.isnan(returns).any():
+        t = torch.from_numpy(obs)
+        t = (t if t.dtype == torch.uint8 else t.float()).to(device)
+        actions, _, _ = policy.act(t, deterministic=True)
+        obs, _, _, _, infos = envs.step(actions.cpu().numpy())
+        if "_episode" in infos:
+            for i in np.flatnonzero(infos["_episode"]):
+                if np.isnan(returns[i]):
+                    returns[i] = infos["episode"]["r"][i]
+    policy.train()
+    envs.close()
+    return {"eval/return_mean": float(returns.mean()), "eval/return_std": float(returns.std())}
+
+
+def setup_torch(cfg: OnPolicyArgs) -> torch.device:
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    return torch.device(cfg.device)
+
+
+def warn_async_resume(cfg: OnPolicyArgs) -> None:
+    if cfg.vector == "async":
+        warnings.warn("resuming with vector=async: the environments restart from fresh episodes "
+                      "(their state lives in other processes and is not checkpointed); the run is not bit-exact")
+
+
+# --------------------------------------------------------------------------------------------
+# Run setup, checkpoints, the end of a run
+# --------------------------------------------------------------------------------------------
+
+
+def crossed(step: int, prev_step: int, every: int) -> bool:
+    """True when a multiple of `every` lies in (prev_step, step] (the rollout that reached it)."""
+    return every > 0 and step // every != prev_step // every
+
+
+def setup(cfg, obs_space, act_space, policy_kind: str):
+    """Everything before the training loop that pg / ppo / trpo share.
+
+    Returns (run, envs, policy, rollout, resumed_state or None). On resume the vector env comes
+    back from the checkpoint (exact: mid-episode states, RNGs and normalisation statistics);
+    the caller restores its own optimiser / controller entries from `resumed_state`.
+    """
+    from rlhf.runtime import Run, load_state, resolve_checkpoint, seed_everything
+
+    resume = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)  # errors before any write
+    device = setup_torch(cfg)
+    seed_everything(cfg.seed, cfg.deterministic)
+    run = Run(cfg)
+    policy = ActorCritic(obs_space, act_space, policy_kind, cfg.hidden_sizes, cfg.activation, cfg.init_log_std).to(device)
+    state = None
+    if resume is not None:
+        state = load_state(resume / "state.pt")  # restores python / numpy / torch RNGs
+        policy.load_state_dict(state["policy"])
+        if (resume / "envs.pkl").exists():
+            envs = load_envs(resume / "envs.pkl")
+            rollout = Rollout(envs, policy, cfg.num_steps, device, first_obs=None)
+            rollout.load_state_dict(state["rollout"])
+        else:
+            warn_async_resume(cfg)
+            envs = make_env_from_cfg(cfg)
+            first_obs, _ = envs.reset(seed=cfg.seed + int(state["global_step"]))
+            load_norm_stats(envs, state["norm_stats"])
+            rollout = Rollout(envs, policy, cfg.num_steps, device, first_obs)
+        run.truncate_metrics(int(state["global_step"]))
+    else:
+        envs = make_env_from_cfg(cfg)
+        first_obs, _ = envs.reset(seed=cfg.seed)
+        rollout = Rollout(envs, policy, cfg.num_steps, device, first_obs)
+    return run, envs, policy, rollout, state
+
+
+def make_env_from_cfg(cfg: OnPolicyArgs):
+    return make_vector_env(cfg.env_id, cfg.num_envs, cfg.seed, cfg.vector, cfg.norm_obs, cfg.norm_reward,
+                           cfg.gamma, cfg.clip_obs, cfg.clip_reward)
+
+
+def save_checkpoint(run, global_step: int, rollout: Rollout, **state) -> None:
+    """checkpoints/step-N/{state.pt, envs.pkl}: model, optimiser, counters, RNGs, env state, normalisation statistics."""
+    from rlhf.runtime import save_state
+
+    with run.checkpoint(global_step) as d:
+        save_envs(rollout.envs, d / "envs.pkl")
+        save_state(d / "state.pt", {**state, "global_step": global_step, "rollout": rollout.state_dict(),
+                                    "norm_stats": norm_stats(rollout.envs)})
+
+
+def finish(cfg, run, policy, rollout, global_step: int, sps: float, device) -> dict:
+    """Final evaluation (frozen normalisation statistics), summary.json, close everything."""
+    summary = {"global_step": global_step, "time/sps": sps}
+    if rollout.episode_returns:
+        summary["train/episode_return_last100"] = float(np.mean(rollout.episode_returns))
+    if cfg.eval_episodes:
+        summary.update(evaluate(cfg, policy, norm_stats(rollout.envs), cfg.eval_episodes, cfg.seed + 100_000, device))
+    run.log(global_step, {k: v for k, v in summary.items() if k.startswith("eval/")})
+    run.write_summary(summary)
+    run.close()
+    rollout.envs.close()
+    return summary

@@ -1,0 +1,155 @@
+"""Actor-critic networks for the policy-gradient family (vanilla PG, PPO, TRPO).
+
+One class, `ActorCritic`, with two heads chosen by the action space:
+- `Discrete`: a categorical policy over logits;
+- `Box`: a diagonal Gaussian with a state-independent log-std parameter (Schulman et al. 2015,
+  TRPO sec. 8; PPO sec. 6.1), sampled actions are *not* squashed (the env wrapper clips them).
+and two torsos: separate actor / critic MLPs (CleanRL `ppo_continuous_action.py`, PPO paper
+sec. 6.1: 64-64 tanh, no sharing) or a shared Nature CNN for Atari (Mnih et al. 2015).
+
+The distribution of a batch is carried as a flat tensor of *parameters* (`params`: logits, or
+mean | log-std), so the old policy of a rollout can be stored and compared against the new one
+exactly (`kl(old_params, new_params)`, the KL(old || new) of PPO's penalty and TRPO's constraint).
+Initialisation: orthogonal, gain sqrt(2) in the hidden layers, 0.01 for the policy output and
+1 for the value output (Andrychowicz et al. 2021, "What Matters in On-Policy RL", C.3; Engstrom
+et al. 2020).
+"""
+
+from __future__ import annotations
+
+import math
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import nn
+from torch.distributions import Categorical, Normal, kl_divergence
+
+from rlhf.core import entropy_from_logits
+
+ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
+
+
+def layer_init(layer: nn.Module, gain: float = math.sqrt(2), bias: float = 0.0) -> nn.Module:
+    nn.init.orthogonal_(layer.weight, gain)
+    nn.init.constant_(layer.bias, bias)
+    return layer
+
+
+def mlp(in_dim: int, hidden: list[int], out_dim: int, activation: str, out_gain: float) -> nn.Sequential:
+    layers, last = [], in_dim
+    for h in hidden:
+        layers += [layer_init(nn.Linear(last, h)), ACTIVATIONS[activation]()]
+        last = h
+    layers.append(layer_init(nn.Linear(last, out_dim), gain=out_gain))
+    return nn.Sequential(*layers)
+
+
+def nature_cnn(in_channels: int) -> nn.Sequential:
+    """Nature-DQN torso (Mnih et al. 2015): 84x84 frames -> 512 features."""
+    return nn.Sequential(
+        layer_init(nn.Conv2d(in_channels, 32, 8, stride=4)), nn.ReLU(),
+        layer_init(nn.Conv2d(32, 64, 4, stride=2)), nn.ReLU(),
+        layer_init(nn.Conv2d(64, 64, 3, stride=1)), nn.ReLU(),
+        nn.Flatten(),
+        layer_init(nn.Linear(64 * 7 * 7, 512)), nn.ReLU(),
+    )
+
+
+def is_image_space(space: gym.Space) -> bool:
+    return isinstance(space, gym.spaces.Box) and space.dtype == np.uint8 and len(space.shape) == 3
+
+
+class ActorCritic(nn.Module):
+    """pi(a|s) and V(s) for one observation / action space pair.
+
+    `policy="mlp"`: separate actor and critic MLPs; `policy="cnn"`: a shared Nature CNN on uint8
+    frames (N, C, 84, 84), scaled to [0, 1], with linear actor and critic heads (discrete only).
+    """
+
+    def __init__(
+        self,
+        observation_space: gym.Space,
+        action_space: gym.Space,
+        policy: str = "mlp",
+        hidden_sizes: tuple[int, ...] = (64, 64),
+        activation: str = "tanh",
+        init_log_std: float = 0.0,
+    ):
+        super().__init__()
+        self.discrete = isinstance(action_space, gym.spaces.Discrete)
+        if not self.discrete and not (isinstance(action_space, gym.spaces.Box) and len(action_space.shape) == 1):
+            raise ValueError(f"unsupported action space {action_space}: expected Discrete or a 1-D Box")
+        self.action_dim = int(action_space.n) if self.discrete else int(action_space.shape[0])
+        self.cnn = policy == "cnn"
+        if self.cnn:
+            self.torso = nature_cnn(observation_space.shape[0])
+            self.actor = layer_init(nn.Linear(512, self.action_dim), gain=0.01)
+            self.critic = layer_init(nn.Linear(512, 1), gain=1.0)
+        else:
+            obs_dim = int(np.prod(observation_space.shape))
+            self.actor = mlp(obs_dim, list(hidden_sizes), self.action_dim, activation, out_gain=0.01)
+            self.critic = mlp(obs_dim, list(hidden_sizes), 1, activation, out_gain=1.0)
+        if not self.discrete:
+            self.log_std = nn.Parameter(torch.full((self.action_dim,), float(init_log_std)))
+
+    # -- forward ---------------------------------------------------------------------------
+    def _features(self, obs: torch.Tensor) -> torch.Tensor:
+        if self.cnn:
+            return self.torso(obs.float() / 255.0)  # (B, 512)
+        return obs.flatten(1)  # (B, obs_dim)
+
+    def params(self, obs: torch.Tensor) -> torch.Tensor:
+        """Distribution parameters: logits (B, A), or mean | log-std (B, 2 * A)."""
+        out = self.actor(self._features(obs))
+        if self.discrete:
+            return out
+        return torch.cat([out, self.log_std.expand_as(out)], dim=-1)
+
+    def params_and_value(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both heads on one batch (the CNN torso runs once). Shapes: obs (B, ...) -> (B, P), (B,)."""
+        feats = self._features(obs)
+        out = self.actor(feats)
+        if not self.discrete:
+            out = torch.cat([out, self.log_std.expand_as(out)], dim=-1)
+        return out, self.critic(feats).squeeze(-1)
+
+    def value(self, obs: torch.Tensor) -> torch.Tensor:
+        """V(s). Shapes: obs (B, ...) -> (B,)."""
+        return self.critic(self._features(obs)).squeeze(-1)
+
+    # -- distribution math on params (exact, through torch.distributions / rlhf.core) ----------
+    def distribution(self, params: torch.Tensor):
+        if self.discrete:
+            return Categorical(logits=params, validate_args=False)
+        mean, log_std = params.chunk(2, dim=-1)
+        return Normal(mean, log_std.exp(), validate_args=False)
+
+    def log_prob(self, params: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """log pi(a|s). Shapes: params (B, P), actions (B,) or (B, A) -> (B,)."""
+        dist = self.distribution(params)
+        if self.discrete:
+            return dist.log_prob(actions.long())
+        return dist.log_prob(actions).sum(-1)
+
+    def entropy(self, params: torch.Tensor) -> torch.Tensor:
+        """Entropy of pi(.|s). Shapes: params (B, P) -> (B,)."""
+        if self.discrete:
+            return entropy_from_logits(params)
+        return self.distribution(params).entropy().sum(-1)
+
+    def kl(self, old_params: torch.Tensor, new_params: torch.Tensor) -> torch.Tensor:
+        """Exact KL(pi_old(.|s) || pi_new(.|s)) per state. Shapes: (B, P), (B, P) -> (B,)."""
+        kl = kl_divergence(self.distribution(old_params), self.distribution(new_params))
+        return kl if self.discrete else kl.sum(-1)
+
+    @torch.no_grad()
+    def act(self, obs: torch.Tensor, deterministic: bool = False):
+        """Sample (or take the mode of) pi(.|s): returns actions, log-probs (B,), values (B,)."""
+        params, value = self.params_and_value(obs)
+        if self.discrete:
+            actions = params.argmax(-1) if deterministic else torch.multinomial(params.softmax(-1), 1).squeeze(-1)
+        else:
+            mean, log_std = params.chunk(2, dim=-1)
+            actions = mean if deterministic else mean + log_std.exp() * torch.randn_like(mean)
+        return actions, self.log_prob(params, actions), value

@@ -1,0 +1,170 @@
+"""PPO on gymnasium environments: clipped surrogate, adaptive KL penalty, fixed KL penalty, or neither.
+
+`classic ppo --env_id Hopper-v5 --config configs/classic/ppo_hopper.yaml`
+
+Schulman et al. 2017, "Proximal Policy Optimization Algorithms":
+- `penalty=clip`:        L = E[min(r A, clip(r, 1 - eps, 1 + eps) A)]                      (eq. 7)
+- `penalty=adaptive_kl`: L = E[r A - beta KL(pi_old || pi)], after each rollout's epochs
+                         d < kl_target / 1.5: beta /= 2; d > kl_target * 1.5: beta *= 2    (eq. 8, sec. 4)
+- `penalty=fixed_kl`:    the same with a constant beta = kl_beta
+- `penalty=none`:        L = E[r A]                                                         (sec. 6.1)
+with r = pi(a|s) / pi_old(a|s), the exact per-state KL of the categorical / Gaussian policies,
+a value loss and an entropy bonus (eq. 9), GAE advantages (Schulman et al. 2016) and Adam over
+`update_epochs` passes of `num_minibatches` minibatches. The loop: rollout -> advantages ->
+update -> log -> checkpoint -> evaluate. Implementation details follow CleanRL's
+`ppo_continuous_action.py` and Huang et al. 2022, "The 37 Implementation Details of PPO";
+truncated episodes bootstrap (classic/onpolicy.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from classic import onpolicy
+from classic.onpolicy import OnPolicyArgs
+from classic.policies import ActorCritic
+from rlhf.core import AdaptiveKLController, FixedKLController, kl_penalty_loss, masked_mean, masked_whiten, ppo_clip_loss, value_loss
+from rlhf.runtime import RunConfig, Timer, arg, check, fmt_metrics, progress
+
+PENALTIES = ("clip", "adaptive_kl", "fixed_kl", "none")
+
+
+@dataclasses.dataclass
+class Config(OnPolicyArgs, RunConfig):
+    """PPO: clip, adaptive KL penalty, fixed KL penalty, or no clip."""
+
+    output_dir: str = arg("runs/ppo", "Run directory: config.yaml, metrics.jsonl, summary.json, checkpoints/.")
+    penalty: str = arg("clip", "Surrogate: clip (L^CLIP), adaptive_kl / fixed_kl (L^KLPEN), none (L^CPI, no clip or penalty).", choices=PENALTIES)
+    clip_eps: float = arg(0.2, "Clip range epsilon of L^CLIP (also of the value loss with clip_vloss).")
+    kl_target: float = arg(0.01, "adaptive_kl: target KL d_targ of the adaptive beta rule.")
+    kl_beta: float = arg(1.0, "KL penalty coefficient: the constant beta of fixed_kl, the initial beta of adaptive_kl.")
+    update_epochs: int = arg(4, "Passes over each rollout.")
+    num_minibatches: int = arg(4, "Minibatches per pass; must divide num_envs * num_steps.")
+    clip_vloss: bool = arg(True, "Clip the value loss around the rollout's values (by clip_eps).")
+    ent_coef: float = arg(0.0, "Entropy bonus coefficient.")
+    vf_coef: float = arg(0.5, "Value loss coefficient.")
+    target_kl: float | None = arg(None, "Stop a rollout's epochs early once the approximate KL exceeds this (none: never).")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.clip_eps > 0, "clip_eps", f"must be > 0, got {self.clip_eps}")
+        check(self.kl_target > 0, "kl_target", f"must be > 0, got {self.kl_target}")
+        check(self.kl_beta >= 0, "kl_beta", f"must be >= 0, got {self.kl_beta}")
+        check(self.update_epochs >= 1, "update_epochs", f"must be >= 1, got {self.update_epochs}")
+        check(self.num_minibatches >= 1, "num_minibatches", f"must be >= 1, got {self.num_minibatches}")
+        check(self.batch_size % self.num_minibatches == 0, "num_minibatches",
+              f"{self.num_minibatches} does not divide the batch num_envs * num_steps = {self.num_envs} * {self.num_steps} = {self.batch_size}")
+        check(self.ent_coef >= 0, "ent_coef", f"must be >= 0, got {self.ent_coef}")
+        check(self.vf_coef >= 0, "vf_coef", f"must be >= 0, got {self.vf_coef}")
+        check(self.target_kl is None or self.target_kl > 0, "target_kl", f"must be > 0 or none, got {self.target_kl}")
+
+
+def make_controller(cfg: Config):
+    """The beta of the KL-penalised surrogates (None for clip / none)."""
+    if cfg.penalty == "adaptive_kl":
+        return AdaptiveKLController(cfg.kl_beta, cfg.kl_target)
+    if cfg.penalty == "fixed_kl":
+        return FixedKLController(cfg.kl_beta)
+    return None
+
+
+def policy_loss(cfg: Config, logp, old_logp, advantages, valid, kl, beta: float):
+    """The surrogate of `cfg.penalty` as a loss to minimise, via rlhf.core. Shapes: all (B,)."""
+    if cfg.penalty == "clip":
+        return ppo_clip_loss(logp, old_logp, advantages, mask=valid, clip_eps=cfg.clip_eps)
+    if cfg.penalty == "none":
+        return ppo_clip_loss(logp, old_logp, advantages, mask=valid, clip_eps=None)
+    return kl_penalty_loss(logp, old_logp, advantages, beta, mask=valid, kl=kl)
+
+
+def update(cfg: Config, policy: ActorCritic, optimizer: torch.optim.Optimizer, batch: dict, beta: float) -> dict:
+    """`update_epochs` passes of minibatch Adam on the PPO loss (eq. 9); returns metrics averaged over the
+    minibatches plus the exact mean KL(pi_old || pi) over the whole batch after the update (what the adaptive rule uses)."""
+    n = batch["logp"].shape[0]
+    mb_size = n // cfg.num_minibatches
+    with torch.no_grad():
+        old_params = policy.params(batch["obs"])  # (B, P): pi_old, exactly the rollout's policy
+    vclip = cfg.clip_eps if cfg.clip_vloss else None
+    history = []
+    for _ in range(cfg.update_epochs):
+        for idx in torch.randperm(n, device=batch["logp"].device).split(mb_size):
+            valid = batch["valid"][idx]  # (b,) 0 on autoreset steps
+            params, values = policy.params_and_value(batch["obs"][idx])
+            logp = policy.log_prob(params, batch["actions"][idx])  # (b,)
+            advantages = batch["advantages"][idx]
+            if cfg.norm_adv:
+                advantages = masked_whiten(advantages, valid)
+            kl = policy.kl(old_params[idx], params) if cfg.penalty in ("adaptive_kl", "fixed_kl") else None
+            pg_loss, metrics = policy_loss(cfg, logp, batch["logp"][idx], advantages, valid, kl, beta)
+            v_loss, v_metrics = value_loss(values, batch["values"][idx], batch["returns"][idx], clip_eps=vclip, mask=valid)
+            entropy = masked_mean(policy.entropy(params), valid)
+            loss = pg_loss - cfg.ent_coef * entropy + cfg.vf_coef * v_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.max_grad_norm:
+                nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            if "policy/clipfrac" not in metrics:  # KL / none variants: how often |r - 1| > clip_eps, for comparison
+                metrics["policy/clipfrac"] = masked_mean(((logp.detach() - batch["logp"][idx]).exp().sub(1).abs() > cfg.clip_eps).float(), valid)
+            history.append({**metrics, **v_metrics, "policy/entropy": entropy.detach()})
+        if cfg.target_kl is not None and float(metrics["policy/approx_kl"]) > cfg.target_kl:
+            break
+    out = {k: torch.stack([h[k] for h in history]).mean() for k in history[0]}
+    with torch.no_grad():
+        out["policy/kl"] = masked_mean(policy.kl(old_params, policy.params(batch["obs"])), batch["valid"])
+    return out
+
+
+def train(cfg: Config) -> dict:
+    obs_space, act_space, policy_kind = onpolicy.check_env(cfg)
+    run, envs, policy, rollout, resumed = onpolicy.setup(cfg, obs_space, act_space, policy_kind)
+    device = next(policy.parameters()).device
+    optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.learning_rate, eps=1e-5)
+    controller = make_controller(cfg)
+    start_iteration, global_step = 1, 0
+    if resumed is not None:
+        optimizer.load_state_dict(resumed["optimizer"])
+        if controller is not None:
+            controller.load_state_dict(resumed["controller"])
+        start_iteration, global_step = resumed["iteration"] + 1, int(resumed["global_step"])
+
+    timer, start_step = Timer(), global_step
+    bar = progress(cfg.num_iterations * cfg.batch_size, f"ppo {cfg.env_id}", cfg.progress, initial=global_step)
+    for iteration in range(start_iteration, cfg.num_iterations + 1):
+        if cfg.anneal_lr:
+            optimizer.param_groups[0]["lr"] = cfg.learning_rate * (1.0 - (iteration - 1) / cfg.num_iterations)
+
+        # rollout -> advantages
+        finished = rollout.collect()
+        prev_step, global_step = global_step, global_step + cfg.batch_size
+        advantages, returns = rollout.advantages(cfg.gamma, cfg.gae_lambda)  # (T, N)
+        batch = rollout.flat(advantages, returns)
+
+        # update; the KL coefficient adapts once per rollout, after the epochs (PPO paper, sec. 4)
+        beta = controller.beta if controller is not None else 0.0
+        metrics = update(cfg, policy, optimizer, batch, beta)
+        if controller is not None:
+            controller.update(float(metrics["policy/kl"]))
+
+        # log
+        sps = (global_step - start_step) / timer.elapsed()
+        metrics = {k: float(v) for k, v in metrics.items()}
+        metrics.update(onpolicy.rollout_metrics(batch, finished, rollout))
+        metrics.update({"kl/beta": beta, "charts/learning_rate": optimizer.param_groups[0]["lr"], "time/sps": sps})
+        if onpolicy.crossed(global_step, prev_step, cfg.eval_interval):
+            metrics.update(onpolicy.evaluate(cfg, policy, onpolicy.norm_stats(envs), cfg.eval_episodes or 10, cfg.seed + 100_000, device))
+        if onpolicy.crossed(global_step, prev_step, cfg.logging_steps):
+            run.log(global_step, metrics)
+        bar.update(cfg.batch_size)
+        bar.set_postfix(fmt_metrics(metrics, ["train/episode_return_last100", "eval/return_mean", "policy/approx_kl", "time/sps"]))
+
+        # checkpoint (always at the end, so every run is resumable / extendable)
+        if onpolicy.crossed(global_step, prev_step, cfg.save_steps) or iteration == cfg.num_iterations:
+            onpolicy.save_checkpoint(run, global_step, rollout, policy=policy.state_dict(), optimizer=optimizer.state_dict(),
+                                     controller=controller.state_dict() if controller is not None else {}, iteration=iteration)
+    bar.close()
+    sps = (global_step - start_step) / max(timer.elapsed(), 1e-9)
+    return onpolicy.finish(cfg, run, policy, rollout, global_step, sps, device)
