@@ -1,0 +1,82 @@
+"""Networks for `classic`: MLP and Nature-CNN torsos, and Q-networks (plain or dueling).
+
+Nature CNN: Mnih et al. 2015, "Human-level control through deep RL", Methods (three conv
+layers 32x8x8/4, 64x4x4/2, 64x3x3/1, then 512 units). Dueling heads: Wang et al. 2016; the
+aggregation of the two streams is `rlhf.core.dueling_q`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from rlhf.core import dueling_q
+
+
+def mlp(in_dim: int, hidden_sizes: Sequence[int], out_dim: int | None = None, activation=nn.ReLU) -> nn.Sequential:
+    """Linear layers with `activation` between them; no activation after the last one if `out_dim` is set."""
+    layers: list[nn.Module] = []
+    for h in hidden_sizes:
+        layers += [nn.Linear(in_dim, h), activation()]
+        in_dim = h
+    if out_dim is not None:
+        layers.append(nn.Linear(in_dim, out_dim))
+    return nn.Sequential(*layers)
+
+
+class NatureCNN(nn.Module):
+    """Conv torso of the Nature DQN on uint8 frames (B, C, 84, 84) -> features (B, out_dim).
+
+    `out_dim=None` stops after the convolutions (B, 3136), for heads with their own hidden layer.
+    """
+
+    def __init__(self, in_channels: int = 4, out_dim: int | None = 512):
+        super().__init__()
+        layers = [
+            nn.Conv2d(in_channels, 32, 8, stride=4), nn.ReLU(),
+            nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),
+            nn.Conv2d(64, 64, 3, stride=1), nn.ReLU(),
+            nn.Flatten(),
+        ]
+        if out_dim is not None:
+            layers += [nn.Linear(64 * 7 * 7, out_dim), nn.ReLU()]
+        self.net = nn.Sequential(*layers)
+        self.out_dim = out_dim or 64 * 7 * 7
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.net(frames.float() / 255.0)  # scale here so the replay keeps uint8
+
+
+class QNetwork(nn.Module):
+    """Q(s, .) for discrete actions: a torso (MLP on vectors, Nature CNN on frames) and a head.
+
+    `dueling="none"`: one linear head. `"mean"` / `"max"`: a value stream V(s) and an advantage
+    stream A(s, .) (each with its own hidden layer, as in Wang et al. 2016) combined by
+    `dueling_q`. Observations: float vectors (B, D), or uint8 frame stacks (B, C, 84, 84).
+    """
+
+    def __init__(self, obs_shape: Sequence[int], n_actions: int, hidden_sizes: Sequence[int] = (120, 84),
+                 dueling: str = "none"):
+        super().__init__()
+        self.dueling = dueling
+        if len(obs_shape) == 3:  # dueling streams get their own 512-unit layer, as in the paper
+            self.torso = NatureCNN(obs_shape[0], out_dim=512 if dueling == "none" else None)
+            feat, head_hidden = self.torso.out_dim, [512]
+        else:
+            body = list(hidden_sizes[:-1]) if dueling != "none" else list(hidden_sizes)
+            self.torso = mlp(int(obs_shape[0]), body)
+            feat = body[-1] if body else int(obs_shape[0])
+            head_hidden = list(hidden_sizes[-1:]) if dueling != "none" else []
+        if dueling == "none":
+            self.head = nn.Linear(feat, n_actions)
+        else:
+            self.value = mlp(feat, head_hidden, 1)
+            self.advantage = mlp(feat, head_hidden, n_actions)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        x = self.torso(obs)  # (B, F)
+        if self.dueling == "none":
+            return self.head(x)  # (B, A)
+        return dueling_q(self.value(x), self.advantage(x), mode=self.dueling)  # (B, A)
