@@ -1,0 +1,178 @@
+"""Load policies, reference, reward models and tokenizers; LoRA through peft; the built-in tiny preset.
+
+`builtin:tiny` is a ~1M-parameter Llama (transformers' `LlamaForCausalLM`, built from a config with a
+fixed seed) and a character-level tokenizer (a `tokenizers` WordLevel model over single characters,
+wrapped as a fast tokenizer). Nothing is downloaded; `save_builtin_tiny(d)` writes both in Hugging
+Face format, after which `AutoTokenizer.from_pretrained(d)` / `AutoModelForCausalLM.from_pretrained(d)`
+load them with no project code. Every other name goes through the ordinary `Auto*` loaders.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import string
+from pathlib import Path
+
+import torch
+
+from rlhf.runtime import ConfigError
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_TINY = "builtin:tiny"
+
+# One token per printable ASCII character (+ newline) after the specials: ids are stable across runs.
+_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+_CHARS = list(string.printable[:95]) + ["\n"]
+# A minimal chat template: `<|role|>content\n` per message; an assistant turn ends with EOS instead of the newline.
+_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}<|assistant|>{% generation %}{{ message['content'] }}{{ eos_token }}{% endgeneration %}"
+    "{% else %}<|{{ message['role'] }}|>{{ message['content'] }}\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+# Small enough to train on the arithmetic task in a minute or two on 2 CPU cores.
+_TINY = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=True, rms_norm_eps=1e-6)
+_TINY_SEED = 1234
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _dtype(dtype: str):
+    if dtype == "auto":
+        return "auto"
+    if dtype not in _DTYPES:
+        raise ConfigError(f"`dtype`: expected one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def _tiny_tokenizer():
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(_SPECIALS + _CHARS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character a token
+    tok.decoder = decoders.Fuse()  # join characters back without spaces
+    bos = vocab["<s>"]
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", chat_template=_CHAT_TEMPLATE, model_max_length=_TINY["max_position_embeddings"])
+
+
+def load_tokenizer(name_or_path: str, padding_side: str = "right"):
+    """The tokenizer of `name_or_path`; one without a pad token gets pad = eos (logged); neither is an error."""
+    from transformers import AutoTokenizer
+
+    if name_or_path == BUILTIN_TINY:
+        tokenizer = _tiny_tokenizer()
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ConfigError(f"tokenizer of {name_or_path!r} has neither a pad token nor an EOS token; "
+                              "add a pad token to it (tokenizer.add_special_tokens) and save it again")
+        logger.warning("tokenizer of %r has no pad token: using its EOS token %r for padding", name_or_path, tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def tiny_config():
+    from transformers import LlamaConfig
+
+    tok = _tiny_tokenizer()
+    return LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id, **_TINY)
+
+
+def _build_tiny(model_cls, **overrides):
+    """A freshly initialised tiny model; the same weights every call (fixed seed, caller's RNG untouched)."""
+    config = tiny_config()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_TINY_SEED)
+        model = model_cls(config)
+    return model
+
+
+def _finish(model, gradient_checkpointing: bool):
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def load_causal_lm(name_or_path: str, dtype: str = "float32", gradient_checkpointing: bool = False,
+                   trust_remote_code: bool = False):
+    """A causal LM: the built-in tiny Llama or `AutoModelForCausalLM.from_pretrained(name_or_path)`."""
+    from transformers import AutoModelForCausalLM, GenerationConfig, LlamaForCausalLM
+
+    if name_or_path == BUILTIN_TINY:
+        model = _build_tiny(LlamaForCausalLM)
+        if dtype not in ("auto", "float32"):
+            model = model.to(_dtype(dtype))
+        cfg = model.config
+        model.generation_config = GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
+                                                   pad_token_id=cfg.pad_token_id, do_sample=False)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_dtype(dtype), trust_remote_code=trust_remote_code)
+    return _finish(model, gradient_checkpointing)
+
+
+def load_reward_model(name_or_path: str, dtype: str = "float32", gradient_checkpointing: bool = False,
+                      trust_remote_code: bool = False):
+    """A sequence classifier with one output, read at the last non-padding token.
+
+    From a causal-LM checkpoint (e.g. an SFT model) the body is reused and the `score` head is new
+    (initialised from the caller's RNG, so seed first). `pad_token_id` must be in the config: the
+    model finds each sequence's last real token by it.
+    """
+    from transformers import AutoModelForSequenceClassification, LlamaForSequenceClassification
+
+    if name_or_path == BUILTIN_TINY:
+        model = _build_tiny(LlamaForSequenceClassification, num_labels=1)
+        if dtype not in ("auto", "float32"):
+            model = model.to(_dtype(dtype))
+    else:
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # "score.weight newly initialised" is expected from a causal-LM checkpoint
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                name_or_path, num_labels=1, dtype=_dtype(dtype), trust_remote_code=trust_remote_code)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        if model.config.pad_token_id is None:
+            tokenizer = load_tokenizer(name_or_path) if Path(name_or_path).is_dir() or "/" in name_or_path else None
+            if tokenizer is None or tokenizer.pad_token_id is None:
+                raise ConfigError(f"reward model {name_or_path!r}: config has no pad_token_id and the tokenizer has none")
+            model.config.pad_token_id = tokenizer.pad_token_id
+    return _finish(model, gradient_checkpointing)
+
+
+def apply_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.05, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")):
+    """Wrap `model` with LoRA adapters (peft); a sequence classifier also trains its `score` head."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    is_classifier = model.__class__.__name__.endswith("ForSequenceClassification")
+    target = list(target_modules) if not isinstance(target_modules, str) else target_modules
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target,
+                        task_type=TaskType.SEQ_CLS if is_classifier else TaskType.CAUSAL_LM)
+    return get_peft_model(model, config)
+
+
+def save_builtin_tiny(out_dir: str | os.PathLike) -> Path:
+    """Write the untrained tiny model and its tokenizer in Hugging Face format (safetensors)."""
+    out_dir = Path(out_dir)
+    load_causal_lm(BUILTIN_TINY).save_pretrained(out_dir, safe_serialization=True)
+    load_tokenizer(BUILTIN_TINY).save_pretrained(out_dir)
+    return out_dir
+
+
+__all__ = ["BUILTIN_TINY", "apply_lora", "load_causal_lm", "load_reward_model", "load_tokenizer", "save_builtin_tiny",
+           "tiny_config"]

@@ -1,0 +1,109 @@
+import json
+
+import pytest
+import torch
+
+from rlhf.data import (IGNORE_INDEX, DataError, collate_rankings, collate_sft, load_rows, pack_examples,
+                       tokenize_rankings, tokenize_sft)
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize("ext", ["jsonl", "json", "csv", "parquet"])
+def test_load_rows_local_formats(tmp_path, ext):
+    import datasets
+
+    rows = [{"prompt": "1+2=", "completion": "3"}, {"prompt": "2+2=", "completion": "4"}]
+    path = tmp_path / f"d.{ext}"
+    ds = datasets.Dataset.from_list(rows)
+    {"jsonl": lambda: ds.to_json(path), "json": lambda: ds.to_json(path), "csv": lambda: ds.to_csv(path, index=False),
+     "parquet": lambda: ds.to_parquet(path)}[ext]()
+    loaded = load_rows(str(path), required=["prompt", "completion"])
+    assert loaded.to_list() == rows
+
+
+def test_missing_column_names_column_and_file(tmp_path):
+    path = _jsonl(tmp_path / "d.jsonl", [{"prompt": "1+2=", "answer": "3"}])
+    with pytest.raises(DataError, match=r"d\.jsonl: missing column `completion`"):
+        load_rows(path, required=["prompt", "completion"])
+    with pytest.raises(DataError, match=r"d\.jsonl: missing column `completion`"):
+        tokenize_sft(load_rows(path), None, 64, source=path)
+
+
+def test_invalid_json_names_the_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "1+2=", "completion": "3"}\n{"prompt": "2+2=", "completion": \n')
+    with pytest.raises(DataError, match=r"d\.jsonl: line 2"):
+        load_rows(str(path))
+
+
+def test_sft_formats_and_completion_only_masking(tmp_path, tiny_tokenizer):
+    tok = tiny_tokenizer
+    pc = load_rows(_jsonl(tmp_path / "pc.jsonl", [{"prompt": "12+3=", "completion": "15"}]))
+    ex = tokenize_sft(pc, tok, 64).examples[0]
+    assert ex["input_ids"] == tok("12+3=")["input_ids"] + tok("15", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert ex["labels"] == [IGNORE_INDEX] * 6 + ex["input_ids"][6:]  # BOS + 5 prompt chars masked
+    full = tokenize_sft(pc, tok, 64, completion_only_loss=False).examples[0]
+    assert full["labels"] == full["input_ids"]
+
+    text = load_rows(_jsonl(tmp_path / "t.jsonl", [{"text": "hello"}]))
+    ex = tokenize_sft(text, tok, 64).examples[0]
+    assert ex["labels"][0] == IGNORE_INDEX and ex["labels"][1:] == ex["input_ids"][1:]  # only BOS is unsupervised
+
+    msgs = load_rows(_jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "1+2="},
+                                                                   {"role": "assistant", "content": "3"}]}]))
+    ex = tokenize_sft(msgs, tok, 64).examples[0]
+    supervised = [i for i, l in zip(ex["input_ids"], ex["labels"]) if l != IGNORE_INDEX]
+    assert tok.decode(supervised) == "3</s>"
+    assert tok.decode(ex["input_ids"]) == "<s><|user|>1+2=\n<|assistant|>3</s>"
+
+    batch = collate_sft([tokenize_sft(pc, tok, 64).examples[0], ex], tok.pad_token_id)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    assert (batch["labels"][0][batch["attention_mask"][0] == 0] == IGNORE_INDEX).all()
+    assert (batch["input_ids"][0][batch["attention_mask"][0] == 0] == tok.pad_token_id).all()
+
+
+def test_empty_fields_and_length_policy(tmp_path, tiny_tokenizer):
+    bad = load_rows(_jsonl(tmp_path / "e.jsonl", [{"prompt": "1+2=", "completion": "3"}, {"prompt": "1+2=", "completion": " "}]))
+    with pytest.raises(DataError, match=r"e\.jsonl: line 2: empty or non-string `completion`"):
+        tokenize_sft(bad, tiny_tokenizer, 64, source=str(tmp_path / "e.jsonl"))
+    rows = load_rows(_jsonl(tmp_path / "l.jsonl", [{"prompt": "1+2=", "completion": "3"}, {"prompt": "1" * 80 + "+2=", "completion": "3"}]))
+    out = tokenize_sft(rows, tiny_tokenizer, 32)
+    assert len(out.examples) == 1 and out.dropped_too_long == 1
+
+
+def test_packing_keeps_labels_aligned():
+    exs = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4, 5], "labels": [-100, 5]}]
+    packed = pack_examples(exs, 2)
+    assert packed == [{"input_ids": [1, 2], "labels": [-100, 2]}, {"input_ids": [3, 4], "labels": [3, -100]}]
+
+
+def test_rankings_pairwise_and_kwise(tmp_path, tiny_tokenizer):
+    tok = tiny_tokenizer
+    pw = load_rows(_jsonl(tmp_path / "p.jsonl", [{"prompt": "1+2=", "chosen": "3", "rejected": "4"}]))
+    kw = load_rows(_jsonl(tmp_path / "k.jsonl", [{"prompt": "1+2=", "completions": ["4", "3"], "ranks": [1, 0]},
+                                                 {"prompt": "5+5=", "completions": ["10", "0", "?"], "ranks": [0, 1, 1]}]))
+    g = tokenize_rankings(pw, tok, 64).examples[0]
+    assert g["ranks"] == [0, 1] and len(g["input_ids"]) == 2
+    batch = collate_rankings(tokenize_rankings(kw, tok, 64).examples, tok.pad_token_id)
+    assert batch["input_ids"].shape[0] == 6 and batch["ranks"].tolist() == [[1, 0, -1], [0, 1, 1]]
+
+
+@pytest.mark.parametrize("ranks", [[0], [0, "x"], "01", [0, -1], [0, 1.5]])
+def test_bad_ranks_name_the_line(tmp_path, tiny_tokenizer, ranks):
+    path = _jsonl(tmp_path / "r.jsonl", [{"prompt": "1+2=", "completions": ["3", "4"], "ranks": [0, 1]},
+                                         {"prompt": "1+2=", "completions": ["3", "4"], "ranks": ranks}])
+    with pytest.raises(DataError, match=r"r\.jsonl: line 2"):
+        tokenize_rankings(load_rows(path), tiny_tokenizer, 64, source=path)
+
+
+def test_empty_prompt_or_completion_in_rankings(tmp_path, tiny_tokenizer):
+    path = _jsonl(tmp_path / "r.jsonl", [{"prompt": "", "chosen": "3", "rejected": "4"}])
+    with pytest.raises(DataError, match=r"line 1: empty or non-string `prompt`"):
+        tokenize_rankings(load_rows(path), tiny_tokenizer, 64, source=path)
+    path = _jsonl(tmp_path / "s.jsonl", [{"prompt": "1+2=", "chosen": "3", "rejected": ""}])
+    with pytest.raises(DataError, match=r"line 1: empty or non-string completion"):
+        tokenize_rankings(load_rows(path), tiny_tokenizer, 64, source=path)

@@ -1,0 +1,67 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rlhf.models import BUILTIN_TINY, apply_lora, load_causal_lm, load_reward_model, load_tokenizer
+from rlhf.runtime import ConfigError
+
+
+def test_tiny_tokenizer_round_trip_and_specials(tiny_tokenizer):
+    tok = tiny_tokenizer
+    ids = tok("17+25=")["input_ids"]
+    assert ids[0] == tok.bos_token_id and len(ids) == 7  # BOS + one token per character
+    assert tok.decode(ids, skip_special_tokens=True) == "17+25="
+    assert tok.pad_token_id != tok.eos_token_id
+    chat = tok.apply_chat_template([{"role": "user", "content": "1+2="}, {"role": "assistant", "content": "3"}], tokenize=False)
+    assert chat == "<s><|user|>1+2=\n<|assistant|>3</s>"
+
+
+def test_tiny_model_is_deterministic_and_small():
+    a, b = load_causal_lm(BUILTIN_TINY), load_causal_lm(BUILTIN_TINY)
+    n = sum(p.numel() for p in a.parameters())
+    assert 5e5 < n < 5e6
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_saved_tiny_loads_with_plain_transformers(tiny_model_dir, tiny_tokenizer):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert tok("3+4=")["input_ids"] == tiny_tokenizer("3+4=")["input_ids"]
+    ours = load_causal_lm(BUILTIN_TINY)
+    x = tok(["3+4="], return_tensors="pt")
+    assert torch.equal(model.generate(**x, max_new_tokens=4, do_sample=False), ours.generate(**x, max_new_tokens=4, do_sample=False))
+    assert (tiny_model_dir / "model.safetensors").exists()
+
+
+def test_reward_model_scores_last_non_pad_token(tiny_model_dir, tiny_tokenizer):
+    torch.manual_seed(0)
+    rm = load_reward_model(str(tiny_model_dir)).eval()
+    assert rm.config.num_labels == 1 and rm.config.pad_token_id == tiny_tokenizer.pad_token_id
+    batch = tiny_tokenizer(["1+2=3", "10+20=30"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        padded = rm(**batch).logits[:, 0]  # (B,)
+        alone = rm(**tiny_tokenizer(["1+2=3"], return_tensors="pt")).logits[0, 0]
+    assert torch.allclose(padded[0], alone, atol=1e-5)
+    builtin = load_reward_model(BUILTIN_TINY)
+    assert builtin.config.num_labels == 1
+
+
+def test_tokenizer_without_pad_token(tmp_path, tiny_tokenizer, caplog):
+    tiny_tokenizer.save_pretrained(tmp_path / "t")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "t")
+    tok.pad_token = None
+    tok.save_pretrained(tmp_path / "nopad")
+    loaded = load_tokenizer(str(tmp_path / "nopad"))
+    assert loaded.pad_token == loaded.eos_token == "</s>"
+    tok.eos_token = None
+    tok.save_pretrained(tmp_path / "none")
+    with pytest.raises(ConfigError, match="neither a pad token nor an EOS token"):
+        load_tokenizer(str(tmp_path / "none"))
+
+
+def test_apply_lora_trains_only_adapters():
+    model = apply_lora(load_causal_lm(BUILTIN_TINY), r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    rm = apply_lora(load_reward_model(BUILTIN_TINY), r=4, alpha=8, dropout=0.0, target_modules=["q_proj"])
+    assert any("score" in n for n, p in rm.named_parameters() if p.requires_grad)
