@@ -1,0 +1,261 @@
+"""Rollouts for PPO and GRPO: sample completions with a KV cache, and the log-probs of what was sampled.
+
+Two functions that must agree to floating-point tolerance, so the PPO/GRPO ratio is exactly 1 at
+the first step (a known pain in peers: padding and temperature mismatches make it drift):
+
+- `generate(...)`: an explicit sampling loop over the model's KV cache (one prefill, then one
+  token per step) with temperature, top-k, top-p and stop at EOS. It returns the log-probs of the
+  sampled tokens as it goes (no second pass over the vocabulary) and stops as soon as every row
+  has emitted EOS; on CPU it is about as fast as `model.generate` for tiny models.
+- `batch_logprobs(...)`: the training forward pass over the same left-padded prompt + right-padded
+  completion batch, with the same position ids and the same temperature.
+
+Conventions shared by both:
+- prompts are LEFT-padded, so every completion starts at column P = prompt width; position ids come
+  from the attention mask (cumsum - 1), so a left-padded prompt sees the same positions as alone;
+- log-probs are of the temperature-T distribution softmax(logits / T), *before* top-k / top-p
+  filtering (as TRL and OpenRLHF do): the training pass cannot see the filter, and with
+  top_k = 0 and top_p = 1 (the defaults) sampling is exactly on-policy;
+- the completion mask covers the tokens up to and including EOS; after EOS the ids are pad;
+- logits are computed only for the completion columns (`logits_to_keep`) and turned into
+  log-probs by `rlhf.core.logprobs_from_logits` (gather - logsumexp), so no full-vocabulary
+  log-softmax over the prompt is ever materialised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import numpy as np
+import torch
+
+from rlhf.core import logprobs_from_logits
+
+
+@dataclasses.dataclass
+class Rollout:
+    prompt_ids: torch.Tensor  # (B, P) left-padded
+    prompt_mask: torch.Tensor  # (B, P)
+    completion_ids: torch.Tensor  # (B, T) pad after EOS
+    completion_mask: torch.Tensor  # (B, T) 1 up to and including EOS
+    logprobs: torch.Tensor  # (B, T) float32, log pi_T(token), 0 on padding
+    is_truncated: torch.Tensor  # (B,) bool: no EOS within max_new_tokens
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)  # (B, P + T)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)  # (B, P + T)
+
+    def repeat_interleave(self, n: int) -> "Rollout":
+        return Rollout(*(t.repeat_interleave(n, dim=0) for t in dataclasses.astuple(self)))
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so left padding does not shift them. (B, L) -> (B, L)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def _base_model(model):
+    while hasattr(model, "get_base_model") or hasattr(model, "module"):
+        model = model.get_base_model() if hasattr(model, "get_base_model") else model.module
+    return model
+
+
+def _cache_kwarg(model) -> str:
+    # transformers 5.x renamed `past_key_values` to `cache` (the old name is deprecated).
+    params = inspect.signature(_base_model(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Top-k then nucleus (top-p) filtering: excluded logits become -inf. (B, V) -> (B, V)."""
+    if top_k and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        # drop a token when the mass before it already reaches top_p (the first token always stays)
+        drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_id: int | list[int],
+    pad_token_id: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
+) -> Rollout:
+    """Sample up to `max_new_tokens` per prompt with the model's KV cache; stop a row at EOS.
+
+    Shapes: prompt_ids, prompt_mask (B, P), left-padded; returns a `Rollout` with (B, T) tensors,
+    T <= max_new_tokens (the loop stops as soon as every row has emitted EOS).
+    `greedy` takes the argmax (log-probs are still those of the temperature-T distribution).
+    """
+    from transformers import DynamicCache
+
+    was_training = model.training
+    model.eval()
+    device = prompt_ids.device
+    eos = torch.as_tensor(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id], device=device)
+    batch = prompt_ids.shape[0]
+    attention_mask = prompt_mask.long()
+    position_ids = position_ids_from_mask(attention_mask)
+    cache = DynamicCache(config=_base_model(model).config)
+    cache_name = _cache_kwarg(model)
+    out = model(input_ids=prompt_ids, attention_mask=attention_mask, position_ids=position_ids,
+                use_cache=True, logits_to_keep=1, **{cache_name: cache})
+    next_position = position_ids[:, -1:] + 1  # (B, 1)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    tokens, logps, masks = [], [], []
+    for step in range(max_new_tokens):
+        logits = out.logits[:, -1, :].float() / temperature  # (B, V)
+        if greedy:
+            token = logits.argmax(-1)  # (B,)
+        else:
+            probs = torch.softmax(filter_logits(logits, top_k, top_p), dim=-1)
+            token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+        logp = logprobs_from_logits(logits, token)  # (B,)
+        alive = ~finished
+        token = torch.where(alive, token, torch.full_like(token, pad_token_id))
+        tokens.append(token)
+        logps.append(torch.where(alive, logp, torch.zeros_like(logp)))
+        masks.append(alive.long())
+        finished = finished | torch.isin(token, eos)
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            break
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position,
+                    use_cache=True, **{cache_name: cache})
+        next_position = next_position + 1
+    model.train(was_training)
+    return Rollout(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask.long(),
+        completion_ids=torch.stack(tokens, dim=1),  # (B, T)
+        completion_mask=torch.stack(masks, dim=1),  # (B, T)
+        logprobs=torch.stack(logps, dim=1),  # (B, T)
+        is_truncated=~finished,
+    )
+
+
+def batch_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_start: int,
+    temperature: float = 1.0,
+    return_hidden: bool = False,
+) -> torch.Tensor:
+    """Per-token log-probs of the completion tokens `input_ids[:, completion_start:]` under softmax(logits / T).
+
+    The training-side twin of `generate`: same position ids (from the mask), same temperature.
+    Only the logits that predict completion tokens are computed (`logits_to_keep`), so the prompt
+    never goes through the LM head.
+
+    Shapes: input_ids, attention_mask (B, P + T), completion_start = P; returns (B, T) float32.
+    """
+    n_completion = input_ids.shape[1] - completion_start
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+                use_cache=False, logits_to_keep=n_completion + 1)
+    logits = out.logits[:, :-1, :].float() / temperature  # (B, T, V): position t predicts token t + 1
+    return logprobs_from_logits(logits, input_ids[:, completion_start:])  # (B, T)
+
+
+def tokenize_prompts(tokenizer, prompts: list, device=None, max_prompt_length: int | None = None):
+    """Left-padded prompt ids and mask. Conversational prompts (lists of {role, content}) go through
+    the tokenizer's chat template with the generation prompt; plain strings are used as they are.
+
+    Shapes: returns (B, P), (B, P).
+    """
+    texts = [
+        tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) if isinstance(p, list) else p
+        for p in prompts
+    ]
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        # a chat template writes its own BOS; plain prompts get the tokenizer's usual special tokens
+        conversational = any(isinstance(p, list) for p in prompts)
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not conversational,
+                        truncation=max_prompt_length is not None, max_length=max_prompt_length)
+    finally:
+        tokenizer.padding_side = old_side
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    if device is not None:
+        ids, mask = ids.to(device), mask.to(device)
+    return ids, mask
+
+
+def decode_completions(tokenizer, rollout: Rollout) -> list[str]:
+    """Completion texts without special tokens (EOS and padding removed)."""
+    ids = [row[mask.bool()].tolist() for row, mask in zip(rollout.completion_ids, rollout.completion_mask)]
+    return tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Where prompts come from, and held-out evaluation (shared by PPO and GRPO)
+# --------------------------------------------------------------------------------------------
+
+
+def load_prompt_rows(dataset_name: str, split: str = "train", num_builtin: int = 9000, seed: int = 0) -> list[dict]:
+    """Rows with a `prompt` column (other columns go to reward functions as keyword lists).
+
+    Empty `dataset_name`: the built-in arithmetic task's training prompts (never the held-out ones).
+    """
+    if not dataset_name:
+        from rlhf.tasks.arithmetic import make_prompts
+
+        return [{"prompt": p} for p in make_prompts(num_builtin, seed)]
+    from rlhf.data import load_rows
+
+    return load_rows(dataset_name, split, required=["prompt"]).to_list()
+
+
+class PromptSource:
+    """An endless stream of rows, reshuffled each epoch from `seed`; `position` (rows consumed so far)
+    is all a checkpoint needs to continue exactly where it stopped."""
+
+    def __init__(self, rows: list[dict], seed: int, position: int = 0):
+        if not rows:
+            raise ValueError("no prompts to train on")
+        self.rows, self.seed, self.position = rows, seed, position
+        self._epoch, self._order = -1, None
+
+    def take(self, n: int) -> list[dict]:
+        out = []
+        for _ in range(n):
+            epoch, i = divmod(self.position, len(self.rows))
+            if epoch != self._epoch:
+                self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
+            out.append(self.rows[int(self._order[i])])
+            self.position += 1
+        return out
+
+
+def evaluate_arithmetic(accelerator, model, tokenizer, prompts: list[str], max_new_tokens: int) -> dict:
+    """Greedy held-out evaluation on the built-in task (main process; every process must call it,
+    because under ZeRO-3 the parameters are gathered collectively)."""
+    from rlhf.distributed import gathered_for_generation
+    from rlhf.tasks.arithmetic import evaluate_policy
+
+    result: dict = {}
+    with gathered_for_generation(accelerator, model) as unwrapped:
+        if accelerator.is_main_process:
+            result = evaluate_policy(unwrapped, tokenizer, prompts, batch_size=128, max_new_tokens=max_new_tokens)
+    accelerator.wait_for_everyone()
+    return result
