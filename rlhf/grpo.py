@@ -1,0 +1,401 @@
+"""`rlhf grpo`: Group Relative Policy Optimization (Shao et al. 2024, "DeepSeekMath", sec. 4.1).
+
+For each prompt q the policy samples G completions o_1..o_G; each gets a scalar reward r_i (weighted
+reward functions or a learned reward model) and the advantage of every token of o_i is the
+group-normalised reward (eq. 3; `rlhf.core.group_advantages`, `scale_rewards` = group | batch | none).
+The loss is the clipped surrogate plus beta times the k3 estimate of KL(pi || pi_ref) (eqs. 1-2):
+
+    L = agg_t [ -min(r_t A_i, clip(r_t, 1 - eps, 1 + eps_high) A_i) + beta * k3_t ],
+    r_t = pi(o_t) / pi_old(o_t),   k3_t = pi_ref / pi - log(pi_ref / pi) - 1,
+
+aggregated by `loss_type`: grpo = mean over sequences of each one's token mean (the paper),
+bnpo = mean over all tokens, dr_grpo = token sum / max_completion_length, mean over sequences
+(Liu et al. 2025). See docs/grpo.md for why the loss can read 0 at the first iteration.
+
+Batch accounting (as TRL): `per_device_train_batch_size` counts COMPLETIONS; one optimizer step
+uses per_device_train_batch_size x gradient_accumulation_steps x processes completions, i.e. that
+many / num_generations prompts, and every process generates whole groups. The loss of a
+micro-batch is its share of the whole step's loss (normalised by the step's global number of
+sequences or tokens), so 1 x 8 accumulation equals 8 x 1 and 2 processes x B equal 1 x 2B.
+
+`num_iterations` > 1 reuses one generation for that many optimizer steps; pi_old is then the
+sampling policy, whose log-probs the rollout already returned (same temperature, same positions).
+With `num_iterations` = 1, pi_old = pi detached: the ratio is exactly 1 and the gradient is the
+plain policy gradient of the paper.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import torch
+
+from rlhf.core import aggregate_loss, group_advantages, kl_estimate, masked_mean, ppo_clip_loss
+from rlhf.rewards import RewardFunctions, RewardModelScorer
+from rlhf.rollout import (
+    PromptSource, batch_logprobs, decode_completions, evaluate_arithmetic, generate, load_prompt_rows, tokenize_prompts,
+)
+from rlhf.runtime import (
+    ConfigError, Run, RunConfig, Timer, arg, check, fmt_metrics, load_state, progress, resolve_checkpoint, save_state,
+    seed_everything,
+)
+
+LOSS_MODES = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm"}
+
+
+@dataclasses.dataclass
+class Config(RunConfig):
+    """GRPO: group-normalised advantages, no critic."""
+
+    output_dir: str = arg("runs/grpo", "Run directory.")
+    model_name_or_path: str = arg("builtin:tiny", "Policy to start from (usually the SFT model); also the reference.")
+    dataset_name: str = arg("", "Prompts: a hub name or a local json/jsonl/parquet/csv file with a `prompt` column "
+                                "(other columns are passed to reward functions). Empty: the built-in arithmetic task.")
+    dataset_split: str = arg("train", "Split of dataset_name.")
+    num_train_prompts: int = arg(9000, "Built-in task only: how many training prompts to draw.")
+    num_eval_prompts: int = arg(500, "Built-in task only: held-out prompts for greedy evaluation (0: no evaluation).")
+    eval_steps: int = arg(0, "Evaluate every this many steps (0: only at the start and the end).")
+    max_steps: int = arg(100, "Optimizer steps.")
+    per_device_train_batch_size: int = arg(64, "Completions (not prompts) per micro-batch per process.")
+    gradient_accumulation_steps: int = arg(1, "Micro-batches per optimizer step.")
+    num_generations: int = arg(8, "G: completions per prompt (one group).", )
+    max_prompt_length: int = arg(0, "Truncate prompts (left side kept by the tokenizer) to this many tokens (0: no limit).")
+    max_completion_length: int = arg(8, "Maximum new tokens per completion.")
+    temperature: float = arg(1.0, "Sampling temperature (the log-probs in the loss use the same one).")
+    top_p: float = arg(1.0, "Nucleus sampling mass (1: off). Filtering makes sampling slightly off-policy.")
+    top_k: int = arg(0, "Sample from the k most likely tokens (0: off).")
+    learning_rate: float = arg(1e-6, "AdamW step size.")
+    lr_scheduler_type: str = arg("constant", "Learning-rate schedule (transformers' get_scheduler).",
+                                 choices=["constant", "linear", "cosine", "constant_with_warmup"])
+    warmup_ratio: float = arg(0.0, "Share of max_steps spent warming the learning rate up.")
+    weight_decay: float = arg(0.0, "AdamW weight decay.")
+    max_grad_norm: float = arg(1.0, "Clip the gradient norm to this (0: no clipping).")
+    beta: float = arg(0.04, "KL coefficient (k3 estimator in the loss). 0 loads no reference model at all.")
+    epsilon: float = arg(0.2, "Clip range of the ratio (lower side; also the upper side unless epsilon_high).")
+    epsilon_high: float | None = arg(None, "Upper clip range (DAPO clip-higher); null: same as epsilon.")
+    num_iterations: int = arg(1, "Optimizer steps per generated batch (mu in the paper).")
+    loss_type: str = arg("grpo", "Aggregation: grpo (sequence mean of token means), bnpo (token mean), "
+                                 "dr_grpo (token sum / max_completion_length).", choices=list(LOSS_MODES))
+    scale_rewards: str = arg("group", "Divide centred rewards by the group std, the batch std, or nothing.",
+                             choices=["group", "batch", "none"])
+    reward_funcs: list[str] = arg(["exact_match"], "Reward functions: built-in names (exact_match, format, gold_score), "
+                                                   "module:function or path/to/file.py:function.")
+    reward_weights: list[float] = arg([], "One weight per reward function (empty: all 1).")
+    reward_model_path: str = arg("", "A learned reward model; its score is added with weight reward_model_weight.")
+    reward_model_weight: float = arg(1.0, "Weight of the reward model's score.")
+    skip_bad_rewards: bool = arg(False, "Skip (and count) completions whose reward is missing / non-finite instead of stopping.")
+    mask_truncated_completions: bool = arg(False, "Leave completions without EOS out of the loss.")
+    bf16: bool = arg(False, "bfloat16 mixed precision.")
+    gradient_checkpointing: bool = arg(False, "Trade compute for memory in the policy's backward pass.")
+    use_peft: bool = arg(False, "Train LoRA adapters; the reference is the same model with adapters disabled.")
+    lora_r: int = arg(16, "LoRA rank.")
+    lora_alpha: int = arg(32, "LoRA alpha.")
+    lora_dropout: float = arg(0.0, "LoRA dropout.")
+    lora_target_modules: list[str] = arg(["q_proj", "k_proj", "v_proj", "o_proj"], "Modules that get LoRA adapters.")
+
+    def __post_init__(self):
+        check(self.max_steps > 0, "max_steps", "must be positive")
+        check(self.num_generations >= 2, "num_generations", "needs at least 2 completions per prompt to form a group")
+        check(self.per_device_train_batch_size > 0, "per_device_train_batch_size", "must be positive")
+        check(self.gradient_accumulation_steps > 0, "gradient_accumulation_steps", "must be positive")
+        check((self.per_device_train_batch_size * self.gradient_accumulation_steps) % self.num_generations == 0,
+              "per_device_train_batch_size",
+              f"per_device_train_batch_size x gradient_accumulation_steps "
+              f"({self.per_device_train_batch_size} x {self.gradient_accumulation_steps}) must be a multiple of "
+              f"num_generations ({self.num_generations}): each process generates whole groups")
+        check(self.max_completion_length > 0, "max_completion_length", "must be positive")
+        check(self.temperature > 0, "temperature", "must be positive")
+        check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        check(self.beta >= 0, "beta", "must be >= 0")
+        check(self.epsilon > 0, "epsilon", "must be positive")
+        check(self.epsilon_high is None or self.epsilon_high > 0, "epsilon_high", "must be positive")
+        check(self.num_iterations >= 1, "num_iterations", "must be >= 1")
+        check(self.learning_rate > 0, "learning_rate", "must be positive")
+        check(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
+        check(bool(self.reward_funcs) or bool(self.reward_model_path), "reward_funcs",
+              "give at least one reward function or a reward_model_path")
+        check(not self.reward_weights or len(self.reward_weights) == len(self.reward_funcs), "reward_weights",
+              f"{len(self.reward_weights)} weights for {len(self.reward_funcs)} reward functions")
+        check(not self.use_peft or self.lora_r > 0, "lora_r", "must be positive")
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+
+
+def load_policy_and_reference(cfg):
+    """The trainable policy and the frozen reference (None when beta = 0, or when LoRA is used:
+    the reference is then the policy with its adapters disabled — no second copy in memory)."""
+    from rlhf.models import apply_lora, load_causal_lm
+
+    dtype = "float32"  # mixed precision comes from accelerate; master weights stay fp32
+    policy = load_causal_lm(cfg.model_name_or_path, dtype=dtype, gradient_checkpointing=cfg.gradient_checkpointing)
+    if cfg.use_peft:
+        policy = apply_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+        return policy, None
+    if cfg.beta == 0:
+        return policy, None
+    reference = load_causal_lm(cfg.model_name_or_path, dtype=dtype).eval().requires_grad_(False)
+    return policy, reference
+
+
+@torch.no_grad()
+def reference_logprobs(accelerator, policy, reference, input_ids, attention_mask, start, temperature):
+    """log pi_ref of the completion tokens: the frozen copy, or the LoRA policy with adapters off."""
+    if reference is not None:
+        return batch_logprobs(reference, input_ids, attention_mask, start, temperature)
+    unwrapped = accelerator.unwrap_model(policy)
+    with unwrapped.disable_adapter():
+        return batch_logprobs(unwrapped, input_ids, attention_mask, start, temperature)
+
+
+# --------------------------------------------------------------------------------------------
+# One generated batch: completions, rewards, advantages, reference log-probs
+# --------------------------------------------------------------------------------------------
+
+
+def make_batch(cfg, accelerator, model, reference, tokenizer, rows, rewards_fn, rm_scorer, batch_index) -> dict:
+    """Generate G completions for each of this process's prompts and score them.
+
+    Returns tensors over this process's n = per_device_train_batch_size x gradient_accumulation_steps
+    completions (prompt-major: the G completions of a prompt are consecutive) plus metrics.
+    """
+    from rlhf.distributed import gathered_for_generation
+
+    G = cfg.num_generations
+    prompts = [row["prompt"] for row in rows for _ in range(G)]
+    columns = {k: [row[k] for row in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
+    prompt_ids, prompt_mask = tokenize_prompts(tokenizer, [row["prompt"] for row in rows], accelerator.device,
+                                               cfg.max_prompt_length or None)
+    prompt_ids, prompt_mask = prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0)  # (n, P)
+    with gathered_for_generation(accelerator, model) as unwrapped:
+        rollout = generate(unwrapped, prompt_ids, prompt_mask, cfg.max_completion_length, tokenizer.eos_token_id,
+                           tokenizer.pad_token_id, cfg.temperature, cfg.top_k, cfg.top_p)
+    completions = decode_completions(tokenizer, rollout)
+
+    per_function, valid = None, torch.ones(len(completions), dtype=torch.bool)
+    rewards = torch.zeros(len(completions))
+    if rewards_fn is not None:
+        rewards, per_function, valid = rewards_fn(prompts, completions, columns, batch=batch_index)
+    if rm_scorer is not None:
+        rewards = rewards + cfg.reward_model_weight * rm_scorer(prompts, completions)
+    # Advantages over the whole step's batch (all processes), so scale_rewards=batch uses the global std.
+    all_rewards = accelerator.gather(rewards.to(accelerator.device))  # (n * W,)
+    all_advantages = group_advantages(all_rewards, G, scale=cfg.scale_rewards)
+    n, rank = rewards.numel(), accelerator.process_index
+    advantages = all_advantages[rank * n:(rank + 1) * n]  # (n,)
+    grouped = all_rewards.view(-1, G)
+    zero_std = (grouped.std(dim=1) < 1e-8).float().mean()
+
+    mask = rollout.completion_mask.clone()  # (n, T)
+    if cfg.mask_truncated_completions:
+        mask = mask * (~rollout.is_truncated).long()[:, None]
+    mask = mask * valid.to(mask.device).long()[:, None]
+    input_ids, attention_mask = rollout.input_ids, rollout.attention_mask
+    start = prompt_ids.shape[1]
+
+    ref_logp = None
+    if cfg.beta > 0:
+        mb = cfg.per_device_train_batch_size
+        ref_logp = torch.cat([
+            reference_logprobs(accelerator, model, reference, input_ids[i:i + mb], attention_mask[i:i + mb], start,
+                               cfg.temperature)
+            for i in range(0, n, mb)
+        ])  # (n, T)
+
+    lengths = rollout.completion_mask.sum(1).float()
+    metrics = {
+        "reward/mean": float(all_rewards.mean()),
+        "reward/std": float(all_rewards.std()),
+        "frac_reward_zero_std": float(zero_std),
+        "completions/mean_length": float(accelerator.gather(lengths.to(accelerator.device)).mean()),
+        "completions/clipped_ratio": float(accelerator.gather(rollout.is_truncated.float().to(accelerator.device)).mean()),
+    }
+    if per_function is not None:
+        metrics.update(rewards_fn.metrics(per_function))  # this process's completions
+    return {
+        "input_ids": input_ids, "attention_mask": attention_mask, "start": start, "mask": mask,
+        "advantages": advantages.to(accelerator.device), "old_logp": rollout.logprobs, "ref_logp": ref_logp,
+        "metrics": metrics,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# One optimizer step on a generated batch
+# --------------------------------------------------------------------------------------------
+
+
+def micro_batch_loss(cfg, logp, batch, sl, num_seqs, num_tokens):
+    """This micro-batch's share of the step's GRPO loss (global normalisers), with its metrics.
+
+    Shapes: logp (b, T); batch tensors (n, T) sliced by `sl`.
+    """
+    mask = batch["mask"][sl]
+    # num_iterations = 1: pi_old = pi (detached), ratio exactly 1; otherwise the sampling policy.
+    old_logp = batch["old_logp"][sl] if cfg.num_iterations > 1 else logp.detach()
+    agg = dict(mode=LOSS_MODES[cfg.loss_type], max_len=cfg.max_completion_length, num_seqs=num_seqs,
+               num_tokens=num_tokens)
+    loss, metrics = ppo_clip_loss(logp, old_logp, batch["advantages"][sl], mask, cfg.epsilon, cfg.epsilon_high, **agg)
+    metrics["policy/clip_sum"] = (metrics["policy/clipfrac"] * mask.sum()).detach()
+    if cfg.beta > 0:
+        kl = kl_estimate(logp, batch["ref_logp"][sl], "k3")  # (b, T)
+        loss = loss + cfg.beta * aggregate_loss(kl, mask, **agg)
+        metrics["kl_sum"] = (masked_mean(kl, mask) * mask.sum()).detach()
+    metrics["tokens"] = mask.sum().detach()
+    return loss, metrics
+
+
+def train_step(cfg, accelerator, model, optimizer, scheduler, batch) -> dict:
+    from rlhf.distributed import reduce_sum
+
+    mb, ga, world = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, accelerator.num_processes
+    num_seqs = mb * ga * world  # every completion of the step counts as a sequence (masked ones add 0)
+    num_tokens = reduce_sum(accelerator, batch["mask"].sum()).item()
+    totals = {"loss": 0.0, "clip": 0.0, "kl": 0.0, "tokens": 0.0, "ratio": 0.0}
+    model.train()
+    for i in range(ga):
+        sl = slice(i * mb, (i + 1) * mb)
+        with accelerator.accumulate(model):
+            logp = batch_logprobs(model, batch["input_ids"][sl], batch["attention_mask"][sl], batch["start"],
+                                  cfg.temperature)  # (b, T)
+            loss, m = micro_batch_loss(cfg, logp, batch, sl, num_seqs, num_tokens)
+            # accelerate divides by ga and DDP averages over processes; the shares must add up instead.
+            accelerator.backward(loss * ga * world)
+            if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        totals["loss"] += float(loss.detach())
+        totals["ratio"] += float(m["policy/ratio_mean"] * m["tokens"])
+        totals["clip"] += float(m["policy/clip_sum"])
+        totals["kl"] += float(m.get("kl_sum", 0.0))
+        totals["tokens"] += float(m["tokens"])
+    total = reduce_sum(accelerator, torch.tensor([totals[k] for k in ("loss", "clip", "kl", "tokens", "ratio")]))
+    tokens = max(float(total[3]), 1.0)
+    out = {
+        "loss/policy": float(total[0]),
+        "policy/clipfrac": float(total[1]) / tokens,
+        "policy/ratio_mean": float(total[4]) / tokens,
+        "lr": scheduler.get_last_lr()[0],
+    }
+    if cfg.beta > 0:
+        out["kl/ref"] = float(total[2]) / tokens
+    if cfg.max_grad_norm > 0:
+        out["grad_norm"] = float(grad_norm)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+def _save_checkpoint(run, accelerator, step, source, batch, extra):
+    with run.checkpoint(step) as tmp:
+        accelerator.wait_for_everyone()  # the main process has (re)created tmp before anyone writes into it
+        accelerator.save_state(str(Path(tmp) / "accelerate"))
+        if accelerator.is_main_process:
+            tensors = {k: v.cpu() for k, v in batch.items() if isinstance(v, torch.Tensor)} if batch else {}
+            save_state(Path(tmp) / "trainer_state.pt", {
+                "step": step, "data_position": source.position, "batch": tensors,
+                "batch_start": batch["start"] if batch else 0, **extra,
+            })
+        accelerator.wait_for_everyone()
+
+
+def train(cfg: Config) -> dict:
+    from transformers import get_scheduler
+
+    from rlhf.distributed import make_accelerator, save_hf_model
+    from rlhf.models import load_tokenizer
+
+    accelerator = make_accelerator(cfg.gradient_accumulation_steps, "bf16" if cfg.bf16 else "no")
+    world = accelerator.num_processes
+    seed_everything(cfg.seed + accelerator.process_index, cfg.deterministic)  # different samples per process
+
+    # Everything that can fail on bad input fails here, before the run directory is touched.
+    rewards_fn = RewardFunctions(cfg.reward_funcs, cfg.reward_weights, cfg.skip_bad_rewards) if cfg.reward_funcs else None
+    resume = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
+    tokenizer = load_tokenizer(cfg.model_name_or_path, padding_side="left")
+    rows = load_prompt_rows(cfg.dataset_name, cfg.dataset_split, cfg.num_train_prompts, cfg.seed)
+    eval_prompts = []
+    if not cfg.dataset_name and cfg.num_eval_prompts > 0:
+        from rlhf.tasks.arithmetic import make_prompts
+
+        eval_prompts = make_prompts(cfg.num_eval_prompts, seed=cfg.seed, split="eval")
+    rm_scorer = RewardModelScorer(cfg.reward_model_path, accelerator.device) if cfg.reward_model_path else None
+
+    run = Run(cfg, is_main=accelerator.is_main_process)
+    policy, reference = load_policy_and_reference(cfg)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=int(cfg.warmup_ratio * cfg.max_steps),
+                              num_training_steps=cfg.max_steps)
+    model, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    if reference is not None:
+        reference.to(accelerator.device)
+
+    prompts_per_process = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps // cfg.num_generations
+    source = PromptSource(rows, cfg.seed)
+    step, batch, kl_history, batch_metrics, summary_start = 0, None, [], {}, {}
+    if resume is not None:
+        accelerator.load_state(str(resume / "accelerate"))
+        state = load_state(resume / "trainer_state.pt", restore_rng=False)  # accelerate restored each process's RNG
+        step, source.position, kl_history = state["step"], state["data_position"], list(state["kl_history"])
+        batch_metrics, summary_start = state["batch_metrics"], state["summary_start"]
+        if state["batch"]:
+            batch = {k: v.to(accelerator.device) for k, v in state["batch"].items()}
+            batch["start"] = state["batch_start"]
+        run.truncate_metrics(step)
+
+    if eval_prompts and step == 0:
+        summary_start = {f"start/{k}": v for k, v in
+                         evaluate_arithmetic(accelerator, model, tokenizer, eval_prompts, cfg.max_completion_length).items()}
+        run.log(0, summary_start)
+
+    timer, bar = Timer(), progress(cfg.max_steps, "grpo", cfg.progress and accelerator.is_main_process, initial=step)
+    while step < cfg.max_steps:
+        step_timer = Timer()
+        if step % cfg.num_iterations == 0 or batch is None:
+            # All processes draw the same global prompts and keep their own slice: data position is global.
+            global_rows = source.take(prompts_per_process * world)
+            my_rows = global_rows[accelerator.process_index * prompts_per_process:][:prompts_per_process]
+            batch = make_batch(cfg, accelerator, model, reference, tokenizer, my_rows, rewards_fn, rm_scorer, step)
+            batch_metrics = batch.pop("metrics")
+        gen_time = step_timer.elapsed()
+        metrics = train_step(cfg, accelerator, model, optimizer, scheduler, batch)
+        step += 1
+        metrics.update(batch_metrics)
+        elapsed = step_timer.elapsed()
+        metrics["time/step_s"] = elapsed
+        metrics["time/generation_s"] = gen_time
+        metrics["completions/per_s"] = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world / elapsed
+        if "kl/ref" in metrics:
+            kl_history = (kl_history + [metrics["kl/ref"]])[-10:]
+        if eval_prompts and cfg.eval_steps and step % cfg.eval_steps == 0 and step < cfg.max_steps:
+            metrics.update(evaluate_arithmetic(accelerator, model, tokenizer, eval_prompts, cfg.max_completion_length))
+        if step % cfg.logging_steps == 0 or step == cfg.max_steps:
+            run.log(step, metrics)
+        bar.update(1)
+        bar.set_postfix(fmt_metrics(metrics, ["reward/mean", "kl/ref", "frac_reward_zero_std", "eval/accuracy"]))
+        if cfg.save_steps and step % cfg.save_steps == 0 and step < cfg.max_steps:
+            _save_checkpoint(run, accelerator, step, source, batch, dict(
+                kl_history=kl_history, batch_metrics=batch_metrics, summary_start=summary_start))
+    bar.close()
+
+    _save_checkpoint(run, accelerator, step, source, batch, dict(
+        kl_history=kl_history, batch_metrics=batch_metrics, summary_start=summary_start))
+    summary = {**summary_start, "step": step, "train_time_s": timer.elapsed()}
+    if eval_prompts:
+        summary.update(evaluate_arithmetic(accelerator, model, tokenizer, eval_prompts, cfg.max_completion_length))
+    summary["kl/ref"] = sum(kl_history) / len(kl_history) if kl_history else 0.0
+    summary["reward/mean"] = batch_metrics.get("reward/mean", math.nan)
+    save_hf_model(accelerator, model, Path(cfg.output_dir) / "model", tokenizer)
+    run.log(step, {k: v for k, v in summary.items() if k.startswith("eval/")})
+    run.write_summary(summary)
+    run.close()
+    return summary
