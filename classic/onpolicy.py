@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import math
 import pickle
+import re
 import warnings
 from collections import deque
 from pathlib import Path
@@ -32,6 +33,8 @@ import numpy as np
 import torch
 from gymnasium.wrappers import vector as vw
 
+from classic.envs import check_env_id, env_spaces, is_atari
+from classic.envs import evaluate as play_episodes
 from classic.policies import ActorCritic, is_image_space
 from rlhf.core import explained_variance, gae
 from rlhf.runtime import ConfigError, arg, check
@@ -94,42 +97,16 @@ class OnPolicyArgs:
         return math.ceil(self.total_timesteps / self.batch_size)
 
 
-def is_atari(env_id: str) -> bool:
-    return env_id.startswith("ALE/") or env_id.endswith("NoFrameskip-v4")
-
-
 def atari_game(env_id: str) -> str:
     """`ALE/Breakout-v5` or `BreakoutNoFrameskip-v4` -> `breakout` (ale-py's snake_case ROM name)."""
-    import re
-
     name = env_id.split("/")[-1].split("-")[0].replace("NoFrameskip", "")
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
 
-def env_spaces(env_id: str) -> tuple[gym.Space, gym.Space]:
-    """(single observation space, single action space) of `env_id`; a ConfigError naming `env_id` if unknown."""
-    if is_atari(env_id):
-        import ale_py
-
-        gym.register_envs(ale_py)
-        # ale-py's vector env: grey 84x84, 4 stacked frames, uint8.
-        obs = gym.spaces.Box(0, 255, (4, 84, 84), np.uint8)
-        probe = gym.make(env_id)
-        act = probe.action_space
-        probe.close()
-        return obs, act
-    try:
-        probe = gym.make(env_id)
-    except gym.error.Error as e:
-        raise ConfigError(f"`env_id`: cannot make {env_id!r}: {e}") from None
-    spaces = probe.observation_space, probe.action_space
-    probe.close()
-    return spaces
-
-
 def check_env(cfg: OnPolicyArgs, discrete_only: str | None = None) -> tuple[gym.Space, gym.Space, str]:
     """Validate the env against the config before any work; returns (obs space, action space, policy)."""
-    obs_space, act_space = env_spaces(cfg.env_id)
+    check_env_id(cfg.env_id)  # a ConfigError naming `env_id` (with suggestions) if unknown
+    obs_space, act_space = env_spaces(cfg.env_id)  # Atari: (4, 84, 84) uint8 frames, as ale-py's vector env gives
     discrete = isinstance(act_space, gym.spaces.Discrete)
     if discrete_only and not discrete:
         raise ConfigError(f"`{discrete_only}`: needs a discrete action space, but {cfg.env_id} has {act_space}")
@@ -165,8 +142,9 @@ def make_vector_env(
     """A gymnasium vector env (next-step autoreset; not reset yet: call `envs.reset(seed=...)`), episode statistics of *raw* rewards, then
     optional observation / reward normalisation. Atari ids use ale-py's own `AtariVectorEnv`
     (84x84 grey, 4-frame stack, frameskip 4, noop starts, fire reset; rewards clipped to [-1, 1]
-    after the raw return is recorded). Continuous actions are clipped to the action bounds by the
-    wrapper; the policy's log-probs are of the unclipped sample (as CleanRL / SB3 do).
+    after the raw return is recorded). Continuous actions are clipped to the action bounds by
+    `Rollout.collect` (gymnasium's vector ClipAction holds a lambda and would not pickle); the
+    policy's log-probs are of the unclipped sample, as in CleanRL / SB3.
     """
     if is_atari(env_id):
         import ale_py
@@ -175,13 +153,11 @@ def make_vector_env(
         gym.register_envs(ale_py)
         envs = AtariVectorEnv(atari_game(env_id), num_envs, reward_clipping=False, num_threads=1)
         envs = vw.RecordEpisodeStatistics(envs)
-        envs = vw.ClipReward(envs, -1.0, 1.0)
+        envs = vw.TransformReward(envs, functools.partial(_clip, bound=1.0))
         return envs
     fns = [functools.partial(gym.make, env_id) for _ in range(num_envs)]  # partial, not lambda: picklable
     envs = gym.vector.SyncVectorEnv(fns) if vector == "sync" else gym.vector.AsyncVectorEnv(fns)
     envs = vw.RecordEpisodeStatistics(envs)
-    if isinstance(envs.single_action_space, gym.spaces.Box):
-        envs = vw.ClipAction(envs)
     if norm_obs:
         envs = vw.NormalizeObservation(envs)
         if clip_obs:
@@ -189,12 +165,12 @@ def make_vector_env(
     if norm_reward:
         envs = vw.NormalizeReward(envs, gamma=gamma)
         if clip_reward:
-            envs = vw.ClipReward(envs, -clip_reward, clip_reward)
+            envs = vw.TransformReward(envs, functools.partial(_clip, bound=clip_reward))  # not ClipReward: it holds a lambda
     return envs
 
 
-def _clip(obs: np.ndarray, bound: float) -> np.ndarray:
-    return np.clip(obs, -bound, bound)
+def _clip(x: np.ndarray, bound: float) -> np.ndarray:
+    return np.clip(x, -bound, bound)
 
 
 def find_wrapper(envs, cls):
@@ -307,6 +283,7 @@ class Rollout:
         self.terminated = torch.zeros((t, n), device=device)
         self.episode_end = torch.zeros((t, n), device=device)
         self.valid = torch.zeros((t, n), device=device)  # 0 on next-step autoreset steps (no transition)
+        self.action_bounds = (act_space.low, act_space.high) if isinstance(act_space, gym.spaces.Box) else None
         self.next_obs = first_obs  # numpy (N, ...): what the policy acts on next
         self.autoreset = np.zeros(n, dtype=bool)  # envs whose next step is a reset (their last step ended an episode)
         self.episode_returns: deque = deque(maxlen=100)  # raw returns of finished training episodes
@@ -328,7 +305,10 @@ class Rollout:
             self.logp[t] = logp
             self.values[t] = values
             self.valid[t] = torch.from_numpy(~self.autoreset)
-            next_obs, rewards, terminated, truncated, infos = self.envs.step(actions.cpu().numpy())
+            env_actions = actions.cpu().numpy()
+            if self.action_bounds is not None:  # the Gaussian sample is stored unclipped; the env gets it clipped
+                env_actions = np.clip(env_actions, *self.action_bounds)
+            next_obs, rewards, terminated, truncated, infos = self.envs.step(env_actions)
             self.rewards[t] = torch.from_numpy(np.asarray(rewards, dtype=np.float32))
             self.terminated[t] = torch.from_numpy(terminated)
             done = np.logical_or(terminated, truncated)
@@ -396,29 +376,29 @@ def rollout_metrics(batch: dict[str, torch.Tensor], finished: list[tuple[float, 
 
 @torch.no_grad()
 def evaluate(cfg: OnPolicyArgs, policy: ActorCritic, stats: dict, episodes: int, seed: int, device) -> dict:
-    """Mean / std of the raw return of `episodes` episodes of the deterministic policy (mode of pi).
+    """Mean / std of the raw return of `episodes` whole episodes of the deterministic policy (mode of pi).
 
-    One sub-env per episode, each counted once (counting the first `episodes` to finish would
-    favour short episodes); observations are normalised with the training statistics, frozen.
+    Episodes are played by `classic.envs.evaluate` (full games, raw rewards); observations are
+    normalised with the training statistics, frozen, exactly as `NormalizeObservation` does.
     """
-    envs = make_vector_env(cfg.env_id, episodes, seed, "sync", norm_obs=cfg.norm_obs, norm_reward=False,
-                           clip_obs=cfg.clip_obs)
-    load_norm_stats(envs, stats, freeze=True)
-    obs, _ = envs.reset(seed=seed)
-    returns = np.full(episodes, np.nan)
-    policy.eval()
-    while np.isnan(returns).any():
-        t = torch.from_numpy(obs)
+    def act(obs: np.ndarray) -> np.ndarray:
+        if "obs" in stats:
+            obs = (obs - stats["obs"]["mean"]) / np.sqrt(stats["obs"]["var"] + OBS_EPS)
+            if cfg.clip_obs:
+                obs = np.clip(obs, -cfg.clip_obs, cfg.clip_obs)
+        t = torch.from_numpy(np.asarray(obs))
         t = (t if t.dtype == torch.uint8 else t.float()).to(device)
-        actions, _, _ = policy.act(t, deterministic=True)
-        obs, _, _, _, infos = envs.step(actions.cpu().numpy())
-        if "_episode" in infos:
-            for i in np.flatnonzero(infos["_episode"]):
-                if np.isnan(returns[i]):
-                    returns[i] = infos["episode"]["r"][i]
+        actions = policy.act(t, deterministic=True)[0].cpu().numpy()
+        # as ClipAction does in training (MuJoCo's control cost sees the unclipped action)
+        return actions if policy.discrete else np.clip(actions, policy.action_low, policy.action_high)
+
+    policy.eval()
+    mean, std, _ = play_episodes(act, cfg.env_id, episodes, seed)
     policy.train()
-    envs.close()
-    return {"eval/return_mean": float(returns.mean()), "eval/return_std": float(returns.std())}
+    return {"eval/return_mean": mean, "eval/return_std": std}
+
+
+OBS_EPS = 1e-8  # the epsilon of gymnasium's NormalizeObservation (its default)
 
 
 def setup_torch(cfg: OnPolicyArgs) -> torch.device:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.distributions import Categorical, Normal, kl_divergence
 
+from classic.nets import NatureCNN
 from rlhf.core import entropy_from_logits
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
@@ -43,17 +44,6 @@ def mlp(in_dim: int, hidden: list[int], out_dim: int, activation: str, out_gain:
         last = h
     layers.append(layer_init(nn.Linear(last, out_dim), gain=out_gain))
     return nn.Sequential(*layers)
-
-
-def nature_cnn(in_channels: int) -> nn.Sequential:
-    """Nature-DQN torso (Mnih et al. 2015): 84x84 frames -> 512 features."""
-    return nn.Sequential(
-        layer_init(nn.Conv2d(in_channels, 32, 8, stride=4)), nn.ReLU(),
-        layer_init(nn.Conv2d(32, 64, 4, stride=2)), nn.ReLU(),
-        layer_init(nn.Conv2d(64, 64, 3, stride=1)), nn.ReLU(),
-        nn.Flatten(),
-        layer_init(nn.Linear(64 * 7 * 7, 512)), nn.ReLU(),
-    )
 
 
 def is_image_space(space: gym.Space) -> bool:
@@ -83,7 +73,10 @@ class ActorCritic(nn.Module):
         self.action_dim = int(action_space.n) if self.discrete else int(action_space.shape[0])
         self.cnn = policy == "cnn"
         if self.cnn:
-            self.torso = nature_cnn(observation_space.shape[0])
+            self.torso = NatureCNN(observation_space.shape[0], 512)  # scales uint8 frames to [0, 1] itself
+            for m in self.torso.modules():
+                if isinstance(m, (nn.Conv2d, nn.Linear)):
+                    layer_init(m)
             self.actor = layer_init(nn.Linear(512, self.action_dim), gain=0.01)
             self.critic = layer_init(nn.Linear(512, 1), gain=1.0)
         else:
@@ -92,11 +85,12 @@ class ActorCritic(nn.Module):
             self.critic = mlp(obs_dim, list(hidden_sizes), 1, activation, out_gain=1.0)
         if not self.discrete:
             self.log_std = nn.Parameter(torch.full((self.action_dim,), float(init_log_std)))
+            self.action_low, self.action_high = action_space.low, action_space.high  # numpy, for clipping at evaluation
 
     # -- forward ---------------------------------------------------------------------------
     def _features(self, obs: torch.Tensor) -> torch.Tensor:
         if self.cnn:
-            return self.torso(obs.float() / 255.0)  # (B, 512)
+            return self.torso(obs)  # (B, 512)
         return obs.flatten(1)  # (B, obs_dim)
 
     def params(self, obs: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,124 @@
+"""Vanilla policy gradient (REINFORCE), with or without a learned value baseline.
+
+`classic pg --env_id CartPole-v1 --baseline true`
+
+Williams 1992: grad J = E[grad log pi(a_t|s_t) * Psi_t], one gradient step per rollout.
+- `baseline=false`: Psi_t = G_t, the discounted Monte-Carlo return to the end of the episode
+  (`rlhf.core.discounted_returns`; an episode still running at the end of the rollout is cut
+  there, so use a long `num_steps`); no critic is trained.
+- `baseline=true`: Psi_t = the GAE advantage of a critic V fitted by regression on the returns
+  in the same step (Sutton et al. 2000; Schulman et al. 2016 with `gae_lambda=1` gives
+  G_t - V(s_t), bootstrapped only at truncations and at the end of the rollout).
+The loop: rollout -> advantages -> one Adam step -> log -> checkpoint -> evaluate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from classic import onpolicy
+from classic.onpolicy import OnPolicyArgs
+from rlhf.core import discounted_returns, masked_mean, masked_whiten, policy_gradient_loss, value_loss
+from rlhf.runtime import RunConfig, Timer, arg, check, fmt_metrics, progress
+
+
+@dataclasses.dataclass
+class Config(OnPolicyArgs, RunConfig):
+    """Vanilla policy gradient (REINFORCE), with or without a value baseline."""
+
+    output_dir: str = arg("runs/pg", "Run directory: config.yaml, metrics.jsonl, summary.json, checkpoints/.")
+    num_steps: int = arg(512, "Steps per environment in each rollout (the horizon T); batch = num_envs * num_steps.")
+    learning_rate: float = arg(3e-3, "Adam learning rate (policy and baseline).")
+    gae_lambda: float = arg(1.0, "GAE lambda of the baseline's advantages (1: Monte-Carlo return minus V(s)).")
+    anneal_lr: bool = arg(False, "Linearly anneal the learning rate to 0 over training.")
+    baseline: bool = arg(True, "Subtract a learned value baseline V(s) (advantage actor-critic) instead of using the raw return.")
+    vf_coef: float = arg(0.5, "Weight of the baseline's regression loss (with baseline).")
+    ent_coef: float = arg(0.0, "Entropy bonus coefficient.")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.vf_coef >= 0, "vf_coef", f"must be >= 0, got {self.vf_coef}")
+        check(self.ent_coef >= 0, "ent_coef", f"must be >= 0, got {self.ent_coef}")
+
+
+def update(cfg: Config, policy, optimizer, batch: dict) -> dict:
+    """One gradient step on -log pi(a|s) Psi (+ vf_coef * value loss - ent_coef * entropy)."""
+    valid = batch["valid"]  # (B,) 0 on autoreset steps
+    params, values = policy.params_and_value(batch["obs"])
+    logp = policy.log_prob(params, batch["actions"])  # (B,)
+    advantages = batch["advantages"]
+    if cfg.norm_adv:
+        advantages = masked_whiten(advantages, valid)
+    pg_loss, metrics = policy_gradient_loss(logp, advantages, mask=valid)
+    entropy = masked_mean(policy.entropy(params), valid)
+    loss = pg_loss - cfg.ent_coef * entropy
+    if cfg.baseline:
+        v_loss, v_metrics = value_loss(values, batch["values"], batch["returns"], mask=valid)
+        loss = loss + cfg.vf_coef * v_loss
+        metrics.update(v_metrics)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.max_grad_norm:
+        nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+    optimizer.step()
+    with torch.no_grad():
+        new_params = policy.params(batch["obs"])
+        ratio = (policy.log_prob(new_params, batch["actions"]) - batch["logp"]).exp()
+        metrics["policy/approx_kl"] = masked_mean(policy.kl(params.detach(), new_params), valid)
+        metrics["policy/clipfrac"] = masked_mean(((ratio - 1).abs() > 0.2).float(), valid)  # how far one step moves pi
+    return {**metrics, "policy/entropy": entropy.detach()}
+
+
+def train(cfg: Config) -> dict:
+    obs_space, act_space, policy_kind = onpolicy.check_env(cfg)
+    run, envs, policy, rollout, resumed = onpolicy.setup(cfg, obs_space, act_space, policy_kind)
+    device = next(policy.parameters()).device
+    trainable = policy.parameters() if cfg.baseline else [p for n, p in policy.named_parameters() if not n.startswith("critic.")]
+    optimizer = torch.optim.Adam(trainable, lr=cfg.learning_rate, eps=1e-5)
+    start_iteration, global_step = 1, 0
+    if resumed is not None:
+        optimizer.load_state_dict(resumed["optimizer"])
+        start_iteration, global_step = resumed["iteration"] + 1, int(resumed["global_step"])
+
+    timer, start_step = Timer(), global_step
+    bar = progress(cfg.num_iterations * cfg.batch_size, f"pg {cfg.env_id}", cfg.progress, initial=global_step)
+    for iteration in range(start_iteration, cfg.num_iterations + 1):
+        if cfg.anneal_lr:
+            optimizer.param_groups[0]["lr"] = cfg.learning_rate * (1.0 - (iteration - 1) / cfg.num_iterations)
+
+        # rollout -> returns / advantages
+        finished = rollout.collect()
+        prev_step, global_step = global_step, global_step + cfg.batch_size
+        if cfg.baseline:
+            advantages, returns = rollout.advantages(cfg.gamma, cfg.gae_lambda)  # (T, N)
+        else:
+            returns = discounted_returns(rollout.rewards, rollout.episode_end, cfg.gamma)  # (T, N)
+            advantages = returns
+        batch = rollout.flat(advantages, returns)
+
+        # one policy-gradient step
+        metrics = {k: float(v) for k, v in update(cfg, policy, optimizer, batch).items()}
+
+        # log
+        sps = (global_step - start_step) / timer.elapsed()
+        metrics.update(onpolicy.rollout_metrics(batch, finished, rollout))
+        if not cfg.baseline:
+            metrics.pop("value/explained_var")  # no critic is trained
+        metrics.update({"kl/beta": 0.0, "time/sps": sps})
+        if onpolicy.crossed(global_step, prev_step, cfg.eval_interval):
+            metrics.update(onpolicy.evaluate(cfg, policy, onpolicy.norm_stats(envs), cfg.eval_episodes or 10, cfg.seed + 100_000, device))
+        if onpolicy.crossed(global_step, prev_step, cfg.logging_steps):
+            run.log(global_step, metrics)
+        bar.update(cfg.batch_size)
+        bar.set_postfix(fmt_metrics(metrics, ["train/episode_return_last100", "eval/return_mean", "policy/approx_kl", "time/sps"]))
+
+        # checkpoint
+        if onpolicy.crossed(global_step, prev_step, cfg.save_steps) or iteration == cfg.num_iterations:
+            onpolicy.save_checkpoint(run, global_step, rollout, policy=policy.state_dict(), optimizer=optimizer.state_dict(),
+                                     iteration=iteration)
+    bar.close()
+    sps = (global_step - start_step) / max(timer.elapsed(), 1e-9)
+    return onpolicy.finish(cfg, run, policy, rollout, global_step, sps, device)

@@ -1,0 +1,180 @@
+"""PPO: each variant's loss against hand numbers, exact KLs, bad input, learning, MuJoCo smoke, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from classic import ppo
+from classic.policies import ActorCritic
+from rlhf.runtime import ConfigError, load_state, make_config, parse_config
+
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "classic"
+
+
+def cfg_for(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "run"), progress=False, report_to="none", eval_episodes=0)
+    return make_config(ppo.Config, {**base, **kw})
+
+
+# ---- losses of the four variants on a toy batch ------------------------------------------
+
+# ratios r = 1.5, 0.5, 1.1 and advantages 1, 1, -2
+LOGP = torch.log(torch.tensor([1.5, 0.5, 1.1]))
+OLD_LOGP = torch.zeros(3)
+ADV = torch.tensor([1.0, 1.0, -2.0])
+KL = torch.tensor([0.1, 0.2, 0.0])
+ALL = torch.ones(3)
+
+
+def test_none_loss_is_the_unclipped_surrogate(tmp_path):
+    loss, _ = ppo.policy_loss(cfg_for(tmp_path, penalty="none"), LOGP, OLD_LOGP, ADV, ALL, None, 0.0)
+    # -(1.5 + 0.5 - 2.2) / 3
+    assert loss.item() == pytest.approx(0.2 / 3, abs=1e-6)
+
+
+@pytest.mark.parametrize("eps, expected, clipfrac", [
+    (0.2, -(1.2 + 0.5 - 2.2) / 3, 1 / 3),  # r=1.5 clipped to 1.2 (A>0); r=0.5 keeps rA=0.5 (min); 1.1 inside
+    (0.1, -(1.1 + 0.5 - 2.2) / 3, 1 / 3),  # r=1.1 is at the edge 1 + eps: clip(1.1) A = rA, not strictly smaller
+    (0.6, -(1.5 + 0.5 - 2.2) / 3, 0.0),    # nothing clipped: the unclipped surrogate
+])
+def test_clip_loss_against_hand_numbers(tmp_path, eps, expected, clipfrac):
+    loss, metrics = ppo.policy_loss(cfg_for(tmp_path, penalty="clip", clip_eps=eps), LOGP, OLD_LOGP, ADV, ALL, None, 0.0)
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    assert metrics["policy/clipfrac"].item() == pytest.approx(clipfrac)
+
+
+@pytest.mark.parametrize("penalty", ["adaptive_kl", "fixed_kl"])
+def test_kl_penalty_loss_against_hand_numbers(tmp_path, penalty):
+    loss, _ = ppo.policy_loss(cfg_for(tmp_path, penalty=penalty), LOGP, OLD_LOGP, ADV, ALL, KL, 2.0)
+    # -((1.5 - 2*0.1) + (0.5 - 2*0.2) + (-2.2 - 0)) / 3
+    assert loss.item() == pytest.approx(0.8 / 3, abs=1e-6)
+
+
+def test_loss_ignores_masked_autoreset_steps(tmp_path):
+    mask = torch.tensor([1.0, 1.0, 0.0])
+    loss, _ = ppo.policy_loss(cfg_for(tmp_path, penalty="none"), LOGP, OLD_LOGP, ADV, mask, None, 0.0)
+    assert loss.item() == pytest.approx(-(1.5 + 0.5) / 2, abs=1e-6)
+
+
+def test_controllers_follow_the_paper(tmp_path):
+    adaptive = ppo.make_controller(cfg_for(tmp_path, penalty="adaptive_kl", kl_beta=1.0, kl_target=0.01))
+    assert adaptive.update(0.02) == 2.0  # > 1.5 * target: double
+    assert adaptive.update(0.005) == 1.0  # < target / 1.5: halve
+    assert adaptive.update(0.01) == 1.0
+    fixed = ppo.make_controller(cfg_for(tmp_path, penalty="fixed_kl", kl_beta=3.0))
+    assert fixed.update(1.0) == 3.0
+    assert ppo.make_controller(cfg_for(tmp_path, penalty="clip")) is None
+
+
+def test_exact_kl_of_the_policies():
+    cat = ActorCritic(gym.spaces.Box(-1, 1, (3,)), gym.spaces.Discrete(2))
+    old, new = torch.tensor([[0.0, 0.0]]), torch.tensor([[math.log(3.0), 0.0]])
+    # KL((.5, .5) || (.75, .25)) = .5 ln(.5/.75) + .5 ln(.5/.25)
+    assert cat.kl(old, new).item() == pytest.approx(0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(2.0), abs=1e-6)
+    gauss = ActorCritic(gym.spaces.Box(-1, 1, (3,)), gym.spaces.Box(-1, 1, (2,)))
+    old = torch.tensor([[0.0, 0.0, 0.0, 0.0]])  # means | log-stds: N(0, 1) in both dims
+    new = torch.tensor([[1.0, 0.0, math.log(2.0), 0.0]])  # N(1, 2^2) and N(0, 1)
+    # KL(N(0,1) || N(1,4)) = ln 2 + (1 + 1) / 8 - 1/2 ; second dimension 0
+    assert gauss.kl(old, new).item() == pytest.approx(math.log(2.0) + 0.25 - 0.5, abs=1e-6)
+    assert gauss.entropy(old).item() == pytest.approx(2 * 0.5 * math.log(2 * math.pi * math.e), abs=1e-5)
+
+
+# ---- bad input: a clear error naming the option, before any work --------------------------
+
+
+@pytest.mark.parametrize("kw, option", [
+    (dict(num_envs=3, num_steps=10, num_minibatches=4), "num_minibatches"),
+    (dict(ent_coef=-0.1), "ent_coef"),
+    (dict(vf_coef=-1.0), "vf_coef"),
+    (dict(kl_beta=-1.0), "kl_beta"),
+    (dict(clip_eps=0.0), "clip_eps"),
+    (dict(gamma=1.5), "gamma"),
+    (dict(penalty="trust"), "penalty"),
+])
+def test_bad_config_names_the_option(tmp_path, kw, option):
+    with pytest.raises(ConfigError, match=option):
+        cfg_for(tmp_path, **kw)
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_env_errors_before_writing(tmp_path):
+    with pytest.raises(ConfigError, match="env_id"):
+        ppo.train(cfg_for(tmp_path, env_id="CartPol-v1"))
+    # a CNN policy is discrete-only: a continuous env is refused
+    with pytest.raises(ConfigError, match="policy"):
+        ppo.train(cfg_for(tmp_path, env_id="Pendulum-v1", policy="cnn"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_yaml_configs_parse():
+    for name in ["ppo_cartpole", "ppo_hopper", "ppo_halfcheetah", "ppo_walker2d", "ppo_breakout"]:
+        cfg = parse_config(ppo.Config, ["--config", str(CONFIGS / f"{name}.yaml")])
+        assert cfg.batch_size % cfg.num_minibatches == 0
+
+
+# ---- runs ----------------------------------------------------------------------------------
+
+
+def _metrics(run_dir):
+    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+
+
+def check_resume_is_exact(module, make_cfg, tmp_path, batch: int):
+    """Run 4 rollouts straight (checkpoint after 2); copy the run as it was at that checkpoint, as if it
+    had crashed there, resume it: parameters, optimiser and every logged metric must be identical."""
+    import shutil
+
+    module.train(make_cfg(output_dir=str(tmp_path / "a"), total_timesteps=4 * batch, save_steps=2 * batch, save_total_limit=5))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    for late in ["summary.json", f"checkpoints/step-{4 * batch:08d}"]:
+        shutil.rmtree(tmp_path / "b" / late, ignore_errors=True) if "/" in late else (tmp_path / "b" / late).unlink()
+    module.train(make_cfg(output_dir=str(tmp_path / "b"), total_timesteps=4 * batch, save_steps=2 * batch, save_total_limit=5,
+                          resume_from_checkpoint=str(tmp_path / "b" / "checkpoints" / f"step-{2 * batch:08d}")))
+    a, b = (load_state(d / "checkpoints" / f"step-{4 * batch:08d}" / "state.pt", restore_rng=False) for d in (tmp_path / "a", tmp_path / "b"))
+    for k in a["policy"]:
+        torch.testing.assert_close(a["policy"][k], b["policy"][k], rtol=0, atol=0)
+    assert _metrics(tmp_path / "a") == _metrics(tmp_path / "b")
+    assert json.load(open(tmp_path / "a" / "summary.json"))["eval/return_mean"] == json.load(open(tmp_path / "b" / "summary.json"))["eval/return_mean"]
+
+
+@pytest.mark.parametrize("env_id, extra", [
+    ("CartPole-v1", dict(penalty="adaptive_kl", num_envs=2)),
+    ("Hopper-v5", dict(penalty="clip", num_envs=1, norm_obs=True, norm_reward=True)),
+])
+def test_resume_continues_exactly(tmp_path, env_id, extra):
+    common = {**dict(env_id=env_id, num_steps=64, num_minibatches=2, update_epochs=2, seed=3, eval_episodes=2), **extra}
+    check_resume_is_exact(ppo, lambda **kw: cfg_for(tmp_path, **common, **kw), tmp_path, 64 * common["num_envs"])
+
+
+def test_mujoco_smoke_writes_the_run(tmp_path):
+    cfg = cfg_for(tmp_path, env_id="Hopper-v5", num_envs=1, num_steps=128, num_minibatches=4, total_timesteps=256,
+                  norm_obs=True, norm_reward=True, eval_episodes=2)
+    summary = ppo.train(cfg)
+    run = tmp_path / "run"
+    for name in ["config.yaml", "metrics.jsonl", "summary.json"]:
+        assert (run / name).exists()
+    assert {"eval/return_mean", "eval/return_std", "time/sps"} <= set(summary)
+    row = json.loads(open(run / "metrics.jsonl").readline())
+    assert {"loss/policy", "loss/value", "policy/approx_kl", "policy/clipfrac", "policy/entropy",
+            "value/explained_var", "kl/beta"} <= set(row)
+    stats = load_state(sorted((run / "checkpoints").iterdir())[-1] / "state.pt", restore_rng=False)["norm_stats"]
+    assert stats["obs"]["mean"].shape == (11,) and stats["obs"]["count"] > 256
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("penalty", ["clip", "adaptive_kl"])
+def test_ppo_learns_cartpole(tmp_path, penalty):
+    cfg = parse_config(ppo.Config, ["--config", str(CONFIGS / "ppo_cartpole.yaml"), "--total_timesteps", "40000",
+                                    "--penalty", penalty, "--output_dir", str(tmp_path / penalty), "--progress", "false",
+                                    "--report_to", "none", "--seed", "1"])
+    summary = ppo.train(cfg)
+    assert summary["eval/return_mean"] >= 200  # a random policy scores ~22
