@@ -1,13 +1,20 @@
 """Accelerate / DeepSpeed helpers shared by every rlhf stage, so each stage runs unchanged on
-1 CPU, 1 GPU, or N processes with DDP or DeepSpeed ZeRO-2/3.
+1 CPU, 1 GPU, or N processes / nodes with DDP or DeepSpeed ZeRO-2/3 (`accelerate launch`).
 
 - `make_accelerator`: creates the process state first with the gloo backend on CPU (accelerate
-  otherwise leaves the world size at 1 for CPU DeepSpeed runs; see shared/ANCHORS.md).
-- `reduce_sum` / `reduce_mean`: metrics and normalisers across processes.
-- `gathered_for_generation`: under ZeRO-3, gather the sharded parameters once per rollout instead
-  of once per generated token.
-- `save_hf_model`: consolidated Hugging Face weights (safetensors) from any setup, written by the
-  main process to a temporary directory and renamed.
+  1.15 otherwise leaves the world size at 1 for CPU DeepSpeed runs; see docs/distributed.md), then
+  fills the DeepSpeed config's "auto" batch / accumulation / clipping entries from the stage's
+  config and rejects fixed entries that disagree with it (`check_batch_config`), before any work.
+- `loss_normaliser`: the token (or sequence) count that makes a loss summed over this process's
+  micro-batch add up, over micro-batches and processes, to the mean over the whole optimizer step,
+  after DDP / DeepSpeed average gradients over processes and accelerate divides by the
+  accumulation steps. So 2 processes x batch B == 1 process x 2B == 1 process x 2 micro-batches of B.
+- `reduce_sum` / `reduce_mean` / `gather_objects`: metrics across processes.
+- `gathered_for_generation`: under ZeRO-3, gather the sharded parameters once per rollout and
+  switch off DeepSpeed's per-module fetch/release hooks meanwhile, so `generate` does not
+  all-gather every layer for every new token.
+- `checkpoint`: `Run.checkpoint` with the barriers a multi-process `save_state` needs.
+- `save_hf_model`: consolidated Hugging Face weights (safetensors) from any setup, LoRA merged.
 """
 
 from __future__ import annotations
@@ -16,22 +23,117 @@ import contextlib
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from rlhf.runtime import ConfigError
 
-def make_accelerator(gradient_accumulation_steps: int = 1, mixed_precision: str = "no", cpu: bool = False):
+
+# --------------------------------------------------------------------------------------------
+# Accelerator
+# --------------------------------------------------------------------------------------------
+
+
+def make_accelerator(gradient_accumulation_steps: int = 1, mixed_precision: str = "no", cpu: bool = False, *,
+                     bf16: bool | None = None, per_device_train_batch_size: int | None = None,
+                     max_grad_norm: float | None = None):
+    """An `Accelerator` for the launch at hand (plain, DDP or DeepSpeed), CPU-safe.
+
+    `bf16=True` is `mixed_precision="bf16"`. With `per_device_train_batch_size` given, the batch
+    settings are checked against an accelerate / DeepSpeed config right away (`check_batch_config`).
+    """
     from accelerate import Accelerator, PartialState
 
+    if bf16 is not None:
+        mixed_precision = "bf16" if bf16 else mixed_precision
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        PartialState(backend="gloo")
-    return Accelerator(gradient_accumulation_steps=gradient_accumulation_steps, mixed_precision=mixed_precision,
-                       cpu=cpu)
+        # CPU-only multi-process launch. accelerate picks no backend here: a DeepSpeed launch would
+        # fall back to one process and a DDP (multi_gpu) launch to N unsynchronised copies. So
+        # create the shared process state first: gloo for DeepSpeed, and accelerate's MULTI_CPU
+        # (DDP over gloo) otherwise.
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+            PartialState(backend="gloo")
+        else:
+            cpu = True
+            PartialState(cpu=True)
+    acc = Accelerator(gradient_accumulation_steps=gradient_accumulation_steps, mixed_precision=mixed_precision, cpu=cpu)
+    if per_device_train_batch_size is not None:
+        check_batch_config(acc, per_device_train_batch_size, gradient_accumulation_steps, max_grad_norm)
+    return acc
+
+
+def deepspeed_config(accelerator) -> dict | None:
+    """The DeepSpeed config dict of this launch (None without DeepSpeed)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return None if plugin is None else plugin.deepspeed_config
+
+
+def check_batch_config(accelerator, per_device_train_batch_size: int, gradient_accumulation_steps: int,
+                       max_grad_norm: float | None = None) -> None:
+    """Reconcile a DeepSpeed config with the stage's batch settings before any training step.
+
+    "auto" entries are filled from the stage (micro-batch, accumulation, global batch, clipping);
+    a fixed entry that disagrees is a ConfigError naming both values. Without this, accelerate
+    silently keeps DeepSpeed's accumulation steps and DeepSpeed asserts only at `prepare` time,
+    after the models are loaded. Also checks accelerate's own accumulation (e.g. `accelerate
+    launch --gradient_accumulation_steps`) against the stage's.
+    """
+    world = accelerator.num_processes
+    if accelerator.gradient_accumulation_steps != gradient_accumulation_steps:
+        raise ConfigError(
+            f"accelerate config: gradient_accumulation_steps={accelerator.gradient_accumulation_steps} (from "
+            f"`accelerate launch` / ACCELERATE_GRADIENT_ACCUMULATION_STEPS) conflicts with the stage's "
+            f"`gradient_accumulation_steps`={gradient_accumulation_steps}; set it in one place only")
+    ds = deepspeed_config(accelerator)
+    if ds is None:
+        return
+    source = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or "accelerate config `deepspeed_config`"
+    expected = {
+        "train_micro_batch_size_per_gpu": (per_device_train_batch_size, "`per_device_train_batch_size`"),
+        "gradient_accumulation_steps": (gradient_accumulation_steps, "`gradient_accumulation_steps`"),
+        "train_batch_size": (per_device_train_batch_size * gradient_accumulation_steps * world,
+                             f"`per_device_train_batch_size` x `gradient_accumulation_steps` x {world} processes "
+                             f"= {per_device_train_batch_size} x {gradient_accumulation_steps} x {world}"),
+    }
+    for key, (value, what) in expected.items():
+        given = ds.get(key, "auto")
+        if given == "auto":
+            ds[key] = value
+        elif given is not None and int(given) != value:
+            raise ConfigError(f"{source}: `{key}`={given} conflicts with the stage's {what} = {value}; "
+                              f"set `{key}` to \"auto\" or change the stage's option")
+    clip = ds.get("gradient_clipping", "auto")
+    wanted_clip = float(max_grad_norm) if max_grad_norm else 0.0  # DeepSpeed: 0 = no clipping
+    if clip == "auto":
+        ds["gradient_clipping"] = wanted_clip
+    elif max_grad_norm is not None and float(clip) != wanted_clip:
+        raise ConfigError(f"{source}: `gradient_clipping`={clip} conflicts with the stage's `max_grad_norm`={max_grad_norm}; "
+                          "set it to \"auto\"")
+    zero = ds.setdefault("zero_optimization", {})
+    if int(zero.get("stage", 0)) == 3 and zero.get("stage3_gather_16bit_weights_on_model_save") in (None, "auto", False):
+        # needed by `save_hf_model` to consolidate the shards into one Hugging Face model
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+
+
+def is_deepspeed(accelerator) -> bool:
+    return deepspeed_config(accelerator) is not None
+
+
+def is_zero3(accelerator) -> bool:
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return plugin is not None and int(plugin.zero_stage) == 3
+
+
+# --------------------------------------------------------------------------------------------
+# Reductions
+# --------------------------------------------------------------------------------------------
 
 
 def reduce_sum(accelerator, value) -> torch.Tensor:
-    t = torch.as_tensor(value, dtype=torch.float64 if accelerator.device.type == "cpu" else torch.float32,
-                        device=accelerator.device).detach().clone()
+    """Sum of `value` (a number or tensor) over processes; float64 on CPU so counts stay exact."""
+    dtype = torch.float64 if accelerator.device.type == "cpu" else torch.float32
+    t = torch.as_tensor(value, device=accelerator.device).detach().to(dtype).clone()
     if accelerator.num_processes > 1:
         t = accelerator.reduce(t, reduction="sum")
     return t
@@ -41,43 +143,103 @@ def reduce_mean(accelerator, value) -> torch.Tensor:
     return reduce_sum(accelerator, value) / accelerator.num_processes
 
 
-def is_zero3(accelerator) -> bool:
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    return plugin is not None and plugin.zero_stage == 3
+def loss_normaliser(accelerator, local_count) -> torch.Tensor:
+    """Denominator for a loss summed over this process's share of one optimizer step.
+
+    `local_count`: tokens (token-mean) or sequences (sequence means) this process contributes to
+    the optimizer step, over all its micro-batches. Returns global_count / (processes x
+    accumulation steps): DDP and DeepSpeed average gradients over processes and `accelerator.
+    backward` divides by the accumulation steps, so dividing each micro-batch's summed loss by this
+    gives exactly the gradient of (sum over the whole global batch) / global_count.
+    Pass it as `num_tokens=` / `num_seqs=` to `rlhf.core.aggregate_loss`.
+    """
+    total = reduce_sum(accelerator, local_count)
+    return (total / (accelerator.num_processes * accelerator.gradient_accumulation_steps)).float().clamp_min(1e-8)
+
+
+def gather_objects(accelerator, objects: list) -> list:
+    """Concatenate python lists from every process (in rank order)."""
+    if accelerator.num_processes == 1:
+        return list(objects)
+    from accelerate.utils import gather_object
+
+    return gather_object(list(objects))
+
+
+# --------------------------------------------------------------------------------------------
+# Generation under ZeRO-3
+# --------------------------------------------------------------------------------------------
+
+
+def _zero3_param_offload(model):
+    """DeepSpeed's ZeRO-3 parameter manager of an engine (training or evaluation-only), or None."""
+    opt = getattr(model, "optimizer", None)
+    offload = getattr(opt, "parameter_offload", opt)
+    return offload if hasattr(offload, "setup_zero_stage3_hooks") else None
 
 
 @contextlib.contextmanager
 def gathered_for_generation(accelerator, model):
-    """Yield the unwrapped model with full parameters; under ZeRO-3 gather them once for the whole rollout."""
-    unwrapped = accelerator.unwrap_model(model)
-    if is_zero3(accelerator):
-        import deepspeed
+    """Yield the unwrapped model with full parameters; under ZeRO-3 gather them once per rollout.
 
-        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-            yield unwrapped
-    else:
+    DeepSpeed's ZeRO-3 hooks fetch each layer's parameters before its forward and release them
+    after it, i.e. one all-gather per layer per generated token. Here the parameters are gathered
+    once, the hooks are taken off for the duration (so they neither re-fetch nor release), and put
+    back afterwards. Costs one full copy of the weights per process while generating.
+    """
+    unwrapped = accelerator.unwrap_model(model)
+    if not is_zero3(accelerator):
         yield unwrapped
+        return
+    import deepspeed
+
+    offload = _zero3_param_offload(model)
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        if offload is not None:
+            offload._remove_module_hooks()
+        try:
+            yield unwrapped
+        finally:
+            if offload is not None:
+                offload.setup_zero_stage3_hooks()
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints and saving
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def checkpoint(accelerator, run, step: int):
+    """`run.checkpoint(step)` for every process: yields the temporary directory to `save_state` into.
+
+    The main process creates (empties) the directory before any process writes its shards into it
+    and renames it into place only after every process has finished writing.
+    """
+    with run.checkpoint(step) as tmp:
+        accelerator.wait_for_everyone()
+        yield tmp
+        accelerator.wait_for_everyone()
+    accelerator.wait_for_everyone()
 
 
 def save_hf_model(accelerator, model, out_dir: str | os.PathLike, tokenizer=None, merge_lora: bool = True) -> None:
-    """Save `model` consolidated in Hugging Face format (safetensors) to `out_dir`.
+    """Save `model` consolidated in Hugging Face format (safetensors) to `out_dir`; call on every process.
 
-    With a peft model and `merge_lora`, the adapters are merged into a copy of the weights so the
-    result loads with plain transformers; otherwise the adapter alone is saved.
+    Under ZeRO-3 the shards are gathered (collective). With a peft model and `merge_lora`, the
+    adapters are merged into a fresh CPU copy of the base model so the result loads with plain
+    transformers; otherwise the adapter alone is saved. Written to a temporary name, then renamed.
     """
     out_dir = Path(out_dir)
     accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards on every rank; full dict on main
+    state_dict = accelerator.get_state_dict(model)  # full dict on the main process (gathers ZeRO-3 shards)
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         tmp = out_dir.with_name(f".{out_dir.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
+        state_dict = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
         if merge_lora and hasattr(unwrapped, "merge_and_unload"):
-            import copy
-
-            merged = copy.deepcopy(unwrapped)
-            merged.load_state_dict(state_dict)
-            merged = merged.merge_and_unload()
+            merged = _merged_lora_copy(unwrapped, state_dict)
             merged.save_pretrained(tmp, safe_serialization=True)
         else:
             unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
@@ -86,3 +248,22 @@ def save_hf_model(accelerator, model, out_dir: str | os.PathLike, tokenizer=None
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(tmp, out_dir)
     accelerator.wait_for_everyone()
+
+
+def _merged_lora_copy(peft_model, state_dict: dict[str, torch.Tensor]) -> Any:
+    """A plain transformers model: a fresh base model + the peft wrapper, loaded from `state_dict`, merged.
+
+    Built from the config rather than deep-copied, because under ZeRO-3 the live module only holds
+    this process's empty shard placeholders.
+    """
+    from peft import get_peft_model
+
+    base = peft_model.get_base_model()
+    fresh = type(base)(base.config)
+    adapter = peft_model.active_adapter
+    wrapped = get_peft_model(fresh, peft_model.peft_config[adapter], adapter_name=adapter)
+    missing, unexpected = wrapped.load_state_dict(state_dict, strict=False)
+    if unexpected or [k for k in missing if "lora_" in k or "modules_to_save" in k]:
+        raise RuntimeError(f"save_hf_model: state dict does not match the peft model (missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]})")
+    return wrapped.merge_and_unload()
