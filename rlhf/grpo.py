@@ -267,7 +267,8 @@ def train_step(cfg, accelerator, model, optimizer, scheduler, batch) -> dict:
             if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             optimizer.step()
-            scheduler.step()
+            if accelerator.sync_gradients:
+                scheduler.step()
             optimizer.zero_grad()
         totals["loss"] += float(loss.detach())
         totals["ratio"] += float(m["policy/ratio_mean"] * m["tokens"])
@@ -335,7 +336,9 @@ def train(cfg: Config) -> dict:
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=int(cfg.warmup_ratio * cfg.max_steps),
                               num_training_steps=cfg.max_steps)
-    model, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    # The scheduler stays unprepared: accelerate's wrapper would step it once per process.
+    model, optimizer = accelerator.prepare(policy, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
     if reference is not None:
         reference.to(accelerator.device)
 

@@ -247,15 +247,17 @@ class PromptSource:
         return out
 
 
-def evaluate_arithmetic(accelerator, model, tokenizer, prompts: list[str], max_new_tokens: int) -> dict:
+def evaluate_arithmetic(accelerator, model, tokenizer, prompts: list[str], max_new_tokens: int, select=None) -> dict:
     """Greedy held-out evaluation on the built-in task (main process; every process must call it,
-    because under ZeRO-3 the parameters are gathered collectively)."""
+    because under ZeRO-3 the parameters are gathered collectively). `select` picks the policy out
+    of a wrapper module (PPO's policy + value)."""
     from rlhf.distributed import gathered_for_generation
     from rlhf.tasks.arithmetic import evaluate_policy
 
     result: dict = {}
     with gathered_for_generation(accelerator, model) as unwrapped:
         if accelerator.is_main_process:
-            result = evaluate_policy(unwrapped, tokenizer, prompts, batch_size=128, max_new_tokens=max_new_tokens)
+            policy = select(unwrapped) if select else unwrapped
+            result = evaluate_policy(policy, tokenizer, prompts, batch_size=128, max_new_tokens=max_new_tokens)
     accelerator.wait_for_everyone()
     return result

@@ -1,0 +1,483 @@
+"""`rlhf ppo`: PPO with a KL penalty to a frozen reference (Ziegler et al. 2019; Ouyang et al. 2022).
+
+One step = one rollout batch and its update (as TRL's PPOTrainer counts them):
+
+1. Sample one completion per prompt from the policy (`rlhf.rollout.generate`, KV cache).
+2. Score it: a learned reward model (`reward_model_path`) or Python reward functions; a
+   completion without EOS loses `missing_eos_penalty`; optional clipping of the score.
+3. One no-grad forward of policy + value gives old log-probs and values; the reference (the SFT
+   model, or the LoRA policy with adapters off) gives ref log-probs.
+4. Per-token reward: r_t = -beta * KL_t (`kl_estimator` k1 | k2 | k3 of pi_old vs pi_ref), plus the
+   score on the last completion token (Ziegler et al. eq. 2 in per-token form).
+5. Token GAE (`gamma`, `lam`; `rlhf.core.token_gae`), advantages whitened over the whole batch.
+6. `num_ppo_epochs` passes over the batch in `num_mini_batches` shuffled mini-batches, each one
+   optimizer step of `gradient_accumulation_steps` micro-batches: clipped policy loss + `vf_coef`
+   x clipped value loss, token means normalised by the mini-batch's global token count.
+7. The KL coefficient beta is fixed, or adapted towards `kl_target` (PPO-paper rule or Ziegler's
+   proportional controller); its state is saved with each checkpoint.
+
+`kl/ref` is the mean per-token KL(pi || pi_ref) of the sampled completions (k1 of the rollout),
+the same unit as GRPO's; `kl/ref_seq` is the per-completion sum.
+
+Batch accounting (as TRL): per process and step, per_device_train_batch_size x
+gradient_accumulation_steps x num_mini_batches completions, one per prompt.
+The policy and value model are one module (`PolicyAndValue`) with one optimizer, so DDP and
+DeepSpeed see a single engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from rlhf.core import (
+    explained_variance, kl_controller, kl_estimate, masked_mean, masked_whiten, ppo_clip_loss, token_gae, value_loss,
+)
+from rlhf.rewards import RewardFunctions, RewardModelScorer
+from rlhf.rollout import (
+    PromptSource, batch_logprobs, decode_completions, evaluate_arithmetic, generate, load_prompt_rows,
+    position_ids_from_mask, tokenize_prompts,
+)
+from rlhf.runtime import (
+    ConfigError, Run, RunConfig, Timer, arg, check, fmt_metrics, load_state, progress, resolve_checkpoint, save_state,
+    seed_everything,
+)
+
+
+@dataclasses.dataclass
+class Config(RunConfig):
+    """PPO against a reward model or reward functions, with a KL penalty to a frozen reference."""
+
+    output_dir: str = arg("runs/ppo", "Run directory.")
+    model_name_or_path: str = arg("builtin:tiny", "Policy to start from (the SFT model); also the frozen reference.")
+    reward_model_path: str = arg("", "Learned reward model (from `rlhf reward`). Empty: use reward_funcs.")
+    reward_funcs: list[str] = arg([], "Reward functions instead of / added to the reward model: built-in names "
+                                      "(exact_match, format, gold_score), module:function or path/to/file.py:function.")
+    reward_weights: list[float] = arg([], "One weight per reward function (empty: all 1).")
+    skip_bad_rewards: bool = arg(False, "Skip (and count) completions whose reward is missing / non-finite instead of stopping.")
+    value_model_path: str = arg("", "Value model initialisation. Empty: the reward model if given, else the policy.")
+    dataset_name: str = arg("", "Prompts: a hub name or local json/jsonl/parquet/csv with a `prompt` column. "
+                                "Empty: the built-in arithmetic task.")
+    dataset_split: str = arg("train", "Split of dataset_name.")
+    num_train_prompts: int = arg(9000, "Built-in task only: how many training prompts to draw.")
+    num_eval_prompts: int = arg(500, "Built-in task only: held-out prompts for greedy evaluation (0: no evaluation).")
+    eval_steps: int = arg(0, "Evaluate every this many steps (0: only at the start and the end).")
+    max_steps: int = arg(100, "PPO steps (one rollout batch + its num_ppo_epochs x num_mini_batches optimizer steps).")
+    per_device_train_batch_size: int = arg(16, "Completions per micro-batch per process.")
+    gradient_accumulation_steps: int = arg(1, "Micro-batches per optimizer step (one mini-batch).")
+    num_mini_batches: int = arg(4, "Mini-batches (optimizer steps) per epoch over one rollout batch.")
+    num_ppo_epochs: int = arg(4, "Passes over each rollout batch.")
+    max_prompt_length: int = arg(0, "Truncate prompts to this many tokens (0: no limit).")
+    max_completion_length: int = arg(8, "Maximum new tokens per completion.")
+    temperature: float = arg(1.0, "Sampling temperature (the log-probs in the loss use the same one).")
+    top_p: float = arg(1.0, "Nucleus sampling mass (1: off).")
+    top_k: int = arg(0, "Sample from the k most likely tokens (0: off).")
+    learning_rate: float = arg(1e-5, "AdamW step size (policy and value model).")
+    lr_scheduler_type: str = arg("constant", "Learning-rate schedule.", choices=["constant", "linear", "cosine",
+                                                                                "constant_with_warmup"])
+    warmup_ratio: float = arg(0.0, "Share of optimizer steps spent warming the learning rate up.")
+    weight_decay: float = arg(0.0, "AdamW weight decay.")
+    max_grad_norm: float = arg(1.0, "Clip the gradient norm (0: off).")
+    kl_coef: float = arg(0.05, "beta: weight of the per-token KL penalty in the reward (initial value if adaptive).")
+    kl_estimator: str = arg("k1", "KL estimator in the reward.", choices=["k1", "k2", "k3"])
+    kl_controller: str = arg("fixed", "fixed beta; adaptive (PPO paper: halve/double around kl_target); "
+                                      "proportional (Ziegler et al. 2019, with kl_horizon).",
+                             choices=["fixed", "adaptive", "proportional"])
+    kl_target: float = arg(0.1, "Target per-token KL for the adaptive / proportional controller.")
+    kl_horizon: float = arg(10000, "Horizon (in completions) of the proportional controller.")
+    missing_eos_penalty: float | None = arg(None, "Subtract this from the score of completions without EOS (null: off).")
+    reward_clip: float = arg(0.0, "Clip the score to [-reward_clip, reward_clip] (0: off).")
+    whiten_rewards: bool = arg(False, "Whiten the per-token rewards (scale only) before GAE.")
+    whiten_advantages: bool = arg(True, "Whiten advantages over the batch.")
+    gamma: float = arg(1.0, "Discount over completion tokens.")
+    lam: float = arg(0.95, "GAE lambda.")
+    cliprange: float = arg(0.2, "Policy ratio clip range.")
+    cliprange_value: float = arg(0.2, "Value clip range around the old values (0: no clipping).")
+    vf_coef: float = arg(0.1, "Weight of the value loss.")
+    bf16: bool = arg(False, "bfloat16 mixed precision.")
+    gradient_checkpointing: bool = arg(False, "Trade compute for memory in the backward pass.")
+    use_peft: bool = arg(False, "Train LoRA adapters on the policy; the reference is the policy with adapters disabled.")
+    lora_r: int = arg(16, "LoRA rank.")
+    lora_alpha: int = arg(32, "LoRA alpha.")
+    lora_dropout: float = arg(0.0, "LoRA dropout.")
+    lora_target_modules: list[str] = arg(["q_proj", "k_proj", "v_proj", "o_proj"], "Modules that get LoRA adapters.")
+
+    def __post_init__(self):
+        check(self.max_steps > 0, "max_steps", "must be positive")
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "num_mini_batches", "num_ppo_epochs",
+                     "max_completion_length"):
+            check(getattr(self, name) > 0, name, "must be positive")
+        check(bool(self.reward_model_path) or bool(self.reward_funcs), "reward_model_path",
+              "give a reward model (--reward_model_path) or reward functions (--reward_funcs)")
+        check(not self.reward_weights or len(self.reward_weights) == len(self.reward_funcs), "reward_weights",
+              f"{len(self.reward_weights)} weights for {len(self.reward_funcs)} reward functions")
+        check(self.temperature > 0, "temperature", "must be positive")
+        check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        check(self.kl_coef >= 0, "kl_coef", "must be >= 0")
+        check(self.kl_target > 0, "kl_target", "must be positive")
+        check(self.kl_horizon > 0, "kl_horizon", "must be positive")
+        check(0 <= self.gamma <= 1, "gamma", "must be in [0, 1]")
+        check(0 <= self.lam <= 1, "lam", "must be in [0, 1]")
+        check(self.cliprange > 0, "cliprange", "must be positive")
+        check(self.cliprange_value >= 0, "cliprange_value", "must be >= 0")
+        check(self.learning_rate > 0, "learning_rate", "must be positive")
+        check(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+
+
+class PolicyAndValue(torch.nn.Module):
+    """Policy and value model as one module: one optimizer, one DDP / DeepSpeed engine."""
+
+    def __init__(self, policy, value_model):
+        super().__init__()
+        self.policy, self.value_model = policy, value_model
+
+    def forward(self, input_ids, attention_mask, completion_start: int, temperature: float):
+        """Log-probs of the completion tokens and the value of the state before each of them.
+
+        Shapes: input_ids, attention_mask (B, P + T); returns logp (B, T), values (B, T).
+        """
+        logp = batch_logprobs(self.policy, input_ids, attention_mask, completion_start, temperature)
+        hidden = self.value_model(input_ids=input_ids, attention_mask=attention_mask,
+                                  position_ids=position_ids_from_mask(attention_mask)).logits  # (B, P + T, 1)
+        # V(s_t) for token t is read where the model has seen everything before t: one position earlier.
+        values = hidden[:, completion_start - 1:-1, 0].float()  # (B, T)
+        return logp, values
+
+
+def load_value_model(path: str):
+    """A per-token scalar head (AutoModelForTokenClassification, num_labels=1, no dropout).
+
+    From a reward model directory the body and the `score` weights carry over, so the first values
+    are the reward model's per-token scores; from a causal LM the head starts fresh.
+    """
+    from transformers import AutoConfig, AutoModelForTokenClassification, LlamaForTokenClassification
+    from transformers.utils import logging as hf_logging
+
+    from rlhf.models import BUILTIN_TINY, tiny_config
+
+    if path == BUILTIN_TINY:
+        config = tiny_config()
+        config.num_labels, config.classifier_dropout = 1, 0.0
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return LlamaForTokenClassification(config)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a new `score.bias` (and `score.weight` from an LM) is expected
+    try:
+        config = AutoConfig.from_pretrained(path, num_labels=1)
+        config.classifier_dropout = 0.0  # the generic head reads this; dropout would make values noisy
+        return AutoModelForTokenClassification.from_pretrained(path, config=config)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def load_models(cfg):
+    """(policy + value module, frozen reference or None for LoRA)."""
+    from rlhf.models import apply_lora, load_causal_lm
+
+    policy = load_causal_lm(cfg.model_name_or_path, gradient_checkpointing=cfg.gradient_checkpointing)
+    reference = None
+    if cfg.use_peft:
+        policy = apply_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+    else:
+        reference = load_causal_lm(cfg.model_name_or_path).eval().requires_grad_(False)
+    value_model = load_value_model(cfg.value_model_path or cfg.reward_model_path or cfg.model_name_or_path)
+    if cfg.gradient_checkpointing:
+        value_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return PolicyAndValue(policy, value_model), reference
+
+
+# --------------------------------------------------------------------------------------------
+# Rollout and advantages
+# --------------------------------------------------------------------------------------------
+
+
+def global_whiten(accelerator, x, mask, shift_mean=True):
+    """masked_whiten with the mean and variance of all processes' entries (so 2 x B == 1 x 2B)."""
+    from rlhf.distributed import reduce_sum
+
+    if accelerator.num_processes == 1:
+        return masked_whiten(x, mask, shift_mean=shift_mean)
+    m = mask.to(x.dtype)
+    stats = reduce_sum(accelerator, torch.stack([(x * m).sum(), (x * x * m).sum(), m.sum()]).double())
+    n = stats[2].clamp_min(2)
+    mean = stats[0] / n
+    var = (stats[1] / n - mean**2) * n / (n - 1)
+    out = (x - mean.to(x.dtype)) * torch.rsqrt(var.to(x.dtype) + 1e-8)
+    return (out if shift_mean else out + mean.to(x.dtype)) * m
+
+
+def per_token_rewards(scores, kl, mask, beta):
+    """r_t = -beta * KL_t on every completion token, plus the sequence score on the last one.
+
+    Shapes: scores (B,), kl (B, T), mask (B, T) right-padded; returns (B, T), 0 on padding.
+    """
+    rewards = -beta * kl * mask
+    last = (mask.sum(1) - 1).clamp_min(0)  # (B,) index of the last token: EOS, or where the cut fell
+    has_tokens = (mask.sum(1) > 0).to(rewards.dtype)
+    rewards[torch.arange(len(scores), device=rewards.device), last] += scores * has_tokens
+    return rewards
+
+
+@torch.no_grad()
+def make_batch(cfg, accelerator, model, reference, tokenizer, rows, rewards_fn, rm_scorer, beta, batch_index) -> dict:
+    """Generate, score and compute advantages for this process's prompts (one completion each)."""
+    from rlhf.distributed import gathered_for_generation
+
+    prompts = [row["prompt"] for row in rows]
+    columns = {k: [row[k] for row in rows] for k in rows[0] if k != "prompt"}
+    prompt_ids, prompt_mask = tokenize_prompts(tokenizer, prompts, accelerator.device, cfg.max_prompt_length or None)
+    with gathered_for_generation(accelerator, model) as unwrapped:
+        rollout = generate(unwrapped.policy, prompt_ids, prompt_mask, cfg.max_completion_length, tokenizer.eos_token_id,
+                           tokenizer.pad_token_id, cfg.temperature, cfg.top_k, cfg.top_p)
+    completions = decode_completions(tokenizer, rollout)
+    input_ids, attention_mask, mask = rollout.input_ids, rollout.attention_mask, rollout.completion_mask  # (n, P + T), (n, T)
+    start, n, mb = prompt_ids.shape[1], len(prompts), cfg.per_device_train_batch_size
+
+    scores = torch.zeros(n)
+    valid = torch.ones(n, dtype=torch.bool)
+    per_function = None
+    if rm_scorer is not None:
+        scores = scores + rm_scorer(prompts, completions)
+    if rewards_fn is not None:
+        fn_rewards, per_function, valid = rewards_fn(prompts, completions, columns, batch=batch_index)
+        scores = scores + fn_rewards
+    raw_scores = scores.clone()
+    scores = scores.to(accelerator.device)
+    if cfg.missing_eos_penalty is not None:
+        scores = scores - cfg.missing_eos_penalty * rollout.is_truncated.float()
+    if cfg.reward_clip > 0:
+        scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+    mask = mask * valid.to(mask.device).long()[:, None]
+
+    # Old log-probs and values from the training forward pass itself (so the first ratio is exactly 1
+    # even under bf16 autocast), and the reference's log-probs, in micro-batches.
+    old_logp, old_values, ref_logp = [], [], []
+    for i in range(0, n, mb):
+        lp, v = model(input_ids[i:i + mb], attention_mask[i:i + mb], start, cfg.temperature)
+        old_logp.append(lp)
+        old_values.append(v)
+        if reference is not None:
+            ref_logp.append(batch_logprobs(reference, input_ids[i:i + mb], attention_mask[i:i + mb], start, cfg.temperature))
+        else:
+            policy = accelerator.unwrap_model(model).policy
+            with policy.disable_adapter():
+                ref_logp.append(batch_logprobs(policy, input_ids[i:i + mb], attention_mask[i:i + mb], start, cfg.temperature))
+    old_logp, old_values, ref_logp = torch.cat(old_logp), torch.cat(old_values), torch.cat(ref_logp)  # (n, T)
+
+    kl = kl_estimate(old_logp, ref_logp, cfg.kl_estimator) * mask  # (n, T)
+    rewards = per_token_rewards(scores * valid.to(scores.device), kl, mask, beta)  # (n, T)
+    if cfg.whiten_rewards:
+        rewards = global_whiten(accelerator, rewards, mask, shift_mean=False)
+    advantages, returns = token_gae(rewards, old_values, mask, cfg.gamma, cfg.lam)  # (n, T)
+    if cfg.whiten_advantages:
+        advantages = global_whiten(accelerator, advantages, mask)
+
+    k1 = (old_logp - ref_logp) * mask
+    from rlhf.distributed import reduce_sum
+
+    gather = accelerator.gather
+    metrics = {
+        "reward/score_mean": float(gather(raw_scores.to(accelerator.device)).mean()),
+        "reward/score_std": float(gather(raw_scores.to(accelerator.device)).std()),
+        "kl/ref": float(reduce_sum(accelerator, k1.sum()) / reduce_sum(accelerator, mask.sum()).clamp_min(1)),
+        "kl/ref_seq": float(gather(k1.sum(1)).mean()),
+        "reward/non_score": float(gather((-beta * kl).sum(1)).mean()),
+        "completions/mean_length": float(gather(rollout.completion_mask.sum(1).float()).mean()),
+        "completions/clipped_ratio": float(gather(rollout.is_truncated.float()).mean()),
+    }
+    if per_function is not None:
+        metrics.update(rewards_fn.metrics(per_function))
+    if not cfg.dataset_name:  # the built-in task: also track the gold score of what was sampled
+        from rlhf.tasks.arithmetic import gold_score
+
+        gold = torch.tensor([gold_score(p, c) for p, c in zip(prompts, completions)], device=accelerator.device)
+        metrics["reward/gold_mean"] = float(gather(gold).mean())
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "start": start, "mask": mask,
+            "old_logp": old_logp, "old_values": old_values, "advantages": advantages, "returns": returns,
+            "metrics": metrics}
+
+
+# --------------------------------------------------------------------------------------------
+# Update
+# --------------------------------------------------------------------------------------------
+
+
+def micro_batch_loss(cfg, logp, values, batch, idx, num_tokens):
+    """This micro-batch's share of a mini-batch's PPO loss: policy + vf_coef * value (token means
+    over the mini-batch's global token count). Shapes: logp, values (b, T); idx (b,)."""
+    mask = batch["mask"][idx]
+    pg_loss, pg_m = ppo_clip_loss(logp, batch["old_logp"][idx], batch["advantages"][idx], mask, cfg.cliprange,
+                                  mode="token-mean", num_tokens=num_tokens)
+    vf_loss, vf_m = value_loss(values, batch["old_values"][idx], batch["returns"][idx],
+                               cfg.cliprange_value or None, mask, mode="token-mean", num_tokens=num_tokens)
+    return pg_loss + cfg.vf_coef * vf_loss, {**pg_m, **vf_m}
+
+
+def update(cfg, accelerator, model, optimizer, scheduler, batch) -> dict:
+    from rlhf.distributed import reduce_sum
+
+    mb, ga, world = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, accelerator.num_processes
+    n = batch["mask"].shape[0]
+    keys = ("loss/policy", "loss/value", "policy/clipfrac", "policy/approx_kl", "value/clipfrac")
+    sums = dict.fromkeys(keys, 0.0)
+    sums["tokens"] = 0.0
+    model.train()
+    for _ in range(cfg.num_ppo_epochs):
+        order = torch.randperm(n, device=batch["mask"].device)
+        for start in range(0, n, mb * ga):
+            mini = order[start:start + mb * ga]
+            num_tokens = reduce_sum(accelerator, batch["mask"][mini].sum()).item()
+            for i in range(0, len(mini), mb):
+                idx = mini[i:i + mb]
+                with accelerator.accumulate(model):
+                    logp, values = model(batch["input_ids"][idx], batch["attention_mask"][idx], batch["start"],
+                                         cfg.temperature)
+                    loss, m = micro_batch_loss(cfg, logp, values, batch, idx, num_tokens)
+                    accelerator.backward(loss * ga * world)  # shares add up to the mini-batch loss (see grpo.py)
+                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    if accelerator.sync_gradients:
+                        scheduler.step()
+                    optimizer.zero_grad()
+                tokens = float(batch["mask"][idx].sum())
+                sums["loss/policy"] += float(m["loss/policy"])
+                sums["loss/value"] += float(m["loss/value"])
+                for k in keys[2:]:
+                    sums[k] += float(m[k]) * tokens
+                sums["tokens"] += tokens
+    total = reduce_sum(accelerator, torch.tensor([sums[k] for k in (*keys, "tokens")]))
+    n_updates = cfg.num_ppo_epochs * cfg.num_mini_batches
+    tokens = max(float(total[-1]), 1.0)
+    out = {"loss/policy": float(total[0]) / n_updates, "loss/value": float(total[1]) / n_updates}
+    out.update({k: float(total[j]) / tokens for j, k in enumerate(keys) if j >= 2})
+    out["value/explained_var"] = float(explained_variance(batch["old_values"], batch["returns"], batch["mask"]))
+    out["lr"] = scheduler.get_last_lr()[0]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+def _save_checkpoint(run, accelerator, step, state):
+    with run.checkpoint(step) as tmp:
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(Path(tmp) / "accelerate"))
+        if accelerator.is_main_process:
+            save_state(Path(tmp) / "trainer_state.pt", state)
+        accelerator.wait_for_everyone()
+
+
+def train(cfg: Config) -> dict:
+    from transformers import get_scheduler
+
+    from rlhf.distributed import make_accelerator, save_hf_model
+    from rlhf.models import load_tokenizer
+
+    accelerator = make_accelerator(cfg.gradient_accumulation_steps, "bf16" if cfg.bf16 else "no")
+    world = accelerator.num_processes
+    seed_everything(cfg.seed + accelerator.process_index, cfg.deterministic)
+
+    # Bad input fails here, before the run directory is touched.
+    rewards_fn = RewardFunctions(cfg.reward_funcs, cfg.reward_weights, cfg.skip_bad_rewards) if cfg.reward_funcs else None
+    resume = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
+    tokenizer = load_tokenizer(cfg.model_name_or_path, padding_side="left")
+    rows = load_prompt_rows(cfg.dataset_name, cfg.dataset_split, cfg.num_train_prompts, cfg.seed)
+    eval_prompts = []
+    if not cfg.dataset_name and cfg.num_eval_prompts > 0:
+        from rlhf.tasks.arithmetic import make_prompts
+
+        eval_prompts = make_prompts(cfg.num_eval_prompts, seed=cfg.seed, split="eval")
+    rm_scorer = RewardModelScorer(cfg.reward_model_path, accelerator.device) if cfg.reward_model_path else None
+
+    run = Run(cfg, is_main=accelerator.is_main_process)
+    model, reference = load_models(cfg)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay)
+    n_optimizer_steps = cfg.max_steps * cfg.num_ppo_epochs * cfg.num_mini_batches
+    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=int(cfg.warmup_ratio * n_optimizer_steps),
+                              num_training_steps=n_optimizer_steps)
+    # The scheduler stays unprepared: accelerate's wrapper would step it once per process.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    if reference is not None:
+        reference.to(accelerator.device)
+    kl_ctl = kl_controller(cfg.kl_controller, cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+
+    prompts_per_process = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * cfg.num_mini_batches
+    source = PromptSource(rows, cfg.seed)
+    step, kl_history, summary_start = 0, [], {}
+    if resume is not None:
+        accelerator.load_state(str(resume / "accelerate"))
+        state = load_state(resume / "trainer_state.pt", restore_rng=False)  # accelerate restored each process's RNG
+        step, source.position = state["step"], state["data_position"]
+        kl_ctl.load_state_dict(state["kl_controller"])
+        kl_history, summary_start = list(state["kl_history"]), state["summary_start"]
+        run.truncate_metrics(step)
+
+    select_policy = lambda m: m.policy  # noqa: E731
+    if eval_prompts and step == 0:
+        summary_start = {f"start/{k}": v for k, v in evaluate_arithmetic(
+            accelerator, model, tokenizer, eval_prompts, cfg.max_completion_length, select_policy).items()}
+        run.log(0, summary_start)
+
+    def state():
+        return {"step": step, "data_position": source.position, "kl_controller": kl_ctl.state_dict(),
+                "kl_history": kl_history, "summary_start": summary_start}
+
+    timer, bar = Timer(), progress(cfg.max_steps, "ppo", cfg.progress and accelerator.is_main_process, initial=step)
+    metrics = {}
+    while step < cfg.max_steps:
+        step_timer = Timer()
+        global_rows = source.take(prompts_per_process * world)
+        my_rows = global_rows[accelerator.process_index * prompts_per_process:][:prompts_per_process]
+        beta = kl_ctl.beta
+        batch = make_batch(cfg, accelerator, model, reference, tokenizer, my_rows, rewards_fn, rm_scorer, beta, step)
+        metrics = batch.pop("metrics")
+        metrics["time/generation_s"] = step_timer.elapsed()
+        metrics.update(update(cfg, accelerator, model, optimizer, scheduler, batch))
+        kl_ctl.update(metrics["kl/ref"], n_steps=prompts_per_process * world)
+        metrics["kl/beta"] = beta
+        step += 1
+        kl_history = (kl_history + [metrics["kl/ref"]])[-10:]
+        metrics["time/step_s"] = step_timer.elapsed()
+        metrics["completions/per_s"] = prompts_per_process * world / metrics["time/step_s"]
+        if eval_prompts and cfg.eval_steps and step % cfg.eval_steps == 0 and step < cfg.max_steps:
+            metrics.update(evaluate_arithmetic(accelerator, model, tokenizer, eval_prompts, cfg.max_completion_length,
+                                               select_policy))
+        if step % cfg.logging_steps == 0 or step == cfg.max_steps:
+            run.log(step, metrics)
+        bar.update(1)
+        bar.set_postfix(fmt_metrics(metrics, ["reward/score_mean", "kl/ref", "kl/beta", "eval/accuracy"]))
+        if cfg.save_steps and step % cfg.save_steps == 0 and step < cfg.max_steps:
+            _save_checkpoint(run, accelerator, step, state())
+    bar.close()
+
+    _save_checkpoint(run, accelerator, step, state())
+    summary = {**summary_start, "step": step, "train_time_s": timer.elapsed()}
+    if eval_prompts:
+        summary.update(evaluate_arithmetic(accelerator, model, tokenizer, eval_prompts, cfg.max_completion_length,
+                                           select_policy))
+    summary["kl/ref"] = sum(kl_history) / len(kl_history) if kl_history else 0.0
+    summary["kl/beta"] = kl_ctl.beta
+    summary["kl/target"] = cfg.kl_target if cfg.kl_controller != "fixed" else None
+    for k in ("reward/score_mean", "reward/gold_mean"):
+        if k in metrics:
+            summary[k] = metrics[k]
+    unwrapped = accelerator.unwrap_model(model)
+    save_hf_model(accelerator, unwrapped.policy, Path(cfg.output_dir) / "model", tokenizer)
+    save_hf_model(accelerator, unwrapped.value_model, Path(cfg.output_dir) / "value_model", tokenizer, merge_lora=False)
+    run.log(step, {k: v for k, v in summary.items() if k.startswith("eval/")})
+    run.write_summary(summary)
+    run.close()
+    return summary

@@ -1,0 +1,124 @@
+"""PPO: per-token rewards, value head initialisation, ratio 1 / KL 0 at the start, gradient-accumulation
+invariance, learning, and an exact resume with an adaptive KL controller."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhf import ppo
+from rlhf.runtime import ConfigError, make_config, read_jsonl
+
+HERE = __file__
+
+
+def digit_reward(prompts, completions, **kwargs):
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+
+
+def length_reward(prompts, completions, **kwargs):
+    return [len(c) / 8 for c in completions]
+
+
+def cfg_for(tmp_path, name="run", **kw):
+    base = dict(output_dir=str(tmp_path / name), model_name_or_path="builtin:tiny", num_eval_prompts=0,
+                per_device_train_batch_size=8, num_mini_batches=2, num_ppo_epochs=2, max_completion_length=6,
+                max_steps=2, learning_rate=1e-3, reward_funcs=[f"{HERE}:length_reward"], progress=False,
+                report_to="none")
+    base.update(kw)
+    return make_config(ppo.Config, base)
+
+
+def test_per_token_rewards_by_hand():
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.5, -0.1, 9.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    rewards = ppo.per_token_rewards(torch.tensor([2.0, -1.0]), kl, mask, beta=0.5)
+    expected = torch.tensor([[-0.05, -0.1, -0.15 + 2.0], [-0.25, 0.05 - 1.0, 0.0]])
+    assert torch.allclose(rewards, expected)
+
+
+def test_value_head_from_a_reward_model_starts_at_its_scores(tmp_path):
+    from rlhf.models import load_reward_model
+
+    torch.manual_seed(0)
+    rm = load_reward_model("builtin:tiny").eval()
+    with torch.no_grad():
+        rm.score.weight.normal_()
+    rm.save_pretrained(tmp_path / "rm")
+    value = ppo.load_value_model(str(tmp_path / "rm")).eval()
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    with torch.no_grad():
+        per_token = value(input_ids=ids).logits[..., 0]  # (B, L)
+        score = rm(input_ids=ids).logits[:, 0]  # (B,) at the last token
+    assert torch.allclose(per_token[:, -1], score, atol=1e-5)
+
+
+def test_first_update_sees_ratio_one_and_zero_kl(tmp_path):
+    torch.set_num_threads(1)
+    ppo.train(cfg_for(tmp_path, max_steps=1, num_ppo_epochs=1, num_mini_batches=1, temperature=0.7))
+    row = read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]
+    assert row["kl/ref"] == 0.0  # policy == reference before any update
+    assert row["policy/clipfrac"] == 0.0 and abs(row["policy/approx_kl"]) < 1e-7
+
+
+class _SGD(torch.optim.SGD):
+    def __init__(self, params, lr, weight_decay=0.0):
+        super().__init__(params, lr=lr)
+
+
+def test_gradient_accumulation_1x8_equals_8x1(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    monkeypatch.setattr(torch.optim, "AdamW", _SGD)
+    common = dict(max_steps=1, num_ppo_epochs=1, num_mini_batches=1, learning_rate=0.5)
+    ppo.train(cfg_for(tmp_path, "one", per_device_train_batch_size=16, gradient_accumulation_steps=1, **common))
+    ppo.train(cfg_for(tmp_path, "eight", per_device_train_batch_size=2, gradient_accumulation_steps=8, **common))
+    for part in ("model", "value_model"):
+        a = load_file(tmp_path / "one" / part / "model.safetensors")
+        b = load_file(tmp_path / "eight" / part / "model.safetensors")
+        for k in a:
+            assert torch.allclose(a[k], b[k], atol=1e-5, rtol=0), (part, k)
+    la, lb = (read_jsonl(tmp_path / d / "metrics.jsonl")[0] for d in ("one", "eight"))
+    assert la["loss/policy"] == pytest.approx(lb["loss/policy"], abs=1e-6)
+    assert la["loss/value"] == pytest.approx(lb["loss/value"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_reward_rises(tmp_path):
+    torch.set_num_threads(1)
+    ppo.train(cfg_for(tmp_path, max_steps=10, per_device_train_batch_size=16, num_mini_batches=2, num_ppo_epochs=2,
+                      learning_rate=2e-3, kl_coef=0.0, reward_funcs=[f"{HERE}:digit_reward"]))
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    first = sum(r["reward/score_mean"] for r in rows[:3]) / 3
+    last = sum(r["reward/score_mean"] for r in rows[-4:-1]) / 3
+    assert last > first + 0.1, (first, last)
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly_with_adaptive_kl(tmp_path):
+    torch.set_num_threads(1)
+    kw = dict(kl_controller="adaptive", kl_coef=0.2, kl_target=1e-3)
+    ppo.train(cfg_for(tmp_path, "straight", max_steps=3, **kw))
+    ppo.train(cfg_for(tmp_path, "split", max_steps=1, **kw))
+    ppo.train(cfg_for(tmp_path, "split", max_steps=3, resume_from_checkpoint="latest", **kw))
+    for part in ("model", "value_model"):
+        a = load_file(tmp_path / "straight" / part / "model.safetensors")
+        b = load_file(tmp_path / "split" / part / "model.safetensors")
+        for k in a:
+            assert torch.equal(a[k], b[k]), (part, k)
+
+    def curve(d):
+        return [{k: v for k, v in r.items() if not k.startswith(("time/", "completions/per_s"))}
+                for r in read_jsonl(tmp_path / d / "metrics.jsonl") if "loss/policy" in r]
+
+    straight, split = curve("straight"), curve("split")
+    assert straight == split and len(split) == 3
+    assert len({r["kl/beta"] for r in split}) > 1  # the controller moved beta, and resume kept its state
+
+
+def test_bad_options_fail_before_anything_is_written(tmp_path):
+    with pytest.raises(ConfigError, match="reward_model_path"):
+        make_config(ppo.Config, dict(output_dir=str(tmp_path / "run")))
+    with pytest.raises(ConfigError, match="reward_model_path.*no such directory"):
+        ppo.train(cfg_for(tmp_path, reward_funcs=[], reward_model_path=str(tmp_path / "missing")))
+    with pytest.raises(ConfigError, match="reward_funcs"):
+        ppo.train(cfg_for(tmp_path, reward_funcs=["oops"]))
+    assert not (tmp_path / "run").exists()
