@@ -481,7 +481,8 @@ def finish(cfg, run, policy, rollout, global_step: int, sps: float, device) -> d
         summary["train/episode_return_last100"] = float(np.mean(rollout.episode_returns))
     if cfg.eval_episodes:
         summary.update(evaluate(cfg, policy, norm_stats(rollout.envs), cfg.eval_episodes, cfg.seed + 100_000, device))
-    run.log(global_step, {k: v for k, v in summary.items() if k.startswith("eval/")})
+    if cfg.eval_episodes:
+        run.log(global_step, {k: v for k, v in summary.items() if k.startswith("eval/")})
     run.write_summary(summary)
     run.close()
     rollout.envs.close()
