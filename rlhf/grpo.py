@@ -296,16 +296,15 @@ def train_step(cfg, accelerator, model, optimizer, scheduler, batch) -> dict:
 
 
 def _save_checkpoint(run, accelerator, step, source, batch, extra):
-    with run.checkpoint(step) as tmp:
-        accelerator.wait_for_everyone()  # the main process has (re)created tmp before anyone writes into it
+    from rlhf.distributed import checkpoint
+
+    with checkpoint(accelerator, run, step) as tmp:  # barriers: tmp exists before, everyone done after
         accelerator.save_state(str(Path(tmp) / "accelerate"))
+        if batch is not None:  # a batch being reused (num_iterations > 1): each process keeps its own
+            torch.save({k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in batch.items()},
+                       Path(tmp) / f"batch_{accelerator.process_index}.pt")
         if accelerator.is_main_process:
-            tensors = {k: v.cpu() for k, v in batch.items() if isinstance(v, torch.Tensor)} if batch else {}
-            save_state(Path(tmp) / "trainer_state.pt", {
-                "step": step, "data_position": source.position, "batch": tensors,
-                "batch_start": batch["start"] if batch else 0, **extra,
-            })
-        accelerator.wait_for_everyone()
+            save_state(Path(tmp) / "trainer_state.pt", {"step": step, "data_position": source.position, **extra})
 
 
 def train(cfg: Config) -> dict:
@@ -314,7 +313,9 @@ def train(cfg: Config) -> dict:
     from rlhf.distributed import make_accelerator, save_hf_model
     from rlhf.models import load_tokenizer
 
-    accelerator = make_accelerator(cfg.gradient_accumulation_steps, "bf16" if cfg.bf16 else "no")
+    accelerator = make_accelerator(cfg.gradient_accumulation_steps, bf16=cfg.bf16,
+                                   per_device_train_batch_size=cfg.per_device_train_batch_size,
+                                   max_grad_norm=cfg.max_grad_norm)
     world = accelerator.num_processes
     seed_everything(cfg.seed + accelerator.process_index, cfg.deterministic)  # different samples per process
 
@@ -350,9 +351,10 @@ def train(cfg: Config) -> dict:
         state = load_state(resume / "trainer_state.pt", restore_rng=False)  # accelerate restored each process's RNG
         step, source.position, kl_history = state["step"], state["data_position"], list(state["kl_history"])
         batch_metrics, summary_start = state["batch_metrics"], state["summary_start"]
-        if state["batch"]:
-            batch = {k: v.to(accelerator.device) for k, v in state["batch"].items()}
-            batch["start"] = state["batch_start"]
+        batch_file = resume / f"batch_{accelerator.process_index}.pt"
+        if batch_file.exists():
+            batch = {k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v
+                     for k, v in torch.load(batch_file, weights_only=True).items()}
         run.truncate_metrics(step)
 
     if eval_prompts and step == 0:

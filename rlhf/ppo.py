@@ -370,12 +370,12 @@ def update(cfg, accelerator, model, optimizer, scheduler, batch) -> dict:
 
 
 def _save_checkpoint(run, accelerator, step, state):
-    with run.checkpoint(step) as tmp:
-        accelerator.wait_for_everyone()
+    from rlhf.distributed import checkpoint
+
+    with checkpoint(accelerator, run, step) as tmp:  # barriers: tmp exists before, everyone done after
         accelerator.save_state(str(Path(tmp) / "accelerate"))
         if accelerator.is_main_process:
             save_state(Path(tmp) / "trainer_state.pt", state)
-        accelerator.wait_for_everyone()
 
 
 def train(cfg: Config) -> dict:
@@ -384,7 +384,9 @@ def train(cfg: Config) -> dict:
     from rlhf.distributed import make_accelerator, save_hf_model
     from rlhf.models import load_tokenizer
 
-    accelerator = make_accelerator(cfg.gradient_accumulation_steps, "bf16" if cfg.bf16 else "no")
+    accelerator = make_accelerator(cfg.gradient_accumulation_steps, bf16=cfg.bf16,
+                                   per_device_train_batch_size=cfg.per_device_train_batch_size,
+                                   max_grad_norm=cfg.max_grad_norm)
     world = accelerator.num_processes
     seed_everything(cfg.seed + accelerator.process_index, cfg.deterministic)
 

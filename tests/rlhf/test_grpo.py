@@ -104,7 +104,7 @@ def test_gradient_accumulation_1x8_equals_8x1(tmp_path, monkeypatch, loss_type):
     a = load_file(tmp_path / "one" / "model" / "model.safetensors")
     b = load_file(tmp_path / "eight" / "model" / "model.safetensors")
     start = load_file(grpo_start_weights(tmp_path))
-    moved = max(float((a[k] - start[k]).abs().max()) for k in a)
+    moved = max(float((a[k] - start[k]).abs().max()) for k in a if k in start)
     assert moved > 1e-4  # the step did something
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5 * max(moved, 1.0), rtol=0), k
