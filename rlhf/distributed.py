@@ -232,7 +232,7 @@ def save_hf_model(accelerator, model, out_dir: str | os.PathLike, tokenizer=None
     """
     out_dir = Path(out_dir)
     accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(model)  # full dict on the main process (gathers ZeRO-3 shards)
+    state_dict = consolidated_state_dict(accelerator, model)  # full on the main process, {} elsewhere
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         tmp = out_dir.with_name(f".{out_dir.name}.tmp")
@@ -248,6 +248,33 @@ def save_hf_model(accelerator, model, out_dir: str | os.PathLike, tokenizer=None
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(tmp, out_dir)
     accelerator.wait_for_everyone()
+
+
+def consolidated_state_dict(accelerator, model) -> dict[str, torch.Tensor]:
+    """The full state dict of `model` (a prepared model or any sub-module of one) on the main process.
+
+    Under ZeRO-3 the parameters are gathered one module at a time (collective: call on every
+    process), so no process ever holds more than one layer beyond its shard; other processes get {}.
+    """
+    module = accelerator.unwrap_model(model)
+    if not is_zero3(accelerator):
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if accelerator.is_main_process else {}
+    import deepspeed
+
+    out: dict[str, torch.Tensor] = {}
+    for prefix, sub in module.named_modules():
+        params = list(sub.named_parameters(recurse=False))
+        if not params:
+            continue
+        with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
+            if accelerator.is_main_process:
+                for name, p in params:
+                    out[f"{prefix}.{name}" if prefix else name] = p.detach().cpu().clone()
+    if accelerator.is_main_process:  # persistent buffers are not sharded
+        for key, value in module.state_dict().items():
+            if key not in out:
+                out[key] = value.detach().cpu().clone()
+    return out
 
 
 def _merged_lora_copy(peft_model, state_dict: dict[str, torch.Tensor]) -> Any:

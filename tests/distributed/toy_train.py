@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
 from rlhf.core import aggregate_loss, logprobs_from_logits
-from rlhf.distributed import (checkpoint, gathered_for_generation, is_zero3, loss_normaliser, make_accelerator, reduce_sum,
-                              save_hf_model)
-from rlhf.runtime import RunConfig, Run, load_state, save_state, seed_everything
+from rlhf.distributed import (checkpoint, consolidated_state_dict, gathered_for_generation, is_zero3, loss_normaliser,
+                              make_accelerator, reduce_sum, save_hf_model)
+from rlhf.runtime import Run, RunConfig, checkpoint_dirs, load_state, read_jsonl, save_state, seed_everything
 
 VOCAB, SEQ = 48, 12
 
@@ -78,10 +77,11 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--per_device", type=int, default=4)
     p.add_argument("--gas", type=int, default=1)
-    p.add_argument("--lr", type=float, default=0.5)
+    p.add_argument("--lr", type=float, default=0.2)
     p.add_argument("--lora", action="store_true")
     p.add_argument("--save_steps", type=int, default=0)
     p.add_argument("--resume", default="")
+    p.add_argument("--check_resume", action="store_true", help="after training, resume from the last checkpoint and compare")
     p.add_argument("--generate", type=int, default=0, help="new tokens to generate greedily at the end")
     args = p.parse_args(argv)
 
@@ -97,45 +97,61 @@ def main(argv=None) -> None:
 
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
                                                  target_modules=["q_proj", "v_proj"]))
-    # SGD: unlike Adam it is not invariant to the loss scale, so a wrong normaliser shows up
-    opt = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=args.lr)
+    # SGD (with momentum: optimizer state to resume): unlike Adam it is not invariant to the loss scale, so a wrong normaliser shows up
+    opt = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=args.lr, momentum=0.9)
     model, opt = acc.prepare(model, opt)
-
-    start = 0
-    if resume := run.resume_path():
-        acc.load_state(str(resume))
-        start = load_state(Path(resume) / f"toy_state_{acc.process_index}.pt")["step"]
-        run.truncate_metrics(start)
 
     world, per, gas = acc.num_processes, args.per_device, args.gas
     global_batch = per * gas * world
-    model.train()
-    for step in range(start, args.steps):
-        ids, mask = global_rows(step, global_batch)  # (G, SEQ)
-        # this process's rows: micro-batch m of process r is rows [(m*world + r)*per, ... + per)
-        mine = [slice((m * world + acc.process_index) * per, (m * world + acc.process_index + 1) * per) for m in range(gas)]
-        target_mask = mask[:, 1:]  # (G, SEQ-1) tokens predicted
-        local_tokens = sum(target_mask[s].sum() for s in mine)
-        norm = loss_normaliser(acc, local_tokens)
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        for s in mine:
-            with acc.accumulate(model):
-                logits = model(input_ids=ids[s].to(acc.device), attention_mask=mask[s].to(acc.device)).logits
-                logp = logprobs_from_logits(logits[:, :-1].float(), ids[s, 1:].to(acc.device))  # (B, SEQ-1)
-                loss = aggregate_loss(-logp, target_mask[s].to(acc.device), "token-mean", num_tokens=norm)
-                acc.backward(loss)
-                opt.step()
-                opt.zero_grad()
-                loss_sum += (-logp * target_mask[s].to(acc.device)).sum().detach().double().cpu()
-        global_loss = (reduce_sum(acc, loss_sum) / reduce_sum(acc, local_tokens)).item()
-        run.log(step + 1, {"loss/sft": global_loss})
-        if args.save_steps and (step + 1) % args.save_steps == 0 and step + 1 < args.steps:
-            with checkpoint(acc, run, step + 1) as d:
-                acc.save_state(str(d))
-                save_state(Path(d) / f"toy_state_{acc.process_index}.pt", {"step": step + 1})
 
-    result = {"world": world, "losses": [r["loss/sft"] for r in __import__("rlhf.runtime").runtime.read_jsonl(
-        Path(args.out) / "metrics.jsonl")] if acc.is_main_process else []}
+    def train_steps(first: int, last: int) -> None:
+        model.train()
+        for step in range(first, last):
+            ids, mask = global_rows(step, global_batch)  # (G, SEQ)
+            # micro-batch m of process r: rows [(m * world + r) * per, ... + per)
+            mine = [slice((m * world + acc.process_index) * per, (m * world + acc.process_index + 1) * per)
+                    for m in range(gas)]
+            target_mask = mask[:, 1:]  # (G, SEQ-1) the predicted tokens
+            local_tokens = sum(target_mask[s].sum() for s in mine)
+            norm = loss_normaliser(acc, local_tokens)
+            loss_sum = torch.zeros((), dtype=torch.float64)
+            for s in mine:
+                with acc.accumulate(model):
+                    logits = model(input_ids=ids[s].to(acc.device), attention_mask=mask[s].to(acc.device)).logits
+                    logp = logprobs_from_logits(logits[:, :-1].float(), ids[s, 1:].to(acc.device))  # (B, SEQ-1)
+                    loss = aggregate_loss(-logp, target_mask[s].to(acc.device), "token-mean", num_tokens=norm)
+                    acc.backward(loss)
+                    opt.step()
+                    opt.zero_grad()
+                    loss_sum += (-logp * target_mask[s].to(acc.device)).sum().detach().double().cpu()
+            global_loss = (reduce_sum(acc, loss_sum) / reduce_sum(acc, local_tokens)).item()
+            run.log(step + 1, {"loss/sft": global_loss})
+            if args.save_steps and (step + 1) % args.save_steps == 0 and step + 1 < args.steps:
+                with checkpoint(acc, run, step + 1) as d:
+                    acc.save_state(str(d))
+                    save_state(Path(d) / f"toy_state_{acc.process_index}.pt", {"step": step + 1})
+
+    def resume(path) -> int:
+        run.close()  # the metrics file is rewritten by truncate_metrics; reopen it afterwards
+        acc.load_state(str(path))
+        first = load_state(Path(path) / f"toy_state_{acc.process_index}.pt")["step"]
+        run.truncate_metrics(first)
+        return first
+
+    train_steps(resume(run.resume_path()) if run.resume_path() else 0, args.steps)
+    result = {"world": world, "losses": [r["loss/sft"] for r in read_jsonl(Path(args.out) / "metrics.jsonl")]
+              if acc.is_main_process else []}
+    if args.check_resume:
+        # load the mid-run checkpoint into the live engine and redo the rest: must land on the same weights
+        straight = consolidated_state_dict(acc, model)
+        ckpt = checkpoint_dirs(args.out)[-1]
+        acc.wait_for_everyone()
+        train_steps(resume(ckpt), args.steps)
+        resumed = consolidated_state_dict(acc, model)
+        if acc.is_main_process:
+            result["resumed_from"] = ckpt.name
+            result["resume_max_abs_diff"] = max((straight[k] - resumed[k]).abs().max().item() for k in straight)
+            result["losses_resumed"] = [r["loss/sft"] for r in read_jsonl(Path(args.out) / "metrics.jsonl")]
     if args.generate:
         model.eval()
         prompt = torch.tensor([[1, 5, 9, 13]], device=acc.device)

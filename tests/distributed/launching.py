@@ -1,0 +1,51 @@
+"""Helpers for the multi-process tests: launch `accelerate launch` with a timeout, show the output on failure."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+
+
+def child_env() -> dict:
+    env = dict(os.environ)
+    # one thread per process: 2 processes share 2 cores; no GPU even if one is visible; no tokenizer threads
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="",
+               PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env.pop("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", None)
+    return env
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args: list[str], config: str | None = None, num_processes: int = 2, timeout: int = 300,
+           expect_ok: bool = True) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file configs/accelerate/<config>.yaml ... args` (or plain python if config is None)."""
+    if config is None:
+        cmd = [sys.executable, *args]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "configs" / "accelerate" / f"{config}.yaml"), "--num_processes", str(num_processes),
+               "--main_process_port", str(free_port()), *args]
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        err = (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n--- stdout ---\n{out[-6000:]}\n--- stderr ---\n{err[-6000:]}")
+    if expect_ok and proc.returncode != 0:
+        pytest.fail(f"exit {proc.returncode}: {' '.join(cmd)}\n--- stdout ---\n{proc.stdout[-6000:]}\n"
+                    f"--- stderr ---\n{proc.stderr[-10000:]}")
+    return proc
