@@ -170,10 +170,9 @@ def make_batch(cfg, accelerator, model, reference, tokenizer, rows, rewards_fn, 
     columns = {k: [row[k] for row in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
     prompt_ids, prompt_mask = tokenize_prompts(tokenizer, [row["prompt"] for row in rows], accelerator.device,
                                                cfg.max_prompt_length or None)
-    prompt_ids, prompt_mask = prompt_ids.repeat_interleave(G, 0), prompt_mask.repeat_interleave(G, 0)  # (n, P)
-    with gathered_for_generation(accelerator, model) as unwrapped:
+    with gathered_for_generation(accelerator, model) as unwrapped:  # each prompt encoded once, sampled G times
         rollout = generate(unwrapped, prompt_ids, prompt_mask, cfg.max_completion_length, tokenizer.eos_token_id,
-                           tokenizer.pad_token_id, cfg.temperature, cfg.top_k, cfg.top_p)
+                           tokenizer.pad_token_id, cfg.temperature, cfg.top_k, cfg.top_p, num_return_sequences=G)
     completions = decode_completions(tokenizer, rollout)
 
     per_function, valid = None, torch.ones(len(completions), dtype=torch.bool)
@@ -195,7 +194,7 @@ def make_batch(cfg, accelerator, model, reference, tokenizer, rows, rewards_fn, 
         mask = mask * (~rollout.is_truncated).long()[:, None]
     mask = mask * valid.to(mask.device).long()[:, None]
     input_ids, attention_mask = rollout.input_ids, rollout.attention_mask
-    start = prompt_ids.shape[1]
+    start = rollout.prompt_ids.shape[1]
 
     ref_logp = None
     if cfg.beta > 0:

@@ -99,11 +99,16 @@ def generate(
     top_p: float = 1.0,
     greedy: bool = False,
     generator: torch.Generator | None = None,
+    num_return_sequences: int = 1,
 ) -> Rollout:
     """Sample up to `max_new_tokens` per prompt with the model's KV cache; stop a row at EOS.
 
-    Shapes: prompt_ids, prompt_mask (B, P), left-padded; returns a `Rollout` with (B, T) tensors,
-    T <= max_new_tokens (the loop stops as soon as every row has emitted EOS).
+    With `num_return_sequences` = G, each prompt is encoded once and its KV cache copied G times
+    (GRPO's groups share the prompt: the prefill is not repeated G times).
+
+    Shapes: prompt_ids, prompt_mask (B, P), left-padded; returns a `Rollout` with (B * G, T)
+    tensors, prompt-major (the G samples of a prompt are consecutive), T <= max_new_tokens (the
+    loop stops as soon as every row has emitted EOS).
     `greedy` takes the argmax (log-probs are still those of the temperature-T distribution).
     """
     from transformers import DynamicCache
@@ -112,18 +117,25 @@ def generate(
     model.eval()
     device = prompt_ids.device
     eos = torch.as_tensor(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id], device=device)
-    batch = prompt_ids.shape[0]
     attention_mask = prompt_mask.long()
     position_ids = position_ids_from_mask(attention_mask)
     cache = DynamicCache(config=_base_model(model).config)
     cache_name = _cache_kwarg(model)
     out = model(input_ids=prompt_ids, attention_mask=attention_mask, position_ids=position_ids,
                 use_cache=True, logits_to_keep=1, **{cache_name: cache})
+    logits = out.logits[:, -1, :]  # (B, V)
+    if num_return_sequences > 1:
+        g = num_return_sequences
+        cache.batch_repeat_interleave(g)
+        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(g, 0), prompt_mask.repeat_interleave(g, 0)
+        attention_mask, position_ids = attention_mask.repeat_interleave(g, 0), position_ids.repeat_interleave(g, 0)
+        logits = logits.repeat_interleave(g, 0)  # (B * G, V)
+    batch = prompt_ids.shape[0]
     next_position = position_ids[:, -1:] + 1  # (B, 1)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens, logps, masks = [], [], []
     for step in range(max_new_tokens):
-        logits = out.logits[:, -1, :].float() / temperature  # (B, V)
+        logits = logits.float() / temperature  # (B, V)
         if greedy:
             token = logits.argmax(-1)  # (B,)
         else:
@@ -139,8 +151,8 @@ def generate(
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position,
-                    use_cache=True, **{cache_name: cache})
+        logits = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position,
+                       use_cache=True, **{cache_name: cache}).logits[:, -1, :]
         next_position = next_position + 1
     model.train(was_training)
     return Rollout(

@@ -95,3 +95,15 @@ def test_prompt_source_resumes_exactly():
     b = PromptSource(rows, seed=3, position=5)
     assert b.take(6) == first[5:]
     assert sorted(r["prompt"] for r in first[:7]) == [str(i) for i in range(7)]  # an epoch is a permutation
+
+
+def test_shared_prompt_prefill_for_groups_matches_training_logprobs():
+    model = tiny_lm()
+    ids, mask = left_padded([6, 2, 4], width=6)
+    torch.manual_seed(2)
+    r = generate(model, ids, mask, max_new_tokens=7, eos_token_id=EOS, pad_token_id=PAD, num_return_sequences=4)
+    assert r.completion_ids.shape[0] == 12 and torch.equal(r.prompt_ids, ids.repeat_interleave(4, 0))
+    lp = batch_logprobs(model, r.input_ids, r.attention_mask, ids.shape[1]).detach()
+    m = r.completion_mask.bool()
+    assert torch.allclose(lp[m], r.logprobs[m], atol=2e-5)
+    assert len({tuple(row.tolist()) for row in r.completion_ids[:4]}) > 1  # the G samples of a prompt differ
