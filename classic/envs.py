@@ -168,7 +168,8 @@ def evaluate(
     whole episodes only (finishing envs are not restarted early), so short episodes are not
     over-represented. `act_fn(obs_batch) -> actions`, or `(actions, values)` to also record a
     per-step value (e.g. predicted Q) into `trajectories`: when a list is given, one dict per
-    episode is appended with `rewards`, `values` (if returned) and `lives` (Atari) arrays.
+    episode is appended with `rewards`, `values` (if returned), `lives` (Atari) arrays and
+    `truncated` (the episode was cut by a time limit).
     """
     num_envs = min(num_envs or episodes, episodes)
     envs = [make_env(env_id, seed + i, training=False, **make_kwargs) for i in range(num_envs)]
@@ -195,7 +196,8 @@ def evaluate(
             if terminated or truncated:
                 returns.append(float(ret[i]))
                 if record:
-                    trajectories.append({k: np.asarray(v) for k, v in traj[i].items()})
+                    trajectories.append({**{k: np.asarray(v) for k, v in traj[i].items()},
+                                         "truncated": bool(truncated and not terminated)})
                     traj[i] = {"rewards": [], "values": [], "lives": []}
                 ret[i] = 0.0
                 if started < episodes:  # this env plays another whole episode

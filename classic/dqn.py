@@ -1,0 +1,323 @@
+"""DQN and its family on gymnasium: Double DQN, Dueling (mean / max), prioritised replay, n-step.
+
+    classic dqn --env_id CartPole-v1 --total_timesteps 100000 --seed 1 --output_dir runs/dqn
+    classic dqn --config configs/classic/dqn_breakout.yaml
+
+References: Mnih et al. 2015 (DQN, Nature: replay, target network, Huber "error clipping");
+van Hasselt et al. 2016 (Double DQN); Wang et al. 2016 (Dueling, eqs. 8-9); Schaul et al. 2016
+(prioritised replay, Alg. 1); Sutton 1988 / Hessel et al. 2018 (n-step targets). The math
+(targets, dueling aggregation, weighted TD loss) is `rlhf.core`; this file is the loop.
+
+Over-estimation diagnostics: every log line carries `q/replay_max` (mean max_a Q(s, a) on replayed
+states) next to `q/replay_return` (the discounted return actually obtained from those states by
+the behaviour policy), and every evaluation `eval/q_taken` next to `eval/mc_return` (Q of the
+evaluation policy's actions vs. the discounted return that followed them). Atari evaluation
+reports full-game, unclipped scores, while its Q diagnostics use clipped rewards cut at a lost
+life, as the Q-function was trained.
+
+Resume: checkpoints are written at the first episode end after every `save_steps` steps, and the
+next episode starts from a reset seeded by the step count (in the straight run as in a resumed
+one). With the replay memory saved (`save_buffer`), a run resumed from a checkpoint continues
+bit-for-bit as if it had not stopped (tested); without it, training restarts from an empty memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+import torch
+
+from classic.buffers import PrioritizedReplayBuffer, ReplayBuffer
+from classic.envs import check_env_id, env_spaces, evaluate, is_atari, make_env
+from classic.nets import QNetwork
+from rlhf.core import discounted_returns, dqn_target, td_loss
+from rlhf.runtime import (Run, RunConfig, Timer, arg, check, fmt_metrics, load_state, progress, resolve_checkpoint,
+                          save_state, seed_everything)
+
+
+@dataclasses.dataclass
+class Config(RunConfig):
+    """DQN family: DQN, Double DQN, Dueling (mean|max), prioritised replay, n-step returns."""
+
+    output_dir: str = arg("runs/dqn", "Run directory: config.yaml, metrics.jsonl, summary.json, checkpoints/.")
+    logging_steps: int = arg(1000, "Log training metrics every this many environment steps.")
+    env_id: str = arg("CartPole-v1", "Gymnasium id with a discrete action space (Atari ids get the Atari preprocessing).")
+    total_timesteps: int = arg(100_000, "Environment steps to train for.")
+    learning_rate: float = arg(2.5e-4, "Adam learning rate.")
+    adam_eps: float = arg(1e-8, "Adam epsilon.")
+    buffer_size: int = arg(10_000, "Replay memory size in transitions (Atari stores each 84x84 frame once).")
+    batch_size: int = arg(128, "Transitions per gradient step.")
+    gamma: float = arg(0.99, "Discount factor.")
+    tau: float = arg(1.0, "Target network update rate: 1.0 copies the online net (hard update), < 1 is Polyak averaging.")
+    target_update_interval: int = arg(500, "Update the target network every this many environment steps (C in the DQN paper).")
+    train_frequency: int = arg(10, "Do `gradient_steps` gradient steps every this many environment steps.")
+    gradient_steps: int = arg(1, "Gradient steps per training round.")
+    learning_starts: int = arg(10_000, "Environment steps of pure collection before learning starts.")
+    start_e: float = arg(1.0, "Initial epsilon of the epsilon-greedy behaviour policy.")
+    end_e: float = arg(0.05, "Final epsilon.")
+    exploration_fraction: float = arg(0.5, "Fraction of total_timesteps over which epsilon decays linearly to end_e.")
+    double_q: bool = arg(False, "Double DQN target: argmax from the online net, value from the target net.")
+    dueling: str = arg("none", "Dueling head: none, or V + A - mean(A) / V + A - max(A).", choices=("none", "mean", "max"))
+    prioritized: bool = arg(False, "Prioritised replay (proportional, sum tree).")
+    per_alpha: float = arg(0.6, "Priority exponent alpha (0 = uniform).")
+    per_beta: float = arg(0.4, "Initial importance-sampling exponent beta, annealed linearly to 1 by the end of training.")
+    per_eps: float = arg(1e-6, "Added to |TD error| so no transition has zero priority.")
+    n_step: int = arg(1, "n-step returns: bootstrap after n rewards (1 = standard DQN).")
+    loss: str = arg("huber", "TD loss: huber (Nature DQN error clipping) or mse.", choices=("huber", "mse"))
+    max_grad_norm: float = arg(10.0, "Clip the gradient norm to this (0 = no clipping).")
+    hidden_sizes: list[int] = arg([120, 84], "Hidden layers of the MLP Q-network (ignored for image observations).")
+    eval_frequency: int = arg(10_000, "Evaluate every this many environment steps (0 = only at the end).")
+    eval_episodes: int = arg(10, "Episodes per evaluation (full games for Atari).")
+    eval_epsilon: float = arg(0.0, "Epsilon of the evaluation policy (0.05 is usual for Atari).")
+    stop_at_return: float | None = arg(None, "Stop training early once an evaluation's mean return reaches this (none: never).")
+    save_buffer: bool = arg(True, "Save the replay memory in checkpoints (needed for exact resume; ~7 GB for 1M Atari).")
+    torch_threads: int = arg(0, "torch threads (0 = 1 for vector observations, all cores for images).")
+
+    def __post_init__(self):
+        check(self.total_timesteps >= 1, "total_timesteps", "must be >= 1")
+        check(self.n_step >= 1, "n_step", f"must be >= 1, got {self.n_step}")
+        check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check(self.buffer_size >= self.batch_size, "buffer_size",
+              f"{self.buffer_size} is smaller than batch_size {self.batch_size}")
+        check(self.buffer_size >= self.n_step + 5, "buffer_size", f"must hold at least n_step + 5 = {self.n_step + 5} transitions")
+        check(0.0 < self.gamma <= 1.0, "gamma", "must be in (0, 1]")
+        check(0.0 < self.tau <= 1.0, "tau", "must be in (0, 1]")
+        check(self.learning_rate > 0, "learning_rate", "must be > 0")
+        check(self.target_update_interval >= 1, "target_update_interval", "must be >= 1")
+        check(self.train_frequency >= 1, "train_frequency", "must be >= 1")
+        check(self.gradient_steps >= 1, "gradient_steps", "must be >= 1")
+        check(self.learning_starts >= 0, "learning_starts", "must be >= 0")
+        check(0.0 <= self.end_e <= self.start_e <= 1.0, "end_e", "need 0 <= end_e <= start_e <= 1")
+        check(0.0 < self.exploration_fraction <= 1.0, "exploration_fraction", "must be in (0, 1]")
+        check(self.per_alpha >= 0, "per_alpha", "must be >= 0")
+        check(0.0 <= self.per_beta <= 1.0, "per_beta", "must be in [0, 1]")
+        check(self.per_eps > 0, "per_eps", "must be > 0")
+        check(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0")
+        check(len(self.hidden_sizes) >= 1 and all(h > 0 for h in self.hidden_sizes), "hidden_sizes",
+              "needs at least one positive layer size")
+        check(self.eval_frequency >= 0, "eval_frequency", "must be >= 0")
+        check(self.eval_episodes >= 1, "eval_episodes", "must be >= 1")
+        check(0.0 <= self.eval_epsilon <= 1.0, "eval_epsilon", "must be in [0, 1]")
+        check(self.save_steps >= 0, "save_steps", "must be >= 0")
+        check(self.logging_steps >= 1, "logging_steps", "must be >= 1")
+        check_env_id(self.env_id, "env_id")
+        _, action_space = env_spaces(self.env_id)
+        check(hasattr(action_space, "n"), "env_id",
+              f"{self.env_id} has a {type(action_space).__name__} action space; DQN needs a discrete one")
+
+
+def linear_schedule(start: float, end: float, duration: float, t: int) -> float:
+    return start + (end - start) * min(1.0, t / max(duration, 1.0))
+
+
+def reset_seed(cfg: Config, step: int) -> int:
+    """Seed of the reset at `step` (start of training, and after each checkpoint): a function of the step only."""
+    return (cfg.seed * 1_000_003 + step) % 2**31
+
+
+def q_vs_return(trajectories: list[dict], gamma: float, atari: bool) -> tuple[float, float]:
+    """Mean predicted Q(s, a) of the evaluation policy vs. the discounted return that followed.
+
+    Atari: rewards clipped to their sign and the return cut at each lost life (what Q was trained
+    on). Steps too close to a time-limit cut (gamma^h > 1%) are left out: their return misses the tail.
+    """
+    horizon = np.inf if gamma >= 1 else np.log(0.01) / np.log(gamma)
+    preds, rets = [], []
+    for tr in trajectories:
+        rewards = np.sign(tr["rewards"]) if atari else tr["rewards"]
+        ends = np.zeros(len(rewards))
+        ends[-1] = 1.0
+        if atari and len(tr["lives"]) == len(rewards):
+            ends[:-1] = np.diff(tr["lives"]) < 0
+        g = discounted_returns(torch.as_tensor(rewards, dtype=torch.float64), torch.as_tensor(ends), gamma).numpy()
+        keep = np.arange(len(g)) < len(g) - horizon if len(g) and tr.get("truncated") else np.ones(len(g), bool)
+        preds.append(tr["values"][keep])
+        rets.append(g[keep])
+    preds, rets = np.concatenate(preds), np.concatenate(rets)
+    return (float(preds.mean()), float(rets.mean())) if len(preds) else (float("nan"), float("nan"))
+
+
+def train(cfg: Config) -> dict:
+    resume = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)  # bad path: error before any write
+    atari = is_atari(cfg.env_id)
+    torch.set_num_threads(cfg.torch_threads or ((os.cpu_count() or 1) if atari else 1))  # tiny MLPs: 1 is fastest
+    seed_everything(cfg.seed, cfg.deterministic)
+    run = Run(cfg)
+
+    # --- environment, networks, replay --------------------------------------------------------
+    env = make_env(cfg.env_id, cfg.seed)
+    obs_shape, n_actions = env.observation_space.shape, int(env.action_space.n)
+    q_net = QNetwork(obs_shape, n_actions, cfg.hidden_sizes, cfg.dueling)
+    target_net = QNetwork(obs_shape, n_actions, cfg.hidden_sizes, cfg.dueling)
+    target_net.load_state_dict(q_net.state_dict())
+    target_net.requires_grad_(False)
+    optimizer = torch.optim.Adam(q_net.parameters(), lr=cfg.learning_rate, eps=cfg.adam_eps, fused=True)  # fused: ~30% faster on CPU
+    frame_shape = obs_shape[1:] if atari else obs_shape  # Atari: store single frames, rebuild the stack
+    replay_args = dict(capacity=cfg.buffer_size, frame_shape=frame_shape, frame_dtype=env.observation_space.dtype,
+                       frame_stack=obs_shape[0] if atari else 1, n_step=cfg.n_step, gamma=cfg.gamma, seed=cfg.seed)
+    if cfg.prioritized:
+        replay = PrioritizedReplayBuffer(**replay_args, alpha=cfg.per_alpha, eps=cfg.per_eps)
+    else:
+        replay = ReplayBuffer(**replay_args)
+    rng = np.random.default_rng(cfg.seed)  # epsilon-greedy draws
+
+    step, n_updates, episodes = 0, 0, 0
+    acc = {"loss": 0.0, "q": 0.0, "n": 0, "returns": [], "lengths": []}  # since the last log line
+    last_eval: dict = {}
+    best_eval = -np.inf
+    if resume is not None:
+        state = load_state(resume / "state.pt")  # also restores python / numpy / torch RNGs
+        q_net.load_state_dict(state["q_net"])
+        target_net.load_state_dict(state["target_net"])
+        optimizer.load_state_dict(state["optimizer"])
+        rng.bit_generator.state = state["behaviour_rng"]
+        step, n_updates, episodes = state["step"], state["n_updates"], state["episodes"]
+        last_eval, best_eval, acc = state["last_eval"], state["best_eval"], state["acc"]
+        if (resume / "replay.npz").exists():
+            replay.load(resume / "replay.npz")
+        run.truncate_metrics(step)
+    obs, _ = env.reset(seed=reset_seed(cfg, step))
+
+    # --- helpers that close over the networks -------------------------------------------------
+    def learn(beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = replay.sample(cfg.batch_size, beta=beta)
+        obs_b, next_obs_b = torch.from_numpy(batch.obs), torch.from_numpy(batch.next_obs)
+        actions = torch.from_numpy(batch.actions)  # (B,)
+        with torch.no_grad():
+            next_q_target = target_net(next_obs_b)  # (B, A)
+        if cfg.double_q:  # one forward pass for Q(s) and Q(s') of the online net
+            q_all = q_net(torch.cat([obs_b, next_obs_b]))  # (2B, A)
+            q_obs, next_q_online = q_all[: cfg.batch_size], q_all[cfg.batch_size:].detach()
+        else:
+            q_obs, next_q_online = q_net(obs_b), None
+        target = dqn_target(torch.from_numpy(batch.rewards), next_q_target, torch.from_numpy(batch.terminated),
+                            torch.from_numpy(batch.discounts), next_q_online=next_q_online)  # (B,)
+        q_taken = q_obs.gather(1, actions[:, None]).squeeze(1)  # (B,)
+        weights = torch.from_numpy(batch.weights) if cfg.prioritized else None
+        loss, td_errors = td_loss(q_taken, target, weights=weights, kind=cfg.loss)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(q_net.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        replay.update_priorities(batch.indices, td_errors.numpy())
+        return loss.detach(), q_taken.detach().mean()
+
+    def run_evaluation(at_step: int) -> dict:
+        eval_rng = np.random.default_rng([cfg.seed, at_step])  # independent of the training RNGs
+
+        def act(obs_batch: np.ndarray):
+            with torch.inference_mode():
+                q = q_net(torch.as_tensor(obs_batch))  # (E, A)
+            actions = q.argmax(1).numpy()
+            explore = eval_rng.random(len(actions)) < cfg.eval_epsilon
+            actions[explore] = eval_rng.integers(n_actions, size=int(explore.sum()))
+            return actions, q[np.arange(len(actions)), actions].numpy()
+
+        trajectories: list[dict] = []
+        mean, std, _ = evaluate(act, cfg.env_id, cfg.eval_episodes, seed=reset_seed(cfg, at_step) + 7919,
+                                trajectories=trajectories)
+        q_pred, mc = q_vs_return(trajectories, cfg.gamma, atari)
+        return {"eval/return_mean": mean, "eval/return_std": std, "eval/q_taken": q_pred, "eval/mc_return": mc}
+
+    def save_checkpoint(at_step: int) -> None:
+        with run.checkpoint(at_step) as d:
+            save_state(d / "state.pt", {
+                "q_net": q_net.state_dict(), "target_net": target_net.state_dict(), "optimizer": optimizer.state_dict(),
+                "behaviour_rng": rng.bit_generator.state, "step": at_step, "n_updates": n_updates,
+                "episodes": episodes, "last_eval": last_eval, "best_eval": best_eval, "acc": acc,
+            })
+            if cfg.save_buffer:
+                replay.save(d / "replay.npz")
+
+    # --- the loop -----------------------------------------------------------------------------
+    timer, start_step = Timer(), step
+    next_save = (step // cfg.save_steps + 1) * cfg.save_steps if cfg.save_steps else None
+    exploration_steps = cfg.exploration_fraction * cfg.total_timesteps
+    bar = progress(cfg.total_timesteps, f"dqn {cfg.env_id}", enabled=cfg.progress, initial=step)
+    obs_t = torch.from_numpy(np.asarray(obs))
+    reached = False
+    while step < cfg.total_timesteps:
+        epsilon = linear_schedule(cfg.start_e, cfg.end_e, exploration_steps, step)
+        if rng.random() < epsilon:
+            action = int(rng.integers(n_actions))
+        else:
+            with torch.inference_mode():
+                action = int(q_net(obs_t[None]).argmax())
+        next_obs, reward, terminated, truncated, info = env.step(action)
+        replay.add(obs, action, reward, terminated, truncated, next_obs)
+        step += 1
+        if "episode" in info:  # Atari: only at the real end of a game, with the full unclipped score
+            acc["returns"].append(float(info["episode"]["r"]))
+            acc["lengths"].append(int(info["episode"]["l"]))
+            episodes += 1
+        save_now = False
+        if terminated or truncated:  # checkpoints sit at episode ends; the next episode's reset is seeded
+            save_now = next_save is not None and step >= next_save
+            next_obs, _ = env.reset(seed=reset_seed(cfg, step) if save_now else None)
+        obs, obs_t = next_obs, torch.from_numpy(np.asarray(next_obs))
+
+        if step > cfg.learning_starts and len(replay) >= cfg.batch_size:
+            if step % cfg.train_frequency == 0:
+                beta = linear_schedule(cfg.per_beta, 1.0, cfg.total_timesteps, step)
+                for _ in range(cfg.gradient_steps):
+                    loss, q_mean = learn(beta)
+                    acc["loss"] += loss.item()
+                    acc["q"] += q_mean.item()
+                    acc["n"] += 1
+                    n_updates += 1
+            if step % cfg.target_update_interval == 0:
+                with torch.no_grad():
+                    for p_target, p in zip(target_net.parameters(), q_net.parameters()):
+                        p_target.lerp_(p, cfg.tau)
+
+        metrics: dict = {}
+        reached = False
+        if cfg.eval_frequency and step % cfg.eval_frequency == 0 and step < cfg.total_timesteps:
+            last_eval = run_evaluation(step)
+            best_eval = max(best_eval, last_eval["eval/return_mean"])
+            metrics.update(last_eval)
+            reached = cfg.stop_at_return is not None and last_eval["eval/return_mean"] >= cfg.stop_at_return
+        if step % cfg.logging_steps == 0:
+            metrics.update({"train/epsilon": epsilon, "train/episodes": episodes, "train/updates": n_updates,
+                            "time/sps": (step - start_step) / max(timer.elapsed(), 1e-9)})
+            if acc["n"]:
+                metrics.update({"loss/td": acc["loss"] / acc["n"], "q/mean": acc["q"] / acc["n"]})
+            if acc["returns"]:
+                metrics.update({"train/episode_return": float(np.mean(acc["returns"])),
+                                "train/episode_length": float(np.mean(acc["lengths"]))})
+            acc = {"loss": 0.0, "q": 0.0, "n": 0, "returns": [], "lengths": []}
+            diag = replay.sample_diagnostic(256) if step > cfg.learning_starts else None
+            if diag is not None:  # predicted max-Q vs the return that followed, on replayed states
+                with torch.inference_mode():
+                    q_replay = q_net(torch.from_numpy(diag[0]))
+                metrics.update({"q/replay_max": q_replay.max(1).values.mean().item(),
+                                "q/replay_return": float(diag[2].mean())})
+            bar.update(step - bar.n)
+            bar.set_postfix(fmt_metrics({**last_eval, **metrics}, ["train/episode_return", "eval/return_mean",
+                                                                    "loss/td", "q/mean", "train/epsilon"]))
+        if metrics:
+            run.log(step, metrics)
+        if save_now:  # at the end of the step, so a resumed run starts exactly at the next one
+            save_checkpoint(step)
+            next_save = (step // cfg.save_steps + 1) * cfg.save_steps
+        if reached:
+            break
+    bar.update(step - bar.n)
+    bar.close()
+    env.close()
+    sps = (step - start_step) / max(timer.elapsed(), 1e-9)
+
+    final = last_eval if reached else run_evaluation(step)
+    best_eval = max(best_eval, final["eval/return_mean"])
+    if not reached:
+        run.log(step, final)
+    save_checkpoint(step)
+    summary = {**final, "eval/best_return_mean": best_eval, "time/sps": sps, "train/episodes": episodes,
+               "train/updates": n_updates, "global_step": step, "env_id": cfg.env_id,
+               "stopped_early": bool(reached)}
+    run.write_summary(summary)
+    run.close()
+    return summary

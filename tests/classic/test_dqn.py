@@ -1,0 +1,111 @@
+"""classic dqn: bad input errors, learning on CartPole, an Atari smoke run, exact resume after a crash."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import rlhf.runtime as runtime
+from classic import dqn
+from classic.cli import main as classic_main
+from rlhf.runtime import ConfigError, load_state, make_config, parse_config, read_jsonl
+
+
+def _cfg(tmp_path, **over):
+    base = dict(output_dir=str(tmp_path / "run"), progress=False, report_to="none")
+    return make_config(dqn.Config, {**base, **over})
+
+
+@pytest.mark.parametrize("argv, option, words", [
+    (["--env_id", "CartPol-v1"], "env_id", "unknown environment"),
+    (["--env_id", "Pendulum-v1"], "env_id", "discrete"),
+    (["--n_step", "0"], "n_step", ">= 1"),
+    (["--buffer_size", "16", "--batch_size", "32"], "buffer_size", "smaller than batch_size"),
+    (["--dueling", "avg"], "dueling", "one of"),
+])
+def test_bad_input_names_the_option_before_any_work(tmp_path, argv, option, words):
+    out = tmp_path / "never"
+    with pytest.raises(ConfigError, match=rf"`{option}`.*{words}"):
+        parse_config(dqn.Config, argv + ["--output_dir", str(out)])
+    assert not out.exists()
+
+
+def test_cli_reports_bad_input_and_missing_checkpoint(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        classic_main(["dqn", "--n_step", "0", "--output_dir", str(tmp_path / "x")])
+    assert e.value.code == 2 and "`n_step`" in capsys.readouterr().err
+    cfg = _cfg(tmp_path, resume_from_checkpoint=str(tmp_path / "nope"))
+    with pytest.raises(ConfigError, match="resume_from_checkpoint"):
+        dqn.train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_cartpole_learns_clearly_better_than_random(tmp_path):
+    torch.set_num_threads(1)
+    cfg = _cfg(tmp_path, total_timesteps=10_000, learning_rate=2.3e-3, batch_size=64, buffer_size=10_000,
+               learning_starts=500, target_update_interval=10, train_frequency=64, gradient_steps=32,
+               exploration_fraction=0.3, end_e=0.04, hidden_sizes=[64, 64], eval_frequency=2500, eval_episodes=5,
+               double_q=True, save_buffer=False)
+    summary = dqn.train(cfg)
+    # a uniformly random policy averages ~22; the best evaluation must be far above it
+    assert summary["eval/best_return_mean"] >= 150, summary
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert any("q/replay_max" in r and "q/replay_return" in r for r in rows)
+    assert {"eval/return_mean", "eval/return_std", "time/sps"} <= set(summary)
+
+
+@pytest.mark.slow
+def test_atari_smoke_run_with_small_buffer(tmp_path):
+    cfg = _cfg(tmp_path, env_id="BreakoutNoFrameskip-v4", total_timesteps=1000, buffer_size=600, batch_size=8,
+               learning_starts=400, train_frequency=8, target_update_interval=200, eval_frequency=0, eval_episodes=1,
+               eval_epsilon=0.2, logging_steps=200, dueling="mean", prioritized=True, n_step=3, torch_threads=1)
+    summary = dqn.train(cfg)
+    assert summary["global_step"] == 1000 and summary["train/updates"] == 75
+    assert np.isfinite(summary["eval/return_mean"]) and summary["eval/return_mean"] >= 0  # unclipped game score
+    ckpt = runtime.checkpoint_dirs(tmp_path / "run")[-1]
+    with np.load(ckpt / "replay.npz") as replay:
+        assert replay["frames"].shape == (600, 84, 84) and replay["frames"].dtype == np.uint8
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert np.isfinite([r["loss/td"] for r in rows if "loss/td" in r]).all()
+
+
+class _Crash(BaseException):
+    pass
+
+
+@pytest.mark.slow
+def test_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    common = dict(total_timesteps=3000, learning_starts=300, buffer_size=2000, batch_size=32, train_frequency=4,
+                  target_update_interval=100, save_steps=1000, save_total_limit=5, eval_frequency=1500,
+                  eval_episodes=2, logging_steps=250, double_q=True, dueling="max", prioritized=True, n_step=3)
+    straight = dqn.train(_cfg(tmp_path / "a", **common))
+
+    original_exit = runtime.CheckpointWriter.__exit__
+
+    def exit_then_crash(self, *exc):
+        original_exit(self, *exc)
+        if exc[0] is None and "step-00003000" not in self.final.name:
+            raise _Crash  # like kill -9 right after the first checkpoint landed
+
+    monkeypatch.setattr(runtime.CheckpointWriter, "__exit__", exit_then_crash)
+    with pytest.raises(_Crash):
+        dqn.train(_cfg(tmp_path / "b", **common))
+    monkeypatch.setattr(runtime.CheckpointWriter, "__exit__", original_exit)
+    first = runtime.checkpoint_dirs(tmp_path / "b" / "run")
+    assert len(first) == 1 and 1000 <= int(first[0].name.split("-")[1]) < 3000
+    resumed = dqn.train(_cfg(tmp_path / "b", **common, resume_from_checkpoint="latest"))
+
+    a_state = load_state(runtime.checkpoint_dirs(tmp_path / "a" / "run")[-1] / "state.pt", restore_rng=False)
+    b_state = load_state(runtime.checkpoint_dirs(tmp_path / "b" / "run")[-1] / "state.pt", restore_rng=False)
+    for name in ("q_net", "target_net"):
+        for k, v in a_state[name].items():
+            torch.testing.assert_close(b_state[name][k], v, rtol=0, atol=0)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "time/sps"} for r in rows]  # noqa: E731
+    rows_a = strip(read_jsonl(tmp_path / "a" / "run" / "metrics.jsonl"))
+    rows_b = strip(read_jsonl(tmp_path / "b" / "run" / "metrics.jsonl"))
+    assert rows_a == rows_b and len(rows_a) > 10
+    assert {k: v for k, v in straight.items() if k != "time/sps"} == {k: v for k, v in resumed.items() if k != "time/sps"}
+    assert json.loads((tmp_path / "b" / "run" / "summary.json").read_text())["global_step"] == 3000
