@@ -146,9 +146,10 @@ def load_policy_and_reference(cfg):
 def reference_logprobs(accelerator, policy, reference, input_ids, attention_mask, start, temperature):
     """log pi_ref of the completion tokens: the frozen copy, or the LoRA policy with adapters off."""
     if reference is not None:
-        return batch_logprobs(reference, input_ids, attention_mask, start, temperature)
+        with accelerator.autocast():  # the precision the training pass runs in
+            return batch_logprobs(reference, input_ids, attention_mask, start, temperature)
     unwrapped = accelerator.unwrap_model(policy)
-    with unwrapped.disable_adapter():
+    with unwrapped.disable_adapter(), accelerator.autocast():
         return batch_logprobs(unwrapped, input_ids, attention_mask, start, temperature)
 
 
@@ -170,7 +171,8 @@ def make_batch(cfg, accelerator, model, reference, tokenizer, rows, rewards_fn, 
     columns = {k: [row[k] for row in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
     prompt_ids, prompt_mask = tokenize_prompts(tokenizer, [row["prompt"] for row in rows], accelerator.device,
                                                cfg.max_prompt_length or None)
-    with gathered_for_generation(accelerator, model) as unwrapped:  # each prompt encoded once, sampled G times
+    # each prompt encoded once, sampled G times; autocast: the same precision as the training pass
+    with gathered_for_generation(accelerator, model) as unwrapped, accelerator.autocast():
         rollout = generate(unwrapped, prompt_ids, prompt_mask, cfg.max_completion_length, tokenizer.eos_token_id,
                            tokenizer.pad_token_id, cfg.temperature, cfg.top_k, cfg.top_p, num_return_sequences=G)
     completions = decode_completions(tokenizer, rollout)
@@ -399,7 +401,8 @@ def train(cfg: Config) -> dict:
     summary["kl/ref"] = sum(kl_history) / len(kl_history) if kl_history else 0.0
     summary["reward/mean"] = batch_metrics.get("reward/mean", math.nan)
     save_hf_model(accelerator, model, Path(cfg.output_dir) / "model", tokenizer)
-    run.log(step, {k: v for k, v in summary.items() if k.startswith("eval/")})
+    if eval_prompts:
+        run.log(step, {k: v for k, v in summary.items() if k.startswith("eval/")})
     run.write_summary(summary)
     run.close()
     return summary

@@ -144,7 +144,7 @@ class PolicyAndValue(torch.nn.Module):
         Shapes: input_ids, attention_mask (B, P + T); returns logp (B, T), values (B, T).
         """
         logp = batch_logprobs(self.policy, input_ids, attention_mask, completion_start, temperature)
-        hidden = self.value_model(input_ids=input_ids, attention_mask=attention_mask,
+        hidden = self.value_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                                   position_ids=position_ids_from_mask(attention_mask)).logits  # (B, P + T, 1)
         # V(s_t) for token t is read where the model has seen everything before t: one position earlier.
         values = hidden[:, completion_start - 1:-1, 0].float()  # (B, T)
@@ -234,7 +234,8 @@ def make_batch(cfg, accelerator, model, reference, tokenizer, rows, rewards_fn, 
     prompts = [row["prompt"] for row in rows]
     columns = {k: [row[k] for row in rows] for k in rows[0] if k != "prompt"}
     prompt_ids, prompt_mask = tokenize_prompts(tokenizer, prompts, accelerator.device, cfg.max_prompt_length or None)
-    with gathered_for_generation(accelerator, model) as unwrapped:
+    # autocast: sampling, the training pass and the reference all see the same precision
+    with gathered_for_generation(accelerator, model) as unwrapped, accelerator.autocast():
         rollout = generate(unwrapped.policy, prompt_ids, prompt_mask, cfg.max_completion_length, tokenizer.eos_token_id,
                            tokenizer.pad_token_id, cfg.temperature, cfg.top_k, cfg.top_p)
     completions = decode_completions(tokenizer, rollout)
@@ -265,10 +266,12 @@ def make_batch(cfg, accelerator, model, reference, tokenizer, rows, rewards_fn, 
         old_logp.append(lp)
         old_values.append(v)
         if reference is not None:
-            ref_logp.append(batch_logprobs(reference, input_ids[i:i + mb], attention_mask[i:i + mb], start, cfg.temperature))
+            with accelerator.autocast():
+                ref_logp.append(batch_logprobs(reference, input_ids[i:i + mb], attention_mask[i:i + mb], start,
+                                               cfg.temperature))
         else:
             policy = accelerator.unwrap_model(model).policy
-            with policy.disable_adapter():
+            with policy.disable_adapter(), accelerator.autocast():
                 ref_logp.append(batch_logprobs(policy, input_ids[i:i + mb], attention_mask[i:i + mb], start, cfg.temperature))
     old_logp, old_values, ref_logp = torch.cat(old_logp), torch.cat(old_values), torch.cat(ref_logp)  # (n, T)
 
@@ -479,7 +482,8 @@ def train(cfg: Config) -> dict:
     unwrapped = accelerator.unwrap_model(model)
     save_hf_model(accelerator, unwrapped.policy, Path(cfg.output_dir) / "model", tokenizer)
     save_hf_model(accelerator, unwrapped.value_model, Path(cfg.output_dir) / "value_model", tokenizer, merge_lora=False)
-    run.log(step, {k: v for k, v in summary.items() if k.startswith("eval/")})
+    if eval_prompts:
+        run.log(step, {k: v for k, v in summary.items() if k.startswith("eval/")})
     run.write_summary(summary)
     run.close()
     return summary
