@@ -1,0 +1,113 @@
+"""Training speed of `classic` vs Stable-Baselines3, side by side in one run, matched hyper-parameters.
+
+    pip install -e ".[bench]"        # stable-baselines3
+    python scripts/bench_classic.py --algos dqn --envs cartpole,breakout
+
+Each (algorithm, env) row trains ours and SB3's for the same number of environment steps with the
+same hyper-parameters, network and torch thread count, one after the other in fresh processes,
+and prints env steps per second and the ratio ours / SB3. Steps/s count the whole training loop
+(acting, env stepping, replay, gradient steps), not the final evaluation. The machine is shared
+and noisy: compare the ratio within one run, not absolute numbers across runs.
+
+One function per algorithm (`bench_dqn`, ...) returns rows; add PPO as `bench_ppo` + an entry in
+BENCHES.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+
+# --- DQN ---------------------------------------------------------------------------------------
+# Matched settings: SB3's DQN defaults where they exist (train every 4 steps, 1 gradient step,
+# Huber loss, grad-norm clip 10, hard target copy), Nature CNN on Atari, [64, 64] MLP on CartPole.
+DQN_SETTINGS = {
+    "cartpole": dict(env_id="CartPole-v1", steps=30_000, threads=1, hidden=[64, 64], buffer_size=50_000,
+                     learning_starts=1_000, batch_size=64, target_update_interval=1_000, learning_rate=1e-3),
+    "breakout": dict(env_id="BreakoutNoFrameskip-v4", steps=4_000, threads=2, hidden=[64, 64], buffer_size=10_000,
+                     learning_starts=1_000, batch_size=32, target_update_interval=1_000, learning_rate=1e-4),
+}
+
+OURS_DQN = """
+import json, sys, torch
+from classic import dqn
+from rlhf.runtime import make_config
+s = json.loads(sys.argv[1])
+cfg = make_config(dqn.Config, dict(
+    env_id=s["env_id"], total_timesteps=s["steps"], learning_rate=s["learning_rate"], buffer_size=s["buffer_size"],
+    batch_size=s["batch_size"], learning_starts=s["learning_starts"], train_frequency=4, gradient_steps=1,
+    target_update_interval=s["target_update_interval"], exploration_fraction=0.1, end_e=0.05, hidden_sizes=s["hidden"],
+    loss="huber", max_grad_norm=10.0, eval_frequency=0, eval_episodes=1, eval_epsilon=0.05, torch_threads=s["threads"],
+    output_dir=s["out"], progress=False, report_to="none", save_buffer=False, logging_steps=1000))
+print(json.dumps({"sps": dqn.train(cfg)["time/sps"]}))
+"""
+
+SB3_DQN = """
+import json, sys, time, torch
+s = json.loads(sys.argv[1])
+torch.set_num_threads(s["threads"])
+from stable_baselines3 import DQN
+if s["env_id"].startswith(("Breakout", "Pong")):
+    from stable_baselines3.common.env_util import make_atari_env
+    from stable_baselines3.common.vec_env import VecFrameStack
+    env = VecFrameStack(make_atari_env(s["env_id"], n_envs=1, seed=1), n_stack=4)
+    policy, kwargs = "CnnPolicy", {}
+else:
+    import gymnasium as gym
+    env = gym.make(s["env_id"])
+    policy, kwargs = "MlpPolicy", {"net_arch": s["hidden"]}
+model = DQN(policy, env, learning_rate=s["learning_rate"], buffer_size=s["buffer_size"],
+            learning_starts=s["learning_starts"], batch_size=s["batch_size"], train_freq=4, gradient_steps=1,
+            target_update_interval=s["target_update_interval"], exploration_fraction=0.1,
+            exploration_final_eps=0.05, max_grad_norm=10.0, policy_kwargs=kwargs, seed=1, device="cpu", verbose=0)
+t = time.perf_counter()
+model.learn(total_timesteps=s["steps"])
+print(json.dumps({"sps": s["steps"] / (time.perf_counter() - t)}))
+"""
+
+
+def _run(code: str, settings: dict) -> float:
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(settings)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])["sps"]
+
+
+def bench_dqn(envs: list[str], steps_scale: float) -> list[dict]:
+    rows = []
+    for name in envs:
+        s = dict(DQN_SETTINGS[name])
+        s["steps"] = int(s["steps"] * steps_scale)
+        with tempfile.TemporaryDirectory() as tmp:
+            s["out"] = tmp + "/run"
+            ours = _run(OURS_DQN, s)
+        sb3 = _run(SB3_DQN, s)
+        rows.append({"algo": "dqn", "env": s["env_id"], "steps": s["steps"], "threads": s["threads"],
+                     "ours_sps": ours, "sb3_sps": sb3, "ratio": ours / sb3})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+BENCHES = {"dqn": bench_dqn}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--algos", default="dqn", help=f"comma-separated, of: {', '.join(BENCHES)}")
+    p.add_argument("--envs", default="cartpole,breakout")
+    p.add_argument("--steps_scale", type=float, default=1.0, help="multiply every row's step budget")
+    args = p.parse_args(argv)
+    rows = []
+    for algo in args.algos.split(","):
+        rows += BENCHES[algo]([e for e in args.envs.split(",") if e], args.steps_scale)
+    print(f"\n| algo | env | steps | threads | ours steps/s | SB3 steps/s | ours / SB3 |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['algo']} | {r['env']} | {r['steps']} | {r['threads']} | {r['ours_sps']:.0f} | {r['sb3_sps']:.0f} "
+              f"| {r['ratio']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
