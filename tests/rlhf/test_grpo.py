@@ -201,3 +201,30 @@ def test_bad_options_fail_before_anything_is_written(tmp_path):
     with pytest.raises(ConfigError, match="resume_from_checkpoint"):
         grpo.train(cfg_for(tmp_path, resume_from_checkpoint="latest"))
     assert not (tmp_path / "run").exists()
+
+
+def answer_column_reward(prompts, completions, answer, **kwargs):
+    assert len(answer) == len(completions) and all(a.isdigit() for a in answer)
+    return [float(c.strip() == a) for c, a in zip(completions, answer)]
+
+
+def test_dataset_columns_reach_reward_functions(tmp_path):
+    rows = [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(8)]
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    grpo.train(cfg_for(tmp_path, dataset_name=str(data), max_steps=1, per_device_train_batch_size=8,
+                       reward_funcs=[f"{HERE}:answer_column_reward"]))
+    # without the `answer` column the function would raise (missing argument) and stop the run
+    row = read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]
+    assert "reward/answer_column_reward_mean" in row
+
+
+def test_reward_function_errors_name_the_function_during_training(tmp_path):
+    from rlhf.rewards import RewardError
+
+    with pytest.raises(RewardError, match="`raising_reward` raised on batch 0"):
+        grpo.train(cfg_for(tmp_path, max_steps=1, reward_funcs=[f"{HERE}:raising_reward"]))
+
+
+def raising_reward(prompts, completions, **kwargs):
+    raise ValueError("boom")

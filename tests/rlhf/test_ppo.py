@@ -122,3 +122,19 @@ def test_bad_options_fail_before_anything_is_written(tmp_path):
     with pytest.raises(ConfigError, match="reward_funcs"):
         ppo.train(cfg_for(tmp_path, reward_funcs=["oops"]))
     assert not (tmp_path / "run").exists()
+
+
+def test_lora_policy_uses_itself_as_reference(tmp_path, monkeypatch):
+    import rlhf.models
+
+    calls = []
+    real = rlhf.models.load_causal_lm
+    monkeypatch.setattr(rlhf.models, "load_causal_lm", lambda *a, **k: calls.append(a) or real(*a, **k))
+    torch.set_num_threads(1)
+    summary = ppo.train(cfg_for(tmp_path, use_peft=True, lora_r=4, max_steps=1, num_ppo_epochs=1, num_mini_batches=1))
+    assert len(calls) == 1  # the policy only: the reference is the policy with adapters disabled
+    assert read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]["kl/ref"] == 0.0
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")  # merged, plain transformers
+    assert summary["step"] == 1
