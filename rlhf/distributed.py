@@ -13,6 +13,8 @@
 - `gathered_for_generation`: under ZeRO-3, gather the sharded parameters once per rollout and
   switch off DeepSpeed's per-module fetch/release hooks meanwhile, so `generate` does not
   all-gather every layer for every new token.
+- `prepare_frozen`: reference / reward models: an evaluation-only ZeRO-3 engine (sharded) under
+  ZeRO-3, a plain module on the device otherwise.
 - `checkpoint`: `Run.checkpoint` with the barriers a multi-process `save_state` needs.
 - `save_hf_model`: consolidated Hugging Face weights (safetensors) from any setup, LoRA merged.
 """
@@ -20,6 +22,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import shutil
 from pathlib import Path
@@ -33,6 +36,8 @@ from rlhf.runtime import ConfigError
 # --------------------------------------------------------------------------------------------
 # Accelerator
 # --------------------------------------------------------------------------------------------
+
+_PRISTINE_DS_CONFIG: dict | None = None
 
 
 def make_accelerator(gradient_accumulation_steps: int = 1, mixed_precision: str = "no", cpu: bool = False, *,
@@ -58,6 +63,17 @@ def make_accelerator(gradient_accumulation_steps: int = 1, mixed_precision: str 
             cpu = True
             PartialState(cpu=True)
     acc = Accelerator(gradient_accumulation_steps=gradient_accumulation_steps, mixed_precision=mixed_precision, cpu=cpu)
+    ds = deepspeed_config(acc)
+    if ds is not None:
+        # The DeepSpeed config lives in accelerate's process-wide state and is filled in place for
+        # the stage that prepares it; a later stage in the same process (`rlhf pipeline`) starts
+        # again from the file's values, not from the previous stage's batch sizes.
+        global _PRISTINE_DS_CONFIG
+        if _PRISTINE_DS_CONFIG is None:
+            _PRISTINE_DS_CONFIG = copy.deepcopy(ds)
+        else:
+            ds.clear()
+            ds.update(copy.deepcopy(_PRISTINE_DS_CONFIG))
     if per_device_train_batch_size is not None:
         check_batch_config(acc, per_device_train_batch_size, gradient_accumulation_steps, max_grad_norm)
     return acc
@@ -193,15 +209,50 @@ def gathered_for_generation(accelerator, model):
         return
     import deepspeed
 
+    from transformers.integrations import deepspeed as hf_deepspeed
+
     offload = _zero3_param_offload(model)
     with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
         if offload is not None:
             offload._remove_module_hooks()
+        # transformers' generate() turns on synced_gpus under ZeRO-3 (every process keeps stepping
+        # until all are done, for the per-layer gathers); with the weights local that is not needed
+        # and would deadlock callers that generate on the main process only (evaluation).
+        hf_ref, hf_deepspeed._hf_deepspeed_config_weak_ref = hf_deepspeed._hf_deepspeed_config_weak_ref, None
         try:
             yield unwrapped
         finally:
+            hf_deepspeed._hf_deepspeed_config_weak_ref = hf_ref
             if offload is not None:
                 offload.setup_zero_stage3_hooks()
+
+
+def prepare_frozen(accelerator, model):
+    """Place a frozen model (reference policy, reward model) for evaluation only; call on every process.
+
+    ZeRO-3: an evaluation-only DeepSpeed engine (no optimizer), sharded like the policy, so each
+    process holds 1/N of its weights; its forward is collective (every process must call it
+    equally often). Otherwise a plain module on this process's device: DDP and ZeRO-1/2 shard
+    only gradients and optimizer state, which a frozen model does not have.
+    """
+    model.eval().requires_grad_(False)
+    if not is_zero3(accelerator):
+        return model.to(accelerator.device)
+    import deepspeed
+
+    ds = deepspeed_config(accelerator)
+    zero = ds.get("zero_optimization", {})
+    config = {
+        "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 3, **{k: zero[k] for k in ("offload_param",) if k in zero}},
+        "steps_per_print": 10**9,
+    }
+    for precision in ("bf16", "fp16"):
+        enabled = ds.get(precision, {}).get("enabled", False)
+        config[precision] = {"enabled": enabled is True or str(enabled).lower() == "true"}
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine
 
 
 # --------------------------------------------------------------------------------------------

@@ -384,7 +384,7 @@ def _save_checkpoint(run, accelerator, step, state):
 def train(cfg: Config) -> dict:
     from transformers import get_scheduler
 
-    from rlhf.distributed import make_accelerator, save_hf_model
+    from rlhf.distributed import make_accelerator, prepare_frozen, save_hf_model
     from rlhf.models import load_tokenizer
 
     accelerator = make_accelerator(cfg.gradient_accumulation_steps, bf16=cfg.bf16,
@@ -415,8 +415,10 @@ def train(cfg: Config) -> dict:
     # The scheduler stays unprepared: accelerate's wrapper would step it once per process.
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
-    if reference is not None:
-        reference.to(accelerator.device)
+    if reference is not None:  # sharded evaluation-only engine under ZeRO-3, plain module otherwise
+        reference = prepare_frozen(accelerator, reference)
+    if rm_scorer is not None:
+        rm_scorer.model = prepare_frozen(accelerator, rm_scorer.model)
     kl_ctl = kl_controller(cfg.kl_controller, cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
 
     prompts_per_process = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * cfg.num_mini_batches
