@@ -1,6 +1,6 @@
 """Load policies, reference, reward models and tokenizers; LoRA through peft; the built-in tiny preset.
 
-`builtin:tiny` is a ~1M-parameter Llama (transformers' `LlamaForCausalLM`, built from a config with a
+`builtin:tiny` is a ~0.2M-parameter Llama (transformers' `LlamaForCausalLM`, built from a config with a
 fixed seed) and a character-level tokenizer (a `tokenizers` WordLevel model over single characters,
 wrapped as a fast tokenizer). Nothing is downloaded; `save_builtin_tiny(d)` writes both in Hugging
 Face format, after which `AutoTokenizer.from_pretrained(d)` / `AutoModelForCausalLM.from_pretrained(d)`
@@ -33,7 +33,7 @@ _CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 # Small enough to train on the arithmetic task in a minute or two on 2 CPU cores.
-_TINY = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+_TINY = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=True, rms_norm_eps=1e-6)
 _TINY_SEED = 1234
 

@@ -1,0 +1,348 @@
+"""`rlhf reward`: a reward model trained from pairwise preferences or K-wise rankings; `rlhf reward score`.
+
+The model is a sequence classifier with one output, read at the last non-padding token, initialised
+from a causal LM (the SFT model, or `builtin:tiny`); its `score` head is new.
+
+K-wise data is trained as InstructGPT did (Ouyang et al. 2022, sec. 3.5): the K responses of a prompt
+go through the model once, in one (B*K, T) batch, and `rlhf.core.ranking_loss` averages
+-log sigmoid(r_better - r_worse) over all C(K, 2) ordered pairs of each prompt (ties skipped), each
+prompt weighing the same - rather than C(K, 2) separate pairwise examples, which would forward each
+response K-1 times and over-fit (InstructGPT found the latter over-fits in one epoch). Pairwise rows
+are rankings with K = 2, where the loss is exactly the Bradley-Terry loss.
+
+Without `--dataset_name` the rankings are generated on the built-in arithmetic task: K distinct
+candidate answers per training prompt (drawn around the gold answer by
+`rlhf.tasks.arithmetic.candidate_answers`, or sampled from `--sampler_model`) are ordered by the noisy
+Bradley-Terry labeller (`--labeller_noise`). Held-out metrics use held-out prompts ranked by the gold
+score itself: `eval/accuracy` is the share of gold-ordered pairs the model orders the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlhf.core import ranking_loss
+from rlhf.runtime import (ConfigError, Run, RunConfig, Timer, arg, check, fmt_metrics, parse_config, progress,
+                          seed_everything)
+from rlhf.sft import (SCHEDULERS, global_batch_indices, maybe_lora, micro_batches, optimizer_and_scheduler, resume,
+                      save_checkpoint)
+
+
+@dataclass
+class Config(RunConfig):
+    """Train a reward model from pairwise preferences or K-wise rankings."""
+
+    output_dir: str = arg("runs/reward", "Run directory; the final model goes to output_dir/model.")
+    model_name_or_path: str = arg("builtin:tiny", "Causal LM (or reward model) to start from: `builtin:tiny`, a hub name or a local directory (e.g. an SFT run's model).")
+    dataset_name: str = arg("", "Hub name or local json/jsonl/parquet/csv file with `prompt`+`chosen`+`rejected` or `prompt`+`completions`+`ranks`; empty: generate built-in arithmetic rankings.")
+    dataset_split: str = arg("train", "Split of `dataset_name` (hub datasets and directories).")
+    eval_dataset_name: str = arg("", "Held-out rankings (same formats); the built-in task ranks held-out prompts by the gold score.")
+    num_train_prompts: int = arg(4000, "Built-in task: prompts to rank.")
+    completions_per_prompt: int = arg(4, "Built-in task: K, the candidate answers ranked per prompt.")
+    labeller_noise: float = arg(0.5, "Built-in task: labeller temperature; P(i above j) = sigmoid((gold_i - gold_j) / noise); 0 ranks by the gold score.")
+    sampler_model: str = arg("", "Built-in task: sample the K candidates from this causal LM (temperature 1) instead of the built-in candidate generator.")
+    max_length: int = arg(64, "Longest prompt + response in tokens; a ranking with a longer response is dropped (counted in summary.json).")
+    margin: float = arg(0.0, "Margin m in -log sigmoid(r_better - r_worse - m) (Llama 2 style; 0: none).")
+    center_rewards_coefficient: float = arg(0.0, "Weight of mean(r^2), which keeps rewards centred at 0 (e.g. 0.01; 0: off).")
+    num_train_epochs: float = arg(1.0, "Passes over the rankings (the budget, unless max_steps is smaller).")
+    max_steps: int = arg(-1, "Cap on optimizer steps (-1: no cap).")
+    per_device_train_batch_size: int = arg(16, "Prompts (each with its K responses) per micro-batch on each process.")
+    gradient_accumulation_steps: int = arg(1, "Micro-batches per optimizer step.")
+    learning_rate: float = arg(1e-3, "Peak learning rate (AdamW).")
+    weight_decay: float = arg(0.0, "AdamW weight decay.")
+    adam_beta1: float = arg(0.9, "AdamW beta1.")
+    adam_beta2: float = arg(0.999, "AdamW beta2.")
+    adam_epsilon: float = arg(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = arg(1.0, "Clip the gradient norm to this (0: no clipping).")
+    lr_scheduler_type: str = arg("cosine", "Learning-rate schedule (transformers.get_scheduler).", choices=SCHEDULERS)
+    warmup_ratio: float = arg(0.05, "Share of the steps spent warming the learning rate up from 0.")
+    bf16: bool = arg(False, "bfloat16 mixed precision (autocast).")
+    gradient_checkpointing: bool = arg(False, "Recompute activations in the backward pass to save memory.")
+    use_peft: bool = arg(False, "Train LoRA adapters (and the score head) instead of all weights.")
+    lora_r: int = arg(16, "LoRA rank.")
+    lora_alpha: int = arg(32, "LoRA alpha (scale = alpha / r).")
+    lora_dropout: float = arg(0.05, "Dropout on the LoRA input.")
+    lora_target_modules: list[str] = arg(["q_proj", "k_proj", "v_proj", "o_proj"], "Module names that get LoRA adapters.")
+    save_adapter_only: bool = arg(False, "With use_peft: save only the adapter (else the merged weights).")
+    eval_steps: int = arg(0, "Evaluate every this many steps (0: only at the end).")
+    num_eval_prompts: int = arg(500, "Built-in task: held-out prompts whose candidates are ranked by the gold score.")
+    per_device_eval_batch_size: int = arg(64, "Prompts per evaluation batch.")
+
+    def __post_init__(self):
+        check(self.max_length >= 8, "max_length", f"must be at least 8, got {self.max_length}")
+        check(self.num_train_epochs > 0, "num_train_epochs", "must be positive")
+        check(self.max_steps == -1 or self.max_steps > 0, "max_steps", "must be -1 (no cap) or positive")
+        check(self.per_device_train_batch_size > 0, "per_device_train_batch_size", "must be positive")
+        check(self.gradient_accumulation_steps > 0, "gradient_accumulation_steps", "must be positive")
+        check(self.learning_rate > 0, "learning_rate", "must be positive")
+        check(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
+        check(self.num_train_prompts > 0, "num_train_prompts", "must be positive")
+        check(2 <= self.completions_per_prompt <= 10, "completions_per_prompt", "must be between 2 and 10")
+        check(self.labeller_noise >= 0, "labeller_noise", "must be >= 0")
+        check(self.margin >= 0, "margin", "must be >= 0")
+        check(self.center_rewards_coefficient >= 0, "center_rewards_coefficient", "must be >= 0")
+        check(self.lora_r > 0 and self.lora_alpha > 0, "lora_r", "lora_r and lora_alpha must be positive")
+        check(bool(self.lora_target_modules), "lora_target_modules", "must name at least one module")
+        check(not self.save_adapter_only or self.use_peft, "save_adapter_only", "needs use_peft true")
+        check(self.eval_steps >= 0 and self.num_eval_prompts >= 0, "eval_steps", "eval_steps and num_eval_prompts must be >= 0")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+def builtin_rankings(cfg: Config, prompts: list[str], noise: float, seed: int) -> list[dict]:
+    from rlhf.tasks import arithmetic
+
+    completions = None
+    if cfg.sampler_model:
+        from rlhf.models import load_causal_lm, load_tokenizer
+
+        sampler, sampler_tok = load_causal_lm(cfg.sampler_model), load_tokenizer(cfg.sampler_model)
+        k = cfg.completions_per_prompt
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            flat = arithmetic.generate_completions(sampler, sampler_tok, prompts, batch_size=64, do_sample=True,
+                                                   num_return_sequences=k)
+        # an empty sample (EOS first) is a malformed answer; keep it visible as a space-free marker
+        completions = [[flat[i * k + j][0] or "<empty>" for j in range(k)] for i in range(len(prompts))]
+    return arithmetic.make_ranking_rows(prompts, cfg.completions_per_prompt, seed, noise, completions)
+
+
+def load_groups(cfg: Config, tokenizer):
+    """(train groups, eval groups or None, dropped-too-long count), every row checked."""
+    import datasets
+
+    from rlhf.data import load_rows, tokenize_rankings
+    from rlhf.tasks import arithmetic
+
+    if cfg.dataset_name:
+        train = tokenize_rankings(load_rows(cfg.dataset_name, cfg.dataset_split), tokenizer, cfg.max_length, cfg.dataset_name)
+    else:
+        prompts = arithmetic.make_prompts(cfg.num_train_prompts, cfg.seed)
+        rows = builtin_rankings(cfg, prompts, cfg.labeller_noise, cfg.seed)
+        train = tokenize_rankings(datasets.Dataset.from_list(rows), tokenizer, cfg.max_length, "built-in arithmetic rankings")
+    evaluation = None
+    if cfg.eval_dataset_name:
+        evaluation = tokenize_rankings(load_rows(cfg.eval_dataset_name, cfg.dataset_split), tokenizer, cfg.max_length,
+                                       cfg.eval_dataset_name).examples
+    elif not cfg.dataset_name and cfg.num_eval_prompts > 0:
+        prompts = arithmetic.make_prompts(cfg.num_eval_prompts, cfg.seed, split="eval")
+        rows = arithmetic.make_ranking_rows(prompts, cfg.completions_per_prompt, cfg.seed + 1, noise=0.0)  # gold order
+        evaluation = tokenize_rankings(datasets.Dataset.from_list(rows), tokenizer, cfg.max_length, "built-in held-out rankings").examples
+    return train.examples, evaluation, train.dropped_too_long
+
+
+# ---------------------------------------------------------------------------------------------
+# Scores, loss, evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+def group_scores(model, batch: dict) -> torch.Tensor:
+    """Scores (B, K) of a collated ranking batch: all B*K responses in one forward pass."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B*K, 1)
+    return logits[:, 0].float().view(batch["ranks"].shape)  # (B, K)
+
+
+def prompts_with_pairs(ranks: torch.Tensor) -> torch.Tensor:
+    """Number of prompts that have at least one strict pair (ties and padding excluded)."""
+    valid = ranks >= 0
+    pairs = (ranks.unsqueeze(2) < ranks.unsqueeze(1)) & valid.unsqueeze(2) & valid.unsqueeze(1)  # (B, K, K)
+    return pairs.flatten(1).any(dim=1).sum()
+
+
+@torch.no_grad()
+def evaluate(acc, model, groups: list[dict] | None, cfg: Config, pad_token_id: int) -> dict:
+    """Held-out pairwise accuracy (pairs pooled), mean margin r_better - r_worse, and the ranking loss."""
+    from rlhf.data import collate_rankings
+    from rlhf.distributed import reduce_sum
+
+    if not groups:
+        return {}
+    model.eval()
+    correct = margin = n_pairs = loss_sum = n_prompts = 0.0
+    bs = cfg.per_device_eval_batch_size
+    for i in range(acc.process_index * bs, len(groups), acc.num_processes * bs):
+        batch = {k: v.to(acc.device) for k, v in collate_rankings(groups[i:i + bs], pad_token_id).items()}
+        scores, ranks = group_scores(model, batch), batch["ranks"]  # (B, K)
+        valid = ranks >= 0
+        pairs = ((ranks.unsqueeze(2) < ranks.unsqueeze(1)) & valid.unsqueeze(2) & valid.unsqueeze(1)).float()  # (B, K, K)
+        diff = scores.unsqueeze(2) - scores.unsqueeze(1)  # (B, K, K): r_i - r_j where i is ranked better
+        correct += float(((diff > 0).float() * pairs).sum())
+        margin += float((diff * pairs).sum())
+        n_pairs += float(pairs.sum())
+        k_prompts = float(prompts_with_pairs(ranks))
+        loss, _ = ranking_loss(scores, ranks)
+        loss_sum += float(loss) * k_prompts
+        n_prompts += k_prompts
+    model.train()
+    n_pairs_all, n_prompts_all = reduce_sum(acc, n_pairs).clamp_min(1), reduce_sum(acc, n_prompts).clamp_min(1)
+    return {"eval/accuracy": float(reduce_sum(acc, correct) / n_pairs_all),
+            "eval/margin": float(reduce_sum(acc, margin) / n_pairs_all),
+            "eval/loss": float(reduce_sum(acc, loss_sum) / n_prompts_all),
+            "eval/pairs": float(n_pairs_all)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def train(cfg: Config) -> dict:
+    from rlhf.data import collate_rankings
+    from rlhf.distributed import make_accelerator, reduce_sum, save_hf_model
+    from rlhf.models import load_reward_model, load_tokenizer
+
+    acc = make_accelerator(cfg.gradient_accumulation_steps, mixed_precision="bf16" if cfg.bf16 else "no")
+    seed_everything(cfg.seed, cfg.deterministic)
+    tokenizer = load_tokenizer(cfg.model_name_or_path)
+    groups, eval_groups, dropped = load_groups(cfg, tokenizer)
+
+    global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * acc.num_processes
+    total_steps = math.ceil(cfg.num_train_epochs * len(groups) / global_batch)
+    if cfg.max_steps > 0:
+        total_steps = min(total_steps, cfg.max_steps)
+
+    seed_everything(cfg.seed, cfg.deterministic)  # the new score head starts the same whatever the data step drew
+    model = load_reward_model(cfg.model_name_or_path, gradient_checkpointing=cfg.gradient_checkpointing)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model = maybe_lora(model, cfg)
+    optimizer, scheduler = optimizer_and_scheduler(model, cfg, total_steps)
+    model, optimizer = acc.prepare(model, optimizer)
+    run = Run(cfg, is_main=acc.is_main_process)
+    start = resume(run, acc, scheduler)
+    timer = Timer()
+    model.train()
+    bar = progress(total_steps, "reward", enabled=cfg.progress and acc.is_main_process, initial=start)
+    metrics: dict = {}
+    for step in range(start, total_steps):
+        indices = global_batch_indices(step, global_batch, len(groups), cfg.seed)
+        batches = [collate_rankings([groups[i] for i in mb], tokenizer.pad_token_id)
+                   for mb in micro_batches(indices, acc, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps)]
+        # ranking_loss is a mean over the prompts of its batch; re-weight each micro-batch by its share of the
+        # prompts of the whole optimizer step so accumulation and processes do not change the loss.
+        local_prompts = [prompts_with_pairs(b["ranks"]) for b in batches]
+        n_prompts = reduce_sum(acc, sum(int(n) for n in local_prompts)).clamp_min(1)
+        loss_sum, acc_sum, grad_norm = 0.0, 0.0, None
+        for batch, n_local in zip(batches, local_prompts):
+            batch = {k: v.to(acc.device) for k, v in batch.items()}
+            with acc.accumulate(model):
+                with acc.autocast():
+                    scores = group_scores(model, batch)  # (B, K)
+                loss, m = ranking_loss(scores, batch["ranks"], margin=cfg.margin or None,
+                                       center_coef=cfg.center_rewards_coefficient)
+                share = loss * (float(n_local) / float(n_prompts))
+                # DDP averages over processes and accelerate divides by the accumulation steps: undo both.
+                acc.backward(share * acc.num_processes * cfg.gradient_accumulation_steps)
+                loss_sum += float(share.detach())
+                acc_sum += float(m["reward/accuracy"]) * float(n_local) / float(n_prompts)
+                if acc.sync_gradients and cfg.max_grad_norm > 0:
+                    grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        done = step + 1
+        metrics = {"loss/reward": float(reduce_sum(acc, loss_sum)), "reward/accuracy": float(reduce_sum(acc, acc_sum)),
+                   "train/lr": lr, "train/epoch": done * global_batch / len(groups),
+                   "time/sps": (done - start) * global_batch / max(timer.elapsed(), 1e-9)}
+        if grad_norm is not None:
+            metrics["train/grad_norm"] = float(grad_norm)
+        if cfg.eval_steps and done % cfg.eval_steps == 0 and done < total_steps:
+            metrics.update(evaluate(acc, model, eval_groups, cfg, tokenizer.pad_token_id))
+        if done % cfg.logging_steps == 0 or done == total_steps:
+            run.log(done, metrics)
+        bar.update(1)
+        bar.set_postfix(fmt_metrics(metrics, ["loss/reward", "reward/accuracy", "eval/accuracy"]))
+        if cfg.save_steps and done % cfg.save_steps == 0 and done < total_steps:
+            save_checkpoint(run, acc, scheduler, done)
+    bar.close()
+    if start < total_steps:
+        save_checkpoint(run, acc, scheduler, total_steps)
+
+    final = evaluate(acc, model, eval_groups, cfg, tokenizer.pad_token_id)
+    run.log(total_steps, final)
+    save_hf_model(acc, model, Path(cfg.output_dir) / "model", tokenizer, merge_lora=not cfg.save_adapter_only)
+    summary = {**final, "step": total_steps, "train/loss_last": metrics.get("loss/reward"),
+               "data/train_rankings": len(groups), "data/dropped_too_long": dropped, "time/train_s": timer.elapsed()}
+    run.write_summary(summary)
+    run.close()
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# `rlhf reward score --model DIR --data FILE`
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def score_rows(model_dir: str, data: str, batch_size: int = 64, max_length: int = 0) -> list[dict]:
+    """Scores of each row of `data`: `prompt`+`completion` -> score; `prompt`+`completions` -> scores;
+    `prompt`+`chosen`+`rejected` -> chosen_score, rejected_score."""
+    from rlhf.data import DataError, Locator, load_rows, tokenize_prompt_completion
+    from rlhf.models import load_reward_model, load_tokenizer
+
+    rows = load_rows(data)
+    cols = set(rows.column_names)
+    if "prompt" not in cols:
+        raise DataError(f"{data}: missing column `prompt`")
+    keys = ["completion"] if "completion" in cols else ["completions"] if "completions" in cols else ["chosen", "rejected"]
+    for k in keys:
+        if k not in cols:
+            raise DataError(f"{data}: missing column `{k}` (scoring needs `completion`, `completions`, or `chosen`+`rejected`)")
+    where = Locator(data)
+    texts = []  # (row, key, index in list or None, prompt, response)
+    for i, row in enumerate(rows):
+        if not isinstance(row["prompt"], str) or not row["prompt"].strip():
+            raise DataError(f"{where(i)}: empty or non-string `prompt`")
+        for k in keys:
+            values = row[k] if k == "completions" else [row[k]]
+            if k == "completions" and not isinstance(values, list):
+                raise DataError(f"{where(i)}: `completions` must be a list of strings")
+            for j, v in enumerate(values):
+                if not isinstance(v, str) or not v.strip():
+                    raise DataError(f"{where(i)}: empty or non-string `{k}`")
+                texts.append((i, k, j if k == "completions" else None, row["prompt"], v))
+    tokenizer, model = load_tokenizer(model_dir), load_reward_model(model_dir).eval()
+    out = [{"prompt": row["prompt"]} for row in rows]
+    for s in range(0, len(texts), batch_size):
+        chunk = texts[s:s + batch_size]
+        ids = [tokenize_prompt_completion(tokenizer, t[3], t[4], chat=False)[0] for t in chunk]
+        width = max(map(len, ids))
+        input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)  # (N, T)
+        mask = torch.zeros_like(input_ids)
+        for r, x in enumerate(ids):
+            input_ids[r, :len(x)], mask[r, :len(x)] = torch.tensor(x), 1
+        scores = model(input_ids=input_ids, attention_mask=mask).logits[:, 0].tolist()
+        for (i, k, j, _, _), v in zip(chunk, scores):
+            if k == "completions":
+                out[i].setdefault("scores", []).append(v)
+            else:
+                out[i]["score" if k == "completion" else f"{k}_score"] = v
+    return out
+
+
+def cli(argv: list[str], prog: str = "rlhf reward") -> None:
+    try:
+        if argv and argv[0] == "score":
+            parser = argparse.ArgumentParser(prog=f"{prog} score", description="Score responses with a trained reward model; prints JSONL.")
+            parser.add_argument("--model", required=True, help="Reward model directory (e.g. output_dir/model of `rlhf reward`).")
+            parser.add_argument("--data", required=True, help="json/jsonl/parquet/csv with `prompt` and `completion`, `completions`, or `chosen`+`rejected`.")
+            parser.add_argument("--batch_size", type=int, default=64, help="Responses per forward pass.")
+            args = parser.parse_args(argv[1:])
+            for row in score_rows(args.model, args.data, args.batch_size):
+                print(json.dumps(row))
+            return
+        train(parse_config(Config, argv, prog=prog))
+    except ConfigError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

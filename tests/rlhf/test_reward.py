@@ -1,0 +1,133 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhf import reward
+from rlhf.core import bradley_terry_loss, ranking_loss
+from rlhf.runtime import ConfigError, make_config
+
+torch.set_num_threads(1)
+
+QUICK = dict(num_train_prompts=64, num_eval_prompts=0, progress=False, report_to="none", lr_scheduler_type="constant",
+             warmup_ratio=0.0, learning_rate=3e-3)
+
+
+def _train(tmp_path, name, **kw):
+    cfg = make_config(reward.Config, {**QUICK, "output_dir": str(tmp_path / name), **kw})
+    return reward.train(cfg), load_file(tmp_path / name / "model" / "model.safetensors")
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+PAIRS = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 10)} for a, b in [(1, 2), (17, 25), (40, 9), (8, 8)]]
+
+
+def test_k2_rankings_equal_bradley_terry_through_the_data_path(tmp_path, tiny_tokenizer):
+    from rlhf.data import collate_rankings, load_rows, tokenize_rankings
+    from rlhf.models import BUILTIN_TINY, load_reward_model
+
+    torch.manual_seed(0)
+    model = load_reward_model(BUILTIN_TINY).eval()
+    pw = tokenize_rankings(load_rows(_jsonl(tmp_path / "p.jsonl", PAIRS)), tiny_tokenizer, 64).examples
+    kwise_rows = [{"prompt": r["prompt"], "completions": [r["rejected"], r["chosen"]], "ranks": [1, 0]} for r in PAIRS]
+    kw = tokenize_rankings(load_rows(_jsonl(tmp_path / "k.jsonl", kwise_rows)), tiny_tokenizer, 64).examples
+    batch = collate_rankings(kw, tiny_tokenizer.pad_token_id)
+    with torch.no_grad():
+        scores = reward.group_scores(model, batch)  # (B, 2)
+        loss_k, metrics = ranking_loss(scores, batch["ranks"])
+        # reference: chosen and rejected scored in separate forward passes, Bradley-Terry loss
+        chosen = torch.stack([model(input_ids=torch.tensor([g["input_ids"][0]])).logits[0, 0] for g in pw])
+        rejected = torch.stack([model(input_ids=torch.tensor([g["input_ids"][1]])).logits[0, 0] for g in pw])
+        loss_bt, _ = bradley_terry_loss(chosen, rejected)
+    assert torch.allclose(loss_k, loss_bt, atol=1e-5)
+    assert torch.allclose(scores[:, 1], chosen, atol=1e-5)
+
+
+def test_pairwise_and_k2_training_are_identical(tmp_path):
+    pw = _jsonl(tmp_path / "p.jsonl", PAIRS)
+    kw = _jsonl(tmp_path / "k.jsonl", [{"prompt": r["prompt"], "completions": [r["chosen"], r["rejected"]], "ranks": [0, 1]} for r in PAIRS])
+    _, a = _train(tmp_path, "pw", dataset_name=pw, max_steps=2, per_device_train_batch_size=2)
+    _, b = _train(tmp_path, "kw", dataset_name=kw, max_steps=2, per_device_train_batch_size=2)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_each_response_goes_through_the_model_once_per_step(tmp_path, monkeypatch):
+    calls = []
+    original = reward.group_scores
+
+    def counting(model, batch):
+        calls.append(tuple(batch["input_ids"].shape))
+        return original(model, batch)
+
+    monkeypatch.setattr(reward, "group_scores", counting)
+    _train(tmp_path, "k4", max_steps=2, per_device_train_batch_size=4, completions_per_prompt=4)
+    assert len(calls) == 2 and all(rows == 16 for rows, _ in calls)  # 4 prompts x 4 responses, one pass per step
+
+
+def test_gradient_accumulation_1x8_equals_8x1(tmp_path):
+    # adam_epsilon=1 makes the update ~ lr * gradient, so float noise in tiny gradients is not blown up to +-lr
+    sgd_like = dict(adam_epsilon=1.0, learning_rate=1.0)
+    _, a = _train(tmp_path, "a", max_steps=2, per_device_train_batch_size=8, gradient_accumulation_steps=1, **sgd_like)
+    _, b = _train(tmp_path, "b", max_steps=2, per_device_train_batch_size=1, gradient_accumulation_steps=8, **sgd_like)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_resume_continues_exactly(tmp_path):
+    kw = dict(max_steps=6, per_device_train_batch_size=4, save_steps=3, lr_scheduler_type="cosine", warmup_ratio=0.2,
+              center_rewards_coefficient=0.01, margin=0.1)
+    _train(tmp_path, "run", **kw)
+    run = tmp_path / "run"
+    straight = load_file(run / "model" / "model.safetensors")
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    (run / "summary.json").unlink()
+    _, resumed = _train(tmp_path, "run", resume_from_checkpoint=str(run / "checkpoints" / "step-00000003"), **kw)
+    resumed_rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert [r["step"] for r in resumed_rows] == [r["step"] for r in rows]
+    for a, b in zip(rows, resumed_rows):
+        assert a.get("loss/reward") == b.get("loss/reward") and a.get("reward/accuracy") == b.get("reward/accuracy")
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k
+
+
+def test_bad_rankings_name_the_line_and_write_nothing(tmp_path):
+    path = _jsonl(tmp_path / "r.jsonl", [{"prompt": "1+2=", "completions": ["3", "4"], "ranks": [0, 1]},
+                                         {"prompt": "1+2=", "completions": ["3", "4", "5"], "ranks": [0, 1]}])
+    with pytest.raises(ConfigError, match=r"r\.jsonl: line 2: `ranks` must be a list of 3"):
+        _train(tmp_path, "out", dataset_name=path)
+    assert not (tmp_path / "out").exists()
+    missing = _jsonl(tmp_path / "m.jsonl", [{"prompt": "1+2=", "chosen": "3"}])
+    with pytest.raises(ConfigError, match=r"m\.jsonl: missing column `rejected`"):
+        _train(tmp_path, "out", dataset_name=missing)
+    assert not (tmp_path / "out").exists()
+
+
+def test_too_long_rankings_are_dropped_and_counted(tmp_path):
+    rows = PAIRS + [{"prompt": "1" * 70 + "+1=", "chosen": "1", "rejected": "2"}]
+    summary, _ = _train(tmp_path, "long", dataset_name=_jsonl(tmp_path / "l.jsonl", rows), max_steps=1)
+    assert summary["data/dropped_too_long"] == 1 and summary["data/train_rankings"] == len(PAIRS)
+
+
+def test_score_command_prints_model_scores(tmp_path):
+    _train(tmp_path, "rm", max_steps=1, per_device_train_batch_size=4)
+    data = _jsonl(tmp_path / "s.jsonl", [{"prompt": "1+2=", "completions": ["3", "4"]}])
+    out = subprocess.run([sys.executable, "-m", "rlhf", "reward", "score", "--model", str(tmp_path / "rm" / "model"),
+                          "--data", data], capture_output=True, text=True, check=True)
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    expected = reward.score_rows(str(tmp_path / "rm" / "model"), data)[0]["scores"]
+    assert row["prompt"] == "1+2=" and row["scores"] == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_reward_model_learns_gold_ranking(tmp_path):
+    summary, _ = _train(tmp_path, "learn", num_train_prompts=1500, num_eval_prompts=200, per_device_train_batch_size=16,
+                        learning_rate=2e-3, lr_scheduler_type="cosine", warmup_ratio=0.05)
+    assert summary["eval/accuracy"] >= 0.8 and summary["eval/margin"] > 0
