@@ -272,17 +272,14 @@ class Rollout:
     def __init__(self, envs, policy: ActorCritic, num_steps: int, device: torch.device, first_obs: np.ndarray):
         n, t = envs.num_envs, num_steps
         obs_space, act_space = envs.single_observation_space, envs.single_action_space
-        obs_dtype = torch.uint8 if is_image_space(obs_space) else torch.float32
         self.envs, self.policy, self.num_steps, self.device = envs, policy, num_steps, device
-        self.obs = torch.zeros((t, n, *obs_space.shape), dtype=obs_dtype, device=device)  # (T, N, ...)
+        # Buffers are numpy arrays written once per step (cheaper than small torch writes) and seen
+        # by torch through zero-copy views (`self.obs`, ...), moved to `device` once per rollout.
         act_shape = () if isinstance(act_space, gym.spaces.Discrete) else act_space.shape
-        self.actions = torch.zeros((t, n, *act_shape), dtype=torch.long if not act_shape else torch.float32, device=device)
-        self.logp = torch.zeros((t, n), device=device)  # (T, N)
-        self.values = torch.zeros((t, n), device=device)
-        self.rewards = torch.zeros((t, n), device=device)
-        self.terminated = torch.zeros((t, n), device=device)
-        self.episode_end = torch.zeros((t, n), device=device)
-        self.valid = torch.zeros((t, n), device=device)  # 0 on next-step autoreset steps (no transition)
+        self.obs = torch.from_numpy(np.zeros((t, n, *obs_space.shape), dtype=np.uint8 if is_image_space(obs_space) else np.float32))  # (T, N, ...)
+        self.actions = torch.from_numpy(np.zeros((t, n, *act_shape), dtype=np.int64 if not act_shape else np.float32))
+        self.logp, self.values, self.rewards, self.terminated, self.episode_end, self.valid = (
+            torch.from_numpy(np.zeros((t, n), dtype=np.float32)) for _ in range(6))  # (T, N); valid = 0 on autoreset steps
         self.action_bounds = (act_space.low, act_space.high) if isinstance(act_space, gym.spaces.Box) else None
         self.next_obs = first_obs  # numpy (N, ...): what the policy acts on next
         self.autoreset = np.zeros(n, dtype=bool)  # envs whose next step is a reset (their last step ended an episode)
@@ -297,24 +294,20 @@ class Rollout:
     def collect(self) -> list[tuple[float, int]]:
         """Run num_steps steps in every env; returns (return, length) of the episodes that finished."""
         finished = []
+        obs_np, actions_np, logp_np, values_np = self.obs.numpy(), self.actions.numpy(), self.logp.numpy(), self.values.numpy()
+        rewards_np, terminated_np, episode_end_np, valid_np = (self.rewards.numpy(), self.terminated.numpy(),
+                                                               self.episode_end.numpy(), self.valid.numpy())
         for t in range(self.num_steps):
-            obs = self._to_tensor(self.next_obs)
-            actions, logp, values = self.policy.act(obs)
-            self.obs[t] = obs
-            self.actions[t] = actions
-            self.logp[t] = logp
-            self.values[t] = values
-            self.valid[t] = torch.from_numpy(~self.autoreset)
-            env_actions = actions.cpu().numpy()
+            obs_np[t] = self.next_obs
+            actions, logp, values = self.policy.act(self._to_tensor(self.next_obs))
+            actions = actions.cpu().numpy()
+            actions_np[t], logp_np[t], values_np[t] = actions, logp.cpu().numpy(), values.cpu().numpy()
+            valid_np[t] = ~self.autoreset
             if self.action_bounds is not None:  # the Gaussian sample is stored unclipped; the env gets it clipped
-                env_actions = np.clip(env_actions, *self.action_bounds)
-            next_obs, rewards, terminated, truncated, infos = self.envs.step(env_actions)
-            self.rewards[t] = torch.from_numpy(np.asarray(rewards, dtype=np.float32))
-            self.terminated[t] = torch.from_numpy(terminated)
-            done = np.logical_or(terminated, truncated)
-            self.episode_end[t] = torch.from_numpy(done)
-            self.autoreset = done
-            self.next_obs = next_obs
+                actions = np.clip(actions, *self.action_bounds)
+            self.next_obs, rewards, terminated, truncated, infos = self.envs.step(actions)
+            self.autoreset = np.logical_or(terminated, truncated)
+            rewards_np[t], terminated_np[t], episode_end_np[t] = rewards, terminated, self.autoreset
             if "_episode" in infos:
                 for i in np.flatnonzero(infos["_episode"]):
                     ret, length = float(infos["episode"]["r"][i]), int(infos["episode"]["l"][i])
@@ -330,21 +323,23 @@ class Rollout:
         Under next-step autoreset obs_{t+1} of an episode's last step is its final observation, so
         a truncated step bootstraps from V(final observation), as it must.
         """
+        d = self.device
+        values = self.values.to(d)
         last_value = self.policy.value(self._to_tensor(self.next_obs))  # (N,)
-        next_values = torch.cat([self.values[1:], last_value.unsqueeze(0)])  # (T, N)
-        return gae(self.rewards, self.values, next_values, self.terminated, self.episode_end, gamma, lam)
+        next_values = torch.cat([values[1:], last_value.unsqueeze(0)])  # (T, N)
+        return gae(self.rewards.to(d), values, next_values, self.terminated.to(d), self.episode_end.to(d), gamma, lam)
 
     def flat(self, advantages: torch.Tensor, returns: torch.Tensor) -> dict[str, torch.Tensor]:
         """The batch as flat (T * N, ...) tensors for minibatching."""
-        n = self.num_steps * self.envs.num_envs
+        n, d = self.num_steps * self.envs.num_envs, self.device
         return {
-            "obs": self.obs.reshape(n, *self.obs.shape[2:]),
-            "actions": self.actions.reshape(n, *self.actions.shape[2:]),
-            "logp": self.logp.reshape(n),
-            "values": self.values.reshape(n),
+            "obs": self.obs.reshape(n, *self.obs.shape[2:]).to(d),
+            "actions": self.actions.reshape(n, *self.actions.shape[2:]).to(d),
+            "logp": self.logp.reshape(n).to(d),
+            "values": self.values.reshape(n).to(d),
             "advantages": advantages.reshape(n),
             "returns": returns.reshape(n),
-            "valid": self.valid.reshape(n),
+            "valid": self.valid.reshape(n).to(d),
         }
 
     def state_dict(self) -> dict:
@@ -399,6 +394,9 @@ def evaluate(cfg: OnPolicyArgs, policy: ActorCritic, stats: dict, episodes: int,
 
 
 OBS_EPS = 1e-8  # the epsilon of gymnasium's NormalizeObservation (its default)
+
+
+FUSED_ADAM = True  # one fused kernel per Adam step instead of a loop over parameters: ~1.5x faster updates on CPU
 
 
 def setup_torch(cfg: OnPolicyArgs) -> torch.device:

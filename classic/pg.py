@@ -77,7 +77,7 @@ def train(cfg: Config) -> dict:
     run, envs, policy, rollout, resumed = onpolicy.setup(cfg, obs_space, act_space, policy_kind)
     device = next(policy.parameters()).device
     trainable = policy.parameters() if cfg.baseline else [p for n, p in policy.named_parameters() if not n.startswith("critic.")]
-    optimizer = torch.optim.Adam(trainable, lr=cfg.learning_rate, eps=1e-5)
+    optimizer = torch.optim.Adam(trainable, lr=cfg.learning_rate, eps=1e-5, fused=onpolicy.FUSED_ADAM)
     start_iteration, global_step = 1, 0
     if resumed is not None:
         optimizer.load_state_dict(resumed["optimizer"])

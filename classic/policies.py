@@ -120,30 +120,46 @@ class ActorCritic(nn.Module):
         return Normal(mean, log_std.exp(), validate_args=False)
 
     def log_prob(self, params: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """log pi(a|s). Shapes: params (B, P), actions (B,) or (B, A) -> (B,)."""
-        dist = self.distribution(params)
+        """log pi(a|s). Shapes: params (B, P), actions (B,) or (B, A) -> (B,).
+
+        Written out (rather than through Distribution objects) because it runs once per minibatch;
+        `test_policies_match_torch_distributions` checks it against torch.distributions.
+        """
         if self.discrete:
-            return dist.log_prob(actions.long())
-        return dist.log_prob(actions).sum(-1)
+            return params.log_softmax(-1).gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
+        mean, log_std = params.chunk(2, dim=-1)
+        z = (actions - mean) * torch.exp(-log_std)
+        return (-0.5 * z.square() - log_std - LOG_SQRT_2PI).sum(-1)
 
     def entropy(self, params: torch.Tensor) -> torch.Tensor:
         """Entropy of pi(.|s). Shapes: params (B, P) -> (B,)."""
         if self.discrete:
             return entropy_from_logits(params)
-        return self.distribution(params).entropy().sum(-1)
+        log_std = params[..., self.action_dim:]
+        return (log_std + 0.5 + LOG_SQRT_2PI).sum(-1)  # Gaussian: log sigma + 1/2 log(2 pi e) per dimension
 
     def kl(self, old_params: torch.Tensor, new_params: torch.Tensor) -> torch.Tensor:
         """Exact KL(pi_old(.|s) || pi_new(.|s)) per state. Shapes: (B, P), (B, P) -> (B,)."""
         kl = kl_divergence(self.distribution(old_params), self.distribution(new_params))
         return kl if self.discrete else kl.sum(-1)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def act(self, obs: torch.Tensor, deterministic: bool = False):
-        """Sample (or take the mode of) pi(.|s): returns actions, log-probs (B,), values (B,)."""
-        params, value = self.params_and_value(obs)
+        """Sample (or take the mode of) pi(.|s): returns actions, log-probs (B,), values (B,).
+
+        The rollout's hot path, so written with plain tensor ops (no Distribution objects); the
+        log-probs equal `log_prob` (tested).
+        """
+        feats = self._features(obs)
+        out, value = self.actor(feats), self.critic(feats).squeeze(-1)  # (B, A), (B,)
         if self.discrete:
-            actions = params.argmax(-1) if deterministic else torch.multinomial(params.softmax(-1), 1).squeeze(-1)
-        else:
-            mean, log_std = params.chunk(2, dim=-1)
-            actions = mean if deterministic else mean + log_std.exp() * torch.randn_like(mean)
-        return actions, self.log_prob(params, actions), value
+            logp_all = out.log_softmax(-1)
+            actions = logp_all.argmax(-1) if deterministic else torch.multinomial(logp_all.exp(), 1).squeeze(-1)
+            return actions, logp_all.gather(-1, actions.unsqueeze(-1)).squeeze(-1), value
+        noise = torch.zeros_like(out) if deterministic else torch.randn_like(out)
+        actions = out + self.log_std.exp() * noise
+        logp = (-0.5 * noise.square() - self.log_std - LOG_SQRT_2PI).sum(-1)  # log N(a; mean, std), a = mean + std * noise
+        return actions, logp, value
+
+
+LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)

@@ -122,7 +122,7 @@ def train(cfg: Config) -> dict:
     obs_space, act_space, policy_kind = onpolicy.check_env(cfg)
     run, envs, policy, rollout, resumed = onpolicy.setup(cfg, obs_space, act_space, policy_kind)
     device = next(policy.parameters()).device
-    optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.learning_rate, eps=1e-5)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.learning_rate, eps=1e-5, fused=onpolicy.FUSED_ADAM)
     controller = make_controller(cfg)
     start_iteration, global_step = 1, 0
     if resumed is not None:

@@ -158,7 +158,7 @@ def train(cfg: Config) -> dict:
         raise ConfigError(f"`policy`: TRPO supports mlp policies only; {cfg.env_id} needs a CNN")
     run, envs, policy, rollout, resumed = onpolicy.setup(cfg, obs_space, act_space, policy_kind)
     device = next(policy.parameters()).device
-    vf_optimizer = torch.optim.Adam(policy.critic.parameters(), lr=cfg.learning_rate, eps=1e-5)
+    vf_optimizer = torch.optim.Adam(policy.critic.parameters(), lr=cfg.learning_rate, eps=1e-5, fused=onpolicy.FUSED_ADAM)
     pi_optimizer = torch.optim.Adam(actor_parameters(policy), lr=cfg.policy_lr, eps=1e-5)  # penalty variant only
     lam = cfg.init_lambda
     start_iteration, global_step = 1, 0

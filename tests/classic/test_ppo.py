@@ -178,3 +178,32 @@ def test_ppo_learns_cartpole(tmp_path, penalty):
                                     "--report_to", "none", "--seed", "1"])
     summary = ppo.train(cfg)
     assert summary["eval/return_mean"] >= 200  # a random policy scores ~22
+
+
+@pytest.mark.parametrize("action_space", [gym.spaces.Discrete(3), gym.spaces.Box(-1, 1, (2,))])
+def test_fast_act_matches_the_distribution(action_space):
+    torch.manual_seed(0)
+    policy = ActorCritic(gym.spaces.Box(-1, 1, (4,)), action_space, init_log_std=-0.3)
+    obs = torch.randn(64, 4)
+    actions, logp, values = policy.act(obs)
+    params, v = policy.params_and_value(obs)
+    torch.testing.assert_close(logp, policy.log_prob(params, actions.clone()).detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(values, v.detach())
+
+
+@pytest.mark.parametrize("action_space", [gym.spaces.Discrete(4), gym.spaces.Box(-1, 1, (3,))])
+def test_policies_match_torch_distributions(action_space):
+    from torch.distributions import Categorical, Normal
+
+    torch.manual_seed(1)
+    policy = ActorCritic(gym.spaces.Box(-1, 1, (5,)), action_space, init_log_std=0.4)
+    params = policy.params(torch.randn(32, 5)) * 10  # spread the logits / means
+    if policy.discrete:
+        dist, actions = Categorical(logits=params), torch.randint(0, 4, (32,))
+        ref_logp, ref_ent = dist.log_prob(actions), dist.entropy()
+    else:
+        mean, log_std = params.chunk(2, -1)
+        dist, actions = Normal(mean, log_std.exp()), torch.randn(32, 3)
+        ref_logp, ref_ent = dist.log_prob(actions).sum(-1), dist.entropy().sum(-1)
+    torch.testing.assert_close(policy.log_prob(params, actions), ref_logp, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(policy.entropy(params), ref_ent, atol=1e-4, rtol=1e-5)
