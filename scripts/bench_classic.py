@@ -2,6 +2,7 @@
 
     pip install -e ".[bench]"        # stable-baselines3
     python scripts/bench_classic.py --algos dqn --envs cartpole,breakout
+    python scripts/bench_classic.py --algos ppo --envs cartpole,hopper
 
 Each (algorithm, env) row trains ours and SB3's for the same number of environment steps with the
 same hyper-parameters, network and torch thread count, one after the other in fresh processes,
@@ -91,7 +92,59 @@ def bench_dqn(envs: list[str], steps_scale: float) -> list[dict]:
     return rows
 
 
-BENCHES = {"dqn": bench_dqn}
+# --- PPO ---------------------------------------------------------------------------------------
+# Matched settings: SB3's PPO defaults (1 env, horizon 2048, 10 epochs of minibatch 64, Adam 3e-4,
+# GAE 0.95, clip 0.2, no value clipping, separate 64-64 tanh actor and critic, state-independent
+# log-std, no observation / reward normalisation, no learning-rate annealing). Target: ours >= 2x SB3.
+PPO_SETTINGS = {
+    "cartpole": dict(env_id="CartPole-v1", steps=3 * 2048, threads=1),
+    "hopper": dict(env_id="Hopper-v5", steps=3 * 2048, threads=1),
+}
+
+OURS_PPO = """
+import json, sys
+from classic import ppo
+from rlhf.runtime import make_config
+s = json.loads(sys.argv[1])
+cfg = make_config(ppo.Config, dict(
+    env_id=s["env_id"], total_timesteps=s["steps"], num_envs=1, num_steps=2048, num_minibatches=32, update_epochs=10,
+    learning_rate=3e-4, anneal_lr=False, gamma=0.99, gae_lambda=0.95, clip_eps=0.2, clip_vloss=False, ent_coef=0.0,
+    vf_coef=0.5, max_grad_norm=0.5, norm_obs=False, norm_reward=False, hidden_sizes=[64, 64], activation="tanh",
+    torch_threads=s["threads"], eval_episodes=0, output_dir=s["out"], progress=False, report_to="none"))
+print(json.dumps({"sps": ppo.train(cfg)["time/sps"]}))
+"""
+
+SB3_PPO = """
+import json, sys, time, torch
+s = json.loads(sys.argv[1])
+torch.set_num_threads(s["threads"])
+import gymnasium as gym
+from stable_baselines3 import PPO
+model = PPO("MlpPolicy", gym.make(s["env_id"]), n_steps=2048, batch_size=64, n_epochs=10, learning_rate=3e-4, gamma=0.99,
+            gae_lambda=0.95, clip_range=0.2, ent_coef=0.0, vf_coef=0.5, max_grad_norm=0.5, seed=1, device="cpu", verbose=0,
+            policy_kwargs=dict(net_arch=dict(pi=[64, 64], vf=[64, 64]), activation_fn=torch.nn.Tanh))
+t = time.perf_counter()
+model.learn(total_timesteps=s["steps"])
+print(json.dumps({"sps": s["steps"] / (time.perf_counter() - t)}))
+"""
+
+
+def bench_ppo(envs: list[str], steps_scale: float) -> list[dict]:
+    rows = []
+    for name in [e for e in envs if e in PPO_SETTINGS]:
+        s = dict(PPO_SETTINGS[name])
+        s["steps"] = max(2048, int(s["steps"] * steps_scale) // 2048 * 2048)  # whole rollouts
+        with tempfile.TemporaryDirectory() as tmp:
+            s["out"] = tmp + "/run"
+            ours = _run(OURS_PPO, s)
+        sb3 = _run(SB3_PPO, s)
+        rows.append({"algo": "ppo", "env": s["env_id"], "steps": s["steps"], "threads": s["threads"],
+                     "ours_sps": ours, "sb3_sps": sb3, "ratio": ours / sb3})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+BENCHES = {"dqn": bench_dqn, "ppo": bench_ppo}
 
 
 def main(argv=None) -> None:
