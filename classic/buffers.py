@@ -326,3 +326,10 @@ class PrioritizedReplayBuffer(ReplayBuffer):
         super().load_state_dict(state)
         self.tree.tree[:] = state["tree"]
         self.max_priority = float(state["max_priority"])
+
+
+if __name__ == "__main__":  # python -m classic.buffers: memory of a 1M-transition Atari replay
+    for per in (False, True):
+        n = replay_nbytes(1_000_000, (84, 84), np.uint8, prioritized=per)
+        print(f"1M Atari transitions, {'prioritised' if per else 'uniform'} replay: {n:,} bytes = {n / 1e9:.2f} GB "
+              f"({n / 2**30:.2f} GiB); stacked obs + next_obs would take {2 * 4 * 84 * 84 * 1_000_000 / 1e9:.1f} GB")

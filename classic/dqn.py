@@ -39,25 +39,29 @@ from rlhf.runtime import (Run, RunConfig, Timer, arg, check, fmt_metrics, load_s
 
 @dataclasses.dataclass
 class Config(RunConfig):
-    """DQN family: DQN, Double DQN, Dueling (mean|max), prioritised replay, n-step returns."""
+    """DQN family: DQN, Double DQN, Dueling (mean|max), prioritised replay, n-step returns.
+
+    Defaults are the CartPole settings of configs/classic/dqn_cartpole.yaml (rl-baselines3-zoo's);
+    Atari wants configs/classic/dqn_breakout.yaml-like settings.
+    """
 
     output_dir: str = arg("runs/dqn", "Run directory: config.yaml, metrics.jsonl, summary.json, checkpoints/.")
     logging_steps: int = arg(1000, "Log training metrics every this many environment steps.")
     env_id: str = arg("CartPole-v1", "Gymnasium id with a discrete action space (Atari ids get the Atari preprocessing).")
     total_timesteps: int = arg(100_000, "Environment steps to train for.")
-    learning_rate: float = arg(2.5e-4, "Adam learning rate.")
+    learning_rate: float = arg(2.3e-3, "Adam learning rate.")
     adam_eps: float = arg(1e-8, "Adam epsilon.")
-    buffer_size: int = arg(10_000, "Replay memory size in transitions (Atari stores each 84x84 frame once).")
-    batch_size: int = arg(128, "Transitions per gradient step.")
+    buffer_size: int = arg(100_000, "Replay memory size in transitions (Atari stores each 84x84 frame once).")
+    batch_size: int = arg(64, "Transitions per gradient step.")
     gamma: float = arg(0.99, "Discount factor.")
     tau: float = arg(1.0, "Target network update rate: 1.0 copies the online net (hard update), < 1 is Polyak averaging.")
-    target_update_interval: int = arg(500, "Update the target network every this many environment steps (C in the DQN paper).")
-    train_frequency: int = arg(10, "Do `gradient_steps` gradient steps every this many environment steps.")
-    gradient_steps: int = arg(1, "Gradient steps per training round.")
-    learning_starts: int = arg(10_000, "Environment steps of pure collection before learning starts.")
+    target_update_interval: int = arg(10, "Update the target network every this many environment steps (C in the DQN paper).")
+    train_frequency: int = arg(256, "Do `gradient_steps` gradient steps every this many environment steps.")
+    gradient_steps: int = arg(128, "Gradient steps per training round.")
+    learning_starts: int = arg(1_000, "Environment steps of pure collection before learning starts.")
     start_e: float = arg(1.0, "Initial epsilon of the epsilon-greedy behaviour policy.")
-    end_e: float = arg(0.05, "Final epsilon.")
-    exploration_fraction: float = arg(0.5, "Fraction of total_timesteps over which epsilon decays linearly to end_e.")
+    end_e: float = arg(0.04, "Final epsilon.")
+    exploration_fraction: float = arg(0.08, "Fraction of total_timesteps over which epsilon decays linearly to end_e.")
     double_q: bool = arg(False, "Double DQN target: argmax from the online net, value from the target net.")
     dueling: str = arg("none", "Dueling head: none, or V + A - mean(A) / V + A - max(A).", choices=("none", "mean", "max"))
     prioritized: bool = arg(False, "Prioritised replay (proportional, sum tree).")
@@ -67,8 +71,8 @@ class Config(RunConfig):
     n_step: int = arg(1, "n-step returns: bootstrap after n rewards (1 = standard DQN).")
     loss: str = arg("huber", "TD loss: huber (Nature DQN error clipping) or mse.", choices=("huber", "mse"))
     max_grad_norm: float = arg(10.0, "Clip the gradient norm to this (0 = no clipping).")
-    hidden_sizes: list[int] = arg([120, 84], "Hidden layers of the MLP Q-network (ignored for image observations).")
-    eval_frequency: int = arg(10_000, "Evaluate every this many environment steps (0 = only at the end).")
+    hidden_sizes: list[int] = arg([256, 256], "Hidden layers of the MLP Q-network (ignored for image observations).")
+    eval_frequency: int = arg(5_000, "Evaluate every this many environment steps (0 = only at the end).")
     eval_episodes: int = arg(10, "Episodes per evaluation (full games for Atari).")
     eval_epsilon: float = arg(0.0, "Epsilon of the evaluation policy (0.05 is usual for Atari).")
     stop_at_return: float | None = arg(None, "Stop training early once an evaluation's mean return reaches this (none: never).")

@@ -59,7 +59,7 @@ def test_cartpole_learns_clearly_better_than_random(tmp_path):
 @pytest.mark.slow
 def test_atari_smoke_run_with_small_buffer(tmp_path):
     cfg = _cfg(tmp_path, env_id="BreakoutNoFrameskip-v4", total_timesteps=1000, buffer_size=600, batch_size=8,
-               learning_starts=400, train_frequency=8, target_update_interval=200, eval_frequency=0, eval_episodes=1,
+               learning_starts=400, train_frequency=8, gradient_steps=1, target_update_interval=200, eval_frequency=0, eval_episodes=1,
                eval_epsilon=0.2, logging_steps=200, dueling="mean", prioritized=True, n_step=3, torch_threads=1)
     summary = dqn.train(cfg)
     assert summary["global_step"] == 1000 and summary["train/updates"] == 75
@@ -78,16 +78,17 @@ class _Crash(BaseException):
 @pytest.mark.slow
 def test_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch):
     torch.set_num_threads(1)
-    common = dict(total_timesteps=3000, learning_starts=300, buffer_size=2000, batch_size=32, train_frequency=4,
-                  target_update_interval=100, save_steps=1000, save_total_limit=5, eval_frequency=1500,
-                  eval_episodes=2, logging_steps=250, double_q=True, dueling="max", prioritized=True, n_step=3)
+    common = dict(total_timesteps=2000, learning_starts=200, buffer_size=2000, batch_size=32, train_frequency=4,
+                  gradient_steps=1, target_update_interval=100, hidden_sizes=[64, 64], learning_rate=1e-3,
+                  save_steps=700, save_total_limit=5, eval_frequency=1000, eval_episodes=2, logging_steps=200,
+                  double_q=True, dueling="max", prioritized=True, n_step=3)
     straight = dqn.train(_cfg(tmp_path / "a", **common))
 
     original_exit = runtime.CheckpointWriter.__exit__
 
     def exit_then_crash(self, *exc):
         original_exit(self, *exc)
-        if exc[0] is None and "step-00003000" not in self.final.name:
+        if exc[0] is None and "step-00002000" not in self.final.name:
             raise _Crash  # like kill -9 right after the first checkpoint landed
 
     monkeypatch.setattr(runtime.CheckpointWriter, "__exit__", exit_then_crash)
@@ -95,7 +96,7 @@ def test_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch):
         dqn.train(_cfg(tmp_path / "b", **common))
     monkeypatch.setattr(runtime.CheckpointWriter, "__exit__", original_exit)
     first = runtime.checkpoint_dirs(tmp_path / "b" / "run")
-    assert len(first) == 1 and 1000 <= int(first[0].name.split("-")[1]) < 3000
+    assert len(first) == 1 and 700 <= int(first[0].name.split("-")[1]) < 2000
     resumed = dqn.train(_cfg(tmp_path / "b", **common, resume_from_checkpoint="latest"))
 
     a_state = load_state(runtime.checkpoint_dirs(tmp_path / "a" / "run")[-1] / "state.pt", restore_rng=False)
@@ -108,4 +109,4 @@ def test_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch):
     rows_b = strip(read_jsonl(tmp_path / "b" / "run" / "metrics.jsonl"))
     assert rows_a == rows_b and len(rows_a) > 10
     assert {k: v for k, v in straight.items() if k != "time/sps"} == {k: v for k, v in resumed.items() if k != "time/sps"}
-    assert json.loads((tmp_path / "b" / "run" / "summary.json").read_text())["global_step"] == 3000
+    assert json.loads((tmp_path / "b" / "run" / "summary.json").read_text())["global_step"] == 2000
