@@ -138,6 +138,11 @@ class PolicyAndValue(torch.nn.Module):
         super().__init__()
         self.policy, self.value_model = policy, value_model
 
+    @property
+    def config(self):
+        """The policy's config: DeepSpeed sizes its "auto" buckets from its `hidden_size`."""
+        return self.policy.config
+
     def forward(self, input_ids, attention_mask, completion_start: int, temperature: float):
         """Log-probs of the completion tokens and the value of the state before each of them.
 

@@ -1,0 +1,81 @@
+"""Run rlhf stages back to back in one launch (one process start-up instead of one per stage), each
+twice: straight for 4 optimizer steps with a checkpoint at step 2, then resumed from that checkpoint.
+
+    accelerate launch --config_file configs/accelerate/zero3.yaml tests/distributed/run_stages.py OUT sft,grpo 1
+    python tests/distributed/run_stages.py OUT sft,grpo 2        # one process, per-device batches x 2
+
+The last argument multiplies the per-device batch sizes, so a 1-process run with 2 has the same
+global batch as a 2-process run with 1. Writes OUT/<stage>/result.json (main process): the
+metrics of the straight run, of the resumed run, and where the models are.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+LENGTH_REWARD = f"{HERE.parent / 'rlhf' / 'test_grpo.py'}:length_reward"  # learnable from scratch
+
+
+def stage_configs(root: Path, scale: int) -> dict:
+    common = dict(seed=3, max_steps=4, save_steps=2, progress=False, report_to="none", overwrite=True)
+    return {
+        "sft": dict(common, per_device_train_batch_size=8 * scale, num_train_examples=256, learning_rate=3e-3,
+                    num_eval_prompts=8, num_eval_examples=16, eval_steps=0, per_device_eval_batch_size=8),
+        "reward": dict(common, per_device_train_batch_size=2 * scale, num_train_prompts=32, completions_per_prompt=3,
+                       learning_rate=1e-3, num_eval_prompts=8, eval_steps=0, per_device_eval_batch_size=3),
+        "grpo": dict(common, model_name_or_path=str(root / "start"), reward_funcs=[LENGTH_REWARD], reward_weights=[1.0],
+                     per_device_train_batch_size=8 * scale, num_generations=4, max_completion_length=6,
+                     learning_rate=1e-3, beta=0.05, num_train_prompts=64, num_eval_prompts=8),
+        "ppo": dict(common, model_name_or_path=str(root / "start"), reward_funcs=[LENGTH_REWARD], reward_weights=[1.0],
+                    per_device_train_batch_size=4 * scale, max_completion_length=6, learning_rate=1e-3,
+                    num_train_prompts=64, num_eval_prompts=8),
+    }
+
+
+def main() -> None:
+    import importlib
+
+    import torch
+
+    from rlhf.runtime import make_config, read_jsonl
+
+    root, stages, scale = Path(sys.argv[1]), sys.argv[2].split(","), int(sys.argv[3])
+    torch.set_num_threads(1)
+    from accelerate import PartialState
+
+    from rlhf.distributed import make_accelerator
+
+    is_main = make_accelerator().is_main_process  # the process group, once, before any stage
+    if is_main and not (root / "start").exists():
+        from rlhf.models import save_builtin_tiny
+
+        save_builtin_tiny(root / "start")  # a model directory: exercises from_pretrained under ZeRO-3
+    PartialState().wait_for_everyone()
+    for name, values in stage_configs(root, scale).items():
+        if name not in stages:
+            continue
+        module = importlib.import_module(f"rlhf.{name}")
+        out = root / name
+        summary = module.train(make_config(module.Config, dict(values, output_dir=str(out))))
+        if is_main:
+            straight = read_jsonl(out / "metrics.jsonl")
+            shutil.copytree(out / "model", root / f"{name}_model_straight", dirs_exist_ok=True)
+        PartialState().wait_for_everyone()
+        ckpt = out / "checkpoints" / "step-00000002"
+        resumed_summary = module.train(make_config(module.Config, dict(values, output_dir=str(out),
+                                                                       resume_from_checkpoint=str(ckpt))))
+        if is_main:
+            (out / "result.json").write_text(json.dumps({
+                "world": PartialState().num_processes, "straight": straight, "resumed": read_jsonl(out / "metrics.jsonl"),
+                "summary": summary, "resumed_summary": resumed_summary,
+                "model_straight": str(root / f"{name}_model_straight"), "model_resumed": str(out / "model"),
+            }, default=str))
+        PartialState().wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main()
