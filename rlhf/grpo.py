@@ -38,7 +38,7 @@ from rlhf.rollout import (
     PromptSource, batch_logprobs, decode_completions, evaluate_arithmetic, generate, load_prompt_rows, tokenize_prompts,
 )
 from rlhf.runtime import (
-    ConfigError, Run, RunConfig, Timer, arg, check, fmt_metrics, load_state, progress, resolve_checkpoint, save_state,
+    Run, RunConfig, Timer, arg, check, fmt_metrics, load_state, progress, resolve_checkpoint, save_state,
     seed_everything,
 )
 
@@ -60,7 +60,7 @@ class Config(RunConfig):
     max_steps: int = arg(100, "Optimizer steps.")
     per_device_train_batch_size: int = arg(64, "Completions (not prompts) per micro-batch per process.")
     gradient_accumulation_steps: int = arg(1, "Micro-batches per optimizer step.")
-    num_generations: int = arg(8, "G: completions per prompt (one group).", )
+    num_generations: int = arg(8, "G: completions per prompt (one group).")
     max_prompt_length: int = arg(0, "Truncate prompts (left side kept by the tokenizer) to this many tokens (0: no limit).")
     max_completion_length: int = arg(8, "Maximum new tokens per completion.")
     temperature: float = arg(1.0, "Sampling temperature (the log-probs in the loss use the same one).")

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from rlhf.core import (
-    explained_variance, kl_controller, kl_estimate, masked_mean, masked_whiten, ppo_clip_loss, token_gae, value_loss,
+    explained_variance, kl_controller, kl_estimate, masked_whiten, ppo_clip_loss, token_gae, value_loss,
 )
 from rlhf.rewards import RewardFunctions, RewardModelScorer
 from rlhf.rollout import (
@@ -41,7 +41,7 @@ from rlhf.rollout import (
     position_ids_from_mask, tokenize_prompts,
 )
 from rlhf.runtime import (
-    ConfigError, Run, RunConfig, Timer, arg, check, fmt_metrics, load_state, progress, resolve_checkpoint, save_state,
+    Run, RunConfig, Timer, arg, check, fmt_metrics, load_state, progress, resolve_checkpoint, save_state,
     seed_everything,
 )
 
