@@ -406,9 +406,8 @@ def setup_torch(cfg: OnPolicyArgs) -> torch.device:
 
 
 def warn_async_resume(cfg: OnPolicyArgs) -> None:
-    if cfg.vector == "async":
-        warnings.warn("resuming with vector=async: the environments restart from fresh episodes "
-                      "(their state lives in other processes and is not checkpointed); the run is not bit-exact")
+    warnings.warn(f"resuming {cfg.env_id} with vector={cfg.vector}: the environments restart from fresh episodes (async and "
+                  "ale-py vector envs keep their state outside this process, so it is not checkpointed); the run is not bit-exact")
 
 
 # --------------------------------------------------------------------------------------------

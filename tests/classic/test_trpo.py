@@ -102,11 +102,11 @@ def test_resume_continues_exactly(tmp_path):
 def test_trpo_learns_cartpole(tmp_path, variant):
     from rlhf.runtime import parse_config
 
-    cfg = parse_config(trpo.Config, ["--config", str(CONFIGS / "trpo_cartpole.yaml"), "--total_timesteps", "40000",
+    cfg = parse_config(trpo.Config, ["--config", str(CONFIGS / "trpo_cartpole.yaml"), "--total_timesteps", "30000",
                                      "--variant", variant, "--output_dir", str(tmp_path / variant), "--progress", "false",
                                      "--report_to", "none", "--seed", "1"])
     summary = trpo.train(cfg)
-    assert summary["eval/return_mean"] >= 200  # a random policy scores ~22
+    assert summary["eval/return_mean"] >= 150  # a random policy scores ~22
 
 
 def test_trpo_mujoco_smoke(tmp_path):
