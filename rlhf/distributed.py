@@ -209,8 +209,6 @@ def gathered_for_generation(accelerator, model):
         return
     import deepspeed
 
-    from transformers.integrations import deepspeed as hf_deepspeed
-
     offload = _zero3_param_offload(model)
     with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
         if offload is not None:
@@ -218,13 +216,27 @@ def gathered_for_generation(accelerator, model):
         # transformers' generate() turns on synced_gpus under ZeRO-3 (every process keeps stepping
         # until all are done, for the per-layer gathers); with the weights local that is not needed
         # and would deadlock callers that generate on the main process only (evaluation).
-        hf_ref, hf_deepspeed._hf_deepspeed_config_weak_ref = hf_deepspeed._hf_deepspeed_config_weak_ref, None
         try:
-            yield unwrapped
+            with transformers_zero3_off():
+                yield unwrapped
         finally:
-            hf_deepspeed._hf_deepspeed_config_weak_ref = hf_ref
             if offload is not None:
                 offload.setup_zero_stage3_hooks()
+
+
+@contextlib.contextmanager
+def transformers_zero3_off():
+    """Within this block transformers does not see the ZeRO-3 launch: models built here get full
+    (unpartitioned) weights instead of `deepspeed.zero.Init` shards, and `generate` does not sync
+    processes. For small models built from a config, and for code that runs with gathered weights.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved, hf_deepspeed._hf_deepspeed_config_weak_ref = hf_deepspeed._hf_deepspeed_config_weak_ref, None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def prepare_frozen(accelerator, model):

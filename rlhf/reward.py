@@ -163,16 +163,20 @@ def prompts_with_pairs(ranks: torch.Tensor) -> torch.Tensor:
 def evaluate(acc, model, groups: list[dict] | None, cfg: Config, pad_token_id: int) -> dict:
     """Held-out pairwise accuracy (pairs pooled), mean margin r_better - r_worse, and the ranking loss."""
     from rlhf.data import collate_rankings
-    from rlhf.distributed import reduce_sum
+    from rlhf.distributed import gathered_for_generation, reduce_sum
 
     if not groups:
         return {}
     model.eval()
     correct = margin = n_pairs = loss_sum = n_prompts = 0.0
     bs = cfg.per_device_eval_batch_size
-    for i in range(acc.process_index * bs, len(groups), acc.num_processes * bs):
-        batch = {k: v.to(acc.device) for k, v in collate_rankings(groups[i:i + bs], pad_token_id).items()}
-        scores, ranks = group_scores(model, batch), batch["ranks"]  # (B, K)
+    # Processes may get different numbers of batches: under ZeRO-3 forward with the weights gathered
+    # once (no per-layer collectives to keep in step).
+    with gathered_for_generation(acc, model) as unwrapped:
+        results = [(group_scores(unwrapped, batch), batch["ranks"]) for batch in (
+            {k: v.to(acc.device) for k, v in collate_rankings(groups[i:i + bs], pad_token_id).items()}
+            for i in range(acc.process_index * bs, len(groups), acc.num_processes * bs))]
+    for scores, ranks in results:  # (B, K) each
         valid = ranks >= 0
         pairs = ((ranks.unsqueeze(2) < ranks.unsqueeze(1)) & valid.unsqueeze(2) & valid.unsqueeze(1)).float()  # (B, K, K)
         diff = scores.unsqueeze(2) - scores.unsqueeze(1)  # (B, K, K): r_i - r_j where i is ranked better
@@ -201,7 +205,8 @@ def train(cfg: Config) -> dict:
     from rlhf.distributed import make_accelerator, reduce_sum, save_hf_model
     from rlhf.models import load_reward_model, load_tokenizer
 
-    acc = make_accelerator(cfg.gradient_accumulation_steps, mixed_precision="bf16" if cfg.bf16 else "no")
+    acc = make_accelerator(cfg.gradient_accumulation_steps, mixed_precision="bf16" if cfg.bf16 else "no",
+                           per_device_train_batch_size=cfg.per_device_train_batch_size, max_grad_norm=cfg.max_grad_norm)
     seed_everything(cfg.seed, cfg.deterministic)
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     groups, eval_groups, dropped = load_groups(cfg, tokenizer)
@@ -266,6 +271,7 @@ def train(cfg: Config) -> dict:
         if cfg.save_steps and done % cfg.save_steps == 0 and done < total_steps:
             save_checkpoint(run, acc, scheduler, done)
     bar.close()
+    train_seconds = timer.elapsed()
     if start < total_steps:
         save_checkpoint(run, acc, scheduler, total_steps)
 
@@ -273,7 +279,7 @@ def train(cfg: Config) -> dict:
     run.log(total_steps, final)
     save_hf_model(acc, model, Path(cfg.output_dir) / "model", tokenizer, merge_lora=not cfg.save_adapter_only)
     summary = {**final, "step": total_steps, "train/loss_last": metrics.get("loss/reward"),
-               "data/train_rankings": len(groups), "data/dropped_too_long": dropped, "time/train_s": timer.elapsed()}
+               "data/train_rankings": len(groups), "data/dropped_too_long": dropped, "time/train_s": train_seconds}
     run.write_summary(summary)
     run.close()
     return summary

@@ -203,15 +203,18 @@ def token_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def eval_loss(acc, model, examples: list[dict], batch_size: int, pad_token_id: int) -> float:
     from rlhf.data import collate_sft
-    from rlhf.distributed import reduce_sum
+    from rlhf.distributed import gathered_for_generation, reduce_sum
 
     model.eval()
     total, count = 0.0, 0.0
-    for i in range(acc.process_index * batch_size, len(examples), acc.num_processes * batch_size):
-        batch = {k: v.to(acc.device) for k, v in collate_sft(examples[i:i + batch_size], pad_token_id).items()}
-        per_token, mask = token_losses(model, batch)
-        total += float((per_token * mask).sum())
-        count += float(mask.sum())
+    # Processes may get different numbers of batches: under ZeRO-3 forward with the weights gathered
+    # once (no per-layer collectives to keep in step).
+    with gathered_for_generation(acc, model) as unwrapped:
+        for i in range(acc.process_index * batch_size, len(examples), acc.num_processes * batch_size):
+            batch = {k: v.to(acc.device) for k, v in collate_sft(examples[i:i + batch_size], pad_token_id).items()}
+            per_token, mask = token_losses(unwrapped, batch)
+            total += float((per_token * mask).sum())
+            count += float(mask.sum())
     model.train()
     return float(reduce_sum(acc, total) / reduce_sum(acc, count).clamp_min(1))
 
@@ -245,7 +248,8 @@ def train(cfg: Config) -> dict:
     from rlhf.distributed import make_accelerator, reduce_sum, save_hf_model
     from rlhf.models import load_causal_lm, load_tokenizer
 
-    acc = make_accelerator(cfg.gradient_accumulation_steps, mixed_precision="bf16" if cfg.bf16 else "no")
+    acc = make_accelerator(cfg.gradient_accumulation_steps, mixed_precision="bf16" if cfg.bf16 else "no",
+                           per_device_train_batch_size=cfg.per_device_train_batch_size, max_grad_norm=cfg.max_grad_norm)
     seed_everything(cfg.seed, cfg.deterministic)
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     train_examples, eval_examples, dropped, builtin_task = load_examples(cfg, tokenizer)
@@ -302,6 +306,7 @@ def train(cfg: Config) -> dict:
         if cfg.save_steps and done % cfg.save_steps == 0 and done < total_steps:
             save_checkpoint(run, acc, scheduler, done)
     bar.close()
+    train_seconds = timer.elapsed()
     if start < total_steps:
         save_checkpoint(run, acc, scheduler, total_steps)
 
@@ -310,7 +315,7 @@ def train(cfg: Config) -> dict:
     save_hf_model(acc, model, Path(cfg.output_dir) / "model", tokenizer, merge_lora=not cfg.save_adapter_only)
     summary = {**final, "step": total_steps, "train/loss_last": metrics.get("loss/sft"),
                "data/train_examples": len(train_examples), "data/dropped_too_long": dropped,
-               "time/train_s": timer.elapsed(), "model/parameters": sum(p.numel() for p in model.parameters()),
+               "time/train_s": train_seconds, "model/parameters": sum(p.numel() for p in model.parameters()),
                "model/trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     run.write_summary(summary)
     run.close()

@@ -93,7 +93,11 @@ def _build_tiny(model_cls, **overrides):
     config = tiny_config()
     for key, value in overrides.items():
         setattr(config, key, value)
-    with torch.random.fork_rng(devices=[]):
+    from rlhf.distributed import transformers_zero3_off
+
+    # full weights even under a ZeRO-3 launch: the sequence-classification constructor builds its
+    # body through from_config, which would otherwise shard it mid-construction and break init
+    with torch.random.fork_rng(devices=[]), transformers_zero3_off():
         torch.manual_seed(_TINY_SEED)
         model = model_cls(config)
     return model
