@@ -88,18 +88,20 @@ def update(cfg: Config, policy: ActorCritic, optimizer: torch.optim.Optimizer, b
     with torch.no_grad():
         old_params = policy.params(batch["obs"])  # (B, P): pi_old, exactly the rollout's policy
     vclip = cfg.clip_eps if cfg.clip_vloss else None
+    data = {**batch, "old_params": old_params}
     history = []
     for _ in range(cfg.update_epochs):
-        for idx in torch.randperm(n, device=batch["logp"].device).split(mb_size):
-            valid = batch["valid"][idx]  # (b,) 0 on autoreset steps
-            params, values = policy.params_and_value(batch["obs"][idx])
-            logp = policy.log_prob(params, batch["actions"][idx])  # (b,)
-            advantages = batch["advantages"][idx]
-            if cfg.norm_adv:
-                advantages = masked_whiten(advantages, valid)
-            kl = policy.kl(old_params[idx], params) if cfg.penalty in ("adaptive_kl", "fixed_kl") else None
-            pg_loss, metrics = policy_loss(cfg, logp, batch["logp"][idx], advantages, valid, kl, beta)
-            v_loss, v_metrics = value_loss(values, batch["values"][idx], batch["returns"][idx], clip_eps=vclip, mask=valid)
+        perm = torch.randperm(n, device=batch["logp"].device)
+        shuffled = {k: v[perm] for k, v in data.items()}  # one gather per epoch; minibatches are slices (views)
+        for start in range(0, n, mb_size):
+            mb = {k: v[start:start + mb_size] for k, v in shuffled.items()}
+            valid = mb["valid"]  # (b,) 0 on autoreset steps
+            params, values = policy.params_and_value(mb["obs"])
+            logp = policy.log_prob(params, mb["actions"])  # (b,)
+            advantages = masked_whiten(mb["advantages"], valid) if cfg.norm_adv else mb["advantages"]
+            kl = policy.kl(mb["old_params"], params) if cfg.penalty in ("adaptive_kl", "fixed_kl") else None
+            pg_loss, metrics = policy_loss(cfg, logp, mb["logp"], advantages, valid, kl, beta)
+            v_loss, v_metrics = value_loss(values, mb["values"], mb["returns"], clip_eps=vclip, mask=valid)
             entropy = masked_mean(policy.entropy(params), valid)
             loss = pg_loss - cfg.ent_coef * entropy + cfg.vf_coef * v_loss
             optimizer.zero_grad(set_to_none=True)
@@ -108,7 +110,7 @@ def update(cfg: Config, policy: ActorCritic, optimizer: torch.optim.Optimizer, b
                 nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
             optimizer.step()
             if "policy/clipfrac" not in metrics:  # KL / none variants: how often |r - 1| > clip_eps, for comparison
-                metrics["policy/clipfrac"] = masked_mean(((logp.detach() - batch["logp"][idx]).exp().sub(1).abs() > cfg.clip_eps).float(), valid)
+                metrics["policy/clipfrac"] = masked_mean(((logp.detach() - mb["logp"]).exp().sub(1).abs() > cfg.clip_eps).float(), valid)
             history.append({**metrics, **v_metrics, "policy/entropy": entropy.detach()})
         if cfg.target_kl is not None and float(metrics["policy/approx_kl"]) > cfg.target_kl:
             break
