@@ -67,8 +67,6 @@ class ReplayBuffer:
         self.sampleable = np.zeros(cap, dtype=bool)
         self.first = np.zeros(cap, dtype=np.int64)  # absolute index of the slot's episode start
         self.end = np.full(cap, _NEVER, dtype=np.int64)  # absolute index of the episode's final slot
-        self.mc_return = np.zeros(cap, dtype=np.float32)  # discounted return-to-go, for diagnostics
-        self.mc_valid = np.zeros(cap, dtype=bool)
         self.total = 0  # slots ever written
         self.num_sampleable = 0
         self.episode_open = False
@@ -103,19 +101,20 @@ class ReplayBuffer:
             self._end_episode(final=q + 1, terminated=bool(terminated))
         else:
             self.episode_open = True
-            if q + 1 - self.n >= self.episode_first:  # that slot's n-step target is now known
-                self._mark(np.array([q + 1 - self.n]), ready=True)
+            ready = q + 1 - self.n  # that slot's n-step target is now known
+            if ready >= self.episode_first and max(ready - self.k + 1, self.episode_first) >= self.oldest:
+                self._set_one(ready % self.capacity, True)
 
     def _write_slot(self, obs) -> None:
         a, cap = self.total, self.capacity
         if a >= cap:  # evict slot a - cap, and stacks that still reach back into it
             gone = a - cap
-            near = np.arange(gone, min(gone + self.k, a))
-            self._mark(near[np.maximum(near - self.k + 1, self.first[near % cap]) <= gone], ready=False)
+            for q in range(gone, min(gone + self.k, a)):
+                if max(q - self.k + 1, int(self.first[q % cap])) <= gone:
+                    self._set_one(q % cap, False)
         p = a % cap
         self.frames[p] = obs[-1] if self.k > 1 else obs
         self.first[p], self.end[p], self.terminated[p], self.rewards[p] = self.episode_first, _NEVER, False, 0.0
-        self.mc_valid[p] = False
         self.total += 1
 
     def _end_episode(self, final: int, terminated: bool) -> None:
@@ -124,12 +123,6 @@ class ReplayBuffer:
         pos = live % self.capacity
         self.end[pos] = final
         steps = live[:-1]  # transitions (the final slot only holds the last observation)
-        rewards = torch.from_numpy(self.rewards[steps % self.capacity])
-        ends = torch.zeros_like(rewards)
-        ends[-1:] = 1.0
-        self.mc_return[steps % self.capacity] = discounted_returns(rewards, ends, self.gamma).numpy()
-        # a time limit cuts the return-to-go short: trust it only far enough from the cut
-        self.mc_valid[steps % self.capacity] = True if terminated else (final - steps) >= self.mc_horizon
         self._mark(steps[steps > final - 1 - self.n], ready=True)
 
     def _mark(self, idx: np.ndarray, ready: bool) -> None:
@@ -142,6 +135,13 @@ class ReplayBuffer:
         self.sampleable[pos] = ready
         self.num_sampleable += len(pos) if ready else -len(pos)
         self._set_priority(pos, ready)
+
+    def _set_one(self, pos: int, ready: bool) -> None:
+        """`_mark` for one ring position (the per-step path, without numpy overhead)."""
+        if self.sampleable[pos] != ready:
+            self.sampleable[pos] = ready
+            self.num_sampleable += 1 if ready else -1
+            self._set_priority(np.array([pos]), ready)
 
     def _set_priority(self, pos: np.ndarray, ready: bool) -> None:
         pass  # prioritised replay keeps its sum tree in step
@@ -190,19 +190,31 @@ class ReplayBuffer:
         return self._transitions(self.sample_indices(batch_size), np.ones(batch_size, dtype=np.float32))
 
     def sample_diagnostic(self, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """(obs, actions, discounted return-to-go) of stored steps whose episode ended, or None."""
+        """(obs, actions, discounted return-to-go) of stored steps whose episode has ended, or None.
+
+        The return-to-go is what the behaviour policy actually obtained from that state. Steps of an
+        episode cut by a time limit count only if the cut is far enough away (gamma^h < 1%).
+        """
         live = np.arange(self.oldest, self.total)
-        ok = live[self.mc_valid[live % self.capacity]]
+        pos = live % self.capacity
+        end = self.end[pos]
+        ended = self.sampleable[pos] & (end < _NEVER)
+        terminated = self.terminated[(np.minimum(end, self.total) - 1) % self.capacity]
+        ok = live[ended & (terminated | (end - live >= self.mc_horizon))]
         if len(ok) == 0:
             return None
         idx = ok[self.rng.integers(0, len(ok), size=min(batch_size, len(ok)))]
-        return self.stack(idx), self.actions[idx % self.capacity], self.mc_return[idx % self.capacity]
+        steps = self.end[idx % self.capacity] - idx  # (B,) transitions left in each episode
+        t = np.arange(steps.max())[:, None]  # (T, 1)
+        rewards = self.rewards[(idx[None, :] + t) % self.capacity] * (t < steps[None, :])  # (T, B)
+        returns = discounted_returns(torch.from_numpy(rewards), torch.from_numpy(t == steps[None, :] - 1), self.gamma)
+        return self.stack(idx), self.actions[idx % self.capacity], returns[0].numpy()
 
     def update_priorities(self, indices: np.ndarray, td_errors: np.ndarray) -> None:
         pass  # uniform replay ignores them
 
     # -- checkpointing -------------------------------------------------------------------------
-    _ARRAYS = ("frames", "actions", "rewards", "terminated", "sampleable", "first", "end", "mc_return", "mc_valid")
+    _ARRAYS = ("frames", "actions", "rewards", "terminated", "sampleable", "first", "end")
 
     def state_dict(self) -> dict:
         used = min(self.total, self.capacity)

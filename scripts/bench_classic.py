@@ -5,10 +5,11 @@
     python scripts/bench_classic.py --algos ppo --envs cartpole,hopper
 
 Each (algorithm, env) row trains ours and SB3's for the same number of environment steps with the
-same hyper-parameters, network and torch thread count, one after the other in fresh processes,
-and prints env steps per second and the ratio ours / SB3. Steps/s count the whole training loop
-(acting, env stepping, replay, gradient steps), not the final evaluation. The machine is shared
-and noisy: compare the ratio within one run, not absolute numbers across runs.
+same hyper-parameters, network and torch thread count, in two fresh processes started at the same
+time (so both see the same machine load), and prints env steps per second — per wall-clock second
+and per CPU second of the process (robust on a shared, overloaded machine) — and the ratios
+ours / SB3. Ours counts the whole training loop (acting, env stepping, replay, gradient steps;
+CPU time also includes setup and a one-episode final evaluation), SB3 its `learn()` call.
 
 One function per algorithm (`bench_dqn`, ...) returns rows; add PPO as `bench_ppo` + an entry in
 BENCHES.
@@ -28,7 +29,7 @@ import tempfile
 DQN_SETTINGS = {
     "cartpole": dict(env_id="CartPole-v1", steps=30_000, threads=1, hidden=[64, 64], buffer_size=50_000,
                      learning_starts=1_000, batch_size=64, target_update_interval=1_000, learning_rate=1e-3),
-    "breakout": dict(env_id="BreakoutNoFrameskip-v4", steps=4_000, threads=2, hidden=[64, 64], buffer_size=10_000,
+    "breakout": dict(env_id="BreakoutNoFrameskip-v4", steps=3_000, threads=2, hidden=[64, 64], buffer_size=10_000,
                      learning_starts=1_000, batch_size=32, target_update_interval=1_000, learning_rate=1e-4),
 }
 
@@ -43,7 +44,10 @@ cfg = make_config(dqn.Config, dict(
     target_update_interval=s["target_update_interval"], exploration_fraction=0.1, end_e=0.05, hidden_sizes=s["hidden"],
     loss="huber", max_grad_norm=10.0, eval_frequency=0, eval_episodes=1, eval_epsilon=0.05, torch_threads=s["threads"],
     output_dir=s["out"], progress=False, report_to="none", save_buffer=False, logging_steps=1000))
-print(json.dumps({"sps": dqn.train(cfg)["time/sps"]}))
+import time
+t = time.process_time()
+summary = dqn.train(cfg)
+print(json.dumps({"sps": summary["time/sps"], "cpu_sps": s["steps"] / (time.process_time() - t)}))
 """
 
 SB3_DQN = """
@@ -64,17 +68,23 @@ model = DQN(policy, env, learning_rate=s["learning_rate"], buffer_size=s["buffer
             learning_starts=s["learning_starts"], batch_size=s["batch_size"], train_freq=4, gradient_steps=1,
             target_update_interval=s["target_update_interval"], exploration_fraction=0.1,
             exploration_final_eps=0.05, max_grad_norm=10.0, policy_kwargs=kwargs, seed=1, device="cpu", verbose=0)
-t = time.perf_counter()
+t, c = time.perf_counter(), time.process_time()
 model.learn(total_timesteps=s["steps"])
-print(json.dumps({"sps": s["steps"] / (time.perf_counter() - t)}))
+print(json.dumps({"sps": s["steps"] / (time.perf_counter() - t), "cpu_sps": s["steps"] / (time.process_time() - c)}))
 """
 
 
-def _run(code: str, settings: dict) -> float:
-    out = subprocess.run([sys.executable, "-c", code, json.dumps(settings)], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(out.stderr[-3000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])["sps"]
+def _run_both(ours_code: str, sb3_code: str, settings: dict) -> tuple[dict, dict]:
+    """Run ours and SB3 at the same time, so both see the same machine load; return their speeds."""
+    procs = [subprocess.Popen([sys.executable, "-c", code, json.dumps(settings)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for code in (ours_code, sb3_code)]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(err[-3000:])
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results[0], results[1]
 
 
 def bench_dqn(envs: list[str], steps_scale: float) -> list[dict]:
@@ -84,10 +94,11 @@ def bench_dqn(envs: list[str], steps_scale: float) -> list[dict]:
         s["steps"] = int(s["steps"] * steps_scale)
         with tempfile.TemporaryDirectory() as tmp:
             s["out"] = tmp + "/run"
-            ours = _run(OURS_DQN, s)
-        sb3 = _run(SB3_DQN, s)
+            ours, sb3 = _run_both(OURS_DQN, SB3_DQN, s)
         rows.append({"algo": "dqn", "env": s["env_id"], "steps": s["steps"], "threads": s["threads"],
-                     "ours_sps": ours, "sb3_sps": sb3, "ratio": ours / sb3})
+                     "ours_sps": ours["sps"], "sb3_sps": sb3["sps"], "ratio": ours["sps"] / sb3["sps"],
+                     "ours_cpu_sps": ours["cpu_sps"], "sb3_cpu_sps": sb3["cpu_sps"],
+                     "cpu_ratio": ours["cpu_sps"] / sb3["cpu_sps"]})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -123,9 +134,9 @@ from stable_baselines3 import PPO
 model = PPO("MlpPolicy", gym.make(s["env_id"]), n_steps=2048, batch_size=64, n_epochs=10, learning_rate=3e-4, gamma=0.99,
             gae_lambda=0.95, clip_range=0.2, ent_coef=0.0, vf_coef=0.5, max_grad_norm=0.5, seed=1, device="cpu", verbose=0,
             policy_kwargs=dict(net_arch=dict(pi=[64, 64], vf=[64, 64]), activation_fn=torch.nn.Tanh))
-t = time.perf_counter()
+t, c = time.perf_counter(), time.process_time()
 model.learn(total_timesteps=s["steps"])
-print(json.dumps({"sps": s["steps"] / (time.perf_counter() - t)}))
+print(json.dumps({"sps": s["steps"] / (time.perf_counter() - t), "cpu_sps": s["steps"] / (time.process_time() - c)}))
 """
 
 
@@ -156,10 +167,11 @@ def main(argv=None) -> None:
     rows = []
     for algo in args.algos.split(","):
         rows += BENCHES[algo]([e for e in args.envs.split(",") if e], args.steps_scale)
-    print(f"\n| algo | env | steps | threads | ours steps/s | SB3 steps/s | ours / SB3 |\n|---|---|---|---|---|---|---|")
+    print("\n| algo | env | steps | threads | ours steps/s (wall) | SB3 steps/s (wall) | ratio (wall) "
+          "| ours steps/CPU-s | SB3 steps/CPU-s | ratio (CPU) |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['algo']} | {r['env']} | {r['steps']} | {r['threads']} | {r['ours_sps']:.0f} | {r['sb3_sps']:.0f} "
-              f"| {r['ratio']:.2f}x |")
+              f"| {r['ratio']:.2f}x | {r['ours_cpu_sps']:.0f} | {r['sb3_cpu_sps']:.0f} | {r['cpu_ratio']:.2f}x |")
 
 
 if __name__ == "__main__":

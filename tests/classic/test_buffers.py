@@ -144,3 +144,22 @@ def test_state_dict_round_trip_continues_identically(tmp_path):
     _fill_synthetic(a, 30, rng_a)
     _fill_synthetic(b, 30, rng_b)
     np.testing.assert_array_equal(a.sample(32).obs, b.sample(32).obs)
+
+
+def test_diagnostic_returns_match_a_loop_and_skip_steps_near_a_time_limit():
+    buf = ReplayBuffer(300, (1,), n_step=1, gamma=0.95, seed=0)
+    log = _fill_synthetic(buf, 280, np.random.default_rng(6))
+    by_obs = {entry[0]: i for i, entry in enumerate(log)}
+    obs, _, returns = buf.sample_diagnostic(200)
+    horizon = np.log(0.01) / np.log(0.95)
+    for o, g in zip(obs[:, 0], returns):
+        i, want, disc = by_obs[o], 0.0, 1.0
+        for k in range(i, len(log)):
+            want += disc * log[k][1]
+            disc *= 0.95
+            if log[k][2] or log[k][3]:
+                assert log[k][2] or k + 1 - i >= horizon  # truncated episodes only far from the cut
+                break
+        else:
+            raise AssertionError("sampled a step whose episode has not ended")
+        assert g == pytest.approx(want, rel=1e-4, abs=1e-4)
