@@ -1,7 +1,4 @@
 import json
-import subprocess
-import sys
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -116,14 +113,29 @@ def test_too_long_rankings_are_dropped_and_counted(tmp_path):
     assert summary["data/dropped_too_long"] == 1 and summary["data/train_rankings"] == len(PAIRS)
 
 
-def test_score_command_prints_model_scores(tmp_path):
+def test_score_command_prints_model_scores(tmp_path, capsys):
+    from rlhf.cli import main
+
     _train(tmp_path, "rm", max_steps=1, per_device_train_batch_size=4)
-    data = _jsonl(tmp_path / "s.jsonl", [{"prompt": "1+2=", "completions": ["3", "4"]}])
-    out = subprocess.run([sys.executable, "-m", "rlhf", "reward", "score", "--model", str(tmp_path / "rm" / "model"),
-                          "--data", data], capture_output=True, text=True, check=True)
-    row = json.loads(out.stdout.strip().splitlines()[-1])
-    expected = reward.score_rows(str(tmp_path / "rm" / "model"), data)[0]["scores"]
-    assert row["prompt"] == "1+2=" and row["scores"] == pytest.approx(expected, abs=1e-6)
+    data = _jsonl(tmp_path / "s.jsonl", [{"prompt": "1+2=", "completions": ["3", "4"]}, {"prompt": "5+5=", "completions": ["10", "?"]}])
+    capsys.readouterr()
+    main(["reward", "score", "--model", str(tmp_path / "rm" / "model"), "--data", data])
+    out = capsys.readouterr().out
+    rows = [json.loads(line) for line in out.strip().splitlines() if line.startswith("{")]
+    assert len(rows) == 2, out
+    # reference: each response alone through the saved model, loaded with plain transformers
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tmp_path / "rm" / "model")
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm" / "model").eval()
+    for row in rows:
+        with torch.no_grad():
+            expected = [float(model(**tok(row["prompt"] + c + tok.eos_token, return_tensors="pt")).logits[0, 0])
+                        for c in (["3", "4"] if row["prompt"] == "1+2=" else ["10", "?"])]
+        assert row["scores"] == pytest.approx(expected, abs=1e-5)
+    with pytest.raises(SystemExit):
+        main(["reward", "score", "--model", str(tmp_path / "rm" / "model"), "--data", str(tmp_path / "missing.jsonl")])
+    assert "missing.jsonl" in capsys.readouterr().err
 
 
 @pytest.mark.slow
