@@ -1,0 +1,277 @@
+"""`rlhf pipeline`: the whole RLHF recipe end to end, on the built-in default without any download.
+
+    1. sft       supervised fine-tuning on demonstrations                  -> OUT/sft/model
+    2. rankings  K responses per prompt sampled from the SFT policy,
+                 ranked by the (noisy) labeller                             -> OUT/rankings.jsonl
+    3. reward    reward model trained on those rankings                     -> OUT/reward/model
+    4. ppo       PPO against the learned reward, KL penalty to the SFT model -> OUT/ppo/model
+    5. grpo      GRPO with the task's reward functions                      -> OUT/grpo/model
+
+Then OUT/summary.json (per stage: held-out accuracy, gold score, KL to the reference, reward-model
+pairwise accuracy, wall time) and OUT/report.md with PNG plots.
+
+Each stage is an ordinary run directory. A stage whose summary.json exists is done and skipped;
+one that stopped part-way resumes from its latest checkpoint, so re-running the same command after
+a crash continues where it stopped. `stages` picks a subset, and `sft_model_path` /
+`reward_model_path` point later stages at existing models instead of training them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from rlhf.runtime import (
+    ConfigError, RunConfig, arg, atomic_write_text, check, checkpoint_dirs, config_to_dict, load_yaml_config,
+    make_config, seed_everything, to_jsonable, write_json,
+)
+
+STAGES = ("sft", "rankings", "reward", "ppo", "grpo")
+_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "rlhf"
+
+
+@dataclasses.dataclass
+class Config(RunConfig):
+    """The RLHF pipeline: SFT -> rankings -> reward model -> PPO and GRPO, with a report."""
+
+    output_dir: str = arg("runs/demo", "Pipeline directory; each stage writes its own run directory inside it.")
+    stages: list[str] = arg(list(STAGES), "Stages to run, in order (comma-separated): " + ", ".join(STAGES) + ".")
+    sft_config: str = arg("configs/rlhf/sft_tiny.yaml", "YAML config of the SFT stage.")
+    reward_config: str = arg("configs/rlhf/reward_tiny.yaml", "YAML config of the reward-model stage.")
+    ppo_config: str = arg("configs/rlhf/ppo_tiny.yaml", "YAML config of the PPO stage.")
+    grpo_config: str = arg("configs/rlhf/grpo_tiny.yaml", "YAML config of the GRPO stage.")
+    sft_overrides: dict = arg({}, "Options that override the SFT config (YAML mapping, e.g. {max_steps: 50}).")
+    reward_overrides: dict = arg({}, "Options that override the reward config.")
+    ppo_overrides: dict = arg({}, "Options that override the PPO config.")
+    grpo_overrides: dict = arg({}, "Options that override the GRPO config.")
+    model_name_or_path: str = arg("", "Base model for SFT (empty: the one in sft_config, builtin:tiny by default).")
+    sft_model_path: str = arg("", "Use this SFT model instead of training one (the sft stage is then skipped).")
+    reward_model_path: str = arg("", "Use this reward model instead of training one (rankings and reward are skipped).")
+    num_ranking_prompts: int = arg(2000, "Prompts whose sampled responses the labeller ranks.")
+    completions_per_prompt: int = arg(4, "K: responses per prompt in a ranking.")
+    ranking_temperature: float = arg(1.0, "Sampling temperature of the SFT policy when collecting responses to rank.")
+    labeller_noise: float = arg(0.5, "Noise of the built-in labeller (Bradley-Terry temperature; 0: perfect rankings).")
+    max_steps: int = arg(-1, "Cap on every stage's optimizer steps, for smoke tests (-1: each config's own budget).")
+    logging_steps: int = arg(1, "Log metrics every this many steps (passed to every stage).")
+
+    def __post_init__(self):
+        unknown = [s for s in self.stages if s not in STAGES]
+        check(not unknown, "stages", f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
+        check(self.completions_per_prompt >= 2, "completions_per_prompt", "a ranking needs at least 2 responses")
+        check(self.num_ranking_prompts > 0, "num_ranking_prompts", "must be positive")
+        check(self.labeller_noise >= 0, "labeller_noise", "must be >= 0")
+
+
+def _config_path(path: str) -> Path:
+    """A stage config given relative to the working directory, or else to the project's configs/rlhf."""
+    p = Path(path)
+    if p.is_file() or p.is_absolute():
+        return p
+    fallback = _CONFIG_DIR / p.name
+    return fallback if fallback.is_file() else p
+
+
+def stage_config(module, cfg: Config, name: str, **values):
+    """The stage's Config: its YAML file < the pipeline's overrides < the values the pipeline wires in."""
+    yaml_values = load_yaml_config(_config_path(getattr(cfg, f"{name}_config")), module.Config)
+    out_dir = Path(cfg.output_dir) / name
+    merged = {**yaml_values, **getattr(cfg, f"{name}_overrides"), **values,
+              "output_dir": str(out_dir), "seed": cfg.seed, "report_to": cfg.report_to, "progress": cfg.progress,
+              "logging_steps": cfg.logging_steps, "overwrite": cfg.overwrite}
+    if cfg.max_steps > 0:
+        merged["max_steps"] = min(cfg.max_steps, merged.get("max_steps", -1)) if merged.get("max_steps", -1) > 0 \
+            else cfg.max_steps
+    if checkpoint_dirs(out_dir) and not (out_dir / "summary.json").exists():
+        merged["resume_from_checkpoint"] = "latest"  # a stage that stopped part-way continues
+    return make_config(module.Config, merged)
+
+
+def run_stage(name: str, module, stage_cfg, timings: dict) -> dict:
+    out_dir = Path(stage_cfg.output_dir)
+    if (out_dir / "summary.json").exists() and not stage_cfg.overwrite:
+        print(f"[pipeline] {name}: done already ({out_dir / 'summary.json'}), skipped")
+        return json.loads((out_dir / "summary.json").read_text())
+    resumed = f" (resuming from {stage_cfg.resume_from_checkpoint})" if stage_cfg.resume_from_checkpoint else ""
+    print(f"[pipeline] {name}: running -> {out_dir}{resumed}")
+    start = time.perf_counter()
+    summary = module.train(stage_cfg)
+    timings[name] = time.perf_counter() - start
+    return summary
+
+
+def collect_rankings(cfg: Config, sft_model_path: str, path: Path) -> dict:
+    """Sample K responses per prompt from the SFT policy and let the noisy labeller rank them.
+
+    Sampled duplicates carry no preference, so a prompt's K responses are its distinct samples,
+    topped up (when the policy is too sure of itself) with the task's perturbed answers — the
+    stand-in for responses from other models that InstructGPT's labellers also ranked.
+    """
+    from rlhf.models import load_causal_lm, load_tokenizer
+    from rlhf.tasks import arithmetic
+
+    rng = np.random.default_rng(cfg.seed)
+    tokenizer = load_tokenizer(sft_model_path)
+    model = load_causal_lm(sft_model_path)
+    prompts = arithmetic.make_prompts(cfg.num_ranking_prompts, seed=cfg.seed + 7)
+    k = cfg.completions_per_prompt
+    samples = arithmetic.generate_completions(model, tokenizer, prompts, batch_size=64, do_sample=True,
+                                              temperature=cfg.ranking_temperature, num_return_sequences=k)
+    groups, from_policy = [], 0
+    for i, prompt in enumerate(prompts):
+        # Empty responses (EOS first) are dropped: the data format rejects empty completions.
+        distinct = [t for t in dict.fromkeys(text.strip() for text, _ in samples[i * k:(i + 1) * k]) if t]
+        from_policy += len(distinct)
+        for extra in arithmetic.candidate_answers(prompt, min(k + 4, 14), rng):
+            if len(distinct) >= k:
+                break
+            if extra not in distinct:
+                distinct.append(extra)
+        groups.append(distinct[:k])
+    arithmetic.write_rankings(path, prompts, k, seed=cfg.seed, noise=cfg.labeller_noise, completions=groups)
+    return {"rankings/prompts": len(prompts), "rankings/k": k,
+            "rankings/share_from_policy": from_policy / (len(prompts) * k), "rankings/path": str(path)}
+
+
+def train(cfg: Config) -> dict:
+    from rlhf import grpo, ppo, reward, sft
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", __import__("yaml").safe_dump(to_jsonable(config_to_dict(cfg)), sort_keys=False))
+    seed_everything(cfg.seed)
+    timings_path = out / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    results: dict[str, dict] = {}
+
+    sft_model = cfg.sft_model_path or str(out / "sft" / "model")
+    if "sft" in cfg.stages and not cfg.sft_model_path:
+        extra = {"model_name_or_path": cfg.model_name_or_path} if cfg.model_name_or_path else {}
+        results["sft"] = run_stage("sft", sft, stage_config(sft, cfg, "sft", **extra), timings)
+        write_json(timings_path, timings)
+    _require_model(sft_model, "sft_model_path", "the sft stage")
+
+    reward_model = cfg.reward_model_path or str(out / "reward" / "model")
+    rankings_path = out / "rankings.jsonl"
+    if "rankings" in cfg.stages and not cfg.reward_model_path:
+        if rankings_path.exists() and not cfg.overwrite:
+            print(f"[pipeline] rankings: done already ({rankings_path}), skipped")
+        else:
+            print(f"[pipeline] rankings: sampling {cfg.completions_per_prompt} responses x "
+                  f"{cfg.num_ranking_prompts} prompts from the SFT policy -> {rankings_path}")
+            start = time.perf_counter()
+            results["rankings"] = collect_rankings(cfg, sft_model, rankings_path)
+            timings["rankings"] = time.perf_counter() - start
+            write_json(out / "rankings_summary.json", results["rankings"])
+            write_json(timings_path, timings)
+    if "reward" in cfg.stages and not cfg.reward_model_path:
+        if not rankings_path.exists():
+            raise ConfigError(f"the reward stage needs {rankings_path}: run the rankings stage first")
+        # Held-out prompts with candidates ranked by the gold score measure the reward model.
+        eval_path = out / "rankings_eval.jsonl"
+        if not eval_path.exists():
+            from rlhf.tasks import arithmetic
+
+            arithmetic.write_rankings(eval_path, arithmetic.make_prompts(500, seed=cfg.seed, split="eval"),
+                                      cfg.completions_per_prompt, seed=cfg.seed + 1, noise=0.0)
+        reward_cfg = stage_config(reward, cfg, "reward", model_name_or_path=sft_model,
+                                  dataset_name=str(rankings_path), eval_dataset_name=str(eval_path))
+        results["reward"] = run_stage("reward", reward, reward_cfg, timings)
+        write_json(timings_path, timings)
+
+    if "ppo" in cfg.stages:
+        _require_model(reward_model, "reward_model_path", "the reward stage")
+        ppo_cfg = stage_config(ppo, cfg, "ppo", model_name_or_path=sft_model, reward_model_path=reward_model)
+        results["ppo"] = run_stage("ppo", ppo, ppo_cfg, timings)
+        write_json(timings_path, timings)
+    if "grpo" in cfg.stages:
+        results["grpo"] = run_stage("grpo", grpo, stage_config(grpo, cfg, "grpo", model_name_or_path=sft_model), timings)
+        write_json(timings_path, timings)
+
+    summary = build_summary(out, timings)
+    write_json(out / "summary.json", summary)
+    write_report(out, summary)
+    print(f"[pipeline] wrote {out / 'summary.json'} and {out / 'report.md'}")
+    print(format_table(summary))
+    return summary
+
+
+def _require_model(path: str, option: str, stage: str) -> None:
+    if not (Path(path) / "config.json").is_file():
+        raise ConfigError(f"no model at {path}: run {stage} first or pass `{option}`")
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary and report
+# ---------------------------------------------------------------------------------------------
+
+_POLICY_KEYS = ("eval/accuracy", "eval/reward_mean", "eval/accuracy_carry", "eval/accuracy_no_carry", "kl/ref")
+
+
+def _read_summary(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def build_summary(out: Path, timings: dict) -> dict:
+    summary: dict[str, dict] = {}
+    for stage in ("sft", "ppo", "grpo"):
+        s = _read_summary(out / stage / "summary.json")
+        if s:
+            row = {k: s.get(k) for k in _POLICY_KEYS if k in s}
+            if stage == "sft":
+                row.setdefault("kl/ref", 0.0)  # the SFT model is the reference
+            summary[stage] = row
+    r = _read_summary(out / "reward" / "summary.json")
+    if r:
+        summary["reward"] = {k: v for k, v in r.items() if k.startswith("eval/")}
+    rank = _read_summary(out / "rankings_summary.json")
+    if rank:
+        summary["rankings"] = {k: v for k, v in rank.items() if k != "rankings/path"}
+    for stage, seconds in timings.items():
+        summary.setdefault(stage, {})["time/wall_s"] = round(seconds, 1)
+    return summary
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def format_table(summary: dict) -> str:
+    cols = ["eval/accuracy", "eval/accuracy_carry", "eval/accuracy_no_carry", "eval/reward_mean", "kl/ref", "time/wall_s"]
+    lines = ["| policy | held-out accuracy | carry | no carry | gold score | KL to SFT | wall time (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for stage in ("sft", "ppo", "grpo"):
+        if stage in summary:
+            lines.append(f"| {stage.upper()} | " + " | ".join(_fmt(summary[stage].get(c)) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def write_report(out: Path, summary: dict) -> None:
+    from rlhf.plot import plot_runs
+
+    parts = ["# RLHF pipeline report", "", f"Run directory: `{out}`", "", "## Policies (held-out prompts, greedy decoding)",
+             "", format_table(summary), ""]
+    if "reward" in summary:
+        parts += ["## Reward model", "", "| metric | value |", "|---|---|"]
+        parts += [f"| {k} | {_fmt(v)} |" for k, v in summary["reward"].items()] + [""]
+    for stage, keys in (("ppo", ["reward/score_mean", "reward/gold_mean", "kl/ref", "kl/beta", "eval/accuracy"]),
+                        ("grpo", ["reward/mean", "kl/ref", "frac_reward_zero_std", "eval/accuracy"]),
+                        ("reward", ["loss/reward", "reward/accuracy", "eval/accuracy"]),
+                        ("sft", ["loss/sft", "eval/loss", "eval/accuracy"])):
+        metrics = out / stage / "metrics.jsonl"
+        if not metrics.is_file():
+            continue
+        present = {k for line in metrics.read_text().splitlines() if line.strip() for k in json.loads(line)}
+        keys = [k for k in keys if k in present]
+        if keys:
+            png = plot_runs([out / stage], keys=keys, out=out / f"{stage}_curves.png", title=stage.upper())
+            parts += [f"## {stage.upper()} curves", "", f"![{stage}]({png.name})", ""]
+    parts += ["## Wall time per stage (s)", "", "| stage | seconds |", "|---|---|"]
+    parts += [f"| {s} | {_fmt(v.get('time/wall_s'))} |" for s, v in summary.items() if "time/wall_s" in v]
+    atomic_write_text(out / "report.md", "\n".join(parts) + "\n")
