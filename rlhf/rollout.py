@@ -50,9 +50,6 @@ class Rollout:
     def attention_mask(self) -> torch.Tensor:
         return torch.cat([self.prompt_mask, self.completion_mask], dim=1)  # (B, P + T)
 
-    def repeat_interleave(self, n: int) -> "Rollout":
-        return Rollout(*(t.repeat_interleave(n, dim=0) for t in dataclasses.astuple(self)))
-
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counted over real tokens only, so left padding does not shift them. (B, L) -> (B, L)."""
