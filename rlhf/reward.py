@@ -264,7 +264,7 @@ def train(cfg: Config) -> dict:
             metrics["train/grad_norm"] = float(grad_norm)
         if cfg.eval_steps and done % cfg.eval_steps == 0 and done < total_steps:
             metrics.update(evaluate(acc, model, eval_groups, cfg, tokenizer.pad_token_id))
-        if done % cfg.logging_steps == 0 or done == total_steps:
+        if done % cfg.logging_steps == 0 or done == total_steps or any(k.startswith("eval/") for k in metrics):
             run.log(done, metrics)
         bar.update(1)
         bar.set_postfix(fmt_metrics(metrics, ["loss/reward", "reward/accuracy", "eval/accuracy"]))

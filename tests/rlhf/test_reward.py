@@ -143,3 +143,11 @@ def test_reward_model_learns_gold_ranking(tmp_path):
     summary, _ = _train(tmp_path, "learn", num_train_prompts=1500, num_eval_prompts=200, per_device_train_batch_size=16,
                         learning_rate=2e-3, lr_scheduler_type="cosine", warmup_ratio=0.05)
     assert summary["eval/accuracy"] >= 0.8 and summary["eval/margin"] > 0
+
+
+def test_rankings_from_a_sampler_model(tmp_path, tiny_model_dir):
+    cfg = make_config(reward.Config, {**QUICK, "output_dir": str(tmp_path / "s"), "sampler_model": str(tiny_model_dir),
+                                      "num_train_prompts": 4, "completions_per_prompt": 3})
+    rows = reward.builtin_rankings(cfg, ["1+2=", "17+25="], noise=0.5, seed=0)
+    assert [len(r["completions"]) for r in rows] == [3, 3] and all(sorted(r["ranks"]) == [0, 1, 2] for r in rows)
+    assert rows == reward.builtin_rankings(cfg, ["1+2=", "17+25="], noise=0.5, seed=0)  # seeded
