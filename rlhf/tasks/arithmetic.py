@@ -234,8 +234,13 @@ def candidate_answers(prompt: str, k: int, rng: np.random.Generator) -> list[str
         if c not in seen:
             seen.add(c)
             distinct.append(c)
-    if k > len(distinct):
-        raise ValueError(f"completions_per_prompt={k} is more than the {len(distinct)} distinct candidates available")
+    if k > 100:
+        raise ValueError(f"completions_per_prompt={k}: at most 100 distinct candidates per prompt")
+    while len(distinct) < k:  # top up with far numbers (rare: small sums collapse several perturbations)
+        extra = str(int(rng.integers(0, 1000)))
+        if extra not in seen:
+            seen.add(extra)
+            distinct.append(extra)
     pick = rng.choice(len(distinct), size=k, replace=False)
     if 0 not in pick and rng.random() < 0.5:  # keep the exact answer in about half of the groups that missed it
         pick[0] = 0

@@ -86,3 +86,11 @@ def test_evaluate_policy_counts_with_a_scripted_model(tiny_tokenizer):
     assert m["eval/accuracy"] == 0.5 and m["eval/accuracy_carry"] == 0.0 and m["eval/accuracy_no_carry"] == 1.0
     assert m["eval/well_formed"] == 1.0 and m["eval/reward_mean"] == pytest.approx(0.75)
     assert tok.padding_side == "right"  # restored
+
+
+def test_candidates_are_distinct_even_for_small_sums():
+    rng = np.random.default_rng(0)
+    for prompt in ["0+0=", "1+0=", "17+25="]:
+        cands = ar.candidate_answers(prompt, 14, rng)
+        assert len(cands) == len(set(cands)) == 14
+        assert {ar.gold_score(prompt, c) for c in cands} >= {0.5, -1.0}
