@@ -126,3 +126,19 @@ def test_sft_learns_format_and_plain_transformers_reproduce_greedy(sft_model_dir
         out = model.generate(**x, max_new_tokens=8, do_sample=False)
         plain.append(tok.decode(out[0, x["input_ids"].shape[1]:], skip_special_tokens=True))
     assert ours == plain
+
+
+def test_gradient_checkpointing_gives_the_same_update_and_bf16_runs(tmp_path):
+    kw = dict(max_steps=2, per_device_train_batch_size=8, adam_epsilon=1.0, learning_rate=1.0)
+    _, plain = _train(tmp_path, "plain", **kw)
+    _, checkpointed = _train(tmp_path, "gc", gradient_checkpointing=True, **kw)
+    for k in plain:
+        assert torch.allclose(plain[k], checkpointed[k], atol=1e-6), k
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # mixed precision is fixed per process state
+    try:
+        summary, _ = _train(tmp_path, "bf16", bf16=True, max_steps=1, per_device_train_batch_size=8)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert summary["step"] == 1 and summary["train/loss_last"] > 0
