@@ -8,7 +8,7 @@ gamma 0.99, lambda 0.95. The score of a run is, as in the paper, the mean return
 training episodes; per environment it is normalised so a random policy scores 0 and the best
 variant 1, then averaged over environments (and seeds are averaged before normalising).
 
-Default (2 envs x 11 variants x 30k steps, 1 seed: ~40 min on one shared core; `--jobs 2` halves it on free cores):
+Default (2 envs x 11 variants x 20k steps, 1 seed; ~30 min with --jobs 2 on this shared 2-core machine):
     python scripts/reproduce_ppo_table.py
 The paper's full budget (7 environments, 3 seeds, 1M steps: ~230 runs, days on a CPU):
     python scripts/reproduce_ppo_table.py --envs HalfCheetah-v5,Hopper-v5,InvertedDoublePendulum-v5,InvertedPendulum-v5,Reacher-v5,Swimmer-v5,Walker2d-v5 \
@@ -86,9 +86,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--envs", default="Hopper-v5,InvertedPendulum-v5", help="comma-separated MuJoCo env ids")
     p.add_argument("--seeds", default="1", help="comma-separated seeds")
-    p.add_argument("--timesteps", type=int, default=30_000, help="environment steps per run (paper: 1,000,000)")
+    p.add_argument("--timesteps", type=int, default=20_000, help="environment steps per run (paper: 1,000,000)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (one process each)")
     p.add_argument("--runs_dir", default="runs/ppo_table", help="where the runs go (reused if present)")
+    p.add_argument("--report_only", action="store_true", help="run nothing: tabulate the finished runs in runs_dir (missing ones shown as -)")
     p.add_argument("--out", default="results/ppo_table.md", help="markdown file for the table ('' to only print)")
     args = p.parse_args()
     envs = [e for e in args.envs.split(",") if e]
@@ -98,7 +99,13 @@ def main() -> None:
     start = time.time()
     jobs = {(e, label, s): (e, label, ov, s) for e in envs for label, ov, _ in VARIANTS for s in seeds}
     scores: dict = {}
-    with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
+    if args.report_only:
+        for (e, label, s) in jobs:
+            summary = runs_dir / e / slug(label) / f"seed{s}" / "summary.json"
+            if summary.exists():
+                scores[(e, label, s)] = float(json.loads(summary.read_text())["train/episode_return_last100"])
+        jobs = {}
+    with concurrent.futures.ProcessPoolExecutor(max(1, args.jobs)) as pool:
         futures = {pool.submit(run_one, e, label, ov, s, args.timesteps, runs_dir): key for key, (e, label, ov, s) in jobs.items()}
         for i, fut in enumerate(concurrent.futures.as_completed(futures), 1):
             scores[futures[fut]] = fut.result()
@@ -106,8 +113,9 @@ def main() -> None:
             print(f"[{i}/{len(jobs)}] {e} {label} seed {s}: {scores[futures[fut]]:.1f}  ({time.time() - start:.0f}s)", flush=True)
 
     rand = {e: random_score(e) for e in envs}
-    raw = {(e, label): float(np.mean([scores[(e, label, s)] for s in seeds])) for e in envs for label, _, _ in VARIANTS}
-    best = {e: max(raw[(e, label)] for label, _, _ in VARIANTS) for e in envs}
+    nan = float("nan")
+    raw = {(e, label): float(np.mean([scores.get((e, label, s), nan) for s in seeds])) for e in envs for label, _, _ in VARIANTS}
+    best = {e: np.nanmax([raw[(e, label)] for label, _, _ in VARIANTS]) for e in envs}
     norm = {(e, label): (raw[(e, label)] - rand[e]) / (best[e] - rand[e]) for (e, label) in raw}
 
     cmd = "python scripts/reproduce_ppo_table.py " + " ".join(sys.argv[1:])
@@ -121,10 +129,13 @@ def main() -> None:
         "| variant | " + " | ".join(f"{e} (raw)" for e in envs) + " | " + " | ".join(envs) + " | avg. normalised | paper |",
         "|---|" + "---:|" * (2 * len(envs) + 2),
     ]
+    def fmt(x: float, spec: str) -> str:
+        return "-" if np.isnan(x) else format(x, spec)
+
     for label, _, paper in VARIANTS:
-        avg = float(np.mean([norm[(e, label)] for e in envs]))
-        lines.append(f"| {label} | " + " | ".join(f"{raw[(e, label)]:.1f}" for e in envs) + " | "
-                     + " | ".join(f"{norm[(e, label)]:.2f}" for e in envs) + f" | **{avg:.2f}** | {paper:.2f} |")
+        avg = float(np.mean([norm[(e, label)] for e in envs]))  # nan if a run is missing
+        lines.append(f"| {label} | " + " | ".join(fmt(raw[(e, label)], ".1f") for e in envs) + " | "
+                     + " | ".join(fmt(norm[(e, label)], ".2f") for e in envs) + f" | **{fmt(avg, '.2f')}** | {paper:.2f} |")
     lines.append("| random policy | " + " | ".join(f"{rand[e]:.1f}" for e in envs) + " | " + " | ".join("0" for _ in envs) + " | 0 | 0 |")
     text = "\n".join(lines) + "\n"
     print(text)
