@@ -57,7 +57,10 @@ class Config(RunConfig):
                                       "(exact_match, format, gold_score), module:function or path/to/file.py:function.")
     reward_weights: list[float] = arg([], "One weight per reward function (empty: all 1).")
     skip_bad_rewards: bool = arg(False, "Skip (and count) completions whose reward is missing / non-finite instead of stopping.")
-    value_model_path: str = arg("", "Value model initialisation. Empty: the reward model if given, else the policy.")
+    value_model_path: str = arg("", "Value model to start from (a directory); empty: see value_init.")
+    value_init: str = arg("reward_model", "Without value_model_path, start the value model from the reward model "
+                                          "(if given; TRL's choice) or from the policy with a fresh head.",
+                          choices=["reward_model", "policy"])
     dataset_name: str = arg("", "Prompts: a hub name or local json/jsonl/parquet/csv with a `prompt` column. "
                                 "Empty: the built-in arithmetic task.")
     dataset_split: str = arg("train", "Split of dataset_name.")
@@ -193,7 +196,9 @@ def load_models(cfg):
         policy = apply_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     else:
         reference = load_causal_lm(cfg.model_name_or_path).eval().requires_grad_(False)
-    value_model = load_value_model(cfg.value_model_path or cfg.reward_model_path or cfg.model_name_or_path)
+    from_reward_model = cfg.value_init == "reward_model" and cfg.reward_model_path
+    value_model = load_value_model(cfg.value_model_path or (cfg.reward_model_path if from_reward_model
+                                                            else cfg.model_name_or_path))
     if cfg.gradient_checkpointing:
         value_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return PolicyAndValue(policy, value_model), reference
