@@ -64,6 +64,7 @@ def main() -> None:
     p.add_argument("--seeds", default="1,2,3", help="comma-separated seeds")
     p.add_argument("--timesteps", type=int, default=0, help="override every config's total_timesteps (0: the config's)")
     p.add_argument("--algos", default="", help="only these algorithms of the suite (comma-separated; default all)")
+    p.add_argument("--report_only", action="store_true", help="run nothing: tabulate the finished runs in runs_dir (missing seeds are left out)")
     p.add_argument("--append", action="store_true", help="append the table to --out instead of replacing it")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (one process each)")
     p.add_argument("--runs_dir", default="", help="where the runs go (default runs/reproduce_<suite>[_<timesteps>])")
@@ -75,9 +76,14 @@ def main() -> None:
 
     start = time.time()
     summaries: dict = {}
+    todo = [(algo, config, s) for algo, config, _, _ in rows for s in seeds]
+    if args.report_only:
+        for algo, config, s in todo:
+            if (runs_dir / config / f"seed{s}" / "summary.json").exists():
+                summaries[(config, s)] = json.loads((runs_dir / config / f"seed{s}" / "summary.json").read_text())
+        todo = []
     with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
-        futures = {pool.submit(run_one, algo, config, s, args.timesteps or None, runs_dir): (config, s)
-                   for algo, config, _, _ in rows for s in seeds}
+        futures = {pool.submit(run_one, algo, config, s, args.timesteps or None, runs_dir): (config, s) for algo, config, s in todo}
         for fut in concurrent.futures.as_completed(futures):
             summaries[futures[fut]] = fut.result()
             config, s = futures[fut]
@@ -95,11 +101,15 @@ def main() -> None:
         "|---|---|---:|---|---:|---:|---|---|",
     ]
     for algo, config, target, peer in rows:
-        evals = [summaries[(config, s)]["eval/return_mean"] for s in seeds]
-        steps = summaries[(config, seeds[0])]["global_step"]
+        done = [s for s in seeds if (config, s) in summaries]
+        if not done:
+            lines.append(f"| {algo} | {config} | - | not run | - | {target if target is not None else '-'} | - | {peer} |")
+            continue
+        evals = [summaries[(config, s)]["eval/return_mean"] for s in done]
+        steps = summaries[(config, done[0])]["global_step"]
         met = "" if target is None else (f"{sum(e >= target for e in evals)}/{len(evals)} seeds; mean {'yes' if np.mean(evals) >= target else 'no'}")
         lines.append(f"| {algo} | {config} | {steps:,} | {', '.join(f'{e:.0f}' for e in evals)} | "
-                     f"{np.mean(evals):.1f} +- {np.std(evals):.1f} | {target if target is not None else '-'} | {met} | {peer} |")
+                     f"{np.mean(evals):.1f} +- {np.std(evals):.1f} (seeds {','.join(map(str, done))}) | {target if target is not None else '-'} | {met} | {peer} |")
     text = "\n".join(lines) + "\n"
     print(text)
     out = args.out or ("results/mujoco.md" if args.suite == "mujoco" else "")
