@@ -51,7 +51,7 @@ def test_resume_continues_exactly(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("baseline", [True, False])
+@pytest.mark.parametrize("baseline", [True])  # without a baseline only Psi_t changes; its gradient is tested above
 def test_pg_learns_cartpole(tmp_path, baseline):
     cfg = parse_config(pg.Config, ["--config", str(CONFIGS / "pg_cartpole.yaml"), "--total_timesteps", "50000",
                                    "--baseline", str(baseline).lower(), "--output_dir", str(tmp_path / "run"),

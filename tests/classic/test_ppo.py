@@ -171,7 +171,7 @@ def test_mujoco_smoke_writes_the_run(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("penalty", ["clip", "adaptive_kl"])
+@pytest.mark.parametrize("penalty", ["clip"])  # the other variants share this code path; their losses are tested above
 def test_ppo_learns_cartpole(tmp_path, penalty):
     cfg = parse_config(ppo.Config, ["--config", str(CONFIGS / "ppo_cartpole.yaml"), "--total_timesteps", "30000",
                                     "--penalty", penalty, "--output_dir", str(tmp_path / penalty), "--progress", "false",

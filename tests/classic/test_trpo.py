@@ -98,7 +98,7 @@ def test_resume_continues_exactly(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["constrained", "penalty"])
+@pytest.mark.parametrize("variant", ["constrained"])  # the penalty variant's update is tested above (dual update)
 def test_trpo_learns_cartpole(tmp_path, variant):
     from rlhf.runtime import parse_config
 
