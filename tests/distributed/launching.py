@@ -33,7 +33,7 @@ def free_port() -> int:
 def launch(args: list[str], config: str | None = None, num_processes: int = 2, timeout: int = 300,
            expect_ok: bool = True) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file configs/accelerate/<config>.yaml ... args` (or plain python if config is None)."""
-    if config is None:
+    if config is None:  # plain python (a script, or `-m module ...`)
         cmd = [sys.executable, *args]
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
@@ -49,3 +49,33 @@ def launch(args: list[str], config: str | None = None, num_processes: int = 2, t
         pytest.fail(f"exit {proc.returncode}: {' '.join(cmd)}\n--- stdout ---\n{proc.stdout[-6000:]}\n"
                     f"--- stderr ---\n{proc.stderr[-10000:]}")
     return proc
+
+
+def launch_many(jobs: list[tuple[list[str], str | None]], timeout: int = 900) -> None:
+    """Run several launches at once (their processes wait on each other's collectives, so running
+    launches side by side fills the idle time); fail with the output of the first that failed."""
+    import tempfile
+    import time
+
+    procs = []
+    for args, config in jobs:
+        cmd = [sys.executable, *args] if config is None else [
+            sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(ROOT / "configs" / "accelerate" / f"{config}.yaml"), "--num_processes", "2",
+            "--main_process_port", str(free_port()), *args]
+        log = tempfile.TemporaryFile(mode="w+")
+        procs.append((cmd, log, subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=log, stderr=subprocess.STDOUT,
+                                                 text=True)))
+    deadline = time.monotonic() + timeout
+    failed = None
+    for cmd, log, proc in procs:
+        try:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.returncode != 0 and failed is None:
+            log.seek(0)
+            failed = f"exit {proc.returncode}: {' '.join(cmd)}\n--- output ---\n{log.read()[-12000:]}"
+    if failed:
+        pytest.fail(failed)

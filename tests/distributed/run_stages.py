@@ -1,5 +1,5 @@
 """Run rlhf stages back to back in one launch (one process start-up instead of one per stage), each
-twice: straight for 4 optimizer steps with a checkpoint at step 2, then resumed from that checkpoint.
+twice: straight for 3 optimizer steps with a checkpoint at step 2, then resumed from that checkpoint.
 
     accelerate launch --config_file configs/accelerate/zero3.yaml tests/distributed/run_stages.py OUT sft,grpo 1
     python tests/distributed/run_stages.py OUT sft,grpo 2        # one process, per-device batches x 2
@@ -21,7 +21,7 @@ LENGTH_REWARD = f"{HERE.parent / 'rlhf' / 'test_grpo.py'}:length_reward"  # lear
 
 
 def stage_configs(root: Path, scale: int) -> dict:
-    common = dict(seed=3, max_steps=4, save_steps=2, progress=False, report_to="none", overwrite=True)
+    common = dict(seed=3, max_steps=3, save_steps=2, progress=False, report_to="none", overwrite=True)
     return {
         "sft": dict(common, per_device_train_batch_size=8 * scale, num_train_examples=256, learning_rate=3e-3,
                     num_eval_prompts=8, num_eval_examples=16, eval_steps=0, per_device_eval_batch_size=8),
