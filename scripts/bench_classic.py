@@ -122,7 +122,10 @@ cfg = make_config(ppo.Config, dict(
     learning_rate=3e-4, anneal_lr=False, gamma=0.99, gae_lambda=0.95, clip_eps=0.2, clip_vloss=False, ent_coef=0.0,
     vf_coef=0.5, max_grad_norm=0.5, norm_obs=False, norm_reward=False, hidden_sizes=[64, 64], activation="tanh",
     torch_threads=s["threads"], eval_episodes=0, output_dir=s["out"], progress=False, report_to="none"))
-print(json.dumps({"sps": ppo.train(cfg)["time/sps"]}))
+import time
+c = time.process_time()
+summary = ppo.train(cfg)
+print(json.dumps({"sps": summary["time/sps"], "cpu_sps": s["steps"] / (time.process_time() - c)}))
 """
 
 SB3_PPO = """
@@ -147,10 +150,11 @@ def bench_ppo(envs: list[str], steps_scale: float) -> list[dict]:
         s["steps"] = max(2048, int(s["steps"] * steps_scale) // 2048 * 2048)  # whole rollouts
         with tempfile.TemporaryDirectory() as tmp:
             s["out"] = tmp + "/run"
-            ours = _run(OURS_PPO, s)
-        sb3 = _run(SB3_PPO, s)
+            ours, sb3 = _run_both(OURS_PPO, SB3_PPO, s)
         rows.append({"algo": "ppo", "env": s["env_id"], "steps": s["steps"], "threads": s["threads"],
-                     "ours_sps": ours, "sb3_sps": sb3, "ratio": ours / sb3})
+                     "ours_sps": ours["sps"], "sb3_sps": sb3["sps"], "ratio": ours["sps"] / sb3["sps"],
+                     "ours_cpu_sps": ours["cpu_sps"], "sb3_cpu_sps": sb3["cpu_sps"],
+                     "cpu_ratio": ours["cpu_sps"] / sb3["cpu_sps"]})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
