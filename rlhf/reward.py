@@ -15,6 +15,8 @@ candidate answers per training prompt (drawn around the gold answer by
 `rlhf.tasks.arithmetic.candidate_answers`, or sampled from `--sampler_model`) are ordered by the noisy
 Bradley-Terry labeller (`--labeller_noise`). Held-out metrics use held-out prompts ranked by the gold
 score itself: `eval/accuracy` is the share of gold-ordered pairs the model orders the same way.
+Start from the SFT model where there is one (InstructGPT does): an untrained `builtin:tiny` learns the
+format pairs at once but must discover addition from rankings alone (see configs/rlhf/reward_tiny.yaml).
 """
 
 from __future__ import annotations
