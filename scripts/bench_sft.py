@@ -68,6 +68,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
             for name, fn in (("rlhf sft", run_ours), ("TRL SFTTrainer", run_trl)):
+                from accelerate.state import AcceleratorState
+
+                AcceleratorState._reset_state(reset_partial_state=True)  # each trainer sets up its own state
                 wall, loop, loss = fn(args.steps, args.batch_size, r, Path(tmp) / f"{name.split()[0]}{r}")
                 rows.append((name, r, wall, loop, args.steps * args.batch_size / loop, loss))
     print(f"\nSFT on builtin:tiny, {args.steps} steps x {args.batch_size} examples, torch threads {args.threads}")
