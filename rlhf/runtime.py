@@ -448,6 +448,9 @@ class Run:
         path = self.dir / "metrics.jsonl"
         if not self.is_main or not path.exists():
             return
+        if self._metrics is not None:  # reopened (appending to the truncated file) by the next log()
+            self._metrics.close()
+            self._metrics = None
         rows = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
