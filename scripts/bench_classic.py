@@ -56,6 +56,8 @@ s = json.loads(sys.argv[1])
 torch.set_num_threads(s["threads"])
 from stable_baselines3 import DQN
 if s["env_id"].startswith(("Breakout", "Pong")):
+    import ale_py, gymnasium as gym
+    gym.register_envs(ale_py)
     from stable_baselines3.common.env_util import make_atari_env
     from stable_baselines3.common.vec_env import VecFrameStack
     env = VecFrameStack(make_atari_env(s["env_id"], n_envs=1, seed=1), n_stack=4)
