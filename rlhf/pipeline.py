@@ -67,6 +67,18 @@ class Config(RunConfig):
         check(self.labeller_noise >= 0, "labeller_noise", "must be >= 0")
 
 
+def cli(argv: list[str], prog: str = "rlhf pipeline") -> None:
+    """Like every command, but with configs/rlhf/pipeline_tiny.yaml as the defaults when no --config is given."""
+    from rlhf.runtime import parse_config
+
+    if not any(a == "--config" or a.startswith("--config=") for a in argv) and "-h" not in argv and "--help" not in argv:
+        argv = ["--config", str(_config_path("configs/rlhf/pipeline_tiny.yaml")), *argv]
+    try:
+        train(parse_config(Config, argv, prog=prog))
+    except ConfigError as e:
+        raise SystemExit(f"{prog}: error: {e}") from None
+
+
 def _config_path(path: str) -> Path:
     """A stage config given relative to the working directory, or else to the project's configs/rlhf."""
     p = Path(path)

@@ -32,6 +32,8 @@ def masked_sum(x: torch.Tensor, mask: torch.Tensor | None, dim=None) -> torch.Te
 
     Shapes: x (...), mask broadcastable to x; returns a scalar (dim=None) or x reduced over dim.
     """
+    if mask is None:  # fast path: classic RL calls these with no mask on every minibatch
+        return x.sum() if dim is None else x.sum(dim)
     m = _mask_like(x, mask)
     return (x * m).sum() if dim is None else (x * m).sum(dim)
 
@@ -41,6 +43,8 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor | None, dim=None) -> torch.T
 
     Shapes: x (...), mask broadcastable to x; returns a scalar (dim=None) or x reduced over dim.
     """
+    if mask is None:
+        return x.mean() if dim is None else x.mean(dim)
     m = _mask_like(x, mask)
     if dim is None:
         return _safe_div((x * m).sum(), m.sum())
