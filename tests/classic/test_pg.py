@@ -9,7 +9,7 @@ import torch
 from classic import pg
 from classic.policies import ActorCritic
 from rlhf.runtime import ConfigError, make_config, parse_config
-from test_ppo import CONFIGS, check_resume_is_exact
+from test_classic_ppo import CONFIGS, check_resume_is_exact
 
 
 def cfg_for(tmp_path, **kw):
