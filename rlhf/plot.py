@@ -76,7 +76,9 @@ def plot_runs(run_dirs, keys: list[str] | None = None, out: str | Path = "curves
     fig, axes = plt.subplots(rows_n, cols, figsize=(4.6 * cols, 3.3 * rows_n), squeeze=False)
     for ax, key in zip(axes.flat, keys):
         for label, rows in zip(labels, runs.values()):
-            pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and "step" in r]
+            # Stages log their evaluation before training as `start/<key>` at step 0: same curve.
+            pts = [(r["step"], v) for r in rows if "step" in r
+                   for v in (r.get(key, r.get(f"start/{key}")),) if isinstance(v, (int, float))]
             if pts:
                 xs, ys = zip(*pts)
                 ax.plot(xs, _smooth(list(ys), smooth), label=label, marker="o" if len(xs) < 15 else None, ms=3)

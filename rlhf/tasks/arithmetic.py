@@ -20,15 +20,15 @@ P(i ranked above j) = sigmoid((s_i - s_j) / noise). `noise=0` ranks by gold scor
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
+
+from rlhf.data import write_jsonl
 
 _PROMPT = re.compile(r"^\s*(\d{1,2})\+(\d{1,2})=\s*$")
 _NUMBER = re.compile(r"^\d{1,3}$")
@@ -191,17 +191,6 @@ def evaluate_pass_at_k(model, tokenizer, prompts: Sequence[str], k: int = 8, tem
 # ---------------------------------------------------------------------------------------------
 
 
-def _write_jsonl(path, rows) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
 def make_sft_rows(n: int, seed: int, carry_error_rate: float = 0.6) -> list[dict]:
     """Demonstrations (prompt, completion); `carry_error_rate` of the carry prompts drop the carry."""
     rng = np.random.default_rng(seed + 1)
@@ -214,12 +203,12 @@ def make_sft_rows(n: int, seed: int, carry_error_rate: float = 0.6) -> list[dict
 
 def write_sft_data(path, n: int, seed: int, carry_error_rate: float = 0.6) -> Path:
     """JSONL of `prompt`, `completion` (the answer digits; the SFT stage appends EOS)."""
-    return _write_jsonl(path, make_sft_rows(n, seed, carry_error_rate))
+    return write_jsonl(path, make_sft_rows(n, seed, carry_error_rate))
 
 
 def write_eval_prompts(path, n: int, seed: int) -> Path:
     """JSONL of held-out `prompt`s (pairs that no training prompt uses)."""
-    return _write_jsonl(path, ({"prompt": p} for p in make_prompts(n, seed, split="eval")))
+    return write_jsonl(path, ({"prompt": p} for p in make_prompts(n, seed, split="eval")))
 
 
 def candidate_answers(prompt: str, k: int, rng: np.random.Generator) -> list[str]:
@@ -281,7 +270,7 @@ def make_ranking_rows(prompts: Sequence[str], completions_per_prompt: int, seed:
 def write_rankings(path, prompts: Sequence[str], completions_per_prompt: int, seed: int, noise: float = 0.5,
                    completions: Sequence[Sequence[str]] | None = None) -> Path:
     """JSONL of K-wise rankings (`prompt`, `completions`, `ranks`), see `make_ranking_rows`."""
-    return _write_jsonl(path, make_ranking_rows(prompts, completions_per_prompt, seed, noise, completions))
+    return write_jsonl(path, make_ranking_rows(prompts, completions_per_prompt, seed, noise, completions))
 
 
 def bradley_terry_prob(score_i: float, score_j: float, noise: float) -> float:

@@ -32,13 +32,13 @@ def test_pipeline_end_to_end_and_resume(tmp_path, capsys):
     for stage in ("sft", "reward", "ppo", "grpo"):
         assert (out / stage / "model" / "config.json").is_file(), stage
     rows = [json.loads(line) for line in (out / "rankings.jsonl").read_text().splitlines()]
-    assert len(rows) == 24 and all(len(r["completions"]) == 4 == len(r["ranks"]) for r in rows)
-    assert all(len(set(r["completions"])) == 4 and all(r["completions"]) for r in rows)
+    assert len(rows) == 24 and all(len(r["completions"]) == 8 == len(r["ranks"]) for r in rows)
+    assert all(len(set(r["completions"])) == 8 and all(r["completions"]) for r in rows)
 
     assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
     for stage in ("sft", "ppo", "grpo"):
         assert {"eval/accuracy", "eval/reward_mean", "kl/ref", "time/wall_s"} <= set(summary[stage])
-    assert "eval/accuracy" in summary["reward"] and summary["rankings"]["rankings/k"] == 4
+    assert "eval/accuracy" in summary["reward"] and summary["rankings"]["rankings/k"] == 8
     report = (out / "report.md").read_text()
     assert "| SFT |" in report and "| PPO |" in report and "| GRPO |" in report
     for png in ("ppo_curves.png", "grpo_curves.png", "reward_curves.png"):
