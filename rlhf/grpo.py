@@ -89,6 +89,8 @@ class Config(RunConfig):
     mask_truncated_completions: bool = arg(False, "Leave completions without EOS out of the loss.")
     bf16: bool = arg(False, "bfloat16 mixed precision.")
     gradient_checkpointing: bool = arg(False, "Trade compute for memory in the policy's backward pass.")
+    share_prompt_prefix: bool = arg(True, "Encode each prompt once per group in the training and reference passes "
+                                          "(same values; off with gradient_checkpointing).")
     use_peft: bool = arg(False, "Train LoRA adapters; the reference is the same model with adapters disabled.")
     lora_r: int = arg(16, "LoRA rank.")
     lora_alpha: int = arg(32, "LoRA alpha.")
@@ -143,14 +145,19 @@ def load_policy_and_reference(cfg):
 
 
 @torch.no_grad()
-def reference_logprobs(accelerator, policy, reference, input_ids, attention_mask, start, temperature):
+def reference_logprobs(accelerator, policy, reference, input_ids, attention_mask, start, temperature, share):
     """log pi_ref of the completion tokens: the frozen copy, or the LoRA policy with adapters off."""
     if reference is not None:
         with accelerator.autocast():  # the precision the training pass runs in
-            return batch_logprobs(reference, input_ids, attention_mask, start, temperature)
+            return batch_logprobs(reference, input_ids, attention_mask, start, temperature, share)
     unwrapped = accelerator.unwrap_model(policy)
     with unwrapped.disable_adapter(), accelerator.autocast():
-        return batch_logprobs(unwrapped, input_ids, attention_mask, start, temperature)
+        return batch_logprobs(unwrapped, input_ids, attention_mask, start, temperature, share)
+
+
+def share_prompts(cfg) -> bool:
+    # HF turns the KV cache off under gradient checkpointing, which prompt sharing needs.
+    return cfg.share_prompt_prefix and not cfg.gradient_checkpointing
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,7 +210,7 @@ def make_batch(cfg, accelerator, model, reference, tokenizer, rows, rewards_fn, 
         mb = cfg.per_device_train_batch_size
         ref_logp = torch.cat([
             reference_logprobs(accelerator, model, reference, input_ids[i:i + mb], attention_mask[i:i + mb], start,
-                               cfg.temperature)
+                               cfg.temperature, share_prompts(cfg))
             for i in range(0, n, mb)
         ])  # (n, T)
 
@@ -261,7 +268,7 @@ def train_step(cfg, accelerator, model, optimizer, scheduler, batch) -> dict:
         sl = slice(i * mb, (i + 1) * mb)
         with accelerator.accumulate(model):
             logp = batch_logprobs(model, batch["input_ids"][sl], batch["attention_mask"][sl], batch["start"],
-                                  cfg.temperature)  # (b, T)
+                                  cfg.temperature, share_prompts(cfg))  # (b, T)
             loss, m = micro_batch_loss(cfg, logp, batch, sl, num_seqs, num_tokens)
             # accelerate divides by ga and DDP averages over processes; the shares must add up instead.
             accelerator.backward(loss * ga * world)
@@ -335,7 +342,8 @@ def train(cfg: Config) -> dict:
     run = Run(cfg, is_main=accelerator.is_main_process)
     policy, reference = load_policy_and_reference(cfg)
     trainable = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                  fused=accelerator.device.type in ("cpu", "cuda"))  # one kernel, not one per tensor
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=int(cfg.warmup_ratio * cfg.max_steps),
                               num_training_steps=cfg.max_steps)
     # The scheduler stays unprepared: accelerate's wrapper would step it once per process.

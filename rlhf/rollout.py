@@ -8,7 +8,8 @@ the first step (a known pain in peers: padding and temperature mismatches make i
   sampled tokens as it goes (no second pass over the vocabulary) and stops as soon as every row
   has emitted EOS; on CPU it is about as fast as `model.generate` for tiny models.
 - `batch_logprobs(...)`: the training forward pass over the same left-padded prompt + right-padded
-  completion batch, with the same position ids and the same temperature.
+  completion batch, with the same position ids and the same temperature (optionally encoding each
+  prompt once for a group of completions that share it).
 
 Conventions shared by both:
 - prompts are LEFT-padded, so every completion starts at column P = prompt width; position ids come
@@ -168,7 +169,7 @@ def batch_logprobs(
     attention_mask: torch.Tensor,
     completion_start: int,
     temperature: float = 1.0,
-    return_hidden: bool = False,
+    share_prompts: bool = False,
 ) -> torch.Tensor:
     """Per-token log-probs of the completion tokens `input_ids[:, completion_start:]` under softmax(logits / T).
 
@@ -176,13 +177,38 @@ def batch_logprobs(
     Only the logits that predict completion tokens are computed (`logits_to_keep`), so the prompt
     never goes through the LM head.
 
+    `share_prompts`: consecutive rows with the same prompt (GRPO's groups) encode that prompt once;
+    its KV cache is indexed out to its rows and only the completion tokens go through the model
+    again. Same values and gradients (to float tolerance), a prompt's cost paid once per group
+    instead of G times. Needs a model that accepts a KV cache in training (no gradient checkpointing).
+
     Shapes: input_ids, attention_mask (B, P + T), completion_start = P; returns (B, T) float32.
     """
     n_completion = input_ids.shape[1] - completion_start
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
-                use_cache=False, logits_to_keep=n_completion + 1)
-    logits = out.logits[:, :-1, :].float() / temperature  # (B, T, V): position t predicts token t + 1
-    return logprobs_from_logits(logits, input_ids[:, completion_start:])  # (B, T)
+    position_ids = position_ids_from_mask(attention_mask)
+    if not share_prompts:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                    logits_to_keep=n_completion + 1)
+        logits = out.logits[:, :-1, :]  # (B, T, V): position t predicts token t + 1
+    else:
+        from transformers import DynamicCache
+
+        prompt_ids, prompt_mask = input_ids[:, :completion_start], attention_mask[:, :completion_start]
+        starts_group = torch.ones(len(input_ids), dtype=torch.bool, device=input_ids.device)  # (B,)
+        starts_group[1:] = ((prompt_ids[1:] != prompt_ids[:-1]) | (prompt_mask[1:] != prompt_mask[:-1])).any(1)
+        group = starts_group.long().cumsum(0) - 1  # (B,) row -> its distinct prompt
+        first = starts_group.nonzero().squeeze(1)  # (U,) one row per distinct prompt
+        cache, cache_name = DynamicCache(config=_base_model(model).config), _cache_kwarg(model)
+        prefix = model(input_ids=prompt_ids[first], attention_mask=prompt_mask[first],
+                       position_ids=position_ids[first, :completion_start], use_cache=True, logits_to_keep=1,
+                       **{cache_name: cache})
+        cache.batch_select_indices(group)  # (U, ...) -> (B, ...), differentiable indexing
+        out = model(input_ids=input_ids[:, completion_start:], attention_mask=attention_mask,
+                    position_ids=position_ids[:, completion_start:], use_cache=True, logits_to_keep=n_completion,
+                    **{cache_name: cache})
+        # the prompt's last position predicts completion token 0; completion position t predicts t + 1
+        logits = torch.cat([prefix.logits[group, -1:], out.logits[:, :-1]], dim=1)  # (B, T, V)
+    return logprobs_from_logits(logits.float() / temperature, input_ids[:, completion_start:])  # (B, T)
 
 
 def tokenize_prompts(tokenizer, prompts: list, device=None, max_prompt_length: int | None = None):
@@ -212,7 +238,8 @@ def tokenize_prompts(tokenizer, prompts: list, device=None, max_prompt_length: i
 
 def decode_completions(tokenizer, rollout: Rollout) -> list[str]:
     """Completion texts without special tokens (EOS and padding removed)."""
-    ids = [row[mask.bool()].tolist() for row, mask in zip(rollout.completion_ids, rollout.completion_mask)]
+    lengths = rollout.completion_mask.sum(1).tolist()  # the mask is a prefix of each row
+    ids = [row[:n] for row, n in zip(rollout.completion_ids.tolist(), lengths)]
     return tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 

@@ -8,8 +8,9 @@ arithmetic task's training prompts, G completions per prompt, the same number of
 optimizer step, the same max_completion_length, temperature 1, beta (so both hold a reference
 model), loss_type grpo, one thread each, no evaluation and no checkpoints inside the timed steps.
 The first `--warmup` steps of every run are not timed. Completions/s and tokens/s are taken over
-the timed steps; tokens are the completion tokens actually generated (each trainer's own
-`completions/mean_length`). Runs alternate ours / TRL `--repeats` times and the table shows the
+the timed steps, per wall-clock second and per CPU second of the process (read the latter on a
+shared, loaded machine: other processes' load counts against neither side); tokens are the
+completion tokens actually generated (each trainer's own `completions/mean_length`). Runs alternate ours / TRL `--repeats` times and the table shows the
 median, so a noisy shared machine hurts both sides alike.
 
 TRL >= 1.x no longer ships a PPO trainer (it was removed from `trl` and not kept in
@@ -32,16 +33,33 @@ def run_ours(args, model_dir: str, out: Path) -> dict:
     from rlhf import grpo
     from rlhf.runtime import make_config, read_jsonl
 
+    # CPU seconds per step: from the start of make_batch (generation) to the end of train_step
+    cpu, make_batch, train_step = [], grpo.make_batch, grpo.train_step
+
+    def timed_make_batch(*a, **k):
+        cpu.append(time.process_time())
+        return make_batch(*a, **k)
+
+    def timed_train_step(*a, **k):
+        result = train_step(*a, **k)
+        cpu[-1] = time.process_time() - cpu[-1]
+        return result
+
     cfg = make_config(grpo.Config, dict(
         output_dir=str(out), model_name_or_path=model_dir, max_steps=args.steps, num_generations=args.num_generations,
         per_device_train_batch_size=args.completions, max_completion_length=args.max_completion_length,
         beta=args.beta, loss_type="grpo", learning_rate=1e-5, reward_funcs=["exact_match", "format"],
         num_eval_prompts=0, progress=False, report_to="none", seed=args.seed))
-    grpo.train(cfg)
+    grpo.make_batch, grpo.train_step = timed_make_batch, timed_train_step
+    try:
+        grpo.train(cfg)
+    finally:
+        grpo.make_batch, grpo.train_step = make_batch, train_step
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if "time/step_s" in r][args.warmup:]
     seconds = sum(r["time/step_s"] for r in rows)
     tokens = sum(r["completions/mean_length"] * args.completions for r in rows)
-    return {"seconds": seconds, "completions": len(rows) * args.completions, "tokens": tokens, "steps": len(rows)}
+    return {"seconds": seconds, "cpu_seconds": sum(cpu[args.warmup:]), "completions": len(rows) * args.completions,
+            "tokens": tokens, "steps": len(rows)}
 
 
 def run_trl(args, model_dir: str, out: Path) -> dict:
@@ -53,13 +71,14 @@ def run_trl(args, model_dir: str, out: Path) -> dict:
 
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.begin, self.durations = None, []
+            self.begin, self.durations, self.cpu = None, [], []
 
         def on_step_begin(self, *a, **k):
-            self.begin = time.perf_counter()
+            self.begin = time.perf_counter(), time.process_time()
 
         def on_step_end(self, *a, **k):
-            self.durations.append(time.perf_counter() - self.begin)
+            self.durations.append(time.perf_counter() - self.begin[0])
+            self.cpu.append(time.process_time() - self.begin[1])
 
     timer = StepTimer()
     n_prompts = args.steps * args.completions // args.num_generations
@@ -77,7 +96,7 @@ def run_trl(args, model_dir: str, out: Path) -> dict:
     trainer.train()
     lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
     durations, lengths = timer.durations[args.warmup:], lengths[args.warmup:]
-    return {"seconds": sum(durations), "completions": len(durations) * args.completions,
+    return {"seconds": sum(durations), "cpu_seconds": sum(timer.cpu[args.warmup:]), "completions": len(durations) * args.completions,
             "tokens": sum(length * args.completions for length in lengths), "steps": len(durations)}
 
 
@@ -127,23 +146,28 @@ def main() -> None:
             for name, fn in runners.items():
                 results[name].append(fn(args, model_dir, tmp / f"{fn.__name__}_{r}"))
 
-    def median_rate(runs, key):
-        return statistics.median(run[key] / run["seconds"] for run in runs)
+    def median_rate(runs, key, per="seconds"):
+        return statistics.median(run[key] / run[per] for run in runs) if all(per in run for run in runs) else float("nan")
 
     print(f"\nGRPO throughput: {args.completions} completions/step (G={args.num_generations}), "
           f"max_completion_length={args.max_completion_length}, beta={args.beta}, {args.threads} thread(s), "
           f"{args.steps - args.warmup} timed steps x {args.repeats} repeats (median)\n")
-    header = f"| {'trainer':<26} | {'completions/s':>13} | {'tokens/s':>9} | {'s/step':>7} |"
+    header = (f"| {'trainer':<26} | {'completions/s':>13} | {'tokens/s':>9} | {'s/step':>7} "
+              f"| {'completions/CPU-s':>17} | {'tokens/CPU-s':>12} |")
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     table = {}
     for name, runs in results.items():
         cps, tps = median_rate(runs, "completions"), median_rate(runs, "tokens")
-        table[name] = {"completions_per_s": cps, "tokens_per_s": tps, "s_per_step": args.completions / cps}
-        print(f"| {name:<26} | {cps:>13.1f} | {tps:>9.1f} | {args.completions / cps:>7.3f} |")
+        cpu_cps, cpu_tps = median_rate(runs, "completions", "cpu_seconds"), median_rate(runs, "tokens", "cpu_seconds")
+        table[name] = {"completions_per_s": cps, "tokens_per_s": tps, "s_per_step": args.completions / cps,
+                       "completions_per_cpu_s": cpu_cps, "tokens_per_cpu_s": cpu_tps}
+        print(f"| {name:<26} | {cps:>13.1f} | {tps:>9.1f} | {args.completions / cps:>7.3f} "
+              f"| {cpu_cps:>17.1f} | {cpu_tps:>12.1f} |")
     ours, trl = table["ours (rlhf grpo)"], table["TRL GRPOTrainer"]
-    print(f"\nratio ours / TRL: completions/s x{ours['completions_per_s'] / trl['completions_per_s']:.2f}, "
-          f"tokens/s x{ours['tokens_per_s'] / trl['tokens_per_s']:.2f}")
+    print(f"\nratio ours / TRL: completions/s x{ours['completions_per_s'] / trl['completions_per_s']:.2f} (wall), "
+          f"x{ours['completions_per_cpu_s'] / trl['completions_per_cpu_s']:.2f} (CPU: robust on a shared machine); "
+          f"tokens/s x{ours['tokens_per_s'] / trl['tokens_per_s']:.2f} (wall)")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": table, "runs": results}, indent=2))
 

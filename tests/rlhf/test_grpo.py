@@ -90,7 +90,7 @@ class _SGD(torch.optim.SGD):
     """AdamW's first step is ~lr * sign(g), which turns fp noise on tiny gradients into lr-sized
     differences; plain SGD makes parameter differences proportional to gradient differences."""
 
-    def __init__(self, params, lr, weight_decay=0.0):
+    def __init__(self, params, lr, weight_decay=0.0, fused=None):
         super().__init__(params, lr=lr)
 
 

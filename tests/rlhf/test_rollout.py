@@ -107,3 +107,25 @@ def test_shared_prompt_prefill_for_groups_matches_training_logprobs():
     m = r.completion_mask.bool()
     assert torch.allclose(lp[m], r.logprobs[m], atol=2e-5)
     assert len({tuple(row.tolist()) for row in r.completion_ids[:4]}) > 1  # the G samples of a prompt differ
+
+
+def test_shared_prompt_training_pass_matches_the_plain_pass_values_and_gradients():
+    model = tiny_lm().train()
+    ids, mask = left_padded([6, 2, 4], width=6)
+    torch.manual_seed(3)
+    r = generate(model, ids, mask, max_new_tokens=7, eos_token_id=EOS, pad_token_id=PAD, num_return_sequences=4)
+    params = list(model.parameters())
+    # rows 3..9: a micro-batch that starts and ends inside a group, as accumulation slices can
+    for sl in (slice(0, 12), slice(3, 10)):
+        x, am, m = r.input_ids[sl], r.attention_mask[sl], r.completion_mask[sl]
+        plain = batch_logprobs(model, x, am, ids.shape[1], temperature=0.7)
+        shared = batch_logprobs(model, x, am, ids.shape[1], temperature=0.7, share_prompts=True)
+        assert torch.allclose(plain * m, shared * m, atol=1e-5), (plain - shared).mul(m).abs().max()
+        g_plain = torch.autograd.grad((plain * m).sum(), params)
+        g_shared = torch.autograd.grad((shared * m).sum(), params)
+        for a, b in zip(g_plain, g_shared):
+            assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (a - b).abs().max()
+    # distinct prompts (PPO's batches) also pass through unchanged
+    one_each = r.input_ids[::4], r.attention_mask[::4]
+    assert torch.allclose(batch_logprobs(model, *one_each, ids.shape[1]),
+                          batch_logprobs(model, *one_each, ids.shape[1], share_prompts=True), atol=1e-5)
