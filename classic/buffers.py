@@ -158,6 +158,10 @@ class ReplayBuffer:
     def _transitions(self, idx: np.ndarray, weights: np.ndarray) -> Batch:
         """n-step transitions from absolute slots `idx` (all sampleable)."""
         pos = idx % self.capacity
+        if self.n == 1:  # one-step targets (the common case): the same numbers without the (B, n) reward window
+            return Batch(obs=self.stack(idx), actions=self.actions[pos], rewards=self.rewards[pos],
+                         next_obs=self.stack(idx + 1), terminated=self.terminated[pos].astype(np.float32),
+                         discounts=np.full(len(idx), self.gamma, dtype=np.float32), indices=idx, weights=weights)
         steps = np.minimum(self.n, self.end[pos] - idx)  # (B,) transitions before the episode ends
         k = np.arange(self.n)
         valid = k[None, :] < steps[:, None]  # (B, n)

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 
 import numpy as np
 import torch
 
 from classic.buffers import PrioritizedReplayBuffer, ReplayBuffer
 from classic.envs import check_env_id, env_spaces, evaluate, is_atari, make_env
-from classic.nets import QNetwork
+from classic.nets import QNetwork, clip_grad_norm
 from rlhf.core import discounted_returns, dqn_target, td_loss
 from rlhf.runtime import (Run, RunConfig, Timer, arg, check, fmt_metrics, load_state, progress, resolve_checkpoint,
                           save_state, seed_everything)
@@ -189,8 +190,11 @@ def train(cfg: Config) -> dict:
         batch = replay.sample(cfg.batch_size, beta=beta)
         obs_b, next_obs_b = torch.from_numpy(batch.obs), torch.from_numpy(batch.next_obs)
         actions = torch.from_numpy(batch.actions)  # (B,)
-        with torch.no_grad():
-            next_q_target = target_net(next_obs_b)  # (B, A)
+        if target_numpy is not None:  # needs no gradient, so numpy (cheaper per layer, see numpy_mlp)
+            next_q_target = torch.from_numpy(target_numpy(batch.next_obs))  # (B, A)
+        else:
+            with torch.no_grad():
+                next_q_target = target_net(next_obs_b)  # (B, A)
         if cfg.double_q:  # one forward pass for Q(s) and Q(s') of the online net
             q_all = q_net(torch.cat([obs_b, next_obs_b]))  # (2B, A)
             q_obs, next_q_online = q_all[: cfg.batch_size], q_all[cfg.batch_size:].detach()
@@ -201,10 +205,11 @@ def train(cfg: Config) -> dict:
         q_taken = q_obs.gather(1, actions[:, None]).squeeze(1)  # (B,)
         weights = torch.from_numpy(batch.weights) if cfg.prioritized else None
         loss, td_errors = td_loss(q_taken, target, weights=weights, kind=cfg.loss)
-        optimizer.zero_grad(set_to_none=True)
+        for p in trainable:  # = optimizer.zero_grad(set_to_none=True), without its profiler-hook overhead
+            p.grad = None
         loss.backward()
         if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(q_net.parameters(), cfg.max_grad_norm)
+            clip_grad_norm(trainable, cfg.max_grad_norm)
         optimizer.step()
         replay.update_priorities(batch.indices, td_errors.numpy())
         return loss.detach(), q_taken.detach().mean()
@@ -237,19 +242,23 @@ def train(cfg: Config) -> dict:
                 replay.save(d / "replay.npz")
 
     # --- the loop -----------------------------------------------------------------------------
-    timer, start_step = Timer(), step
+    timer, cpu_start, start_step = Timer(), time.process_time(), step
     next_save = (step // cfg.save_steps + 1) * cfg.save_steps if cfg.save_steps else None
     exploration_steps = cfg.exploration_fraction * cfg.total_timesteps
     bar = progress(cfg.total_timesteps, f"dqn {cfg.env_id}", enabled=cfg.progress, initial=step)
-    obs_t = torch.from_numpy(np.asarray(obs))
+    trainable = list(q_net.parameters())
+    q_numpy = q_net.numpy_forward()  # MLP Q-nets act in numpy (see numpy_mlp); None for CNN / dueling
+    target_numpy = target_net.numpy_forward()  # views: they follow the target updates (in-place lerp_)
     reached = False
     while step < cfg.total_timesteps:
         epsilon = linear_schedule(cfg.start_e, cfg.end_e, exploration_steps, step)
         if rng.random() < epsilon:
             action = int(rng.integers(n_actions))
+        elif q_numpy is not None:
+            action = int(q_numpy(np.asarray(obs)[None]).argmax())
         else:
             with torch.inference_mode():
-                action = int(q_net(obs_t[None]).argmax())
+                action = int(q_net(torch.from_numpy(np.asarray(obs))[None]).argmax())
         next_obs, reward, terminated, truncated, info = env.step(action)
         replay.add(obs, action, reward, terminated, truncated, next_obs)
         step += 1
@@ -261,7 +270,7 @@ def train(cfg: Config) -> dict:
         if terminated or truncated:  # checkpoints sit at episode ends; the next episode's reset is seeded
             save_now = next_save is not None and step >= next_save
             next_obs, _ = env.reset(seed=reset_seed(cfg, step) if save_now else None)
-        obs, obs_t = next_obs, torch.from_numpy(np.asarray(next_obs))
+        obs = next_obs
 
         if step > cfg.learning_starts and len(replay) >= cfg.batch_size:
             if step % cfg.train_frequency == 0:
@@ -313,13 +322,15 @@ def train(cfg: Config) -> dict:
     bar.close()
     env.close()
     sps = (step - start_step) / max(timer.elapsed(), 1e-9)
+    cpu_sps = (step - start_step) / max(time.process_time() - cpu_start, 1e-9)  # robust to machine load
 
     final = last_eval if reached else run_evaluation(step)
     best_eval = max(best_eval, final["eval/return_mean"])
     if not reached:
         run.log(step, final)
     save_checkpoint(step)
-    summary = {**final, "eval/best_return_mean": best_eval, "time/sps": sps, "train/episodes": episodes,
+    summary = {**final, "eval/best_return_mean": best_eval, "time/sps": sps, "time/cpu_sps": cpu_sps,
+               "train/episodes": episodes,
                "train/updates": n_updates, "global_step": step, "env_id": cfg.env_id,
                "stopped_early": bool(reached)}
     run.write_summary(summary)

@@ -297,11 +297,15 @@ class Rollout:
         obs_np, actions_np, logp_np, values_np = self.obs.numpy(), self.actions.numpy(), self.logp.numpy(), self.values.numpy()
         rewards_np, terminated_np, episode_end_np, valid_np = (self.rewards.numpy(), self.terminated.numpy(),
                                                                self.episode_end.numpy(), self.valid.numpy())
+        numpy_act = getattr(self.policy, "numpy_act", lambda: None)()  # MLP on CPU: act in numpy (much cheaper per step)
         for t in range(self.num_steps):
             obs_np[t] = self.next_obs
-            actions, logp, values = self.policy.act(self._to_tensor(self.next_obs))
-            actions = actions.cpu().numpy()
-            actions_np[t], logp_np[t], values_np[t] = actions, logp.cpu().numpy(), values.cpu().numpy()
+            if numpy_act is not None:
+                actions, logp, values = numpy_act(self.next_obs)
+            else:
+                actions, logp, values = self.policy.act(self._to_tensor(self.next_obs))
+                actions, logp, values = actions.cpu().numpy(), logp.cpu().numpy(), values.cpu().numpy()
+            actions_np[t], logp_np[t], values_np[t] = actions, logp, values
             valid_np[t] = ~self.autoreset
             if self.action_bounds is not None:  # the Gaussian sample is stored unclipped; the env gets it clipped
                 actions = np.clip(actions, *self.action_bounds)

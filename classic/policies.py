@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.distributions import Categorical, Normal, kl_divergence
 
-from classic.nets import NatureCNN
+from classic.nets import NatureCNN, numpy_mlp
 from rlhf.core import entropy_from_logits
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
@@ -160,6 +160,37 @@ class ActorCritic(nn.Module):
         actions = out + self.log_std.exp() * noise
         logp = (-0.5 * noise.square() - self.log_std - LOG_SQRT_2PI).sum(-1)  # log N(a; mean, std), a = mean + std * noise
         return actions, logp, value
+
+
+    def numpy_act(self):
+        """`act` as a numpy function obs (N, ...) -> (actions, log-probs (N,), values (N,)), for the
+        rollout's one-step-at-a-time calls; None where it does not apply (CNN, parameters off the CPU).
+
+        Per step it is ~20 numpy calls (~1 us each) instead of ~25 torch dispatches and 12 nn.Module
+        calls. It reads views of the parameters (see `numpy_mlp`): build it once per rollout. Samples
+        come from numpy's global RNG, which checkpoints save and restore (`rlhf.runtime.save_state`),
+        so resumes stay exact. Log-probs and values match `log_prob` / `value` to float32 round-off (tested).
+        """
+        if self.cnn or next(self.parameters()).device.type != "cpu":
+            return None
+        actor, critic = numpy_mlp(self.actor), numpy_mlp(self.critic)
+        if not self.discrete:
+            log_std = self.log_std.detach().numpy()  # a view: sees the optimiser's updates
+
+        def act(obs: np.ndarray):
+            x = obs.reshape(len(obs), -1).astype(np.float32, copy=False)  # (N, obs_dim)
+            out, value = actor(x), critic(x)[:, 0]  # (N, A), (N,)
+            if self.discrete:  # inverse-CDF sampling from the softmax
+                z = out - out.max(-1, keepdims=True)
+                logp_all = z - np.log(np.exp(z).sum(-1, keepdims=True))  # (N, A)
+                u = np.random.random((len(x), 1))
+                actions = np.minimum((np.exp(logp_all).cumsum(-1) < u).sum(-1), self.action_dim - 1)  # (N,)
+                return actions, logp_all[np.arange(len(x)), actions], value
+            noise = np.random.standard_normal(out.shape).astype(np.float32)
+            actions = out + np.exp(log_std) * noise  # a = mean + std * noise, unclipped
+            return actions, (-0.5 * noise**2 - log_std - LOG_SQRT_2PI).sum(-1), value
+
+        return act
 
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)

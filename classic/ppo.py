@@ -21,9 +21,9 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from torch import nn
 
 from classic import onpolicy
+from classic.nets import clip_grad_norm
 from classic.onpolicy import OnPolicyArgs
 from classic.policies import ActorCritic
 from rlhf.core import AdaptiveKLController, FixedKLController, kl_penalty_loss, masked_mean, masked_whiten, ppo_clip_loss, value_loss
@@ -88,26 +88,35 @@ def update(cfg: Config, policy: ActorCritic, optimizer: torch.optim.Optimizer, b
     with torch.no_grad():
         old_params = policy.params(batch["obs"])  # (B, P): pi_old, exactly the rollout's policy
     vclip = cfg.clip_eps if cfg.clip_vloss else None
-    data = {**batch, "old_params": old_params}
+    use_kl = cfg.penalty in ("adaptive_kl", "fixed_kl")
+    data = {**batch, "old_params": old_params} if use_kl else batch  # pi_old's params only feed the exact KL
+    trainable = list(policy.parameters())  # listed once, not per minibatch
     history = []
     for _ in range(cfg.update_epochs):
         perm = torch.randperm(n, device=batch["logp"].device)
-        shuffled = {k: v[perm] for k, v in data.items()}  # one gather per epoch; minibatches are slices (views)
-        for start in range(0, n, mb_size):
-            mb = {k: v[start:start + mb_size] for k, v in shuffled.items()}
+        # one gather per epoch, and the minibatches as views (one split per field, not a slice per minibatch)
+        chunks = {k: v[perm].split(mb_size) for k, v in data.items()}
+        for i in range(n // mb_size):
+            mb = {k: v[i] for k, v in chunks.items()}
             valid = mb["valid"]  # (b,) 0 on autoreset steps
             params, values = policy.params_and_value(mb["obs"])
             logp = policy.log_prob(params, mb["actions"])  # (b,)
             advantages = masked_whiten(mb["advantages"], valid) if cfg.norm_adv else mb["advantages"]
-            kl = policy.kl(mb["old_params"], params) if cfg.penalty in ("adaptive_kl", "fixed_kl") else None
+            kl = policy.kl(mb["old_params"], params) if use_kl else None
             pg_loss, metrics = policy_loss(cfg, logp, mb["logp"], advantages, valid, kl, beta)
             v_loss, v_metrics = value_loss(values, mb["values"], mb["returns"], clip_eps=vclip, mask=valid)
-            entropy = masked_mean(policy.entropy(params), valid)
-            loss = pg_loss - cfg.ent_coef * entropy + cfg.vf_coef * v_loss
-            optimizer.zero_grad(set_to_none=True)
+            if cfg.ent_coef:
+                entropy = masked_mean(policy.entropy(params), valid)
+                loss = pg_loss - cfg.ent_coef * entropy + cfg.vf_coef * v_loss
+            else:  # entropy is only a metric: keep it out of the autograd graph (same loss, a shorter backward pass)
+                with torch.no_grad():
+                    entropy = masked_mean(policy.entropy(params), valid)
+                loss = pg_loss + cfg.vf_coef * v_loss
+            for p in trainable:  # = optimizer.zero_grad(set_to_none=True), without its profiler-hook overhead
+                p.grad = None
             loss.backward()
             if cfg.max_grad_norm:
-                nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+                clip_grad_norm(trainable, cfg.max_grad_norm)
             optimizer.step()
             if "policy/clipfrac" not in metrics:  # KL / none variants: how often |r - 1| > clip_eps, for comparison
                 metrics["policy/clipfrac"] = masked_mean(((logp.detach() - mb["logp"]).exp().sub(1).abs() > cfg.clip_eps).float(), valid)

@@ -46,11 +46,14 @@ def gae(
     terminated = _f(terminated, rewards)
     episode_end = _f(episode_end, rewards)
     T = rewards.shape[0]
+    # Everything but the recursion at once; the loop then costs 2 small ops per step (it is
+    # run per rollout on T ~ 2048 steps, where per-op dispatch, not arithmetic, is the cost).
+    deltas = (rewards + gamma * (1 - terminated) * next_values - values).unbind(0)  # T x (...)
+    coefs = (gamma * lam * (1 - episode_end)).unbind(0)
     last = torch.zeros_like(rewards[0])
     advantages = [None] * T
     for t in reversed(range(T)):
-        delta = rewards[t] + gamma * (1 - terminated[t]) * next_values[t] - values[t]
-        last = delta + gamma * lam * (1 - episode_end[t]) * last
+        last = deltas[t] + coefs[t] * last
         advantages[t] = last
     advantages = torch.stack(advantages)  # (T, ...)
     return advantages, advantages + values

@@ -150,16 +150,16 @@ def value_loss(
     err = (values - returns) ** 2
     if clip_eps is None:
         per_token = 0.5 * err
-        clipped = torch.zeros_like(err)
+        clipfrac = err.new_zeros(())  # nothing is clipped (skips a masked mean of zeros)
     else:
         v_clip = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
         err_clip = (v_clip - returns) ** 2
         per_token = 0.5 * torch.maximum(err, err_clip)
-        clipped = (err_clip > err).to(values.dtype)
+        clipfrac = masked_mean((err_clip > err).to(values.dtype), mask)
     loss = aggregate_loss(per_token, mask, mode, **agg)
     metrics = {
         "loss/value": _d(loss),
-        "value/clipfrac": _d(masked_mean(clipped, mask)),
+        "value/clipfrac": _d(clipfrac),
         "value/mean": _d(masked_mean(values, mask)),
     }
     return loss, metrics

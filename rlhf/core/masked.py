@@ -19,6 +19,8 @@ AGGREGATION_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-no
 def _mask_like(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if mask is None:
         return torch.ones_like(x)
+    if mask.dtype == x.dtype and mask.shape == x.shape:  # common case: skip two no-op dispatches (callers never write to it)
+        return mask
     return torch.broadcast_to(mask.to(x.dtype), x.shape)
 
 
@@ -56,13 +58,18 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor | None, unbiased: bool = True
 
     Shapes: x (...), mask broadcastable to x; returns a scalar.
     """
-    m = _mask_like(x, mask)
+    return _masked_moments(x, _mask_like(x, mask), unbiased)[1]
+
+
+def _masked_moments(x: torch.Tensor, m: torch.Tensor, unbiased: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # (mean, variance, x - mean), shared by masked_var and masked_whiten so neither computes a moment twice.
     mean = masked_mean(x, m)
-    var = masked_mean((x - mean) ** 2, m)
+    centered = x - mean
+    var = masked_mean(centered**2, m)
     if unbiased:
         n = m.sum()
         var = var * _safe_div(n, (n - 1).clamp_min(1))
-    return var
+    return mean, var, centered
 
 
 def masked_whiten(
@@ -76,8 +83,8 @@ def masked_whiten(
     Shapes: x (B, T) or any shape, mask broadcastable to x; returns x.shape.
     """
     m = _mask_like(x, mask)
-    mean, var = masked_mean(x, m), masked_var(x, m)
-    out = (x - mean) * torch.rsqrt(var + eps)
+    mean, var, centered = _masked_moments(x, m, unbiased=True)
+    out = centered * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
     return out * m

@@ -191,6 +191,29 @@ def test_fast_act_matches_the_distribution(action_space):
     torch.testing.assert_close(values, v.detach())
 
 
+@pytest.mark.parametrize("action_space", [gym.spaces.Discrete(3), gym.spaces.Box(-1, 1, (2,))])
+def test_numpy_act_matches_the_distribution(action_space):
+    torch.manual_seed(0)
+    np.random.seed(0)
+    policy = ActorCritic(gym.spaces.Box(-1, 1, (4,)), action_space, init_log_std=-0.3)
+    obs = np.random.randn(4096, 4)  # float64, as MuJoCo returns it
+    act = policy.numpy_act()
+    actions, logp, values = act(obs)
+    params, v = policy.params_and_value(torch.as_tensor(obs, dtype=torch.float32))
+    torch.testing.assert_close(torch.from_numpy(logp), policy.log_prob(params, torch.from_numpy(actions)).detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(values), v.detach(), atol=1e-5, rtol=1e-5)
+    if policy.discrete:  # the sampled action frequencies follow pi(.|s)
+        probs = params.softmax(-1).mean(0).detach().numpy()
+        np.testing.assert_allclose(np.bincount(actions, minlength=3) / len(actions), probs, atol=0.03)
+    else:  # the noise (a - mean) / std is standard normal
+        z = ((torch.from_numpy(actions) - params[:, :2]) / params[:, 2:].exp()).detach()
+        assert abs(float(z.mean())) < 0.05 and abs(float(z.std()) - 1) < 0.05
+    with torch.no_grad():  # in-place parameter updates (Adam's) are seen without rebuilding `act`
+        policy.critic[0].weight.add_(0.5)
+    torch.testing.assert_close(torch.from_numpy(act(obs)[2]), policy.value(torch.as_tensor(obs, dtype=torch.float32)).detach(),
+                               atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("action_space", [gym.spaces.Discrete(4), gym.spaces.Box(-1, 1, (3,))])
 def test_policies_match_torch_distributions(action_space):
     from torch.distributions import Categorical, Normal
