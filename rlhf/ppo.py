@@ -4,7 +4,8 @@ One step = one rollout batch and its update (as TRL's PPOTrainer counts them):
 
 1. Sample one completion per prompt from the policy (`rlhf.rollout.generate`, KV cache).
 2. Score it: a learned reward model (`reward_model_path`) or Python reward functions; a
-   completion without EOS loses `missing_eos_penalty`; optional clipping of the score.
+   completion without EOS loses `missing_eos_penalty`; optionally minus the score of the policy's
+   greedy completion (`score_baseline`, ReMax); optional clipping of the score.
 3. One no-grad forward of policy + value gives old log-probs and values; the reference (the SFT
    model, or the LoRA policy with adapters off) gives ref log-probs.
 4. Per-token reward: r_t = -beta * KL_t (`kl_estimator` k1 | k2 | k3 of pi_old vs pi_ref), plus the
@@ -92,6 +93,10 @@ class Config(RunConfig):
     kl_horizon: float = arg(10000, "Horizon (in completions) of the proportional controller.")
     missing_eos_penalty: float | None = arg(None, "Subtract this from the score of completions without EOS (null: off).")
     reward_clip: float = arg(0.0, "Clip the score to [-reward_clip, reward_clip] (0: off).")
+    score_baseline: str = arg("none", "Subtract a per-prompt baseline from the score: greedy = the score of the "
+                                      "policy's greedy completion (ReMax, Li et al. 2023); it removes the reward "
+                                      "model's per-prompt offset, which a fresh value model learns slowly.",
+                              choices=["none", "greedy"])
     whiten_rewards: bool = arg(False, "Whiten the per-token rewards (scale only) before GAE.")
     whiten_advantages: bool = arg(True, "Whiten advantages over the batch.")
     gamma: float = arg(1.0, "Discount over completion tokens.")
@@ -237,6 +242,26 @@ def per_token_rewards(scores, kl, mask, beta):
 
 
 @torch.no_grad()
+def greedy_scores(cfg, accelerator, model, tokenizer, prompts, prompt_ids, prompt_mask, columns, rewards_fn, rm_scorer,
+                  batch_index) -> torch.Tensor:
+    """Scores (n,) of the policy's greedy completions: a baseline that depends on the prompt only."""
+    from rlhf.distributed import gathered_for_generation
+
+    with gathered_for_generation(accelerator, model) as unwrapped, accelerator.autocast():
+        rollout = generate(unwrapped.policy, prompt_ids, prompt_mask, cfg.max_completion_length, tokenizer.eos_token_id,
+                           tokenizer.pad_token_id, cfg.temperature, greedy=True)
+    completions = decode_completions(tokenizer, rollout)
+    scores = torch.zeros(len(prompts))
+    if rm_scorer is not None:
+        scores = scores + rm_scorer(prompts, completions)
+    if rewards_fn is not None:
+        scores = scores + rewards_fn(prompts, completions, columns, batch=f"{batch_index} (greedy baseline)")[0]
+    if cfg.missing_eos_penalty is not None:
+        scores = scores - cfg.missing_eos_penalty * rollout.is_truncated.float().cpu()
+    return scores
+
+
+@torch.no_grad()
 def make_batch(cfg, accelerator, model, reference, tokenizer, rows, rewards_fn, rm_scorer, beta, batch_index) -> dict:
     """Generate, score and compute advantages for this process's prompts (one completion each)."""
     from rlhf.distributed import gathered_for_generation
@@ -261,6 +286,11 @@ def make_batch(cfg, accelerator, model, reference, tokenizer, rows, rewards_fn, 
         fn_rewards, per_function, valid = rewards_fn(prompts, completions, columns, batch=batch_index)
         scores = scores + fn_rewards
     raw_scores = scores.clone()
+    baseline = None
+    if cfg.score_baseline == "greedy":
+        baseline = greedy_scores(cfg, accelerator, model, tokenizer, prompts, prompt_ids, prompt_mask, columns,
+                                 rewards_fn, rm_scorer, batch_index)
+        scores = scores - baseline
     scores = scores.to(accelerator.device)
     if cfg.missing_eos_penalty is not None:
         scores = scores - cfg.missing_eos_penalty * rollout.is_truncated.float()
@@ -306,6 +336,8 @@ def make_batch(cfg, accelerator, model, reference, tokenizer, rows, rewards_fn, 
         "completions/mean_length": float(gather(rollout.completion_mask.sum(1).float()).mean()),
         "completions/clipped_ratio": float(gather(rollout.is_truncated.float()).mean()),
     }
+    if baseline is not None:
+        metrics["reward/baseline_mean"] = float(gather(baseline.to(accelerator.device)).mean())
     if per_function is not None:
         metrics.update(rewards_fn.metrics(per_function))
     if not cfg.dataset_name:  # the built-in task: also track the gold score of what was sampled

@@ -7,6 +7,8 @@ This script scores held-out prompts (never seen in SFT data, rankings or PPO pro
 per RM directory, the share of pairs ranked right:
 
   right > dropped carry   carry prompts: exact answer vs the answer with the carry forgotten
+  right > added carry     no-carry prompts: exact answer vs answer + 10 (a carry that is not there;
+                          PPO against a reward model blind to it answers +10 on no-carry prompts)
   right > off by one      every prompt: exact answer vs answer +- 1 (gold 1.0 vs 0.5)
   right > far             exact answer vs a random far number (gold 1.0 vs 0.0)
   right > malformed       exact answer vs "?" (gold 1.0 vs -1.0)
@@ -29,13 +31,15 @@ def pair_rows(num_prompts: int, seed: int) -> dict[str, list[dict]]:
 
     rng = np.random.default_rng(seed)
     prompts = arithmetic.make_prompts(num_prompts, seed=seed, split="eval")
-    rows: dict[str, list[dict]] = {"right > dropped carry": [], "right > off by one": [], "right > far": [],
-                                   "right > malformed": []}
+    rows: dict[str, list[dict]] = {"right > dropped carry": [], "right > added carry": [], "right > off by one": [],
+                                   "right > far": [], "right > malformed": []}
     for p in prompts:
         right = arithmetic.gold_answer(p)
         s = int(right)
         if arithmetic.has_carry(p):
             rows["right > dropped carry"].append({"prompt": p, "chosen": right, "rejected": arithmetic.dropped_carry_answer(p)})
+        else:
+            rows["right > added carry"].append({"prompt": p, "chosen": right, "rejected": str(s + 10)})
         rows["right > off by one"].append({"prompt": p, "chosen": right, "rejected": str(s + 1 if rng.random() < 0.5 or s == 0 else s - 1)})
         far = s
         while abs(far - s) <= 10:

@@ -81,6 +81,34 @@ def test_gradient_accumulation_1x8_equals_8x1(tmp_path, monkeypatch):
     assert la["loss/value"] == pytest.approx(lb["loss/value"], abs=1e-6)
 
 
+def prompt_only_reward(prompts, completions, **kwargs):
+    return [float(len(p)) for p in prompts]
+
+
+def test_greedy_baseline_is_the_score_of_the_greedy_completion(tmp_path):
+    torch.set_num_threads(1)
+    # A reward of the prompt alone: the greedy completion scores exactly what the sample scores.
+    ppo.train(cfg_for(tmp_path, "prompt", max_steps=1, score_baseline="greedy", reward_funcs=[f"{HERE}:prompt_only_reward"]))
+    row = read_jsonl(tmp_path / "prompt" / "metrics.jsonl")[0]
+    assert row["reward/baseline_mean"] == pytest.approx(row["reward/score_mean"]) and row["reward/score_mean"] > 0
+    # A reward of the completion: the greedy baseline is the score of the policy's greedy answers.
+    cfg = cfg_for(tmp_path, "length", max_steps=1, score_baseline="greedy")
+    from rlhf.models import load_causal_lm, load_tokenizer
+    from rlhf.rewards import RewardFunctions
+    from rlhf.rollout import decode_completions, generate, tokenize_prompts
+
+    tok, policy = load_tokenizer("builtin:tiny", padding_side="left"), load_causal_lm("builtin:tiny")
+    prompts = ["1+2=", "33+44=", "9+90="]
+    ids, mask = tokenize_prompts(tok, prompts)
+    greedy = decode_completions(tok, generate(policy, ids, mask, 6, tok.eos_token_id, tok.pad_token_id, greedy=True))
+    from accelerate import Accelerator
+
+    model = ppo.PolicyAndValue(policy, torch.nn.Identity())
+    got = ppo.greedy_scores(cfg, Accelerator(cpu=True), model, tok, prompts, ids, mask, {},
+                            RewardFunctions(cfg.reward_funcs), None, 0)
+    assert torch.allclose(got, torch.tensor(length_reward(prompts, greedy)))
+
+
 @pytest.mark.slow
 def test_reward_rises(tmp_path):
     torch.set_num_threads(1)
