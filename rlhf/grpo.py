@@ -33,13 +33,11 @@ from pathlib import Path
 import torch
 
 from rlhf.core import aggregate_loss, group_advantages, kl_estimate, masked_mean, ppo_clip_loss
-from rlhf.rewards import RewardFunctions, RewardModelScorer
 from rlhf.rollout import (
-    PromptSource, batch_logprobs, decode_completions, evaluate_arithmetic, generate, load_prompt_rows, tokenize_prompts,
+    PromptSource, batch_logprobs, decode_completions, evaluate_arithmetic, generate, load_rl_inputs, tokenize_prompts,
 )
 from rlhf.runtime import (
-    Run, RunConfig, Timer, arg, check, fmt_metrics, load_state, progress, resolve_checkpoint, save_state,
-    seed_everything,
+    Run, RunConfig, Timer, arg, check, fmt_metrics, load_state, progress, save_state, seed_everything,
 )
 
 LOSS_MODES = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm"}
@@ -319,7 +317,6 @@ def train(cfg: Config) -> dict:
     from transformers import get_scheduler
 
     from rlhf.distributed import make_accelerator, prepare_frozen, save_hf_model
-    from rlhf.models import load_tokenizer
 
     accelerator = make_accelerator(cfg.gradient_accumulation_steps, bf16=cfg.bf16,
                                    per_device_train_batch_size=cfg.per_device_train_batch_size,
@@ -328,16 +325,7 @@ def train(cfg: Config) -> dict:
     seed_everything(cfg.seed + accelerator.process_index, cfg.deterministic)  # different samples per process
 
     # Everything that can fail on bad input fails here, before the run directory is touched.
-    rewards_fn = RewardFunctions(cfg.reward_funcs, cfg.reward_weights, cfg.skip_bad_rewards) if cfg.reward_funcs else None
-    resume = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
-    tokenizer = load_tokenizer(cfg.model_name_or_path, padding_side="left")
-    rows = load_prompt_rows(cfg.dataset_name, cfg.dataset_split, cfg.num_train_prompts, cfg.seed)
-    eval_prompts = []
-    if not cfg.dataset_name and cfg.num_eval_prompts > 0:
-        from rlhf.tasks.arithmetic import make_prompts
-
-        eval_prompts = make_prompts(cfg.num_eval_prompts, seed=cfg.seed, split="eval")
-    rm_scorer = RewardModelScorer(cfg.reward_model_path, accelerator.device) if cfg.reward_model_path else None
+    rewards_fn, rm_scorer, resume, tokenizer, rows, eval_prompts = load_rl_inputs(cfg, accelerator.device)
 
     run = Run(cfg, is_main=accelerator.is_main_process)
     policy, reference = load_policy_and_reference(cfg)

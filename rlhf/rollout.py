@@ -248,6 +248,30 @@ def decode_completions(tokenizer, rollout: Rollout) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
+def load_rl_inputs(cfg, device):
+    """What PPO and GRPO read before training, so that bad input (a reward function that does not
+    import, a missing checkpoint, model or data file) fails before the run directory is touched.
+
+    Returns (reward functions or None, reward-model scorer or None, checkpoint to resume from or
+    None, left-padding tokenizer, training prompt rows, held-out prompts of the built-in task).
+    """
+    from rlhf.models import load_tokenizer
+    from rlhf.rewards import RewardFunctions, RewardModelScorer
+    from rlhf.runtime import resolve_checkpoint
+
+    rewards_fn = RewardFunctions(cfg.reward_funcs, cfg.reward_weights, cfg.skip_bad_rewards) if cfg.reward_funcs else None
+    resume = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
+    tokenizer = load_tokenizer(cfg.model_name_or_path, padding_side="left")
+    rows = load_prompt_rows(cfg.dataset_name, cfg.dataset_split, cfg.num_train_prompts, cfg.seed)
+    eval_prompts = []
+    if not cfg.dataset_name and cfg.num_eval_prompts > 0:
+        from rlhf.tasks.arithmetic import make_prompts
+
+        eval_prompts = make_prompts(cfg.num_eval_prompts, seed=cfg.seed, split="eval")
+    rm_scorer = RewardModelScorer(cfg.reward_model_path, device) if cfg.reward_model_path else None
+    return rewards_fn, rm_scorer, resume, tokenizer, rows, eval_prompts
+
+
 def load_prompt_rows(dataset_name: str, split: str = "train", num_builtin: int = 9000, seed: int = 0) -> list[dict]:
     """Rows with a `prompt` column (other columns go to reward functions as keyword lists).
 
