@@ -31,14 +31,14 @@ from pathlib import Path
 import torch
 
 from rlhf.core import ranking_loss
-from rlhf.runtime import (ConfigError, Run, RunConfig, Timer, arg, check, fmt_metrics, parse_config, progress,
+from rlhf.runtime import (ConfigError, Run, Timer, arg, check, fmt_metrics, parse_config, progress,
                           seed_everything)
-from rlhf.sft import (SCHEDULERS, global_batch_indices, maybe_lora, micro_batches, optimizer_and_scheduler, resume,
+from rlhf.sft import (TrainingConfig, global_batch_indices, maybe_lora, micro_batches, optimizer_and_scheduler, resume,
                       save_checkpoint)
 
 
 @dataclass
-class Config(RunConfig):
+class Config(TrainingConfig):
     """Train a reward model from pairwise preferences or K-wise rankings."""
 
     output_dir: str = arg("runs/reward", "Run directory; the final model goes to output_dir/model.")
@@ -54,45 +54,20 @@ class Config(RunConfig):
     margin: float = arg(0.0, "Margin m in -log sigmoid(r_better - r_worse - m) (Llama 2 style; 0: none).")
     center_rewards_coefficient: float = arg(0.0, "Weight of mean(r^2), which keeps rewards centred at 0 (e.g. 0.01; 0: off).")
     num_train_epochs: float = arg(1.0, "Passes over the rankings (the budget, unless max_steps is smaller).")
-    max_steps: int = arg(-1, "Cap on optimizer steps (-1: no cap).")
     per_device_train_batch_size: int = arg(16, "Prompts (each with its K responses) per micro-batch on each process.")
-    gradient_accumulation_steps: int = arg(1, "Micro-batches per optimizer step.")
-    learning_rate: float = arg(1e-3, "Peak learning rate (AdamW).")
-    weight_decay: float = arg(0.0, "AdamW weight decay.")
-    adam_beta1: float = arg(0.9, "AdamW beta1.")
-    adam_beta2: float = arg(0.999, "AdamW beta2.")
-    adam_epsilon: float = arg(1e-8, "AdamW epsilon.")
-    max_grad_norm: float = arg(1.0, "Clip the gradient norm to this (0: no clipping).")
-    lr_scheduler_type: str = arg("cosine", "Learning-rate schedule (transformers.get_scheduler).", choices=SCHEDULERS)
-    warmup_ratio: float = arg(0.05, "Share of the steps spent warming the learning rate up from 0.")
-    bf16: bool = arg(False, "bfloat16 mixed precision (autocast).")
-    gradient_checkpointing: bool = arg(False, "Recompute activations in the backward pass to save memory.")
     use_peft: bool = arg(False, "Train LoRA adapters (and the score head) instead of all weights.")
-    lora_r: int = arg(16, "LoRA rank.")
-    lora_alpha: int = arg(32, "LoRA alpha (scale = alpha / r).")
-    lora_dropout: float = arg(0.05, "Dropout on the LoRA input.")
-    lora_target_modules: list[str] = arg(["q_proj", "k_proj", "v_proj", "o_proj"], "Module names that get LoRA adapters.")
-    save_adapter_only: bool = arg(False, "With use_peft: save only the adapter (else the merged weights).")
     eval_steps: int = arg(0, "Evaluate every this many steps (0: only at the end).")
     num_eval_prompts: int = arg(500, "Built-in task: held-out prompts whose candidates are ranked by the gold score.")
     per_device_eval_batch_size: int = arg(64, "Prompts per evaluation batch.")
 
     def __post_init__(self):
         check(self.max_length >= 8, "max_length", f"must be at least 8, got {self.max_length}")
-        check(self.num_train_epochs > 0, "num_train_epochs", "must be positive")
-        check(self.max_steps == -1 or self.max_steps > 0, "max_steps", "must be -1 (no cap) or positive")
-        check(self.per_device_train_batch_size > 0, "per_device_train_batch_size", "must be positive")
-        check(self.gradient_accumulation_steps > 0, "gradient_accumulation_steps", "must be positive")
-        check(self.learning_rate > 0, "learning_rate", "must be positive")
-        check(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
+        super().__post_init__()
         check(self.num_train_prompts > 0, "num_train_prompts", "must be positive")
         check(2 <= self.completions_per_prompt <= 10, "completions_per_prompt", "must be between 2 and 10")
         check(self.labeller_noise >= 0, "labeller_noise", "must be >= 0")
         check(self.margin >= 0, "margin", "must be >= 0")
         check(self.center_rewards_coefficient >= 0, "center_rewards_coefficient", "must be >= 0")
-        check(self.lora_r > 0 and self.lora_alpha > 0, "lora_r", "lora_r and lora_alpha must be positive")
-        check(bool(self.lora_target_modules), "lora_target_modules", "must name at least one module")
-        check(not self.save_adapter_only or self.use_peft, "save_adapter_only", "needs use_peft true")
         check(self.eval_steps >= 0 and self.num_eval_prompts >= 0, "eval_steps", "eval_steps and num_eval_prompts must be >= 0")
 
 

@@ -13,7 +13,6 @@ epoch), so a resumed run sees exactly the batches the uninterrupted run would ha
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,19 +29,9 @@ SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_wi
 
 
 @dataclass
-class Config(RunConfig):
-    """Supervised fine-tuning (SFT) of a causal language model on demonstrations."""
+class TrainingConfig(RunConfig):
+    """Optimisation, precision and LoRA options shared by `rlhf sft` and `rlhf reward`."""
 
-    output_dir: str = arg("runs/sft", "Run directory; the final model goes to output_dir/model.")
-    model_name_or_path: str = arg("builtin:tiny", "Model to fine-tune: `builtin:tiny`, a hub name or a local directory.")
-    dataset_name: str = arg("", "Hub name or local json/jsonl/parquet/csv file or directory; empty: generate the built-in arithmetic task's demonstrations.")
-    dataset_split: str = arg("train", "Split of `dataset_name` to train on (hub datasets and directories).")
-    eval_dataset_name: str = arg("", "Optional data (same format) for the eval loss; the built-in task uses held-out demonstrations.")
-    num_train_examples: int = arg(20000, "Built-in task: number of demonstrations to generate.")
-    carry_error_rate: float = arg(0.6, "Built-in task: share of carry prompts whose demonstration drops the carry.")
-    max_length: int = arg(64, "Longest example in tokens; longer examples are dropped (counted in summary.json), never truncated.")
-    completion_only_loss: bool = arg(True, "Loss on completion tokens only (prompt tokens get label -100); false: on every token.")
-    packing: bool = arg(False, "Concatenate examples into blocks of max_length tokens (no padding; attention crosses example boundaries).")
     num_train_epochs: float = arg(1.0, "Passes over the training data (the budget, unless max_steps is smaller).")
     max_steps: int = arg(-1, "Cap on optimizer steps (-1: no cap).")
     per_device_train_batch_size: int = arg(32, "Examples per micro-batch on each process.")
@@ -63,6 +52,34 @@ class Config(RunConfig):
     lora_dropout: float = arg(0.05, "Dropout on the LoRA input.")
     lora_target_modules: list[str] = arg(["q_proj", "k_proj", "v_proj", "o_proj"], "Module names that get LoRA adapters (comma-separated on the command line).")
     save_adapter_only: bool = arg(False, "With use_peft: save only the adapter in output_dir/model (else the merged weights).")
+
+    def __post_init__(self):
+        check(self.num_train_epochs > 0, "num_train_epochs", "must be positive")
+        check(self.max_steps == -1 or self.max_steps > 0, "max_steps", "must be -1 (no cap) or positive")
+        check(self.per_device_train_batch_size > 0, "per_device_train_batch_size", "must be positive")
+        check(self.gradient_accumulation_steps > 0, "gradient_accumulation_steps", "must be positive")
+        check(self.learning_rate > 0, "learning_rate", "must be positive")
+        check(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
+        check(self.lora_r > 0 and self.lora_alpha > 0, "lora_r", "lora_r and lora_alpha must be positive")
+        check(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
+        check(bool(self.lora_target_modules), "lora_target_modules", "must name at least one module")
+        check(not self.save_adapter_only or self.use_peft, "save_adapter_only", "needs use_peft true")
+
+
+@dataclass
+class Config(TrainingConfig):
+    """Supervised fine-tuning (SFT) of a causal language model on demonstrations."""
+
+    output_dir: str = arg("runs/sft", "Run directory; the final model goes to output_dir/model.")
+    model_name_or_path: str = arg("builtin:tiny", "Model to fine-tune: `builtin:tiny`, a hub name or a local directory.")
+    dataset_name: str = arg("", "Hub name or local json/jsonl/parquet/csv file or directory; empty: generate the built-in arithmetic task's demonstrations.")
+    dataset_split: str = arg("train", "Split of `dataset_name` to train on (hub datasets and directories).")
+    eval_dataset_name: str = arg("", "Optional data (same format) for the eval loss; the built-in task uses held-out demonstrations.")
+    num_train_examples: int = arg(20000, "Built-in task: number of demonstrations to generate.")
+    carry_error_rate: float = arg(0.6, "Built-in task: share of carry prompts whose demonstration drops the carry.")
+    max_length: int = arg(64, "Longest example in tokens; longer examples are dropped (counted in summary.json), never truncated.")
+    completion_only_loss: bool = arg(True, "Loss on completion tokens only (prompt tokens get label -100); false: on every token.")
+    packing: bool = arg(False, "Concatenate examples into blocks of max_length tokens (no padding; attention crosses example boundaries).")
     eval_steps: int = arg(0, "Evaluate every this many steps (0: only at the end).")
     num_eval_prompts: int = arg(500, "Built-in task: held-out prompts answered greedily for eval/accuracy.")
     num_eval_examples: int = arg(1000, "Built-in task: held-out demonstrations for eval/loss.")
@@ -71,18 +88,9 @@ class Config(RunConfig):
 
     def __post_init__(self):
         check(self.max_length >= 8, "max_length", f"must be at least 8, got {self.max_length}")
-        check(self.num_train_epochs > 0, "num_train_epochs", "must be positive")
-        check(self.max_steps == -1 or self.max_steps > 0, "max_steps", "must be -1 (no cap) or positive")
-        check(self.per_device_train_batch_size > 0, "per_device_train_batch_size", "must be positive")
-        check(self.gradient_accumulation_steps > 0, "gradient_accumulation_steps", "must be positive")
-        check(self.learning_rate > 0, "learning_rate", "must be positive")
-        check(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
+        super().__post_init__()
         check(0 <= self.carry_error_rate <= 1, "carry_error_rate", "must be in [0, 1]")
         check(self.num_train_examples > 0, "num_train_examples", "must be positive")
-        check(self.lora_r > 0 and self.lora_alpha > 0, "lora_r", "lora_r and lora_alpha must be positive")
-        check(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
-        check(bool(self.lora_target_modules), "lora_target_modules", "must name at least one module")
-        check(not self.save_adapter_only or self.use_peft, "save_adapter_only", "needs use_peft true")
         check(self.eval_steps >= 0 and self.num_eval_prompts >= 0 and self.eval_pass_at_k >= 0, "eval_steps",
               "eval_steps, num_eval_prompts and eval_pass_at_k must be >= 0")
 
