@@ -330,8 +330,7 @@ def train(cfg: Config) -> dict:
         run.log(step, final)
     save_checkpoint(step)
     summary = {**final, "eval/best_return_mean": best_eval, "time/sps": sps, "time/cpu_sps": cpu_sps,
-               "train/episodes": episodes,
-               "train/updates": n_updates, "global_step": step, "env_id": cfg.env_id,
+               "train/episodes": episodes, "train/updates": n_updates, "global_step": step, "env_id": cfg.env_id,
                "stopped_early": bool(reached)}
     run.write_summary(summary)
     run.close()

@@ -161,7 +161,6 @@ class ActorCritic(nn.Module):
         logp = (-0.5 * noise.square() - self.log_std - LOG_SQRT_2PI).sum(-1)  # log N(a; mean, std), a = mean + std * noise
         return actions, logp, value
 
-
     def numpy_act(self):
         """`act` as a numpy function obs (N, ...) -> (actions, log-probs (N,), values (N,)), for the
         rollout's one-step-at-a-time calls; None where it does not apply (CNN, parameters off the CPU).

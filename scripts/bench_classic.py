@@ -11,8 +11,8 @@ and per CPU second of the process (robust on a shared, overloaded machine) — a
 ours / SB3. Ours counts the whole training loop (acting, env stepping, replay, gradient steps), SB3
 its `learn()` call; see "What each side's clocks cover" below for the details.
 
-One function per algorithm (`bench_dqn`, ...) returns rows; add PPO as `bench_ppo` + an entry in
-BENCHES.
+One function per algorithm (`bench_dqn`, `bench_ppo`) returns rows; a new algorithm is a function
+plus an entry in BENCHES.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import tempfile
 # before). Ours: DQN reports the wall and CPU time of its training loop (`time/sps`, `time/cpu_sps`;
 # not setup, not the final evaluation, which for an untrained Atari policy can be a whole 27k-step
 # game); PPO the wall time of its loop and the CPU time of the whole `train()` call, setup included,
-# after a WARM_UP: the first torch optimiser built in a process imports torch._dynamo (~2-3 CPU-s,
+# after a warm-up: the first torch optimiser built in a process imports torch._dynamo (~2-3 CPU-s,
 # a one-off that SB3 pays in its model constructor, before its clock), so ours builds a throwaway
 # optimiser before its clock.
 
@@ -131,7 +131,7 @@ cfg = make_config(ppo.Config, dict(
     vf_coef=0.5, max_grad_norm=0.5, norm_obs=False, norm_reward=False, hidden_sizes=[64, 64], activation="tanh",
     torch_threads=s["threads"], eval_episodes=0, output_dir=s["out"], progress=False, report_to="none"))
 import time
-torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # see WARM_UP
+torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # the warm-up (see "What each side's clocks cover")
 c = time.process_time()
 summary = ppo.train(cfg)
 print(json.dumps({"sps": summary["time/sps"], "cpu_sps": s["steps"] / (time.process_time() - c)}))
