@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 
 import numpy as np
 import torch
@@ -242,7 +241,7 @@ def train(cfg: Config) -> dict:
                 replay.save(d / "replay.npz")
 
     # --- the loop -----------------------------------------------------------------------------
-    timer, cpu_start, start_step = Timer(), time.process_time(), step
+    timer, start_step = Timer(), step
     next_save = (step // cfg.save_steps + 1) * cfg.save_steps if cfg.save_steps else None
     exploration_steps = cfg.exploration_fraction * cfg.total_timesteps
     bar = progress(cfg.total_timesteps, f"dqn {cfg.env_id}", enabled=cfg.progress, initial=step)
@@ -322,7 +321,7 @@ def train(cfg: Config) -> dict:
     bar.close()
     env.close()
     sps = (step - start_step) / max(timer.elapsed(), 1e-9)
-    cpu_sps = (step - start_step) / max(time.process_time() - cpu_start, 1e-9)  # robust to machine load
+    cpu_sps = (step - start_step) / max(timer.cpu_elapsed(), 1e-9)  # robust to machine load
 
     final = last_eval if reached else run_evaluation(step)
     best_eval = max(best_eval, final["eval/return_mean"])

@@ -475,9 +475,13 @@ def save_checkpoint(run, global_step: int, rollout: Rollout, **state) -> None:
                                     "norm_stats": norm_stats(rollout.envs)})
 
 
-def finish(cfg, run, policy, rollout, global_step: int, sps: float, device) -> dict:
-    """Final evaluation (frozen normalisation statistics), summary.json, close everything."""
-    summary = {"global_step": global_step, "time/sps": sps}
+def finish(cfg, run, policy, rollout, global_step: int, steps_timed: int, timer, device) -> dict:
+    """Final evaluation (frozen normalisation statistics), summary.json, close everything.
+
+    `timer` started with the training loop, which took `steps_timed` env steps: `time/sps` per wall
+    second, `time/cpu_sps` per CPU second of this process (the loop only, like DQN's)."""
+    summary = {"global_step": global_step, "time/sps": steps_timed / max(timer.elapsed(), 1e-9),
+               "time/cpu_sps": steps_timed / max(timer.cpu_elapsed(), 1e-9)}
     if rollout.episode_returns:
         summary["train/episode_return_last100"] = float(np.mean(rollout.episode_returns))
     if cfg.eval_episodes:

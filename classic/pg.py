@@ -120,5 +120,4 @@ def train(cfg: Config) -> dict:
             onpolicy.save_checkpoint(run, global_step, rollout, policy=policy.state_dict(), optimizer=optimizer.state_dict(),
                                      iteration=iteration)
     bar.close()
-    sps = (global_step - start_step) / max(timer.elapsed(), 1e-9)
-    return onpolicy.finish(cfg, run, policy, rollout, global_step, sps, device)
+    return onpolicy.finish(cfg, run, policy, rollout, global_step, global_step - start_step, timer, device)

@@ -142,13 +142,15 @@ def load_policy_and_reference(cfg):
     return policy, reference
 
 
-@torch.no_grad()
+@torch.inference_mode()  # the result only enters the loss as a constant
 def reference_logprobs(accelerator, policy, reference, input_ids, attention_mask, start, temperature, share):
     """log pi_ref of the completion tokens: the frozen copy, or the LoRA policy with adapters off."""
     if reference is not None:
         with accelerator.autocast():  # the precision the training pass runs in
             return batch_logprobs(reference, input_ids, attention_mask, start, temperature, share)
-    unwrapped = accelerator.unwrap_model(policy)
+    from rlhf.distributed import unwrap
+
+    unwrapped = unwrap(accelerator, policy)
     with unwrapped.disable_adapter(), accelerator.autocast():
         return batch_logprobs(unwrapped, input_ids, attention_mask, start, temperature, share)
 

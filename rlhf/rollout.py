@@ -84,7 +84,6 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-@torch.no_grad()
 def generate(
     model,
     prompt_ids: torch.Tensor,
@@ -109,6 +108,15 @@ def generate(
     loop stops as soon as every row has emitted EOS).
     `greedy` takes the argmax (log-probs are still those of the temperature-T distribution).
     """
+    with torch.inference_mode():  # no autograd bookkeeping at all: ~15% faster than no_grad for tiny models
+        rollout = _sample(model, prompt_ids, prompt_mask, max_new_tokens, eos_token_id, pad_token_id, temperature,
+                          top_k, top_p, greedy, generator, num_return_sequences)
+    # inference tensors cannot enter autograd (the training pass embeds these ids): plain copies
+    return Rollout(**{f.name: getattr(rollout, f.name).clone() for f in dataclasses.fields(Rollout)})
+
+
+def _sample(model, prompt_ids, prompt_mask, max_new_tokens, eos_token_id, pad_token_id, temperature, top_k, top_p,
+            greedy, generator, num_return_sequences) -> Rollout:
     from transformers import DynamicCache
 
     was_training = model.training

@@ -525,8 +525,13 @@ def fmt_metrics(metrics: dict[str, Any], keys: typing.Iterable[str]) -> dict[str
 
 
 class Timer:
+    """Wall-clock and CPU seconds since construction (CPU time of this process: robust on a loaded machine)."""
+
     def __init__(self):
-        self.start = time.perf_counter()
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
+
+    def cpu_elapsed(self) -> float:
+        return time.process_time() - self.cpu_start

@@ -162,7 +162,8 @@ def test_mujoco_smoke_writes_the_run(tmp_path):
     run = tmp_path / "run"
     for name in ["config.yaml", "metrics.jsonl", "summary.json"]:
         assert (run / name).exists()
-    assert {"eval/return_mean", "eval/return_std", "time/sps"} <= set(summary)
+    assert {"eval/return_mean", "eval/return_std", "time/sps", "time/cpu_sps"} <= set(summary)
+    assert 0 < summary["time/sps"] and 0 < summary["time/cpu_sps"] < 1e6  # rates of the loop, finite
     row = json.loads(open(run / "metrics.jsonl").readline())
     assert {"loss/policy", "loss/value", "policy/approx_kl", "policy/clipfrac", "policy/entropy",
             "value/explained_var", "kl/beta"} <= set(row)
