@@ -31,7 +31,7 @@ import torch
 
 from classic.buffers import PrioritizedReplayBuffer, ReplayBuffer
 from classic.envs import check_env_id, env_spaces, evaluate, is_atari, make_env
-from classic.nets import QNetwork, clip_grad_norm
+from classic.nets import QNetwork, adam_step, clip_grad_norm
 from rlhf.core import discounted_returns, dqn_target, td_loss
 from rlhf.runtime import (Run, RunConfig, Timer, arg, check, fmt_metrics, load_state, progress, resolve_checkpoint,
                           save_state, seed_everything)
@@ -209,7 +209,7 @@ def train(cfg: Config) -> dict:
         loss.backward()
         if cfg.max_grad_norm > 0:
             clip_grad_norm(trainable, cfg.max_grad_norm)
-        optimizer.step()
+        adam_step(optimizer)
         replay.update_priorities(batch.indices, td_errors.numpy())
         return loss.detach(), q_taken.detach().mean()
 

@@ -70,6 +70,29 @@ def clip_grad_norm(params: Sequence[torch.Tensor], max_norm: float) -> torch.Ten
     return norm
 
 
+def adam_step(optimizer: torch.optim.Adam) -> None:
+    """`optimizer.step()` of a fused `torch.optim.Adam`: the same kernel on the same state, so the same bits
+    (tested), without `Optimizer.step`'s per-call Python (hooks, profiler scope, grouping the tensors by device
+    and dtype), which for the small networks here costs about twice the kernel. Anything else (the first
+    step, which creates the state; several groups; amsgrad, maximize, decoupled weight decay, a tensor lr,
+    mixed devices or dtypes) goes through `optimizer.step()`.
+    """
+    group = optimizer.param_groups[0]
+    params = [p for p in group["params"] if p.grad is not None]
+    states = [optimizer.state.get(p) for p in params]
+    if (len(optimizer.param_groups) != 1 or not group.get("fused") or group["amsgrad"] or group["maximize"]
+            or group.get("decoupled_weight_decay") or isinstance(group["lr"], torch.Tensor) or not all(states)
+            or len({(p.device, p.dtype) for p in params}) != 1):
+        optimizer.step()
+        return
+    steps = [s["step"] for s in states]
+    torch._foreach_add_(steps, 1)
+    torch._fused_adam_(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                       [s["exp_avg_sq"] for s in states], [], steps, amsgrad=False, lr=group["lr"],
+                       beta1=group["betas"][0], beta2=group["betas"][1], weight_decay=group["weight_decay"],
+                       eps=group["eps"], maximize=False)
+
+
 class NatureCNN(nn.Module):
     """Conv torso of the Nature DQN on uint8 frames (B, C, 84, 84) -> features (B, out_dim).
 

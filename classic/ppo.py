@@ -23,7 +23,7 @@ import dataclasses
 import torch
 
 from classic import onpolicy
-from classic.nets import clip_grad_norm
+from classic.nets import adam_step, clip_grad_norm
 from classic.onpolicy import OnPolicyArgs
 from classic.policies import ActorCritic
 from rlhf.core import AdaptiveKLController, FixedKLController, kl_penalty_loss, masked_mean, masked_whiten, ppo_clip_loss, value_loss
@@ -117,7 +117,7 @@ def update(cfg: Config, policy: ActorCritic, optimizer: torch.optim.Optimizer, b
             loss.backward()
             if cfg.max_grad_norm:
                 clip_grad_norm(trainable, cfg.max_grad_norm)
-            optimizer.step()
+            adam_step(optimizer)
             if "policy/clipfrac" not in metrics:  # KL / none variants: how often |r - 1| > clip_eps, for comparison
                 metrics["policy/clipfrac"] = masked_mean(((logp.detach() - mb["logp"]).exp().sub(1).abs() > cfg.clip_eps).float(), valid)
             history.append({**metrics, **v_metrics, "policy/entropy": entropy.detach()})

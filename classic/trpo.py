@@ -24,6 +24,7 @@ import dataclasses
 import torch
 
 from classic import onpolicy
+from classic.nets import adam_step
 from classic.onpolicy import OnPolicyArgs
 from rlhf.core import (
     backtracking_line_search,
@@ -148,7 +149,7 @@ def fit_value(cfg: Config, policy, optimizer, batch: dict) -> dict:
             v_loss.backward()
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(policy.critic.parameters(), cfg.max_grad_norm)
-            optimizer.step()
+            adam_step(optimizer)
     return metrics
 
 

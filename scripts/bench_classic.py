@@ -94,7 +94,7 @@ def _run_both(ours_code: str, sb3_code: str, settings: dict) -> tuple[dict, dict
 
 def bench_dqn(envs: list[str], steps_scale: float) -> list[dict]:
     rows = []
-    for name in envs:
+    for name in [e for e in envs if e in DQN_SETTINGS]:
         s = dict(DQN_SETTINGS[name])
         s["steps"] = int(s["steps"] * steps_scale)
         with tempfile.TemporaryDirectory() as tmp:

@@ -1,10 +1,10 @@
-"""classic.nets: the numpy acting path and the gradient clipping helper agree with torch."""
+"""classic.nets: the numpy acting path and the gradient clipping and Adam helpers agree with torch."""
 
 import numpy as np
 import pytest
 import torch
 
-from classic.nets import QNetwork, clip_grad_norm, numpy_mlp
+from classic.nets import QNetwork, adam_step, clip_grad_norm, numpy_mlp
 
 
 @pytest.mark.parametrize("max_norm", [0.5, 1e6])  # clipping, and a norm under the bound (scale 1)
@@ -20,6 +20,40 @@ def test_clip_grad_norm_equals_torch(max_norm):
     assert torch.equal(ours, theirs)
     for p, q in zip(nets[0].parameters(), nets[1].parameters()):
         assert torch.equal(p.grad, q.grad)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_adam_step_equals_torch_fused_adam_bit_for_bit(weight_decay):
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Linear(4, 64), torch.nn.Tanh(), torch.nn.Linear(64, 3)) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    opts = [torch.optim.Adam(net.parameters(), lr=3e-3, eps=1e-5, weight_decay=weight_decay, fused=True) for net in nets]
+    for step in range(5):  # the first step creates the state (torch's own path), the rest take the short one
+        x = torch.randn(32, 4)
+        for net in nets:
+            net.zero_grad(set_to_none=True)
+            (net(x) ** 2).sum().backward()
+        if step == 3:  # lr changed between steps (annealing) is read each step
+            for opt in opts:
+                opt.param_groups[0]["lr"] = 1e-3
+        adam_step(opts[0])
+        opts[1].step()
+        if step == 0:  # from now on the short path must be taken, not torch's
+            opts[0].step = lambda *a, **k: pytest.fail("adam_step went through optimizer.step()")
+        for p, q in zip(nets[0].parameters(), nets[1].parameters()):
+            assert torch.equal(p, q)
+    for p, q in zip(nets[0].parameters(), nets[1].parameters()):
+        assert torch.equal(opts[0].state[p]["exp_avg_sq"], opts[1].state[q]["exp_avg_sq"])
+        assert torch.equal(opts[0].state[p]["step"], opts[1].state[q]["step"])
+
+
+def test_adam_step_falls_back_to_torch_for_an_unfused_optimizer():
+    net = torch.nn.Linear(4, 2)
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)  # not fused: torch's path, still a correct step
+    before = net.weight.detach().clone()
+    net(torch.ones(1, 4)).sum().backward()
+    adam_step(opt)
+    assert not torch.equal(before, net.weight) and int(opt.state[net.weight]["step"]) == 1
 
 
 def test_numpy_forward_matches_torch_and_sees_in_place_updates():
