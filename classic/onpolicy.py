@@ -37,7 +37,7 @@ from classic.envs import check_env_id, env_spaces, is_atari
 from classic.envs import evaluate as play_episodes
 from classic.policies import ActorCritic, is_image_space
 from rlhf.core import explained_variance, gae
-from rlhf.runtime import ConfigError, arg, check
+from rlhf.runtime import ConfigError, arg, check, fmt_metrics
 
 
 # --------------------------------------------------------------------------------------------
@@ -473,6 +473,31 @@ def save_checkpoint(run, global_step: int, rollout: Rollout, **state) -> None:
         save_envs(rollout.envs, d / "envs.pkl")
         save_state(d / "state.pt", {**state, "global_step": global_step, "rollout": rollout.state_dict(),
                                     "norm_stats": norm_stats(rollout.envs)})
+
+
+def end_iteration(cfg, run, bar, rollout, policy, metrics: dict, batch: dict, finished: list, global_step: int,
+                  prev_step: int, iteration: int, timer, start_step: int, checkpoint_state, value_trained: bool = True) -> dict:
+    """The tail every pg / ppo / trpo iteration shares; returns the iteration's metrics (floats).
+
+    Adds the rollout's metrics and `time/sps`; evaluates, logs and checkpoints when their intervals are
+    crossed (and always checkpoints the last iteration, so every run can be resumed or extended).
+    `checkpoint_state()` returns the algorithm's own entries (optimisers, controller, ...).
+    """
+    metrics = {k: float(v) for k, v in metrics.items()}
+    metrics.update(rollout_metrics(batch, finished, rollout))
+    if not value_trained:
+        metrics.pop("value/explained_var")
+    metrics["time/sps"] = (global_step - start_step) / max(timer.elapsed(), 1e-9)
+    if crossed(global_step, prev_step, cfg.eval_interval):
+        device = next(policy.parameters()).device
+        metrics.update(evaluate(cfg, policy, norm_stats(rollout.envs), cfg.eval_episodes or 10, cfg.seed + 100_000, device))
+    if crossed(global_step, prev_step, cfg.logging_steps):
+        run.log(global_step, metrics)
+    bar.update(cfg.batch_size)
+    bar.set_postfix(fmt_metrics(metrics, ["train/episode_return_last100", "eval/return_mean", "policy/approx_kl", "time/sps"]))
+    if crossed(global_step, prev_step, cfg.save_steps) or iteration == cfg.num_iterations:
+        save_checkpoint(run, global_step, rollout, policy=policy.state_dict(), iteration=iteration, **checkpoint_state())
+    return metrics
 
 
 def finish(cfg, run, policy, rollout, global_step: int, steps_timed: int, timer, device) -> dict:

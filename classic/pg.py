@@ -22,7 +22,7 @@ from torch import nn
 from classic import onpolicy
 from classic.onpolicy import OnPolicyArgs
 from rlhf.core import discounted_returns, masked_mean, masked_whiten, policy_gradient_loss, value_loss
-from rlhf.runtime import RunConfig, Timer, arg, check, fmt_metrics, progress
+from rlhf.runtime import RunConfig, Timer, arg, check, progress
 
 
 @dataclasses.dataclass
@@ -100,24 +100,11 @@ def train(cfg: Config) -> dict:
         batch = rollout.flat(advantages, returns)
 
         # one policy-gradient step
-        metrics = {k: float(v) for k, v in update(cfg, policy, optimizer, batch).items()}
+        metrics = update(cfg, policy, optimizer, batch)
 
-        # log
-        sps = (global_step - start_step) / timer.elapsed()
-        metrics.update(onpolicy.rollout_metrics(batch, finished, rollout))
-        if not cfg.baseline:
-            metrics.pop("value/explained_var")  # no critic is trained
-        metrics.update({"kl/beta": 0.0, "time/sps": sps})
-        if onpolicy.crossed(global_step, prev_step, cfg.eval_interval):
-            metrics.update(onpolicy.evaluate(cfg, policy, onpolicy.norm_stats(envs), cfg.eval_episodes or 10, cfg.seed + 100_000, device))
-        if onpolicy.crossed(global_step, prev_step, cfg.logging_steps):
-            run.log(global_step, metrics)
-        bar.update(cfg.batch_size)
-        bar.set_postfix(fmt_metrics(metrics, ["train/episode_return_last100", "eval/return_mean", "policy/approx_kl", "time/sps"]))
-
-        # checkpoint
-        if onpolicy.crossed(global_step, prev_step, cfg.save_steps) or iteration == cfg.num_iterations:
-            onpolicy.save_checkpoint(run, global_step, rollout, policy=policy.state_dict(), optimizer=optimizer.state_dict(),
-                                     iteration=iteration)
+        # log, evaluate, checkpoint (without a baseline no critic is trained: no explained variance)
+        metrics["kl/beta"] = 0.0
+        onpolicy.end_iteration(cfg, run, bar, rollout, policy, metrics, batch, finished, global_step, prev_step, iteration,
+                               timer, start_step, lambda: dict(optimizer=optimizer.state_dict()), value_trained=cfg.baseline)
     bar.close()
     return onpolicy.finish(cfg, run, policy, rollout, global_step, global_step - start_step, timer, device)

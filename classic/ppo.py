@@ -27,7 +27,7 @@ from classic.nets import adam_step, clip_grad_norm
 from classic.onpolicy import OnPolicyArgs
 from classic.policies import ActorCritic
 from rlhf.core import AdaptiveKLController, FixedKLController, kl_penalty_loss, masked_mean, masked_whiten, ppo_clip_loss, value_loss
-from rlhf.runtime import RunConfig, Timer, arg, check, fmt_metrics, progress
+from rlhf.runtime import RunConfig, Timer, arg, check, progress
 
 PENALTIES = ("clip", "adaptive_kl", "fixed_kl", "none")
 
@@ -160,21 +160,10 @@ def train(cfg: Config) -> dict:
         if controller is not None:
             controller.update(float(metrics["policy/kl"]))
 
-        # log
-        sps = (global_step - start_step) / timer.elapsed()
-        metrics = {k: float(v) for k, v in metrics.items()}
-        metrics.update(onpolicy.rollout_metrics(batch, finished, rollout))
-        metrics.update({"kl/beta": beta, "charts/learning_rate": optimizer.param_groups[0]["lr"], "time/sps": sps})
-        if onpolicy.crossed(global_step, prev_step, cfg.eval_interval):
-            metrics.update(onpolicy.evaluate(cfg, policy, onpolicy.norm_stats(envs), cfg.eval_episodes or 10, cfg.seed + 100_000, device))
-        if onpolicy.crossed(global_step, prev_step, cfg.logging_steps):
-            run.log(global_step, metrics)
-        bar.update(cfg.batch_size)
-        bar.set_postfix(fmt_metrics(metrics, ["train/episode_return_last100", "eval/return_mean", "policy/approx_kl", "time/sps"]))
-
-        # checkpoint (always at the end, so every run is resumable / extendable)
-        if onpolicy.crossed(global_step, prev_step, cfg.save_steps) or iteration == cfg.num_iterations:
-            onpolicy.save_checkpoint(run, global_step, rollout, policy=policy.state_dict(), optimizer=optimizer.state_dict(),
-                                     controller=controller.state_dict() if controller is not None else {}, iteration=iteration)
+        # log, evaluate, checkpoint
+        metrics.update({"kl/beta": beta, "charts/learning_rate": optimizer.param_groups[0]["lr"]})
+        onpolicy.end_iteration(cfg, run, bar, rollout, policy, metrics, batch, finished, global_step, prev_step, iteration,
+                               timer, start_step, lambda: dict(optimizer=optimizer.state_dict(),
+                                                               controller=controller.state_dict() if controller else {}))
     bar.close()
     return onpolicy.finish(cfg, run, policy, rollout, global_step, global_step - start_step, timer, device)

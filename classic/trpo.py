@@ -40,7 +40,7 @@ from rlhf.core import (
     trpo_step_size,
     value_loss,
 )
-from rlhf.runtime import ConfigError, RunConfig, Timer, arg, check, fmt_metrics, progress
+from rlhf.runtime import ConfigError, RunConfig, Timer, arg, check, progress
 
 
 @dataclasses.dataclass
@@ -198,23 +198,11 @@ def train(cfg: Config) -> dict:
             lam = max(0.0, lam + cfg.penalty_lr * (float(kl) - cfg.max_kl))
         metrics.update(fit_value(cfg, policy, vf_optimizer, batch))
 
-        # log
-        sps = (global_step - start_step) / timer.elapsed()
-        metrics = {k: float(v) for k, v in metrics.items()}
-        metrics.update({"loss/policy": -float(surrogate_after), "trpo/surrogate_gain": float(surrogate_after - surrogate_before),
-                        "policy/approx_kl": float(kl), "policy/entropy": float(entropy),
-                        "kl/beta": beta if cfg.variant == "penalty" else 0.0, "time/sps": sps})
-        metrics.update(onpolicy.rollout_metrics(batch, finished, rollout))
-        if onpolicy.crossed(global_step, prev_step, cfg.eval_interval):
-            metrics.update(onpolicy.evaluate(cfg, policy, onpolicy.norm_stats(envs), cfg.eval_episodes or 10, cfg.seed + 100_000, device))
-        if onpolicy.crossed(global_step, prev_step, cfg.logging_steps):
-            run.log(global_step, metrics)
-        bar.update(cfg.batch_size)
-        bar.set_postfix(fmt_metrics(metrics, ["train/episode_return_last100", "eval/return_mean", "policy/approx_kl", "time/sps"]))
-
-        # checkpoint
-        if onpolicy.crossed(global_step, prev_step, cfg.save_steps) or iteration == cfg.num_iterations:
-            onpolicy.save_checkpoint(run, global_step, rollout, policy=policy.state_dict(), vf_optimizer=vf_optimizer.state_dict(),
-                                     pi_optimizer=pi_optimizer.state_dict(), **{"lambda": lam}, iteration=iteration)
+        # log, evaluate, checkpoint
+        metrics.update({"loss/policy": -surrogate_after, "trpo/surrogate_gain": surrogate_after - surrogate_before,
+                        "policy/approx_kl": kl, "policy/entropy": entropy, "kl/beta": beta if cfg.variant == "penalty" else 0.0})
+        onpolicy.end_iteration(cfg, run, bar, rollout, policy, metrics, batch, finished, global_step, prev_step, iteration,
+                               timer, start_step, lambda: {"vf_optimizer": vf_optimizer.state_dict(),
+                                                           "pi_optimizer": pi_optimizer.state_dict(), "lambda": lam})
     bar.close()
     return onpolicy.finish(cfg, run, policy, rollout, global_step, global_step - start_step, timer, device)
