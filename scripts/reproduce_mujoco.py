@@ -4,7 +4,7 @@ Each row runs a shipped config (configs/classic/*.yaml) for every seed and repor
 evaluation return (10 episodes of the deterministic policy, observation statistics frozen) as
 mean +- std over seeds, next to the target and a peer's published number.
 
-Full budget (the README table; 1M steps per run, 9 runs: about a day on 2 CPU cores):
+Full budget (the README table; 1M steps per run, 9 runs of 15-60 min of one core each, by load):
     python scripts/reproduce_mujoco.py --suite mujoco --jobs 3
 CartPole target (PPO >= 475 within 100k steps on at least 2 of 3 seeds; minutes):
     python scripts/reproduce_mujoco.py --suite cartpole --algos ppo --out results/mujoco.md --append
