@@ -164,6 +164,6 @@ def train(cfg: Config) -> dict:
         metrics.update({"kl/beta": beta, "charts/learning_rate": optimizer.param_groups[0]["lr"]})
         onpolicy.end_iteration(cfg, run, bar, rollout, policy, metrics, batch, finished, global_step, prev_step, iteration,
                                timer, start_step, lambda: dict(optimizer=optimizer.state_dict(),
-                                                               controller=controller.state_dict() if controller else {}))
+                                                               controller=controller.state_dict() if controller is not None else {}))
     bar.close()
     return onpolicy.finish(cfg, run, policy, rollout, global_step, global_step - start_step, timer, device)
