@@ -73,7 +73,7 @@ def clip_grad_norm(params: Sequence[torch.Tensor], max_norm: float) -> torch.Ten
 def adam_step(optimizer: torch.optim.Adam) -> None:
     """`optimizer.step()` of a fused `torch.optim.Adam`: the same kernel on the same state, so the same bits
     (tested), without `Optimizer.step`'s per-call Python (hooks, profiler scope, grouping the tensors by device
-    and dtype), which for the small networks here costs about twice the kernel. Anything else (the first
+    and dtype), which for the small networks here costs more than the kernel itself. Anything else (the first
     step, which creates the state; several groups; amsgrad, maximize, decoupled weight decay, a tensor lr,
     mixed devices or dtypes) goes through `optimizer.step()`.
     """

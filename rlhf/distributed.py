@@ -196,7 +196,7 @@ def _zero3_param_offload(model):
 
 def unwrap(accelerator, model):
     """`accelerator.unwrap_model`, skipped for a model nothing wraps: it re-reads package metadata on
-    every call (~5 ms), which adds up when called once per rollout."""
+    every call, which adds up when called once per rollout."""
     wrapped = hasattr(model, "module") or hasattr(model, "_orig_mod")
     return accelerator.unwrap_model(model) if wrapped else model
 
