@@ -3,13 +3,20 @@
     pip install -e ".[bench]"        # stable-baselines3
     python scripts/bench_classic.py --algos dqn --envs cartpole,breakout
     python scripts/bench_classic.py --algos ppo --envs cartpole,hopper
+    python scripts/bench_classic.py --algos ppo,ppo_compile --envs cartpole,hopper --steps_scale 10
 
 Each (algorithm, env) row trains ours and SB3's for the same number of environment steps with the
 same hyper-parameters, network and torch thread count, in two fresh processes started at the same
 time (so both see the same machine load), and prints env steps per second — per wall-clock second
 and per CPU second of the process (robust on a shared, overloaded machine) — and the ratios
-ours / SB3. Ours counts the whole training loop (acting, env stepping, replay, gradient steps), SB3
-its `learn()` call; see "What each side's clocks cover" below for the details.
+ours / SB3. DQN: ours counts its whole training loop (acting, env stepping, replay, gradient steps),
+SB3 its `learn()` call. PPO: both count the rollouts after the first two (acting, env stepping,
+GAE, the update, logging) and print what the first two cost apart (setup, warm-up, any compile).
+See "What each side's clocks cover" below for the details.
+
+`ppo_compile` is ours with `--compile true` (torch.compile'd minibatch loss and its backward pass)
+against a fresh SB3 run. It compiles from an empty cache, in its own process (its C++ compiler
+runs count as its CPU time), during its first update: that lands in the first two rollouts' cost.
 
 One function per algorithm (`bench_dqn`, `bench_ppo`) returns rows; a new algorithm is a function
 plus an entry in BENCHES.
@@ -19,14 +26,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
 
-# What each side's clocks cover: SB3 times its `learn()` call (its model, optimiser and env are built
-# before). Ours reports the wall and CPU time of its training loop (`time/sps`, `time/cpu_sps` in the
-# summary): not setup, not the final evaluation (for an untrained Atari policy that can be a whole
-# 27k-step game); the loop's own checkpoints are inside the clock.
+# What each side's clocks cover (DQN): SB3 times its `learn()` call (its model, optimiser and env are
+# built before). Ours reports the wall and CPU time of its training loop (`time/sps`, `time/cpu_sps` in
+# the summary): not setup, not the final evaluation (for an untrained Atari policy that can be a whole
+# 27k-step game); the loop's own checkpoints are inside the clock. PPO: see PPO_CLOCKS.
 
 # --- DQN ---------------------------------------------------------------------------------------
 # Matched settings: SB3's DQN defaults where they exist (train every 4 steps, 1 gradient step,
@@ -80,9 +88,14 @@ print(json.dumps({"sps": s["steps"] / (time.perf_counter() - t), "cpu_sps": s["s
 
 
 def _run_both(ours_code: str, sb3_code: str, settings: dict) -> tuple[dict, dict]:
-    """Run ours and SB3 at the same time, so both see the same machine load; return their speeds."""
+    """Run ours and SB3 at the same time, so both see the same machine load; return their speeds.
+
+    torch.compile (ours with `compile`) starts from an empty cache and compiles in its own process, so
+    the whole cost of compiling lands in ours' clocks (its C++ compiler runs are added to its CPU time).
+    """
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=settings["out"] + "_inductor_cache", TORCHINDUCTOR_COMPILE_THREADS="1")
     procs = [subprocess.Popen([sys.executable, "-c", code, json.dumps(settings)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for code in (ours_code, sb3_code)]
+                              stderr=subprocess.PIPE, text=True, env=env) for code in (ours_code, sb3_code)]
     results = []
     for proc in procs:
         out, err = proc.communicate()
@@ -112,57 +125,92 @@ def bench_dqn(envs: list[str], steps_scale: float) -> list[dict]:
 # Matched settings: SB3's PPO defaults (1 env, horizon 2048, 10 epochs of minibatch 64, Adam 3e-4,
 # GAE 0.95, clip 0.2, no value clipping, separate 64-64 tanh actor and critic, state-independent
 # log-std, no observation / reward normalisation, no learning-rate annealing). Target: ours >= 2x SB3.
+# Both sides mark the end of every rollout + update; the rate is over the rollouts after the first
+# `warmup` ones (as the GRPO benchmark skips its first steps), and what those first ones cost (ours:
+# from before `ppo.train`, setup and any compile included; SB3: from the start of `learn()`) is
+# printed next to it, so the cost of a run of any length follows from the two.
 PPO_SETTINGS = {
-    "cartpole": dict(env_id="CartPole-v1", steps=3 * 2048, threads=1),
-    "hopper": dict(env_id="Hopper-v5", steps=3 * 2048, threads=1),
+    "cartpole": dict(env_id="CartPole-v1", steps=10 * 2048, threads=1),
+    "hopper": dict(env_id="Hopper-v5", steps=10 * 2048, threads=1),
 }
 
-OURS_PPO = """
-import json, sys, torch
-from classic import ppo
-from rlhf.runtime import make_config
+PPO_CLOCKS = """
+import json, resource, sys, time
 s = json.loads(sys.argv[1])
+def now():  # wall, CPU of this process and of its finished children (torch.compile's C++ compiler runs)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.perf_counter(), time.process_time() + children.ru_utime + children.ru_stime
+def report(marks):  # marks: before training, then after each rollout + update
+    w = s["warmup"]
+    (t0, c0), (tw, cw), (tn, cn) = marks[0], marks[w], marks[-1]
+    steps = (len(marks) - 1 - w) * 2048
+    print(json.dumps({"sps": steps / (tn - tw), "cpu_sps": steps / (cn - cw), "warmup_cpu_s": cw - c0}))
+"""
+
+OURS_PPO = PPO_CLOCKS + """
+import torch
+from classic import onpolicy, ppo
+from rlhf.runtime import make_config
 cfg = make_config(ppo.Config, dict(
     env_id=s["env_id"], total_timesteps=s["steps"], num_envs=1, num_steps=2048, num_minibatches=32, update_epochs=10,
     learning_rate=3e-4, anneal_lr=False, gamma=0.99, gae_lambda=0.95, clip_eps=0.2, clip_vloss=False, ent_coef=0.0,
     vf_coef=0.5, max_grad_norm=0.5, norm_obs=False, norm_reward=False, hidden_sizes=[64, 64], activation="tanh",
-    torch_threads=s["threads"], eval_episodes=0, output_dir=s["out"], progress=False, report_to="none"))
-summary = ppo.train(cfg)
-print(json.dumps({"sps": summary["time/sps"], "cpu_sps": summary["time/cpu_sps"]}))  # the training loop only
+    torch_threads=s["threads"], eval_episodes=0, output_dir=s["out"], progress=False, report_to="none",
+    compile=s["compile"]))
+marks, end_iteration = [now()], onpolicy.end_iteration
+def marked_end_iteration(*args, **kwargs):
+    end_iteration(*args, **kwargs)
+    marks.append(now())
+onpolicy.end_iteration = marked_end_iteration
+ppo.train(cfg)
+report(marks)
 """
 
-SB3_PPO = """
-import json, sys, time, torch
-s = json.loads(sys.argv[1])
+SB3_PPO = PPO_CLOCKS + """
+import torch
 torch.set_num_threads(s["threads"])
 import gymnasium as gym
 from stable_baselines3 import PPO
+from stable_baselines3.common.callbacks import BaseCallback
+class Marks(BaseCallback):
+    def _on_rollout_start(self):  # the previous rollout's update is done
+        if self.num_timesteps:
+            marks.append(now())
+    def _on_step(self):
+        return True
 model = PPO("MlpPolicy", gym.make(s["env_id"]), n_steps=2048, batch_size=64, n_epochs=10, learning_rate=3e-4, gamma=0.99,
             gae_lambda=0.95, clip_range=0.2, ent_coef=0.0, vf_coef=0.5, max_grad_norm=0.5, seed=1, device="cpu", verbose=0,
             policy_kwargs=dict(net_arch=dict(pi=[64, 64], vf=[64, 64]), activation_fn=torch.nn.Tanh))
-t, c = time.perf_counter(), time.process_time()
-model.learn(total_timesteps=s["steps"])
-print(json.dumps({"sps": s["steps"] / (time.perf_counter() - t), "cpu_sps": s["steps"] / (time.process_time() - c)}))
+marks = [now()]
+model.learn(total_timesteps=s["steps"], callback=Marks())
+marks.append(now())
+report(marks)
 """
 
 
-def bench_ppo(envs: list[str], steps_scale: float) -> list[dict]:
+def bench_ppo(envs: list[str], steps_scale: float, compile: bool = False, warmup: int = 2) -> list[dict]:
     rows = []
     for name in [e for e in envs if e in PPO_SETTINGS]:
-        s = dict(PPO_SETTINGS[name])
-        s["steps"] = max(2048, int(s["steps"] * steps_scale) // 2048 * 2048)  # whole rollouts
+        s = dict(PPO_SETTINGS[name], compile=compile, warmup=warmup)
+        s["steps"] = max((warmup + 1) * 2048, int(s["steps"] * steps_scale) // 2048 * 2048)  # whole rollouts
         with tempfile.TemporaryDirectory() as tmp:
             s["out"] = tmp + "/run"
             ours, sb3 = _run_both(OURS_PPO, SB3_PPO, s)
-        rows.append({"algo": "ppo", "env": s["env_id"], "steps": s["steps"], "threads": s["threads"],
+        rows.append({"algo": "ppo (compile)" if compile else "ppo", "env": s["env_id"], "steps": s["steps"], "threads": s["threads"],
                      "ours_sps": ours["sps"], "sb3_sps": sb3["sps"], "ratio": ours["sps"] / sb3["sps"],
                      "ours_cpu_sps": ours["cpu_sps"], "sb3_cpu_sps": sb3["cpu_sps"],
-                     "cpu_ratio": ours["cpu_sps"] / sb3["cpu_sps"]})
+                     "cpu_ratio": ours["cpu_sps"] / sb3["cpu_sps"],
+                     "warmup": f"{warmup} rollouts: {ours['warmup_cpu_s']:.1f} / {sb3['warmup_cpu_s']:.1f} CPU-s"})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
-BENCHES = {"dqn": bench_dqn, "ppo": bench_ppo}
+def bench_ppo_compile(envs: list[str], steps_scale: float) -> list[dict]:
+    """Ours with `compile: true` (its one-time compile counted in its clock) against the same SB3 run."""
+    return bench_ppo(envs, steps_scale, compile=True)
+
+
+BENCHES = {"dqn": bench_dqn, "ppo": bench_ppo, "ppo_compile": bench_ppo_compile}
 
 
 def main(argv=None) -> None:
@@ -175,10 +223,12 @@ def main(argv=None) -> None:
     for algo in args.algos.split(","):
         rows += BENCHES[algo]([e for e in args.envs.split(",") if e], args.steps_scale)
     print("\n| algo | env | steps | threads | ours steps/s (wall) | SB3 steps/s (wall) | ratio (wall) "
-          "| ours steps/CPU-s | SB3 steps/CPU-s | ratio (CPU) |\n|---|---|---|---|---|---|---|---|---|---|")
+          "| ours steps/CPU-s | SB3 steps/CPU-s | ratio (CPU) | not timed: ours / SB3 |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['algo']} | {r['env']} | {r['steps']} | {r['threads']} | {r['ours_sps']:.0f} | {r['sb3_sps']:.0f} "
-              f"| {r['ratio']:.2f}x | {r['ours_cpu_sps']:.0f} | {r['sb3_cpu_sps']:.0f} | {r['cpu_ratio']:.2f}x |")
+              f"| {r['ratio']:.2f}x | {r['ours_cpu_sps']:.0f} | {r['sb3_cpu_sps']:.0f} | {r['cpu_ratio']:.2f}x "
+              f"| {r.get('warmup', 'setup')} |")
 
 
 if __name__ == "__main__":

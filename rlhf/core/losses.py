@@ -83,7 +83,7 @@ def kl_penalty_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
     advantages: torch.Tensor,
-    beta: float,
+    beta: float | torch.Tensor,
     mask: torch.Tensor | None = None,
     mode: str = "token-mean",
     kl: torch.Tensor | None = None,

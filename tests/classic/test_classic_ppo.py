@@ -149,6 +149,7 @@ def check_resume_is_exact(module, make_cfg, tmp_path, batch: int):
 @pytest.mark.parametrize("env_id, extra", [
     ("CartPole-v1", dict(penalty="adaptive_kl", num_envs=2)),
     ("Hopper-v5", dict(penalty="clip", num_envs=1, norm_obs=True, norm_reward=True)),
+    ("CartPole-v1", dict(penalty="clip", num_envs=2, compile=True)),
 ])
 def test_resume_continues_exactly(tmp_path, env_id, extra):
     common = {**dict(env_id=env_id, num_steps=64, num_minibatches=2, update_epochs=2, seed=3, eval_episodes=2), **extra}
@@ -169,6 +170,33 @@ def test_mujoco_smoke_writes_the_run(tmp_path):
             "value/explained_var", "kl/beta"} <= set(row)
     stats = load_state(sorted((run / "checkpoints").iterdir())[-1] / "state.pt", restore_rng=False)["norm_stats"]
     assert stats["obs"]["mean"].shape == (11,) and stats["obs"]["count"] > 256
+
+
+def test_compiled_update_follows_eager(tmp_path, monkeypatch):
+    """`compile: true` trains the same policy as eager PPO (to float rounding), and compiles once: the adaptive
+    beta moves every rollout and must not trigger a recompilation (error_on_recompile would raise)."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    common = dict(env_id="Pendulum-v1", num_envs=1, num_steps=256, num_minibatches=4, update_epochs=2,
+                  total_timesteps=3 * 256, penalty="adaptive_kl", kl_target=1e-6, seed=2)
+    for compile in (False, True):
+        ppo.train(cfg_for(tmp_path, **common, compile=compile, output_dir=str(tmp_path / str(compile))))
+    eager, compiled = (load_state(sorted((tmp_path / name / "checkpoints").iterdir())[-1] / "state.pt",
+                                  restore_rng=False)["policy"] for name in ("False", "True"))
+    for k in eager:
+        torch.testing.assert_close(compiled[k], eager[k], rtol=1e-4, atol=1e-5)
+    eager_rows, compiled_rows = _metrics(tmp_path / "False"), _metrics(tmp_path / "True")
+    assert len({row["kl/beta"] for row in compiled_rows}) == 3  # beta really moved (1 -> 2 -> 4)
+    for a, b in zip(eager_rows, compiled_rows):
+        for k in ("loss/policy", "loss/value", "policy/approx_kl", "kl/beta"):
+            assert b[k] == pytest.approx(a[k], rel=1e-3, abs=1e-6), k
+
+
+def test_compile_without_a_compiler_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(ppo.shutil, "which", lambda name: None)
+    with pytest.raises(ConfigError, match="compile"):
+        cfg_for(tmp_path, compile=True)
+    cfg_for(tmp_path, compile=False)  # only asked for when compiling
 
 
 @pytest.mark.slow
