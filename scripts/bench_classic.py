@@ -3,7 +3,7 @@
     pip install -e ".[bench]"        # stable-baselines3
     python scripts/bench_classic.py --algos dqn --envs cartpole,breakout
     python scripts/bench_classic.py --algos ppo --envs cartpole,hopper
-    python scripts/bench_classic.py --algos ppo,ppo_compile --envs cartpole,hopper --steps_scale 10
+    python scripts/bench_classic.py --algos ppo,ppo_compile --envs cartpole,hopper --steps_scale 2
 
 Each (algorithm, env) row trains ours and SB3's for the same number of environment steps with the
 same hyper-parameters, network and torch thread count, in two fresh processes started at the same
