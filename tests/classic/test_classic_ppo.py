@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import gymnasium as gym
@@ -17,6 +18,7 @@ from rlhf.runtime import ConfigError, load_state, make_config, parse_config
 
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "classic"
+needs_cxx = pytest.mark.skipif(not any(map(shutil.which, ppo.CXX_COMPILERS)), reason="torch.compile on CPU needs a C++ compiler")
 
 
 def cfg_for(tmp_path, **kw):
@@ -131,8 +133,6 @@ def _metrics(run_dir):
 def check_resume_is_exact(module, make_cfg, tmp_path, batch: int):
     """Run 4 rollouts straight (checkpoint after 2); copy the run as it was at that checkpoint, as if it
     had crashed there, resume it: parameters, optimiser and every logged metric must be identical."""
-    import shutil
-
     module.train(make_cfg(output_dir=str(tmp_path / "a"), total_timesteps=4 * batch, save_steps=2 * batch, save_total_limit=5))
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     for late in ["summary.json", f"checkpoints/step-{4 * batch:08d}"]:
@@ -149,7 +149,7 @@ def check_resume_is_exact(module, make_cfg, tmp_path, batch: int):
 @pytest.mark.parametrize("env_id, extra", [
     ("CartPole-v1", dict(penalty="adaptive_kl", num_envs=2)),
     ("Hopper-v5", dict(penalty="clip", num_envs=1, norm_obs=True, norm_reward=True)),
-    ("CartPole-v1", dict(penalty="clip", num_envs=2, compile=True)),
+    pytest.param("CartPole-v1", dict(penalty="clip", num_envs=2, compile=True), marks=needs_cxx),
 ])
 def test_resume_continues_exactly(tmp_path, env_id, extra):
     common = {**dict(env_id=env_id, num_steps=64, num_minibatches=2, update_epochs=2, seed=3, eval_episodes=2), **extra}
@@ -172,6 +172,7 @@ def test_mujoco_smoke_writes_the_run(tmp_path):
     assert stats["obs"]["mean"].shape == (11,) and stats["obs"]["count"] > 256
 
 
+@needs_cxx
 def test_compiled_update_follows_eager(tmp_path, monkeypatch):
     """`compile: true` trains the same policy as eager PPO (to float rounding), and compiles once: the adaptive
     beta moves every rollout and must not trigger a recompilation (error_on_recompile would raise)."""
