@@ -8,6 +8,8 @@ Full budget (the README table; 1M steps per run, 9 runs of 15-60 min of one core
     python scripts/reproduce_mujoco.py --suite mujoco --jobs 3
 CartPole target (PPO >= 475 within 100k steps on at least 2 of 3 seeds; minutes):
     python scripts/reproduce_mujoco.py --suite cartpole --algos ppo --out results/mujoco.md --append
+TRPO's HalfCheetah and Walker2d configs (no targets; seed 1 in results/trpo_mujoco.md):
+    python scripts/reproduce_mujoco.py --suite trpo_mujoco --seeds 1 --jobs 2
 A reduced budget (same configs, fewer steps; numbers are then not comparable with the targets):
     python scripts/reproduce_mujoco.py --suite mujoco --timesteps 100000 --seeds 1
 Runs whose summary.json exists are reused, so an interrupted reproduction continues where it stopped.
@@ -31,6 +33,11 @@ SUITES = {
         ("ppo", "ppo_hopper", 2400, "CleanRL 2383 +- 272 (Hopper-v4)"),
         ("ppo", "ppo_halfcheetah", 1500, "CleanRL 1443 +- 46 (HalfCheetah-v4)"),
         ("trpo", "trpo_hopper", 2500, "sb3-contrib 3372 +- 215 (Hopper-v3)"),
+    ],
+    # No targets: TRPO's other MuJoCo configs, next to rl-baselines3-zoo's benchmark (one agent each, 1M steps)
+    "trpo_mujoco": [
+        ("trpo", "trpo_halfcheetah", None, "rl-zoo 1785 +- 69 (HalfCheetah-v3, 1 agent)"),
+        ("trpo", "trpo_walker2d", None, "rl-zoo 4933 +- 1453 (Walker2d-v3, 1 agent)"),
     ],
     "cartpole": [
         ("ppo", "ppo_cartpole", 475, "CleanRL 490 +- 6 at 500k steps"),
@@ -68,7 +75,8 @@ def main() -> None:
     p.add_argument("--append", action="store_true", help="append the table to --out instead of replacing it")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (one process each)")
     p.add_argument("--runs_dir", default="", help="where the runs go (default runs/reproduce_<suite>[_<timesteps>])")
-    p.add_argument("--out", default="", help="markdown file for the table (default results/mujoco.md for the mujoco suite)")
+    p.add_argument("--out", default="", help="markdown file for the table (default results/<suite>.md for the mujoco "
+                                             "and trpo_mujoco suites, none for the others)")
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",") if s]
     rows = [r for r in SUITES[args.suite] if not args.algos or r[0] in args.algos.split(",")]
@@ -112,7 +120,7 @@ def main() -> None:
                      f"{np.mean(evals):.1f} +- {np.std(evals):.1f} (seeds {','.join(map(str, done))}) | {target if target is not None else '-'} | {met} | {peer} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    out = args.out or ("results/mujoco.md" if args.suite == "mujoco" else "")
+    out = args.out or {"mujoco": "results/mujoco.md", "trpo_mujoco": "results/trpo_mujoco.md"}.get(args.suite, "")
     if out:
         (ROOT / out).parent.mkdir(parents=True, exist_ok=True)
         with open(ROOT / out, "a" if args.append else "w") as fh:
