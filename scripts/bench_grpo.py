@@ -13,8 +13,15 @@ shared, loaded machine: other processes' load counts against neither side); toke
 completion tokens actually generated (each trainer's own `completions/mean_length`). Runs alternate ours / TRL `--repeats` times and the table shows the
 median, so a noisy shared machine hurts both sides alike.
 
-TRL >= 1.x no longer ships a PPO trainer (it was removed from `trl` and not kept in
-`trl.experimental`), so there is no PPO comparison here; `--ppo` times our PPO alone.
+PPO: TRL 1.x no longer ships a PPO trainer, so TRL's PPOTrainer runs from a second environment with
+the last TRL release that has it, in a subprocess (same model files, same prompts, same untrained
+reward model; it takes its own process's CPU clock, one step = one rollout batch and its update):
+
+    python -m venv .venv-trl-ppo
+    .venv-trl-ppo/bin/pip install torch==2.13.0 trl==0.19.1 transformers==4.53.3 "accelerate<1.9" datasets
+    python scripts/bench_grpo.py --ppo --trl_ppo_python .venv-trl-ppo/bin/python --steps 12 --repeats 2
+
+`--ppo` without `--trl_ppo_python` times our PPO alone.
 """
 
 from __future__ import annotations
@@ -100,18 +107,96 @@ def run_trl(args, model_dir: str, out: Path) -> dict:
             "tokens": sum(length * args.completions for length in lengths), "steps": len(durations)}
 
 
-def run_ppo(args, model_dir: str, out: Path) -> dict:
+# --- PPO -------------------------------------------------------------------------------------------
+# Matched settings (TRL's PPOTrainer defaults where ours has the same option): 64 completions per step,
+# 4 mini-batches of 16, 4 PPO epochs, max 8 new tokens, temperature 1, k1 KL penalty with beta 0.05,
+# clip 0.2, value clip 0.2, vf_coef 0.1, gamma 1, lambda 0.95, AdamW 1e-5; the same untrained reward
+# model scores both, and both value models start from it; a separate frozen reference on both sides.
+PPO_BATCH, PPO_MINI_BATCHES, PPO_EPOCHS = 64, 4, 4
+
+
+def run_ppo(args, model_dir: str, rm_dir: str, out: Path) -> dict:
     from rlhf import ppo
     from rlhf.runtime import make_config, read_jsonl
 
+    cpu, make_batch, update = [], ppo.make_batch, ppo.update  # CPU seconds from generation to the end of the update
+
+    def timed_make_batch(*a, **k):
+        cpu.append(time.process_time())
+        return make_batch(*a, **k)
+
+    def timed_update(*a, **k):
+        result = update(*a, **k)
+        cpu[-1] = time.process_time() - cpu[-1]
+        return result
+
     cfg = make_config(ppo.Config, dict(
-        output_dir=str(out), model_name_or_path=model_dir, max_steps=args.steps, per_device_train_batch_size=16,
-        num_mini_batches=args.completions // 16, num_ppo_epochs=1, max_completion_length=args.max_completion_length,
-        reward_funcs=["exact_match", "format"], num_eval_prompts=0, progress=False, report_to="none", seed=args.seed))
-    ppo.train(cfg)
+        output_dir=str(out), model_name_or_path=model_dir, reward_model_path=rm_dir, max_steps=args.steps,
+        per_device_train_batch_size=PPO_BATCH // PPO_MINI_BATCHES, num_mini_batches=PPO_MINI_BATCHES,
+        num_ppo_epochs=PPO_EPOCHS, max_completion_length=args.max_completion_length, learning_rate=1e-5,
+        kl_coef=0.05, num_eval_prompts=0, progress=False, report_to="none", seed=args.seed))
+    ppo.make_batch, ppo.update = timed_make_batch, timed_update
+    try:
+        ppo.train(cfg)
+    finally:
+        ppo.make_batch, ppo.update = make_batch, update
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if "time/step_s" in r][args.warmup:]
-    return {"seconds": sum(r["time/step_s"] for r in rows), "completions": len(rows) * args.completions,
-            "tokens": sum(r["completions/mean_length"] * args.completions for r in rows), "steps": len(rows)}
+    return {"seconds": sum(r["time/step_s"] for r in rows), "cpu_seconds": sum(cpu[args.warmup:]),
+            "completions": len(rows) * PPO_BATCH, "tokens": sum(r["completions/mean_length"] * PPO_BATCH for r in rows),
+            "steps": len(rows)}
+
+
+# Runs under `--trl_ppo_python`: an interpreter whose environment has a TRL that still ships PPOTrainer.
+TRL_PPO = """
+import json, sys, time, torch
+s = json.loads(sys.argv[1])
+torch.set_num_threads(s["threads"])
+from datasets import Dataset
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedTokenizerFast,
+                          TrainerCallback)
+from trl import PPOConfig, PPOTrainer
+# the tiny model's tokenizer was saved by transformers 5; build the same fast tokenizer from its files
+special = {k: v for k, v in json.load(open(s["model_dir"] + "/tokenizer_config.json")).items() if k.endswith("_token")}
+tok = PreTrainedTokenizerFast(tokenizer_file=s["model_dir"] + "/tokenizer.json", padding_side="left", **special)
+dataset = Dataset.from_dict({"input_ids": [tok(p)["input_ids"] for p in s["prompts"]]})
+class Marks(TrainerCallback):
+    def __init__(self):
+        self.marks = []
+    def on_train_begin(self, *a, **k):
+        self.marks.append((time.perf_counter(), time.process_time()))
+    def on_step_end(self, *a, **k):
+        self.marks.append((time.perf_counter(), time.process_time()))
+marks = Marks()
+config = PPOConfig(output_dir=s["out"], per_device_train_batch_size=s["batch"], num_mini_batches=s["mini_batches"],
+                   num_ppo_epochs=s["epochs"], total_episodes=s["steps"] * s["batch"], response_length=s["max_new"],
+                   temperature=1.0, kl_coef=0.05, kl_estimator="k1", cliprange=0.2, cliprange_value=0.2, vf_coef=0.1,
+                   gamma=1.0, lam=0.95, learning_rate=1e-5, stop_token="eos", num_sample_generations=0,
+                   report_to="none", use_cpu=True, bf16=False, save_strategy="no", seed=s["seed"], logging_steps=1,
+                   disable_tqdm=True)
+trainer = PPOTrainer(args=config, processing_class=tok, model=AutoModelForCausalLM.from_pretrained(s["model_dir"]),
+                     ref_model=AutoModelForCausalLM.from_pretrained(s["model_dir"]),
+                     reward_model=AutoModelForSequenceClassification.from_pretrained(s["rm_dir"]),
+                     value_model=AutoModelForSequenceClassification.from_pretrained(s["rm_dir"]),
+                     train_dataset=dataset, eval_dataset=dataset.select(range(s["batch"])), callbacks=[marks])
+trainer.train()
+w, m = s["warmup"], marks.marks
+print(json.dumps({"seconds": m[-1][0] - m[w][0], "cpu_seconds": m[-1][1] - m[w][1],
+                  "completions": (len(m) - 1 - w) * s["batch"], "steps": len(m) - 1 - w}))
+"""
+
+
+def run_trl_ppo(args, model_dir: str, rm_dir: str, out: Path) -> dict:
+    import subprocess
+
+    from rlhf.tasks.arithmetic import make_prompts
+
+    settings = dict(model_dir=model_dir, rm_dir=rm_dir, out=str(out), batch=PPO_BATCH, mini_batches=PPO_MINI_BATCHES,
+                    epochs=PPO_EPOCHS, steps=args.steps, warmup=args.warmup, max_new=args.max_completion_length,
+                    threads=args.threads, seed=args.seed, prompts=make_prompts(args.steps * PPO_BATCH * 2, args.seed))
+    proc = subprocess.run([args.trl_ppo_python, "-c", TRL_PPO, json.dumps(settings)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"TRL PPOTrainer under {args.trl_ppo_python} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -126,7 +211,9 @@ def main() -> None:
     parser.add_argument("--beta", type=float, default=0.04)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--ppo", action="store_true", help="Also time our PPO (no TRL counterpart, see the docstring).")
+    parser.add_argument("--ppo", action="store_true", help="Also time our PPO (against TRL's PPOTrainer with --trl_ppo_python).")
+    parser.add_argument("--trl_ppo_python", default="", help="A Python whose environment has a TRL with PPOTrainer "
+                                                             "(TRL <= 0.19; see the docstring) to compare our PPO with.")
     parser.add_argument("--json", default="", help="Also write the results to this JSON file.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -140,34 +227,52 @@ def main() -> None:
             model_dir = str(save_builtin_tiny(tmp / "tiny"))
         runners = {"ours (rlhf grpo)": run_ours, "TRL GRPOTrainer": run_trl}
         if args.ppo:
-            runners["ours (rlhf ppo, 1 epoch)"] = run_ppo
+            from rlhf.models import BUILTIN_TINY, load_reward_model, load_tokenizer
+
+            torch.manual_seed(args.seed)  # the reward model's new score head
+            rm_dir = str(tmp / "rm")
+            load_reward_model(BUILTIN_TINY).save_pretrained(rm_dir)
+            load_tokenizer(BUILTIN_TINY).save_pretrained(rm_dir)
+            runners["ours (rlhf ppo)"] = lambda a, m, o: run_ppo(a, m, rm_dir, o)
+            if args.trl_ppo_python:
+                runners["TRL PPOTrainer"] = lambda a, m, o: run_trl_ppo(a, m, rm_dir, o)
         results = {name: [] for name in runners}
         for r in range(args.repeats):
-            for name, fn in runners.items():
-                results[name].append(fn(args, model_dir, tmp / f"{fn.__name__}_{r}"))
+            for i, (name, fn) in enumerate(runners.items()):
+                results[name].append(fn(args, model_dir, tmp / f"run{i}_{r}"))
 
     def median_rate(runs, key, per="seconds"):
-        return statistics.median(run[key] / run[per] for run in runs) if all(per in run for run in runs) else float("nan")
+        return statistics.median(run[key] / run[per] for run in runs) if all(key in run and per in run for run in runs) else float("nan")
 
     print(f"\nGRPO throughput: {args.completions} completions/step (G={args.num_generations}), "
           f"max_completion_length={args.max_completion_length}, beta={args.beta}, {args.threads} thread(s), "
           f"{args.steps - args.warmup} timed steps x {args.repeats} repeats (median)\n")
     header = (f"| {'trainer':<26} | {'completions/s':>13} | {'tokens/s':>9} | {'s/step':>7} "
               f"| {'completions/CPU-s':>17} | {'tokens/CPU-s':>12} |")
-    print(header)
-    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    rule = "|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|"
     table = {}
     for name, runs in results.items():
+        per_step = PPO_BATCH if "ppo" in name.lower() else args.completions
         cps, tps = median_rate(runs, "completions"), median_rate(runs, "tokens")
         cpu_cps, cpu_tps = median_rate(runs, "completions", "cpu_seconds"), median_rate(runs, "tokens", "cpu_seconds")
-        table[name] = {"completions_per_s": cps, "tokens_per_s": tps, "s_per_step": args.completions / cps,
+        table[name] = {"completions_per_s": cps, "tokens_per_s": tps, "s_per_step": per_step / cps,
                        "completions_per_cpu_s": cpu_cps, "tokens_per_cpu_s": cpu_tps}
-        print(f"| {name:<26} | {cps:>13.1f} | {tps:>9.1f} | {args.completions / cps:>7.3f} "
+        if name == "ours (rlhf ppo)":
+            print(f"\nPPO throughput: {PPO_BATCH} completions/step in {PPO_MINI_BATCHES} mini-batches, {PPO_EPOCHS} epochs, "
+                  f"same reward model and settings (see PPO_BATCH in the script); TRL reports no token counts\n")
+        if name in ("ours (rlhf grpo)", "ours (rlhf ppo)"):
+            print(header + "\n" + rule)
+        print(f"| {name:<26} | {cps:>13.1f} | {tps:>9.1f} | {per_step / cps:>7.3f} "
               f"| {cpu_cps:>17.1f} | {cpu_tps:>12.1f} |")
-    ours, trl = table["ours (rlhf grpo)"], table["TRL GRPOTrainer"]
-    print(f"\nratio ours / TRL: completions/s x{ours['completions_per_s'] / trl['completions_per_s']:.2f} (wall), "
-          f"x{ours['completions_per_cpu_s'] / trl['completions_per_cpu_s']:.2f} (CPU: robust on a shared machine); "
-          f"tokens/s x{ours['tokens_per_s'] / trl['tokens_per_s']:.2f} (wall)")
+        if name == "TRL GRPOTrainer":
+            ours, trl = table["ours (rlhf grpo)"], table["TRL GRPOTrainer"]
+            print(f"\nratio ours / TRL: completions/s x{ours['completions_per_s'] / trl['completions_per_s']:.2f} (wall), "
+                  f"x{ours['completions_per_cpu_s'] / trl['completions_per_cpu_s']:.2f} (CPU: robust on a shared machine); "
+                  f"tokens/s x{ours['tokens_per_s'] / trl['tokens_per_s']:.2f} (wall)")
+        if name == "TRL PPOTrainer":
+            ours, trl = table["ours (rlhf ppo)"], table["TRL PPOTrainer"]
+            print(f"\nratio ours / TRL PPO: completions/s x{ours['completions_per_s'] / trl['completions_per_s']:.2f} (wall), "
+                  f"x{ours['completions_per_cpu_s'] / trl['completions_per_cpu_s']:.2f} (CPU)")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": table, "runs": results}, indent=2))
 
