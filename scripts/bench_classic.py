@@ -39,10 +39,12 @@ import tempfile
 # --- DQN ---------------------------------------------------------------------------------------
 # Matched settings: SB3's DQN defaults where they exist (train every 4 steps, 1 gradient step,
 # Huber loss, grad-norm clip 10, hard target copy), Nature CNN on Atari, [64, 64] MLP on CartPole.
+# One torch thread per side everywhere: the two run at the same time, and 2 x 2 threads on a 2-core
+# machine made both ~12x slower (busy-waiting OpenMP threads), which measured the contention, not the code.
 DQN_SETTINGS = {
     "cartpole": dict(env_id="CartPole-v1", steps=30_000, threads=1, hidden=[64, 64], buffer_size=50_000,
                      learning_starts=1_000, batch_size=64, target_update_interval=1_000, learning_rate=1e-3),
-    "breakout": dict(env_id="BreakoutNoFrameskip-v4", steps=3_000, threads=2, hidden=[64, 64], buffer_size=10_000,
+    "breakout": dict(env_id="BreakoutNoFrameskip-v4", steps=3_000, threads=1, hidden=[64, 64], buffer_size=10_000,
                      learning_starts=1_000, batch_size=32, target_update_interval=1_000, learning_rate=1e-4),
 }
 
