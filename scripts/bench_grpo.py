@@ -27,6 +27,7 @@ reward model; it takes its own process's CPU clock, one step = one rollout batch
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import tempfile
@@ -36,32 +37,41 @@ from pathlib import Path
 import torch
 
 
+@contextlib.contextmanager
+def cpu_per_step(module, first: str, last: str):
+    """Patch `module.first` and `module.last` (the first and last call of a training step) to record the
+    process CPU seconds of each step, from the start of `first` to the end of `last`; yields the list."""
+    cpu, begin, end = [], getattr(module, first), getattr(module, last)
+
+    def timed_begin(*a, **k):
+        cpu.append(time.process_time())
+        return begin(*a, **k)
+
+    def timed_end(*a, **k):
+        result = end(*a, **k)
+        cpu[-1] = time.process_time() - cpu[-1]
+        return result
+
+    setattr(module, first, timed_begin)
+    setattr(module, last, timed_end)
+    try:
+        yield cpu
+    finally:
+        setattr(module, first, begin)
+        setattr(module, last, end)
+
+
 def run_ours(args, model_dir: str, out: Path) -> dict:
     from rlhf import grpo
     from rlhf.runtime import make_config, read_jsonl
-
-    # CPU seconds per step: from the start of make_batch (generation) to the end of train_step
-    cpu, make_batch, train_step = [], grpo.make_batch, grpo.train_step
-
-    def timed_make_batch(*a, **k):
-        cpu.append(time.process_time())
-        return make_batch(*a, **k)
-
-    def timed_train_step(*a, **k):
-        result = train_step(*a, **k)
-        cpu[-1] = time.process_time() - cpu[-1]
-        return result
 
     cfg = make_config(grpo.Config, dict(
         output_dir=str(out), model_name_or_path=model_dir, max_steps=args.steps, num_generations=args.num_generations,
         per_device_train_batch_size=args.completions, max_completion_length=args.max_completion_length,
         beta=args.beta, loss_type="grpo", learning_rate=1e-5, reward_funcs=["exact_match", "format"],
         num_eval_prompts=0, progress=False, report_to="none", seed=args.seed))
-    grpo.make_batch, grpo.train_step = timed_make_batch, timed_train_step
-    try:
+    with cpu_per_step(grpo, "make_batch", "train_step") as cpu:  # generation to the end of the update
         grpo.train(cfg)
-    finally:
-        grpo.make_batch, grpo.train_step = make_batch, train_step
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if "time/step_s" in r][args.warmup:]
     seconds = sum(r["time/step_s"] for r in rows)
     tokens = sum(r["completions/mean_length"] * args.completions for r in rows)
@@ -119,27 +129,13 @@ def run_ppo(args, model_dir: str, rm_dir: str, out: Path) -> dict:
     from rlhf import ppo
     from rlhf.runtime import make_config, read_jsonl
 
-    cpu, make_batch, update = [], ppo.make_batch, ppo.update  # CPU seconds from generation to the end of the update
-
-    def timed_make_batch(*a, **k):
-        cpu.append(time.process_time())
-        return make_batch(*a, **k)
-
-    def timed_update(*a, **k):
-        result = update(*a, **k)
-        cpu[-1] = time.process_time() - cpu[-1]
-        return result
-
     cfg = make_config(ppo.Config, dict(
         output_dir=str(out), model_name_or_path=model_dir, reward_model_path=rm_dir, max_steps=args.steps,
         per_device_train_batch_size=PPO_BATCH // PPO_MINI_BATCHES, num_mini_batches=PPO_MINI_BATCHES,
         num_ppo_epochs=PPO_EPOCHS, max_completion_length=args.max_completion_length, learning_rate=1e-5,
         kl_coef=0.05, num_eval_prompts=0, progress=False, report_to="none", seed=args.seed))
-    ppo.make_batch, ppo.update = timed_make_batch, timed_update
-    try:
+    with cpu_per_step(ppo, "make_batch", "update") as cpu:  # generation to the end of the update
         ppo.train(cfg)
-    finally:
-        ppo.make_batch, ppo.update = make_batch, update
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if "time/step_s" in r][args.warmup:]
     return {"seconds": sum(r["time/step_s"] for r in rows), "cpu_seconds": sum(cpu[args.warmup:]),
             "completions": len(rows) * PPO_BATCH, "tokens": sum(r["completions/mean_length"] * PPO_BATCH for r in rows),
