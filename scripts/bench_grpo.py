@@ -6,7 +6,8 @@
 Both trainers get: the built-in tiny Llama saved to a local directory (TRL cannot download), the
 arithmetic task's training prompts, G completions per prompt, the same number of completions per
 optimizer step, the same max_completion_length, temperature 1, beta (so both hold a reference
-model), loss_type grpo, one thread each, no evaluation and no checkpoints inside the timed steps.
+model), loss_type grpo, no gradient checkpointing (TRL's GRPOConfig turns it on by default; a third row
+shows TRL so), one thread each, no evaluation and no checkpoints inside the timed steps.
 The first `--warmup` steps of every run are not timed. Completions/s and tokens/s are taken over
 the timed steps, per wall-clock second and per CPU second of the process (read the latter on a
 shared, loaded machine: other processes' load counts against neither side); tokens are the
@@ -79,7 +80,12 @@ def run_ours(args, model_dir: str, out: Path) -> dict:
             "tokens": tokens, "steps": len(rows)}
 
 
-def run_trl(args, model_dir: str, out: Path) -> dict:
+# TRL's GRPOConfig turns gradient checkpointing on by default (it recomputes the forward pass in the
+# backward); ours is off. The headline row runs TRL with it off, as ours; this row shows TRL's defaults.
+TRL_DEFAULTS = "TRL, its grad. ckpt on"
+
+
+def run_trl(args, model_dir: str, out: Path, gradient_checkpointing: bool = False) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -104,7 +110,7 @@ def run_trl(args, model_dir: str, out: Path) -> dict:
         output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=args.completions,
         num_generations=args.num_generations, max_completion_length=args.max_completion_length, beta=args.beta,
         loss_type="grpo", learning_rate=1e-5, logging_steps=1, report_to="none", use_cpu=True, save_strategy="no",
-        seed=args.seed, disable_tqdm=True, bf16=False,
+        seed=args.seed, disable_tqdm=True, bf16=False, gradient_checkpointing=gradient_checkpointing,
     )
     trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir),
                           processing_class=AutoTokenizer.from_pretrained(model_dir),
@@ -221,7 +227,8 @@ def main() -> None:
             from rlhf.models import save_builtin_tiny
 
             model_dir = str(save_builtin_tiny(tmp / "tiny"))
-        runners = {"ours (rlhf grpo)": run_ours, "TRL GRPOTrainer": run_trl}
+        runners = {"ours (rlhf grpo)": run_ours, "TRL GRPOTrainer": run_trl,
+                   TRL_DEFAULTS: lambda a, m, o: run_trl(a, m, o, gradient_checkpointing=True)}
         if args.ppo:
             from rlhf.models import BUILTIN_TINY, load_reward_model, load_tokenizer
 
@@ -260,11 +267,13 @@ def main() -> None:
             print(header + "\n" + rule)
         print(f"| {name:<26} | {cps:>13.1f} | {tps:>9.1f} | {per_step / cps:>7.3f} "
               f"| {cpu_cps:>17.1f} | {cpu_tps:>12.1f} |")
-        if name == "TRL GRPOTrainer":
-            ours, trl = table["ours (rlhf grpo)"], table["TRL GRPOTrainer"]
-            print(f"\nratio ours / TRL: completions/s x{ours['completions_per_s'] / trl['completions_per_s']:.2f} (wall), "
-                  f"x{ours['completions_per_cpu_s'] / trl['completions_per_cpu_s']:.2f} (CPU: robust on a shared machine); "
-                  f"tokens/s x{ours['tokens_per_s'] / trl['tokens_per_s']:.2f} (wall)")
+        if name == TRL_DEFAULTS:
+            ours = table["ours (rlhf grpo)"]
+            for label, trl in (("TRL", table["TRL GRPOTrainer"]), ("TRL with its default checkpointing", table[name])):
+                print(f"\nratio ours / {label}: completions/s x{ours['completions_per_s'] / trl['completions_per_s']:.2f} "
+                      f"(wall), x{ours['completions_per_cpu_s'] / trl['completions_per_cpu_s']:.2f} (CPU: robust on a "
+                      f"shared machine); tokens/s x{ours['tokens_per_s'] / trl['tokens_per_s']:.2f} (wall)", end="")
+            print()
         if name == "TRL PPOTrainer":
             ours, trl = table["ours (rlhf ppo)"], table["TRL PPOTrainer"]
             print(f"\nratio ours / TRL PPO: completions/s x{ours['completions_per_s'] / trl['completions_per_s']:.2f} (wall), "

@@ -61,7 +61,7 @@ def test_first_update_sees_ratio_one_and_zero_kl(tmp_path):
 
 
 class _SGD(torch.optim.SGD):
-    def __init__(self, params, lr, weight_decay=0.0):
+    def __init__(self, params, lr, weight_decay=0.0, fused=None):
         super().__init__(params, lr=lr)
 
 
