@@ -12,7 +12,10 @@ The first `--warmup` steps of every run are not timed. Completions/s and tokens/
 the timed steps, per wall-clock second and per CPU second of the process (read the latter on a
 shared, loaded machine: other processes' load counts against neither side); tokens are the
 completion tokens actually generated (each trainer's own `completions/mean_length`). Runs alternate ours / TRL `--repeats` times and the table shows the
-median, so a noisy shared machine hurts both sides alike.
+median, so a noisy shared machine hurts both sides alike. The last two columns split a step's CPU time:
+all of it, and the part spent inside the transformers models' forward calls (every decode step
+included) and backward passes, the work neither trainer can skip; once ours alone exceeds half
+of TRL's whole step, 2x TRL is out of reach without making the model itself cheaper.
 
 PPO: TRL 1.x no longer ships a PPO trainer, so TRL's PPOTrainer runs from a second environment with
 the last TRL release that has it, in a subprocess (same model files, same prompts, same untrained
@@ -38,25 +41,67 @@ from pathlib import Path
 import torch
 
 
+MODEL_CPU = [0.0]  # process CPU seconds spent inside transformers models' forward calls and autograd's backward
+
+
+@contextlib.contextmanager
+def model_clock():
+    """Count into MODEL_CPU the CPU time of every outermost forward call of a transformers model (generation's
+    decode steps included) and of every backward pass: the model work either trainer cannot do without."""
+    from transformers import PreTrainedModel
+
+    depth, call, backward = [0], PreTrainedModel.__call__, torch.autograd.backward
+    own = PreTrainedModel.__dict__.get("__call__")  # None: it inherits nn.Module's
+
+    def timed_call(self, *a, **k):
+        depth[0] += 1
+        begin = time.process_time()
+        try:
+            return call(self, *a, **k)
+        finally:
+            depth[0] -= 1
+            if depth[0] == 0:  # nested models (the LM inside a CausalLM) count once
+                MODEL_CPU[0] += time.process_time() - begin
+
+    def timed_backward(*a, **k):
+        begin = time.process_time()
+        try:
+            return backward(*a, **k)
+        finally:
+            MODEL_CPU[0] += time.process_time() - begin
+
+    PreTrainedModel.__call__, torch.autograd.backward = timed_call, timed_backward
+    try:
+        yield
+    finally:
+        if own is None:
+            del PreTrainedModel.__call__
+        else:
+            PreTrainedModel.__call__ = own
+        torch.autograd.backward = backward
+
+
 @contextlib.contextmanager
 def cpu_per_step(module, first: str, last: str):
     """Patch `module.first` and `module.last` (the first and last call of a training step) to record the
-    process CPU seconds of each step, from the start of `first` to the end of `last`; yields the list."""
-    cpu, begin, end = [], getattr(module, first), getattr(module, last)
+    process CPU seconds of each step, from the start of `first` to the end of `last`, and how much of it
+    was model work (MODEL_CPU); yields the list of (cpu, model_cpu) per step."""
+    steps, begin, end = [], getattr(module, first), getattr(module, last)
 
     def timed_begin(*a, **k):
-        cpu.append(time.process_time())
+        steps.append((time.process_time(), MODEL_CPU[0]))
         return begin(*a, **k)
 
     def timed_end(*a, **k):
         result = end(*a, **k)
-        cpu[-1] = time.process_time() - cpu[-1]
+        steps[-1] = (time.process_time() - steps[-1][0], MODEL_CPU[0] - steps[-1][1])
         return result
 
     setattr(module, first, timed_begin)
     setattr(module, last, timed_end)
     try:
-        yield cpu
+        with model_clock():
+            yield steps
     finally:
         setattr(module, first, begin)
         setattr(module, last, end)
@@ -71,12 +116,13 @@ def run_ours(args, model_dir: str, out: Path) -> dict:
         per_device_train_batch_size=args.completions, max_completion_length=args.max_completion_length,
         beta=args.beta, loss_type="grpo", learning_rate=1e-5, reward_funcs=["exact_match", "format"],
         num_eval_prompts=0, progress=False, report_to="none", seed=args.seed))
-    with cpu_per_step(grpo, "make_batch", "train_step") as cpu:  # generation to the end of the update
+    with cpu_per_step(grpo, "make_batch", "train_step") as steps:  # generation to the end of the update
         grpo.train(cfg)
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if "time/step_s" in r][args.warmup:]
     seconds = sum(r["time/step_s"] for r in rows)
     tokens = sum(r["completions/mean_length"] * args.completions for r in rows)
-    return {"seconds": seconds, "cpu_seconds": sum(cpu[args.warmup:]), "completions": len(rows) * args.completions,
+    return {"seconds": seconds, "cpu_seconds": sum(c for c, _ in steps[args.warmup:]),
+            "model_cpu_seconds": sum(m for _, m in steps[args.warmup:]), "completions": len(rows) * args.completions,
             "tokens": tokens, "steps": len(rows)}
 
 
@@ -94,14 +140,15 @@ def run_trl(args, model_dir: str, out: Path, gradient_checkpointing: bool = Fals
 
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.begin, self.durations, self.cpu = None, [], []
+            self.begin, self.durations, self.cpu, self.model_cpu = None, [], [], []
 
         def on_step_begin(self, *a, **k):
-            self.begin = time.perf_counter(), time.process_time()
+            self.begin = time.perf_counter(), time.process_time(), MODEL_CPU[0]
 
         def on_step_end(self, *a, **k):
             self.durations.append(time.perf_counter() - self.begin[0])
             self.cpu.append(time.process_time() - self.begin[1])
+            self.model_cpu.append(MODEL_CPU[0] - self.begin[2])
 
     timer = StepTimer()
     n_prompts = args.steps * args.completions // args.num_generations
@@ -116,10 +163,12 @@ def run_trl(args, model_dir: str, out: Path, gradient_checkpointing: bool = Fals
                           processing_class=AutoTokenizer.from_pretrained(model_dir),
                           reward_funcs=[exact_match_reward, format_reward], args=config, train_dataset=dataset,
                           callbacks=[timer])
-    trainer.train()
+    with model_clock():
+        trainer.train()
     lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
     durations, lengths = timer.durations[args.warmup:], lengths[args.warmup:]
-    return {"seconds": sum(durations), "cpu_seconds": sum(timer.cpu[args.warmup:]), "completions": len(durations) * args.completions,
+    return {"seconds": sum(durations), "cpu_seconds": sum(timer.cpu[args.warmup:]),
+            "model_cpu_seconds": sum(timer.model_cpu[args.warmup:]), "completions": len(durations) * args.completions,
             "tokens": sum(length * args.completions for length in lengths), "steps": len(durations)}
 
 
@@ -140,10 +189,11 @@ def run_ppo(args, model_dir: str, rm_dir: str, out: Path) -> dict:
         per_device_train_batch_size=PPO_BATCH // PPO_MINI_BATCHES, num_mini_batches=PPO_MINI_BATCHES,
         num_ppo_epochs=PPO_EPOCHS, max_completion_length=args.max_completion_length, learning_rate=1e-5,
         kl_coef=0.05, num_eval_prompts=0, progress=False, report_to="none", seed=args.seed))
-    with cpu_per_step(ppo, "make_batch", "update") as cpu:  # generation to the end of the update
+    with cpu_per_step(ppo, "make_batch", "update") as steps:  # generation to the end of the update
         ppo.train(cfg)
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if "time/step_s" in r][args.warmup:]
-    return {"seconds": sum(r["time/step_s"] for r in rows), "cpu_seconds": sum(cpu[args.warmup:]),
+    return {"seconds": sum(r["time/step_s"] for r in rows), "cpu_seconds": sum(c for c, _ in steps[args.warmup:]),
+            "model_cpu_seconds": sum(m for _, m in steps[args.warmup:]),
             "completions": len(rows) * PPO_BATCH, "tokens": sum(r["completions/mean_length"] * PPO_BATCH for r in rows),
             "steps": len(rows)}
 
@@ -251,29 +301,34 @@ def main() -> None:
           f"max_completion_length={args.max_completion_length}, beta={args.beta}, {args.threads} thread(s), "
           f"{args.steps - args.warmup} timed steps x {args.repeats} repeats (median)\n")
     header = (f"| {'trainer':<26} | {'completions/s':>13} | {'tokens/s':>9} | {'s/step':>7} "
-              f"| {'completions/CPU-s':>17} | {'tokens/CPU-s':>12} |")
+              f"| {'completions/CPU-s':>17} | {'tokens/CPU-s':>12} | {'CPU ms/step':>11} | {'in model calls':>14} |")
     rule = "|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|"
     table = {}
     for name, runs in results.items():
         per_step = PPO_BATCH if "ppo" in name.lower() else args.completions
         cps, tps = median_rate(runs, "completions"), median_rate(runs, "tokens")
         cpu_cps, cpu_tps = median_rate(runs, "completions", "cpu_seconds"), median_rate(runs, "tokens", "cpu_seconds")
+        # CPU time per step, and the part of it inside the models' forward calls and backward passes
+        cpu_ms, model_ms = 1000 * median_rate(runs, "cpu_seconds", "steps"), 1000 * median_rate(runs, "model_cpu_seconds", "steps")
         table[name] = {"completions_per_s": cps, "tokens_per_s": tps, "s_per_step": per_step / cps,
-                       "completions_per_cpu_s": cpu_cps, "tokens_per_cpu_s": cpu_tps}
+                       "completions_per_cpu_s": cpu_cps, "tokens_per_cpu_s": cpu_tps, "cpu_ms_per_step": cpu_ms,
+                       "model_cpu_ms_per_step": model_ms}
         if name == "ours (rlhf ppo)":
             print(f"\nPPO throughput: {PPO_BATCH} completions/step in {PPO_MINI_BATCHES} mini-batches, {PPO_EPOCHS} epochs, "
                   f"same reward model and settings (see PPO_BATCH in the script); TRL reports no token counts\n")
         if name in ("ours (rlhf grpo)", "ours (rlhf ppo)"):
             print(header + "\n" + rule)
         print(f"| {name:<26} | {cps:>13.1f} | {tps:>9.1f} | {per_step / cps:>7.3f} "
-              f"| {cpu_cps:>17.1f} | {cpu_tps:>12.1f} |")
+              f"| {cpu_cps:>17.1f} | {cpu_tps:>12.1f} | {cpu_ms:>11.1f} | {model_ms:>14.1f} |")
         if name == TRL_DEFAULTS:
             ours = table["ours (rlhf grpo)"]
+            trl_ms, trl_model_ms = table["TRL GRPOTrainer"]["cpu_ms_per_step"], table["TRL GRPOTrainer"]["model_cpu_ms_per_step"]
             for label, trl in (("TRL", table["TRL GRPOTrainer"]), ("TRL with its default checkpointing", table[name])):
                 print(f"\nratio ours / {label}: completions/s x{ours['completions_per_s'] / trl['completions_per_s']:.2f} "
                       f"(wall), x{ours['completions_per_cpu_s'] / trl['completions_per_cpu_s']:.2f} (CPU: robust on a "
                       f"shared machine); tokens/s x{ours['tokens_per_s'] / trl['tokens_per_s']:.2f} (wall)", end="")
-            print()
+            print(f"\n2x TRL would take <= {trl_ms / 2:.1f} CPU ms per step; ours spends {ours['model_cpu_ms_per_step']:.1f} "
+                  f"of its {ours['cpu_ms_per_step']:.1f} in model calls alone (TRL {trl_model_ms:.1f} of {trl_ms:.1f})")
         if name == "TRL PPOTrainer":
             ours, trl = table["ours (rlhf ppo)"], table["TRL PPOTrainer"]
             print(f"\nratio ours / TRL PPO: completions/s x{ours['completions_per_s'] / trl['completions_per_s']:.2f} (wall), "
