@@ -71,6 +71,10 @@ class Config(RunConfig):
     gradient_accumulation_steps: int = arg(1, "Micro-batches per optimizer step (one mini-batch).")
     num_mini_batches: int = arg(4, "Mini-batches (optimizer steps) per epoch over one rollout batch.")
     num_ppo_epochs: int = arg(4, "Passes over each rollout batch.")
+    rollout_batch_size: int = arg(0, "Completions per no-grad forward pass when a rollout is scored (old log-probs, "
+                                     "values, reference; TRL's local_rollout_forward_batch_size). 0: "
+                                     "per_device_train_batch_size, which makes the first PPO ratio exactly 1; "
+                                     "larger is faster and matches it to float rounding.")
     max_prompt_length: int = arg(0, "Truncate prompts to this many tokens (0: no limit).")
     max_completion_length: int = arg(8, "Maximum new tokens per completion.")
     temperature: float = arg(1.0, "Sampling temperature (the log-probs in the loss use the same one).")
@@ -115,6 +119,7 @@ class Config(RunConfig):
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "num_mini_batches", "num_ppo_epochs",
                      "max_completion_length"):
             check(getattr(self, name) > 0, name, "must be positive")
+        check(self.rollout_batch_size >= 0, "rollout_batch_size", "must be >= 0 (0: per_device_train_batch_size)")
         check(bool(self.reward_model_path) or bool(self.reward_funcs), "reward_model_path",
               "give a reward model (--reward_model_path) or reward functions (--reward_funcs)")
         check(not self.reward_weights or len(self.reward_weights) == len(self.reward_funcs), "reward_weights",
@@ -273,7 +278,7 @@ def make_batch(cfg, accelerator, model, reference, tokenizer, rows, rewards_fn, 
                            tokenizer.pad_token_id, cfg.temperature, cfg.top_k, cfg.top_p)
     completions = decode_completions(tokenizer, rollout)
     input_ids, attention_mask, mask = rollout.input_ids, rollout.attention_mask, rollout.completion_mask  # (n, P + T), (n, T)
-    start, n, mb = prompt_ids.shape[1], len(prompts), cfg.per_device_train_batch_size
+    start, n, mb = prompt_ids.shape[1], len(prompts), cfg.rollout_batch_size or cfg.per_device_train_batch_size
 
     scores = torch.zeros(n)
     valid = torch.ones(n, dtype=torch.bool)
@@ -296,8 +301,9 @@ def make_batch(cfg, accelerator, model, reference, tokenizer, rows, rewards_fn, 
         scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
     mask = mask * valid.to(mask.device).long()[:, None]
 
-    # Old log-probs and values from the training forward pass itself (so the first ratio is exactly 1
-    # even under bf16 autocast), and the reference's log-probs, in micro-batches.
+    # Old log-probs and values from the training forward pass itself, and the reference's log-probs, in
+    # batches of rollout_batch_size rows: at the training micro-batch size (the default) the first
+    # ratio is exactly 1, even under bf16 autocast; other sizes may round differently.
     old_logp, old_values, ref_logp = [], [], []
     for i in range(0, n, mb):
         lp, v = model(input_ids[i:i + mb], attention_mask[i:i + mb], start, cfg.temperature)

@@ -175,7 +175,8 @@ def run_trl(args, model_dir: str, out: Path, gradient_checkpointing: bool = Fals
 # --- PPO -------------------------------------------------------------------------------------------
 # Matched settings (TRL's PPOTrainer defaults where ours has the same option): 64 completions per step,
 # 4 mini-batches of 16, 4 PPO epochs, max 8 new tokens, temperature 1, k1 KL penalty with beta 0.05,
-# clip 0.2, value clip 0.2, vf_coef 0.1, gamma 1, lambda 0.95, AdamW 1e-5; the same untrained reward
+# clip 0.2, value clip 0.2, vf_coef 0.1, gamma 1, lambda 0.95, AdamW 1e-5, rollouts scored in forward
+# passes of 64 (TRL's local_rollout_forward_batch_size, our rollout_batch_size); the same untrained reward
 # model scores both, and both value models start from it; a separate frozen reference on both sides.
 PPO_BATCH, PPO_MINI_BATCHES, PPO_EPOCHS = 64, 4, 4
 
@@ -187,7 +188,7 @@ def run_ppo(args, model_dir: str, rm_dir: str, out: Path) -> dict:
     cfg = make_config(ppo.Config, dict(
         output_dir=str(out), model_name_or_path=model_dir, reward_model_path=rm_dir, max_steps=args.steps,
         per_device_train_batch_size=PPO_BATCH // PPO_MINI_BATCHES, num_mini_batches=PPO_MINI_BATCHES,
-        num_ppo_epochs=PPO_EPOCHS, max_completion_length=args.max_completion_length, learning_rate=1e-5,
+        num_ppo_epochs=PPO_EPOCHS, rollout_batch_size=PPO_BATCH, max_completion_length=args.max_completion_length, learning_rate=1e-5,
         kl_coef=0.05, num_eval_prompts=0, progress=False, report_to="none", seed=args.seed))
     with cpu_per_step(ppo, "make_batch", "update") as steps:  # generation to the end of the update
         ppo.train(cfg)
@@ -220,6 +221,7 @@ class Marks(TrainerCallback):
         self.marks.append((time.perf_counter(), time.process_time()))
 marks = Marks()
 config = PPOConfig(output_dir=s["out"], per_device_train_batch_size=s["batch"], num_mini_batches=s["mini_batches"],
+                   local_rollout_forward_batch_size=s["batch"],
                    num_ppo_epochs=s["epochs"], total_episodes=s["steps"] * s["batch"], response_length=s["max_new"],
                    temperature=1.0, kl_coef=0.05, kl_estimator="k1", cliprange=0.2, cliprange_value=0.2, vf_coef=0.1,
                    gamma=1.0, lam=0.95, learning_rate=1e-5, stop_token="eos", num_sample_generations=0,

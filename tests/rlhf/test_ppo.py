@@ -60,6 +60,32 @@ def test_first_update_sees_ratio_one_and_zero_kl(tmp_path):
     assert row["policy/clipfrac"] == 0.0 and abs(row["policy/approx_kl"]) < 1e-7
 
 
+def test_rollout_batch_size_changes_only_the_rounding(tmp_path, monkeypatch):
+    """Scoring a rollout in other chunks (the whole batch; uneven chunks of 3) trains the same model."""
+    torch.set_num_threads(1)
+    rows_per_call, batch_logprobs = [], ppo.batch_logprobs
+    monkeypatch.setattr(ppo, "batch_logprobs", lambda m, ids, *a, **k: rows_per_call.append(len(ids)) or batch_logprobs(m, ids, *a, **k))
+    runs = {size: cfg_for(tmp_path, f"rollout{size}", rollout_batch_size=size) for size in (0, 16, 3)}
+    for size, cfg in runs.items():
+        rows_per_call.clear()
+        ppo.train(cfg)
+        # 16 completions per step: reference passes in chunks of 8 (the micro-batch), 16, or 3 x 5 + 1
+        assert set(rows_per_call) == {0: {8}, 16: {8, 16}, 3: {8, 3, 1}}[size], size
+    rows = {size: read_jsonl(tmp_path / f"rollout{size}" / "metrics.jsonl") for size in runs}
+    weights = {size: load_file(tmp_path / f"rollout{size}" / "model" / "model.safetensors") for size in runs}
+    for size in (16, 3):
+        for a, b in zip(rows[0], rows[size]):
+            for key in ("kl/ref", "loss/policy", "loss/value", "reward/score_mean", "policy/clipfrac"):
+                assert b[key] == pytest.approx(a[key], abs=1e-5), (size, key)
+        for k in weights[0]:
+            assert torch.allclose(weights[0][k], weights[size][k], atol=1e-5), (size, k)
+
+
+def test_rollout_batch_size_must_not_be_negative(tmp_path):
+    with pytest.raises(ConfigError, match="rollout_batch_size"):
+        cfg_for(tmp_path, rollout_batch_size=-1)
+
+
 class _SGD(torch.optim.SGD):
     def __init__(self, params, lr, weight_decay=0.0, fused=None):
         super().__init__(params, lr=lr)
