@@ -188,8 +188,8 @@ def run_ppo(args, model_dir: str, rm_dir: str, out: Path) -> dict:
     cfg = make_config(ppo.Config, dict(
         output_dir=str(out), model_name_or_path=model_dir, reward_model_path=rm_dir, max_steps=args.steps,
         per_device_train_batch_size=PPO_BATCH // PPO_MINI_BATCHES, num_mini_batches=PPO_MINI_BATCHES,
-        num_ppo_epochs=PPO_EPOCHS, rollout_batch_size=PPO_BATCH, max_completion_length=args.max_completion_length, learning_rate=1e-5,
-        kl_coef=0.05, num_eval_prompts=0, progress=False, report_to="none", seed=args.seed))
+        num_ppo_epochs=PPO_EPOCHS, rollout_batch_size=PPO_BATCH, max_completion_length=args.max_completion_length,
+        learning_rate=1e-5, kl_coef=0.05, num_eval_prompts=0, progress=False, report_to="none", seed=args.seed))
     with cpu_per_step(ppo, "make_batch", "update") as steps:  # generation to the end of the update
         ppo.train(cfg)
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if "time/step_s" in r][args.warmup:]
@@ -311,7 +311,8 @@ def main() -> None:
         cps, tps = median_rate(runs, "completions"), median_rate(runs, "tokens")
         cpu_cps, cpu_tps = median_rate(runs, "completions", "cpu_seconds"), median_rate(runs, "tokens", "cpu_seconds")
         # CPU time per step, and the part of it inside the models' forward calls and backward passes
-        cpu_ms, model_ms = 1000 * median_rate(runs, "cpu_seconds", "steps"), 1000 * median_rate(runs, "model_cpu_seconds", "steps")
+        cpu_ms = 1000 * median_rate(runs, "cpu_seconds", "steps")
+        model_ms = 1000 * median_rate(runs, "model_cpu_seconds", "steps")
         table[name] = {"completions_per_s": cps, "tokens_per_s": tps, "s_per_step": per_step / cps,
                        "completions_per_cpu_s": cpu_cps, "tokens_per_cpu_s": cpu_tps, "cpu_ms_per_step": cpu_ms,
                        "model_cpu_ms_per_step": model_ms}

@@ -64,7 +64,12 @@ def test_rollout_batch_size_changes_only_the_rounding(tmp_path, monkeypatch):
     """Scoring a rollout in other chunks (the whole batch; uneven chunks of 3) trains the same model."""
     torch.set_num_threads(1)
     rows_per_call, batch_logprobs = [], ppo.batch_logprobs
-    monkeypatch.setattr(ppo, "batch_logprobs", lambda m, ids, *a, **k: rows_per_call.append(len(ids)) or batch_logprobs(m, ids, *a, **k))
+
+    def counted(model, input_ids, *args, **kwargs):
+        rows_per_call.append(len(input_ids))
+        return batch_logprobs(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(ppo, "batch_logprobs", counted)
     runs = {size: cfg_for(tmp_path, f"rollout{size}", rollout_batch_size=size) for size in (0, 16, 3)}
     for size, cfg in runs.items():
         rows_per_call.clear()
