@@ -203,11 +203,13 @@ def test_compile_without_a_compiler_is_a_clear_error(tmp_path, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize("penalty", ["clip"])  # the other variants share this code path; their losses are tested above
 def test_ppo_learns_cartpole(tmp_path, penalty):
-    cfg = parse_config(ppo.Config, ["--config", str(CONFIGS / "ppo_cartpole.yaml"), "--total_timesteps", "30000",
+    cfg = parse_config(ppo.Config, ["--config", str(CONFIGS / "ppo_cartpole.yaml"), "--total_timesteps", "60000",
                                     "--penalty", penalty, "--output_dir", str(tmp_path / penalty), "--progress", "false",
                                     "--report_to", "none", "--seed", "1"])
     summary = ppo.train(cfg)
-    assert summary["eval/return_mean"] >= 150  # a random policy scores ~22
+    # 60k steps, far from the line: seeds 1-4 all end at 500 (at a 30k budget seed 1 ended at 134-500 across
+    # dependency versions); a random policy scores ~22
+    assert summary["eval/return_mean"] >= 150
 
 
 @pytest.mark.parametrize("action_space", [gym.spaces.Discrete(3), gym.spaces.Box(-1, 1, (2,))])

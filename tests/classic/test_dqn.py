@@ -49,8 +49,8 @@ def test_cartpole_learns_clearly_better_than_random(tmp_path):
                exploration_fraction=0.3, end_e=0.04, hidden_sizes=[64, 64], eval_frequency=2500, eval_episodes=5,
                double_q=True, save_buffer=False)
     summary = dqn.train(cfg)
-    # a uniformly random policy averages ~22; the best evaluation must be far above it
-    assert summary["eval/best_return_mean"] >= 150, summary
+    # a uniformly random policy averages ~22; the best evaluation must be far above it (seeds 1-8: 154-500)
+    assert summary["eval/best_return_mean"] >= 100, summary
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert any("q/replay_max" in r and "q/replay_return" in r for r in rows)
     assert {"eval/return_mean", "eval/return_std", "time/sps"} <= set(summary)

@@ -53,8 +53,9 @@ def test_resume_continues_exactly(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("baseline", [True])  # without a baseline only Psi_t changes; its gradient is tested above
 def test_pg_learns_cartpole(tmp_path, baseline):
-    cfg = parse_config(pg.Config, ["--config", str(CONFIGS / "pg_cartpole.yaml"), "--total_timesteps", "50000",
+    cfg = parse_config(pg.Config, ["--config", str(CONFIGS / "pg_cartpole.yaml"), "--total_timesteps", "80000",
                                    "--baseline", str(baseline).lower(), "--output_dir", str(tmp_path / "run"),
                                    "--progress", "false", "--report_to", "none", "--seed", "1"])
     summary = pg.train(cfg)
-    assert summary["eval/return_mean"] >= 100  # a random policy scores ~22
+    # seeds 1-4 end at 150-254 after 80k steps (at 50k: 82-175); a random policy scores ~22
+    assert summary["eval/return_mean"] >= 100

@@ -106,7 +106,7 @@ def test_trpo_learns_cartpole(tmp_path, variant):
                                      "--variant", variant, "--output_dir", str(tmp_path / variant), "--progress", "false",
                                      "--report_to", "none", "--seed", "1"])
     summary = trpo.train(cfg)
-    assert summary["eval/return_mean"] >= 150  # a random policy scores ~22
+    assert summary["eval/return_mean"] >= 150  # seeds 1-4 reach 500 by 30k steps; a random policy scores ~22
 
 
 def test_trpo_mujoco_smoke(tmp_path):
