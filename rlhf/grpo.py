@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf.core import aggregate_loss, group_advantages, kl_estimate, masked_mean, ppo_clip_loss
+from rlhf.core import aggregate_loss, group_advantages, group_stats, kl_estimate, masked_mean, ppo_clip_loss
 from rlhf.rollout import (
     PromptSource, batch_logprobs, decode_completions, evaluate_arithmetic, generate, load_rl_inputs, tokenize_prompts,
 )
@@ -83,7 +83,9 @@ class Config(RunConfig):
     reward_weights: list[float] = arg([], "One weight per reward function (empty: all 1).")
     reward_model_path: str = arg("", "A learned reward model; its score is added with weight reward_model_weight.")
     reward_model_weight: float = arg(1.0, "Weight of the reward model's score.")
-    skip_bad_rewards: bool = arg(False, "Skip (and count) completions whose reward is missing / non-finite instead of stopping.")
+    skip_bad_rewards: bool = arg(False, "Skip (and count) completions whose reward is missing / non-finite instead of "
+                                        "stopping: they are left out of their group's mean and std, get advantage 0 "
+                                        "and are masked out of the loss.")
     mask_truncated_completions: bool = arg(False, "Leave completions without EOS out of the loss.")
     bf16: bool = arg(False, "bfloat16 mixed precision.")
     gradient_checkpointing: bool = arg(False, "Trade compute for memory in the policy's backward pass.")
@@ -191,12 +193,14 @@ def make_batch(cfg, accelerator, model, reference, tokenizer, rows, rewards_fn, 
     if rm_scorer is not None:
         rewards = rewards + cfg.reward_model_weight * rm_scorer(prompts, completions)
     # Advantages over the whole step's batch (all processes), so scale_rewards=batch uses the global std.
+    # Skipped rewards (valid False) are left out of the group statistics and get advantage 0.
     all_rewards = accelerator.gather(rewards.to(accelerator.device))  # (n * W,)
-    all_advantages = group_advantages(all_rewards, G, scale=cfg.scale_rewards)
+    all_valid = accelerator.gather(valid.to(accelerator.device).long()).bool()  # (n * W,)
+    all_advantages = group_advantages(all_rewards, G, scale=cfg.scale_rewards, valid=all_valid)
     n, rank = rewards.numel(), accelerator.process_index
     advantages = all_advantages[rank * n:(rank + 1) * n]  # (n,)
-    grouped = all_rewards.view(-1, G)
-    zero_std = (grouped.std(dim=1) < 1e-8).float().mean()
+    zero_std = (group_stats(all_rewards, G, all_valid)[1] < 1e-8).float().mean()  # groups that teach nothing
+    valid_rewards = all_rewards[all_valid]
 
     mask = rollout.completion_mask.clone()  # (n, T)
     if cfg.mask_truncated_completions:
@@ -216,8 +220,8 @@ def make_batch(cfg, accelerator, model, reference, tokenizer, rows, rewards_fn, 
 
     lengths = rollout.completion_mask.sum(1).float()
     metrics = {
-        "reward/mean": float(all_rewards.mean()),
-        "reward/std": float(all_rewards.std()),
+        "reward/mean": float(valid_rewards.mean()) if valid_rewards.numel() else math.nan,
+        "reward/std": float(valid_rewards.std()) if valid_rewards.numel() > 1 else 0.0,
         "frac_reward_zero_std": float(zero_std),
         "completions/mean_length": float(accelerator.gather(lengths.to(accelerator.device)).mean()),
         "completions/clipped_ratio": float(accelerator.gather(rollout.is_truncated.float().to(accelerator.device)).mean()),

@@ -55,7 +55,9 @@ class Config(RunConfig):
     reward_funcs: list[str] = arg([], "Reward functions instead of / added to the reward model: built-in names "
                                       "(exact_match, format, gold_score), module:function or path/to/file.py:function.")
     reward_weights: list[float] = arg([], "One weight per reward function (empty: all 1).")
-    skip_bad_rewards: bool = arg(False, "Skip (and count) completions whose reward is missing / non-finite instead of stopping.")
+    skip_bad_rewards: bool = arg(False, "Skip (and count) completions whose reward is missing / non-finite instead of "
+                                        "stopping: they are masked out of the loss, the advantage whitening and the "
+                                        "score metrics.")
     value_model_path: str = arg("", "Value model to start from (a directory); empty: see value_init.")
     value_init: str = arg("reward_model", "Without value_model_path, start the value model from the reward model "
                                           "(if given; TRL's choice) or from the policy with a fresh head.",
@@ -331,9 +333,10 @@ def make_batch(cfg, accelerator, model, reference, tokenizer, rows, rewards_fn, 
     from rlhf.distributed import reduce_sum
 
     gather = accelerator.gather
+    valid_scores = gather(raw_scores.to(accelerator.device))[gather(valid.to(accelerator.device).long()).bool()]
     metrics = {
-        "reward/score_mean": float(gather(raw_scores.to(accelerator.device)).mean()),
-        "reward/score_std": float(gather(raw_scores.to(accelerator.device)).std()),
+        "reward/score_mean": float(valid_scores.mean()) if valid_scores.numel() else float("nan"),
+        "reward/score_std": float(valid_scores.std()) if valid_scores.numel() > 1 else 0.0,
         "kl/ref": float(reduce_sum(accelerator, k1.sum()) / reduce_sum(accelerator, mask.sum()).clamp_min(1)),
         "kl/ref_seq": float(gather(k1.sum(1)).mean()),
         "reward/non_score": float(gather((-beta * kl).sum(1)).mean()),

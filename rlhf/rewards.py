@@ -11,8 +11,9 @@ should accept ``**kwargs``). They are named on the command line as
 
 A function that raises, returns the wrong number of values or a non-finite value stops the run
 with an error naming the function and the batch. With ``skip_bad_rewards`` the bad entries are
-counted instead, the completions they touch are dropped from the loss (``valid`` is False) and
-their reward is replaced by the mean of the valid rewards so they do not move group statistics.
+counted instead, the completions they touch are marked ``valid`` False and their reward is a
+finite placeholder (the mean of the valid rewards); the stages leave invalid completions out of
+group statistics (`rlhf.core.group_advantages(..., valid=)`), advantage whitening and the loss.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Imports nothing but torch, numpy and the standard library.
 """
 
-from .advantages import discounted_returns, gae, group_advantages, token_gae
+from .advantages import discounted_returns, gae, group_advantages, group_stats, token_gae
 from .kl import (
     AdaptiveKLController,
     FixedKLController,
@@ -62,6 +62,7 @@ __all__ = [
     "flat_params",
     "gae",
     "group_advantages",
+    "group_stats",
     "kl_controller",
     "kl_estimate",
     "kl_penalty_loss",

@@ -109,8 +109,30 @@ def discounted_returns(
     return torch.stack(out)
 
 
+def group_stats(
+    rewards: torch.Tensor, group_size: int, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean, unbiased std and count of the valid rewards of each group (invalid entries are ignored).
+
+    A group with one valid entry has std 0; a group with none has mean 0 and std 0. Values at
+    invalid entries may be anything, NaN included.
+
+    Shapes: rewards, valid (B * G,) with G = group_size consecutive entries per prompt
+    (valid bool, None: all valid); returns mean, std, count (B,).
+    """
+    grouped = rewards.view(-1, group_size)  # (B, G)
+    m = torch.ones_like(grouped, dtype=torch.bool) if valid is None else valid.view(-1, group_size).bool()
+    count = m.sum(1).to(rewards.dtype)  # (B,)
+    x = torch.where(m, grouped, torch.zeros_like(grouped))
+    mean = x.sum(1) / count.clamp_min(1)
+    sq = torch.where(m, (grouped - mean[:, None]) ** 2, torch.zeros_like(grouped)).sum(1)
+    std = (sq / (count - 1).clamp_min(1)).sqrt()
+    return mean, std, count
+
+
 def group_advantages(
-    rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4
+    rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Group-relative advantages: subtract each prompt's mean reward, divide by a std.
 
@@ -118,7 +140,11 @@ def group_advantages(
     2024, section 4.1.2), the whole batch's (``"batch"``), or none (``"none"``: std := 1 and no
     eps, Dr. GRPO: Liu et al. 2025). Stds are unbiased (torch.std); a group of one has advantage 0.
 
-    Shapes: rewards (B * G,) with G = group_size consecutive entries per prompt; returns (B * G,).
+    ``valid`` (bool, None: all valid) marks the rewards to use: means and stds are over valid
+    entries only, and an invalid entry (e.g. a reward function that failed on it) gets advantage 0,
+    so a made-up placeholder reward never moves the advantages of the others.
+
+    Shapes: rewards, valid (B * G,) with G = group_size consecutive entries per prompt; returns (B * G,).
     """
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be flat (B * group_size,), got shape {tuple(rewards.shape)}")
@@ -126,6 +152,10 @@ def group_advantages(
         raise ValueError(
             f"group_size={group_size} must be >= 1 and divide the number of rewards ({rewards.numel()})"
         )
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"unknown scale {scale!r}; expected 'group', 'batch' or 'none'")
+    if valid is not None and not bool(valid.all()):
+        return _masked_group_advantages(rewards, group_size, scale, eps, valid.bool())
     grouped = rewards.view(-1, group_size)  # (B, G)
     centred = (grouped - grouped.mean(dim=1, keepdim=True)).reshape(-1)  # (B * G,)
     correction = 1 if group_size > 1 else 0
@@ -135,6 +165,16 @@ def group_advantages(
     if scale == "batch":
         std = rewards.std(correction=1 if rewards.numel() > 1 else 0)
         return centred / (std + eps)
-    if scale == "none":
-        return centred
-    raise ValueError(f"unknown scale {scale!r}; expected 'group', 'batch' or 'none'")
+    return centred
+
+
+def _masked_group_advantages(rewards, group_size, scale, eps, valid) -> torch.Tensor:
+    # Same formulas as above over valid entries only (the all-valid path stays on torch.std).
+    mean, std, _ = group_stats(rewards, group_size, valid)  # (B,)
+    centred = rewards - mean.repeat_interleave(group_size)  # (B * G,)
+    if scale == "group":
+        centred = centred / (std.repeat_interleave(group_size) + eps)
+    elif scale == "batch":
+        _, batch_std, _ = group_stats(rewards, rewards.numel(), valid)
+        centred = centred / (batch_std + eps)
+    return torch.where(valid, centred, torch.zeros_like(centred))

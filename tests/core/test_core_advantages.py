@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from rlhf.core import discounted_returns, gae, group_advantages, token_gae
+from rlhf.core import discounted_returns, gae, group_advantages, group_stats, token_gae
 
 torch.set_num_threads(1)
 
@@ -101,6 +101,52 @@ def test_group_advantages_vs_loop():
             assert out["none"][k].item() == pytest.approx(x - mean, abs=1e-12)
     assert torch.all(out["group"][G : 2 * G] == 0)
     assert torch.all(group_advantages(r, 1) == 0)
+
+
+def ref_group_advantages(r, valid, G, scale, eps=1e-4):
+    """Python loop over groups, using only the valid entries; invalid ones get 0."""
+    def stats(xs):
+        n = len(xs)
+        mean = sum(xs) / n if n else 0.0
+        std = (sum((x - mean) ** 2 for x in xs) / (n - 1)) ** 0.5 if n > 1 else 0.0
+        return mean, std
+
+    _, batch_std = stats([x for x, v in zip(r, valid) if v])
+    out = []
+    for g in range(len(r) // G):
+        xs, vs = r[g * G:(g + 1) * G], valid[g * G:(g + 1) * G]
+        mean, std = stats([x for x, v in zip(xs, vs) if v])
+        div = {"group": std + eps, "batch": batch_std + eps, "none": 1.0}[scale]
+        out += [(x - mean) / div if v else 0.0 for x, v in zip(xs, vs)]
+    return out
+
+
+def test_group_advantages_leave_invalid_rewards_out_of_the_group_statistics():
+    nan = float("nan")
+    # the example of the reliability issue: three identical valid completions in group 0 must get 0
+    r = torch.tensor([1.0, 1.0, nan, 1.0, 0.0, 1.0, 0.0, 1.0])
+    valid = torch.isfinite(r)
+    adv = group_advantages(r, 4, valid=valid)
+    assert adv[:4].tolist() == [0.0, 0.0, 0.0, 0.0]
+    assert adv[4:].tolist() == pytest.approx(ref_group_advantages(r.tolist(), valid.tolist(), 4, "group")[4:], abs=1e-6)
+    # random rewards and masks, a group with one valid entry and one with none, against the loop
+    torch.manual_seed(0)
+    G = 5
+    r = torch.randn(6 * G, dtype=torch.float64)
+    valid = torch.rand(6 * G) > 0.3
+    valid[:G] = torch.tensor([False, True, False, False, False])
+    valid[G:2 * G] = False
+    r[~valid] = torch.where(torch.rand(int((~valid).sum())) > 0.5, nan, 1e6).to(r.dtype)  # garbage where invalid
+    for scale in ("group", "batch", "none"):
+        out = group_advantages(r, G, scale=scale, valid=valid)
+        assert torch.isfinite(out).all()
+        assert out.tolist() == pytest.approx(ref_group_advantages(r.tolist(), valid.tolist(), G, scale), abs=1e-9)
+    # all valid: the same as no mask at all
+    full = torch.randn(3 * G)
+    assert torch.equal(group_advantages(full, G, valid=torch.ones(3 * G, dtype=torch.bool)), group_advantages(full, G))
+    mean, std, count = group_stats(r, G, valid)
+    assert count.tolist() == [float(valid[g * G:(g + 1) * G].sum()) for g in range(6)]
+    assert std[:2].tolist() == [0.0, 0.0] and mean[1].item() == 0.0
 
 
 def test_group_advantages_validation():

@@ -228,3 +228,28 @@ def test_reward_function_errors_name_the_function_during_training(tmp_path):
 
 def raising_reward(prompts, completions, **kwargs):
     raise ValueError("boom")
+
+
+def issue_example_reward(prompts, completions, **kwargs):
+    """Rewards [1, 1, NaN, 1 | 0, 1, 0, 1] for two groups of 4, whatever was sampled."""
+    return [[1.0, 1.0, math.nan, 1.0, 0.0, 1.0, 0.0, 1.0][i % 8] for i in range(len(completions))]
+
+
+def test_skipped_rewards_stay_out_of_group_statistics(tmp_path):
+    from rlhf.distributed import make_accelerator
+    from rlhf.rollout import load_rl_inputs
+
+    torch.manual_seed(0)
+    cfg = cfg_for(tmp_path, per_device_train_batch_size=8, num_generations=4, beta=0.0, skip_bad_rewards=True,
+                  reward_funcs=[f"{HERE}:issue_example_reward"])
+    accelerator = make_accelerator(1)
+    rewards_fn, _, _, tokenizer, rows, _ = load_rl_inputs(cfg, accelerator.device)
+    policy, reference = grpo.load_policy_and_reference(cfg)
+    batch = grpo.make_batch(cfg, accelerator, policy, reference, tokenizer, rows[:2], rewards_fn, None, 0)
+    # group 0: the three valid completions have the same reward, so they teach nothing (was +0.5 each)
+    assert batch["advantages"][:4].tolist() == [0.0, 0.0, 0.0, 0.0]
+    assert batch["advantages"][4:].tolist() == pytest.approx([-0.866, 0.866, -0.866, 0.866], abs=1e-3)
+    assert batch["mask"][2].sum() == 0 and batch["mask"][[0, 1, 3]].sum(1).min() > 0
+    m = batch["metrics"]
+    assert m["frac_reward_zero_std"] == 0.5 and m["reward/mean"] == pytest.approx(5 / 7)
+    assert m["reward/skipped"] == 1

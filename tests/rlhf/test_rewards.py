@@ -79,7 +79,7 @@ def test_skip_bad_rewards_counts_and_drops_the_affected_completions():
     fns = RewardFunctions([f"{HERE}:nan_reward", f"{HERE}:constant_reward"], skip_bad=True)
     rewards, _, valid = fns(["a", "b", "c"], ["ok", "bad", "ok"])
     assert valid.tolist() == [True, False, True] and fns.skipped == 1
-    assert rewards.tolist() == [1.5, 1.5, 1.5]  # the bad one gets the mean of the valid ones: no pull on group stats
+    assert rewards.tolist() == [1.5, 1.5, 1.5]  # a finite placeholder (the mean of the valid ones); stages ignore it
     rewards, _, valid = RewardFunctions([f"{HERE}:raising_reward"], skip_bad=True)(["a"], ["x"])
     assert not valid.any() and torch.isfinite(rewards).all()
 
