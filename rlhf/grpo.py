@@ -59,7 +59,8 @@ class Config(RunConfig):
     per_device_train_batch_size: int = arg(64, "Completions (not prompts) per micro-batch per process.")
     gradient_accumulation_steps: int = arg(1, "Micro-batches per optimizer step.")
     num_generations: int = arg(8, "G: completions per prompt (one group).")
-    max_prompt_length: int = arg(0, "Truncate prompts (left side kept by the tokenizer) to this many tokens (0: no limit).")
+    max_prompt_length: int = arg(0, "Keep only the last this many tokens of a longer prompt (a leading BOS stays; "
+                                    "0: no limit).")
     max_completion_length: int = arg(8, "Maximum new tokens per completion.")
     temperature: float = arg(1.0, "Sampling temperature (the log-probs in the loss use the same one).")
     top_p: float = arg(1.0, "Nucleus sampling mass (1: off). Filtering makes sampling slightly off-policy.")

@@ -77,7 +77,8 @@ class Config(RunConfig):
                                      "values, reference; TRL's local_rollout_forward_batch_size). 0: "
                                      "per_device_train_batch_size, which makes the first PPO ratio exactly 1; "
                                      "larger is faster and matches it to float rounding.")
-    max_prompt_length: int = arg(0, "Truncate prompts to this many tokens (0: no limit).")
+    max_prompt_length: int = arg(0, "Keep only the last this many tokens of a longer prompt (a leading BOS stays; "
+                                    "0: no limit).")
     max_completion_length: int = arg(8, "Maximum new tokens per completion.")
     temperature: float = arg(1.0, "Sampling temperature (the log-probs in the loss use the same one).")
     top_p: float = arg(1.0, "Nucleus sampling mass (1: off).")

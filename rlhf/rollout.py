@@ -223,25 +223,40 @@ def tokenize_prompts(tokenizer, prompts: list, device=None, max_prompt_length: i
     """Left-padded prompt ids and mask. Conversational prompts (lists of {role, content}) go through
     the tokenizer's chat template with the generation prompt; plain strings are used as they are.
 
+    `max_prompt_length` keeps the END of a longer prompt (TRL does the same): the question and a
+    chat prompt's generation prompt are there, and the completion continues from them.
+
     Shapes: returns (B, P), (B, P).
     """
+    conversational = any(isinstance(p, list) for p in prompts)
     texts = [
         tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) if isinstance(p, list) else p
         for p in prompts
     ]
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        # a chat template writes its own BOS; plain prompts get the tokenizer's usual special tokens
-        conversational = any(isinstance(p, list) for p in prompts)
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not conversational,
-                        truncation=max_prompt_length is not None, max_length=max_prompt_length)
-    finally:
-        tokenizer.padding_side = old_side
-    ids, mask = enc["input_ids"], enc["attention_mask"]
+    # a chat template writes its own BOS; plain prompts get the tokenizer's usual special tokens
+    rows = tokenizer(texts, add_special_tokens=not conversational)["input_ids"]
+    if max_prompt_length:
+        rows = [truncate_left(row, max_prompt_length, tokenizer.bos_token_id) for row in rows]
+    width, pad = max(map(len, rows)), tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)  # (B, P) left-padded
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
     if device is not None:
         ids, mask = ids.to(device), mask.to(device)
     return ids, mask
+
+
+def truncate_left(ids: list[int], max_length: int, bos_token_id: int | None = None) -> list[int]:
+    """The last `max_length` tokens of `ids`; a leading BOS stays in front of them.
+
+    TRL cuts the BOS off with the rest; we keep it because the model was trained on sequences that
+    start with it (`rlhf.data` drops over-long SFT / reward rows rather than cutting them), and
+    models that use BOS as an attention sink degrade when the first token is something else.
+    """
+    if len(ids) <= max_length:
+        return ids
+    if bos_token_id is not None and ids[0] == bos_token_id and max_length > 1:
+        return ids[:1] + ids[len(ids) - (max_length - 1):]
+    return ids[len(ids) - max_length:]
 
 
 def decode_completions(tokenizer, rollout: Rollout) -> list[str]:

@@ -129,3 +129,23 @@ def test_shared_prompt_training_pass_matches_the_plain_pass_values_and_gradients
     one_each = r.input_ids[::4], r.attention_mask[::4]
     assert torch.allclose(batch_logprobs(model, *one_each, ids.shape[1]),
                           batch_logprobs(model, *one_each, ids.shape[1], share_prompts=True), atol=1e-5)
+
+
+def test_max_prompt_length_keeps_the_end_of_plain_and_chat_prompts():
+    from rlhf.models import load_tokenizer
+    from rlhf.rollout import tokenize_prompts
+
+    tok = load_tokenizer("builtin:tiny", padding_side="right")  # the padding side the caller left must not matter
+    decode = lambda ids: tok.decode(ids)  # noqa: E731 - keeps special tokens
+    # character-level with a BOS: 11 tokens; 6 keep BOS and the last 5 (right truncation gave "<s>1234+")
+    ids, mask = tokenize_prompts(tok, ["1234+5678=", "1+1="], max_prompt_length=6)
+    assert [decode(r) for r in ids] == ["<s>5678=", "<pad><s>1+1="]
+    assert mask.tolist() == [[1] * 6, [0] + [1] * 5]
+    chat = [{"role": "user", "content": "1234+5678="}]
+    ids, _ = tokenize_prompts(tok, [chat], max_prompt_length=20)
+    assert decode(ids[0]) == "<s>5678=\n<|assistant|>"  # the generation prompt survives
+    # no limit: the tokenizer's own left-padded batch encoding
+    tok.padding_side = "left"
+    ids, mask = tokenize_prompts(tok, ["1234+5678=", "1+1="])
+    enc = tok(["1234+5678=", "1+1="], padding=True, return_tensors="pt")
+    assert torch.equal(ids, enc["input_ids"]) and torch.equal(mask, enc["attention_mask"])
