@@ -95,7 +95,7 @@ class Config(RunConfig):
     use_peft: bool = arg(False, "Train LoRA adapters; the reference is the same model with adapters disabled.")
     lora_r: int = arg(16, "LoRA rank.")
     lora_alpha: int = arg(32, "LoRA alpha.")
-    lora_dropout: float = arg(0.0, "LoRA dropout.")
+    lora_dropout: float = arg(0.0, "LoRA dropout (set to 0 with every other dropout: GRPO switches dropout off).")
     lora_target_modules: list[str] = arg(["q_proj", "k_proj", "v_proj", "o_proj"], "Modules that get LoRA adapters.")
 
     def __post_init__(self):
@@ -132,16 +132,16 @@ class Config(RunConfig):
 def load_policy_and_reference(cfg):
     """The trainable policy and the frozen reference (None when beta = 0, or when LoRA is used:
     the reference is then the policy with its adapters disabled — no second copy in memory)."""
-    from rlhf.models import apply_lora, load_causal_lm
+    from rlhf.models import apply_lora, disable_dropout, load_causal_lm
 
     dtype = "float32"  # mixed precision comes from accelerate; master weights stay fp32
     policy = load_causal_lm(cfg.model_name_or_path, dtype=dtype, gradient_checkpointing=cfg.gradient_checkpointing)
     if cfg.use_peft:
         policy = apply_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+    policy = disable_dropout(policy)  # pi_old (the sampler), the training pass and pi_ref must be one function
+    if cfg.use_peft or cfg.beta == 0:
         return policy, None
-    if cfg.beta == 0:
-        return policy, None
-    reference = load_causal_lm(cfg.model_name_or_path, dtype=dtype).eval().requires_grad_(False)
+    reference = disable_dropout(load_causal_lm(cfg.model_name_or_path, dtype=dtype)).eval().requires_grad_(False)
     return policy, reference
 
 

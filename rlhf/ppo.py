@@ -114,7 +114,7 @@ class Config(RunConfig):
     use_peft: bool = arg(False, "Train LoRA adapters on the policy; the reference is the policy with adapters disabled.")
     lora_r: int = arg(16, "LoRA rank.")
     lora_alpha: int = arg(32, "LoRA alpha.")
-    lora_dropout: float = arg(0.0, "LoRA dropout.")
+    lora_dropout: float = arg(0.0, "LoRA dropout (set to 0 with every other dropout: PPO switches dropout off).")
     lora_target_modules: list[str] = arg(["q_proj", "k_proj", "v_proj", "o_proj"], "Modules that get LoRA adapters.")
 
     def __post_init__(self):
@@ -199,17 +199,19 @@ def load_value_model(path: str):
 
 def load_models(cfg):
     """(policy + value module, frozen reference or None for LoRA)."""
-    from rlhf.models import apply_lora, load_causal_lm
+    from rlhf.models import apply_lora, disable_dropout, load_causal_lm
 
+    # No dropout anywhere: old log-probs and values, the update's passes and the reference must be one function.
     policy = load_causal_lm(cfg.model_name_or_path, gradient_checkpointing=cfg.gradient_checkpointing)
     reference = None
     if cfg.use_peft:
         policy = apply_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     else:
-        reference = load_causal_lm(cfg.model_name_or_path).eval().requires_grad_(False)
+        reference = disable_dropout(load_causal_lm(cfg.model_name_or_path)).eval().requires_grad_(False)
+    policy = disable_dropout(policy)
     from_reward_model = cfg.value_init == "reward_model" and cfg.reward_model_path
-    value_model = load_value_model(cfg.value_model_path or (cfg.reward_model_path if from_reward_model
-                                                            else cfg.model_name_or_path))
+    value_model = disable_dropout(load_value_model(cfg.value_model_path or (cfg.reward_model_path if from_reward_model
+                                                                            else cfg.model_name_or_path)))
     if cfg.gradient_checkpointing:
         value_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return PolicyAndValue(policy, value_model), reference

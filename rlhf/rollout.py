@@ -278,7 +278,7 @@ def load_rl_inputs(cfg, device):
     Returns (reward functions or None, reward-model scorer or None, checkpoint to resume from or
     None, left-padding tokenizer, training prompt rows, held-out prompts of the built-in task).
     """
-    from rlhf.models import load_tokenizer
+    from rlhf.models import disable_dropout, load_tokenizer
     from rlhf.rewards import RewardFunctions, RewardModelScorer
     from rlhf.runtime import resolve_checkpoint
 
@@ -292,6 +292,8 @@ def load_rl_inputs(cfg, device):
 
         eval_prompts = make_prompts(cfg.num_eval_prompts, seed=cfg.seed, split="eval")
     rm_scorer = RewardModelScorer(cfg.reward_model_path, device) if cfg.reward_model_path else None
+    if rm_scorer is not None:  # it scores in eval mode; zeroed as well, like every other model of the RL stages
+        disable_dropout(rm_scorer.model)
     return rewards_fn, rm_scorer, resume, tokenizer, rows, eval_prompts
 
 

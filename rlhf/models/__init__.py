@@ -170,6 +170,30 @@ def apply_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.05, targe
     return get_peft_model(model, config)
 
 
+def disable_dropout(model):
+    """Set every dropout probability in `model` to 0, in place (returns `model`), as TRL does for RL.
+
+    PPO and GRPO compare passes over the same tokens made at different times and in different modes
+    (the sampler and pi_old, PPO's old log-probs and values, the frozen reference in eval mode): with
+    dropout on, the first ratio is not 1 and the KL to the reference is biased. Zeroes `nn.Dropout`
+    modules (LoRA's too), float attributes that forward passes read (e.g. Llama's
+    `attention_dropout`) and the config's fields (`attn_pdrop`, `hidden_dropout`, ...: a saved model
+    says so as well); any float whose name contains "drop" (layerdrop, drop_path_rate) counts.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if isinstance(value, float) and "drop" in name.lower():
+                setattr(module, name, 0.0)
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "to_dict"):
+            for name, value in config.to_dict().items():
+                if isinstance(value, float) and "drop" in name.lower():
+                    setattr(config, name, 0.0)
+    return model
+
+
 def save_builtin_tiny(out_dir: str | os.PathLike) -> Path:
     """Write the untrained tiny model and its tokenizer in Hugging Face format (safetensors)."""
     out_dir = Path(out_dir)
@@ -178,5 +202,5 @@ def save_builtin_tiny(out_dir: str | os.PathLike) -> Path:
     return out_dir
 
 
-__all__ = ["BUILTIN_TINY", "apply_lora", "load_causal_lm", "load_reward_model", "load_tokenizer", "save_builtin_tiny",
+__all__ = ["BUILTIN_TINY", "apply_lora", "disable_dropout", "load_causal_lm", "load_reward_model", "load_tokenizer", "save_builtin_tiny",
            "tiny_config"]

@@ -37,3 +37,21 @@ def sft_model_dir(tmp_path_factory):
                                        eval_steps=0, progress=False, report_to="none"))
     sft.train(cfg)
     return out / "model"
+
+
+@pytest.fixture(scope="session")
+def dropout_model_dir(tmp_path_factory):
+    """A small GPT-2-architecture model with dropout 0.1 everywhere (its defaults) and the tiny tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from rlhf.models import BUILTIN_TINY, load_tokenizer
+
+    tok = load_tokenizer(BUILTIN_TINY)
+    config = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.1,
+                        embd_pdrop=0.1, attn_pdrop=0.1, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                        pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("gpt2_dropout") / "model"
+    GPT2LMHeadModel(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

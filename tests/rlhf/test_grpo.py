@@ -131,6 +131,15 @@ def test_first_step_has_ratio_one_and_zero_kl(tmp_path):
     assert abs(row["kl/ref"]) < 1e-6
 
 
+def test_first_step_has_ratio_one_on_a_model_with_dropout(tmp_path, dropout_model_dir):
+    # GPT-2 with dropout 0.1: pi_old (the eval-mode sampler), the training pass and the reference agree
+    torch.set_num_threads(1)
+    grpo.train(cfg_for(tmp_path, model_name_or_path=str(dropout_model_dir), max_steps=1, num_iterations=2, beta=0.1))
+    row = read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]
+    assert abs(row["policy/ratio_mean"] - 1) < 1e-5 and row["policy/clipfrac"] == 0
+    assert abs(row["kl/ref"]) < 1e-6
+
+
 @pytest.mark.slow
 def test_reward_rises(tmp_path):
     torch.set_num_threads(1)

@@ -65,3 +65,22 @@ def test_apply_lora_trains_only_adapters():
     assert trainable and all("lora_" in n for n in trainable)
     rm = apply_lora(load_reward_model(BUILTIN_TINY), r=4, alpha=8, dropout=0.0, target_modules=["q_proj"])
     assert any("score" in n for n, p in rm.named_parameters() if p.requires_grad)
+
+
+def test_disable_dropout_makes_train_mode_deterministic(dropout_model_dir):
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from rlhf.models import disable_dropout
+
+    model = AutoModelForCausalLM.from_pretrained(dropout_model_dir).train()
+    ids = torch.tensor([[1, 5, 6, 7, 8, 9]])
+    torch.manual_seed(0)
+    assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)  # dropout 0.1 is on
+    assert disable_dropout(model) is model
+    assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert model.config.attn_pdrop == model.config.resid_pdrop == model.config.embd_pdrop == 0.0
+    # a dropout kept as a float attribute and read in forward (Llama's attention_dropout)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, attention_dropout=0.5))
+    disable_dropout(llama)
+    assert llama.model.layers[0].self_attn.attention_dropout == 0.0 and llama.config.attention_dropout == 0.0

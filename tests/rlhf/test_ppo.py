@@ -60,6 +60,16 @@ def test_first_update_sees_ratio_one_and_zero_kl(tmp_path):
     assert row["policy/clipfrac"] == 0.0 and abs(row["policy/approx_kl"]) < 1e-7
 
 
+def test_first_update_has_ratio_one_on_a_model_with_dropout(tmp_path, dropout_model_dir):
+    # GPT-2 with dropout 0.1: old log-probs / values and the update's pass must be the same function
+    torch.set_num_threads(1)
+    ppo.train(cfg_for(tmp_path, model_name_or_path=str(dropout_model_dir), max_steps=1, num_ppo_epochs=1,
+                      num_mini_batches=1, num_eval_prompts=0))
+    row = read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]
+    assert row["kl/ref"] == 0.0 and row["policy/clipfrac"] == 0.0 and abs(row["policy/approx_kl"]) < 1e-7
+    assert row["value/clipfrac"] == 0.0
+
+
 def test_rollout_batch_size_changes_only_the_rounding(tmp_path, monkeypatch):
     """Scoring a rollout in other chunks (the whole batch; uneven chunks of 3) trains the same model."""
     torch.set_num_threads(1)
