@@ -2,7 +2,9 @@
 
 Atari follows Mnih et al. 2015 / Machado et al. 2018 with gymnasium's own wrappers:
 `AtariPreprocessing` (up to 30 no-op starts, frame skip 4 with max-pooling of the last two
-frames, 84x84 grey), FIRE on reset for games that need it, `FrameStackObservation(4)`.
+frames, 84x84 grey), FIRE on reset for games that need it, `FrameStackObservation(4)`. The emulator
+plays the env id's own settings (`ale_dynamics`: ALE/*-v5 has sticky actions, *NoFrameskip-v4 none)
+here and in ale-py's vector env that trains pg / ppo / trpo, so training and evaluation play one game.
 Training envs add the two training-only tricks — a lost life ends the episode (the game goes
 on) and rewards are clipped to their sign; evaluation envs play full games unclipped, so the
 returns we report are game scores, comparable with CleanRL's and the papers'.
@@ -99,6 +101,59 @@ class EpisodicLife(gym.Wrapper):
         self.game_over = False
         self.lives = self.env.unwrapped.ale.lives()
         return obs, info
+
+
+class EpisodicLifeVector(gym.vector.VectorWrapper):
+    """`EpisodicLife` for ale-py's vector env (training only): a lost life ends the learner's episode,
+    the game goes on. (ale-py's own `episodic_life=True` restarts the game instead, so later lives
+    would never be played.)
+
+    The step that loses a life reports `terminated`; that env's next step then looks like a
+    next-step autoreset to the learner: its action is replaced by FIRE (NOOP in games without it)
+    to relaunch play, as `EpisodicLife` + `FireOnReset` do on reset, and its reward is 0. Place it
+    above `RecordEpisodeStatistics`, so that records full games.
+    """
+
+    def __init__(self, env):
+        super().__init__(env)
+        import ale_py
+
+        action_set = list(env.unwrapped.ale.get_action_set())
+        self.relaunch_action = action_set.index(ale_py.Action.FIRE) if ale_py.Action.FIRE in action_set else 0
+        self.lives = np.zeros(self.num_envs, dtype=np.int64)
+        self.relaunch = np.zeros(self.num_envs, dtype=bool)  # envs whose next step follows a lost life
+
+    def reset(self, *, seed=None, options=None):
+        obs, infos = self.env.reset(seed=seed, options=options)
+        self.lives = np.asarray(infos["lives"]).copy()
+        self.relaunch[:] = False
+        return obs, infos
+
+    def step(self, actions):
+        actions = np.array(actions, copy=True)
+        actions[self.relaunch] = self.relaunch_action
+        obs, rewards, terminated, truncated, infos = self.env.step(actions)
+        rewards = np.where(self.relaunch, 0, rewards).astype(rewards.dtype)
+        lives = np.asarray(infos["lives"])
+        lost = (lives < self.lives) & ~(terminated | truncated)  # a game over resets for real
+        self.lives, self.relaunch = lives.copy(), lost
+        return obs, rewards, terminated | lost, truncated, infos
+
+
+def ale_dynamics(env_id: str) -> dict[str, Any]:
+    """The emulator settings an Atari id registers (sticky actions, action set, frame cap).
+
+    `make_env` gets them through `gym.make(env_id)`, and ale-py's vector env (training of pg / ppo /
+    trpo) is built with the same ones, so training and evaluation play one game: ALE/*-v5 repeats
+    the previous action with probability 0.25 at every frame (Machado et al. 2018), *NoFrameskip-v4
+    never does. An id without them gets `AtariEnv`'s defaults (and the vector env's frame cap).
+    """
+    kwargs = check_env_id(env_id).kwargs
+    return {
+        "repeat_action_probability": float(kwargs.get("repeat_action_probability", 0.25)),
+        "full_action_space": bool(kwargs.get("full_action_space", False)),
+        "max_num_frames_per_episode": int(kwargs.get("max_num_frames_per_episode") or 108_000),
+    }
 
 
 def make_env(

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from gymnasium.wrappers import vector as vw
 
-from classic.envs import check_env_id, env_spaces, is_atari
+from classic.envs import EpisodicLifeVector, ale_dynamics, check_env_id, env_spaces, is_atari
 from classic.envs import evaluate as play_episodes
 from classic.policies import ActorCritic, is_image_space
 from rlhf.core import explained_variance, gae
@@ -62,6 +62,8 @@ class OnPolicyArgs:
     norm_reward: bool = arg(False, "Scale rewards by the std of a running discounted return (gymnasium NormalizeReward).")
     clip_obs: float = arg(10.0, "Clip normalised observations to [-clip_obs, clip_obs] (0: no clipping; only with norm_obs).")
     clip_reward: float = arg(10.0, "Clip normalised rewards to [-clip_reward, clip_reward] (0: no clipping; only with norm_reward).")
+    episodic_life: bool = arg(True, "Atari: a lost life ends the training episode, the game goes on (CleanRL's EpisodicLifeEnv); "
+                                    "evaluation always plays full games.")
     policy: str = arg("auto", "Network: mlp, cnn (Nature CNN on 84x84 frames, discrete actions) or auto (cnn for image observations).", choices=("auto", "mlp", "cnn"))
     hidden_sizes: list[int] = arg([64, 64], "Hidden layer sizes of the actor and critic MLPs (comma-separated).")
     activation: str = arg("tanh", "Hidden activation of the MLPs.", choices=("tanh", "relu"))
@@ -138,11 +140,13 @@ def make_vector_env(
     gamma: float = 0.99,
     clip_obs: float = 10.0,
     clip_reward: float = 10.0,
+    episodic_life: bool = True,
 ) -> gym.vector.VectorEnv:
     """A gymnasium vector env (next-step autoreset; not reset yet: call `envs.reset(seed=...)`), episode statistics of *raw* rewards, then
     optional observation / reward normalisation. Atari ids use ale-py's own `AtariVectorEnv`
-    (84x84 grey, 4-frame stack, frameskip 4, noop starts, fire reset; rewards clipped to [-1, 1]
-    after the raw return is recorded). Continuous actions are clipped to the action bounds by
+    (84x84 grey, 4-frame stack, frameskip 4, noop starts, fire reset; the env id's own sticky actions,
+    as evaluation plays them; a lost life ends an episode with `episodic_life`; rewards clipped to
+    [-1, 1] after the raw full-game return is recorded). Continuous actions are clipped to the action bounds by
     `Rollout.collect` (gymnasium's vector ClipAction holds a lambda and would not pickle); the
     policy's log-probs are of the unclipped sample, as in CleanRL / SB3.
     """
@@ -151,8 +155,10 @@ def make_vector_env(
         from ale_py.vector_env import AtariVectorEnv
 
         gym.register_envs(ale_py)
-        envs = AtariVectorEnv(atari_game(env_id), num_envs, reward_clipping=False, num_threads=1)
+        envs = AtariVectorEnv(atari_game(env_id), num_envs, reward_clipping=False, num_threads=1, **ale_dynamics(env_id))
         envs = vw.RecordEpisodeStatistics(envs)
+        if episodic_life:
+            envs = EpisodicLifeVector(envs)
         envs = vw.TransformReward(envs, functools.partial(_clip, bound=1.0))
         return envs
     fns = [functools.partial(gym.make, env_id) for _ in range(num_envs)]  # partial, not lambda: picklable
@@ -462,7 +468,7 @@ def setup(cfg, obs_space, act_space, policy_kind: str):
 
 def make_env_from_cfg(cfg: OnPolicyArgs):
     return make_vector_env(cfg.env_id, cfg.num_envs, cfg.seed, cfg.vector, cfg.norm_obs, cfg.norm_reward,
-                           cfg.gamma, cfg.clip_obs, cfg.clip_reward)
+                           cfg.gamma, cfg.clip_obs, cfg.clip_reward, cfg.episodic_life)
 
 
 def save_checkpoint(run, global_step: int, rollout: Rollout, **state) -> None:

@@ -53,3 +53,59 @@ def test_evaluate_is_repeatable_batched_and_records_trajectories():
     assert all(len(t["values"]) == len(t["rewards"]) for t in traj)
     _, _, r3 = evaluate(act, "CartPole-v1", 7, seed=4)
     assert sorted(r3) != sorted(r1)
+
+
+@pytest.mark.parametrize("config, env_id, sticky", [
+    ("ppo_breakout.yaml", None, 0.0),  # the shipped config (CleanRL's BreakoutNoFrameskip-v4)
+    ("ppo_breakout.yaml", "ALE/Breakout-v5", 0.25),
+])
+def test_on_policy_atari_trains_and_evaluates_on_the_env_ids_own_dynamics(monkeypatch, config, env_id, sticky):
+    from pathlib import Path
+
+    import ale_py.vector_env
+
+    from classic import onpolicy, ppo
+    from rlhf.runtime import parse_config
+
+    built = []
+
+    class Spy(ale_py.vector_env.AtariVectorEnv):  # the settings ale-py's vector env was really built with
+        def __init__(self, *args, **kwargs):
+            built.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(ale_py.vector_env, "AtariVectorEnv", Spy)
+    path = Path(__file__).resolve().parents[2] / "configs" / "classic" / config
+    cfg = parse_config(ppo.Config, ["--config", str(path)] + (["--env_id", env_id] if env_id else []))
+    train_envs = onpolicy.make_env_from_cfg(cfg)
+    eval_env = make_env(cfg.env_id, training=False)  # what `classic.envs.evaluate` plays
+    try:
+        eval_sticky = eval_env.unwrapped.ale.getFloat("repeat_action_probability")
+        assert built[0]["repeat_action_probability"] == pytest.approx(eval_sticky) == pytest.approx(sticky)
+        assert built[0]["full_action_space"] is False and train_envs.single_action_space == eval_env.action_space
+    finally:
+        train_envs.close()
+        eval_env.close()
+
+
+def test_ale_vector_env_ends_a_training_episode_on_a_lost_life_and_records_full_games():
+    from classic.onpolicy import make_vector_env
+
+    envs = make_vector_env("BreakoutNoFrameskip-v4", 2, seed=0)
+    envs.reset(seed=0)
+    rng = np.random.default_rng(0)
+    relaunch = np.zeros(2, dtype=bool)
+    life_ends, games, last_lives = np.zeros(2, dtype=int), [], None
+    for _ in range(600):
+        _, rewards, terminated, truncated, info = envs.step(rng.integers(0, 4, size=2))
+        assert (rewards[relaunch] == 0).all()  # the step after a lost life plays like an autoreset step
+        if last_lives is not None:  # ... but the game goes on: no new lives
+            assert (info["lives"][relaunch] == last_lives[relaunch]).all()
+        relaunch = terminated & (info["lives"] > 0)
+        life_ends += relaunch
+        for i in np.flatnonzero(info.get("_episode", np.zeros(2, dtype=bool))):
+            games.append((int(life_ends[i]), float(info["episode"]["r"][i])))  # a whole game: 4 lives lost before it
+            life_ends[i] = 0
+        last_lives = info["lives"].copy()
+    envs.close()
+    assert games and all(lost == 4 for lost, _ in games), games
