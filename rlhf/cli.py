@@ -1,4 +1,4 @@
-"""`rlhf sft|reward|ppo|grpo|pipeline|plot ...` — one sub-command per stage.
+"""`rlhf sft|reward|ppo|grpo|pipeline|plot|configs ...` — one sub-command per stage.
 
 Each stage module exposes a `Config` dataclass and `train(cfg) -> summary dict`; this file only
 parses the command line into that config (defaults < --config YAML < --field value).
@@ -16,6 +16,7 @@ COMMANDS = {
     "grpo": ("rlhf.grpo", "GRPO: group-normalised advantages, no critic."),
     "pipeline": ("rlhf.pipeline", "SFT -> rankings -> reward model -> PPO and GRPO, with a report."),
     "plot": ("rlhf.plot", "Plot curves from metrics.jsonl of one or more runs."),
+    "configs": ("rlhf.shipped_configs", "Print where the shipped accelerate / DeepSpeed / stage configs are, or copy them (--out DIR)."),
 }
 
 

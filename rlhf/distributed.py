@@ -50,6 +50,11 @@ def make_accelerator(gradient_accumulation_steps: int = 1, mixed_precision: str 
     """
     from accelerate import Accelerator, PartialState
 
+    from rlhf.shipped_configs import resolve_deepspeed_config_env
+
+    # a shipped accelerate config names `configs/deepspeed/<name>.json`, relative to the repository
+    # root; from any other directory that is the copy inside the package
+    resolve_deepspeed_config_env()
     if bf16 is not None:
         mixed_precision = "bf16" if bf16 else mixed_precision
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:

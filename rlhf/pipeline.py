@@ -32,7 +32,7 @@ from rlhf.runtime import (
 )
 
 STAGES = ("sft", "rankings", "reward", "ppo", "grpo")
-_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "rlhf"
+_CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "rlhf"  # the shipped ones (rlhf/shipped_configs.py)
 
 
 @dataclasses.dataclass

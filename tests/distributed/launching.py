@@ -31,8 +31,9 @@ def free_port() -> int:
 
 
 def launch(args: list[str], config: str | None = None, num_processes: int = 2, timeout: int = 300,
-           expect_ok: bool = True) -> subprocess.CompletedProcess:
-    """`accelerate launch --config_file configs/accelerate/<config>.yaml ... args` (or plain python if config is None)."""
+           expect_ok: bool = True, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file configs/accelerate/<config>.yaml ... args` (or plain python if config is None),
+    from the repository root unless `cwd` is given."""
     if config is None:  # plain python (a script, or `-m module ...`)
         cmd = [sys.executable, *args]
     else:
@@ -40,7 +41,7 @@ def launch(args: list[str], config: str | None = None, num_processes: int = 2, t
                str(ROOT / "configs" / "accelerate" / f"{config}.yaml"), "--num_processes", str(num_processes),
                "--main_process_port", str(free_port()), *args]
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=cwd, env=child_env(), capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
         out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
         err = (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
