@@ -8,6 +8,10 @@ repeats the uninterrupted one (metrics and weights), and it matches one process 
 global batch: SFT and reward exactly (same rows, same order), GRPO and PPO in what does not depend
 on sampling (the greedy start evaluation, the first step's KL and ratio) and in the reward level
 (each process samples its own completions, so the curves agree only statistically).
+
+Side by side with those, SFT and GRPO on two "machines" of one process each (configs/accelerate/two_nodes.yaml,
+two `accelerate launch` processes with machine ranks 0 and 1 meeting at 127.0.0.1) must equal the
+1-machine 2-process ZeRO-3 run in everything.
 """
 
 from __future__ import annotations
@@ -18,11 +22,12 @@ import math
 import pytest
 import torch
 
-from launching import HERE, launch, launch_many
+from launching import HERE, ROOT, free_port, launch, launch_many
 
 DRIVER = str(HERE / "run_stages.py")
 STAGES = ["sft", "reward", "grpo", "ppo"]
 SETUPS = ["ddp", "zero2", "zero3"]
+TWO_NODE_STAGES = ["sft", "grpo"]  # compared with one machine under zero3 (what two_nodes.yaml uses)
 TRAIN_LOSS = {"sft": "loss/sft", "reward": "loss/reward", "grpo": "loss/policy", "ppo": "loss/policy"}
 
 
@@ -30,8 +35,18 @@ TRAIN_LOSS = {"sft": "loss/sft", "reward": "loss/reward", "grpo": "loss/policy",
 def stage_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("stages")
     launch_many([([DRIVER, str(root / "single"), ",".join(STAGES), "2"], None)]
-                + [([DRIVER, str(root / setup), ",".join(STAGES), "1"], setup) for setup in SETUPS])
+                + [([DRIVER, str(root / setup), ",".join(STAGES), "1"], setup) for setup in SETUPS]
+                + two_node_jobs([DRIVER, str(root / "two_nodes"), ",".join(TWO_NODE_STAGES), "1"]))
     return root
+
+
+def two_node_jobs(args):
+    """Two "machines" on this one: an `accelerate launch` of configs/accelerate/two_nodes.yaml per machine
+    rank, one process each, meeting at 127.0.0.1 (the file's address, port and size overridden)."""
+    port = str(free_port())
+    return [(["-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate/two_nodes.yaml"),
+              "--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+              "--main_process_port", port, "--num_processes", "2", *args], None) for rank in (0, 1)]
 
 
 def result(root, setup, stage):
@@ -114,9 +129,29 @@ def test_sampling_stages_match_one_process(stage_runs, setup, stage):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_conflicting_deepspeed_config_fails_before_training(tmp_path):
-    from launching import ROOT
+@pytest.mark.parametrize("stage", TWO_NODE_STAGES)
+def test_two_nodes_match_one_node(stage_runs, stage):
+    """2 machines x 1 process (two_nodes.yaml) == 1 machine x 2 processes (zero3.yaml): the same ranks
+    and seeds, so the same samples and updates: every logged number (timings aside) of the straight
+    and the resumed run, and the final weights (GRPO included, unlike 2 processes vs 1)."""
+    got, one_node = result(stage_runs, "two_nodes", stage), result(stage_runs, "zero3", stage)
+    assert got["world"] == one_node["world"] == 2
+    for run in ("straight", "resumed"):
+        mine, ref = [comparable(r) for r in got[run]], [comparable(r) for r in one_node[run]]
+        assert [r.keys() for r in mine] == [r.keys() for r in ref] and len(training_rows(got[run])) == 3
+        for i, (a, b) in enumerate(zip(mine, ref)):
+            for k in b:
+                assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (run, got[run][i]["step"], k)
+    for which in ("model_straight", "model_resumed"):
+        w, w_ref = load_model(stage, got[which]), load_model(stage, one_node[which])
+        assert w.keys() == w_ref.keys()
+        for k in w_ref:
+            torch.testing.assert_close(w[k], w_ref[k], rtol=1e-4, atol=1e-5)
 
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_conflicting_deepspeed_config_fails_before_training(tmp_path):
     ds = json.loads((ROOT / "configs/deepspeed/zero2.json").read_text())
     ds["train_micro_batch_size_per_gpu"] = 16
     (tmp_path / "ds.json").write_text(json.dumps(ds))
