@@ -38,14 +38,15 @@ def dispatch(prog: str, commands: dict, argv: list[str] | None = None) -> None:
         print(f"{prog}: unknown command `{name}`\n\n{usage(prog, commands)}", file=sys.stderr)
         raise SystemExit(2)
     module = importlib.import_module(commands[name][0])
-    if hasattr(module, "cli"):  # commands with their own sub-commands or positional arguments
-        module.cli(rest, prog=f"{prog} {name}")
-        return
     from rlhf.runtime import ConfigError, parse_config
 
+    # Bad input of every kind (options, files, data, models, reward functions) is a ConfigError: one
+    # line naming the culprit and exit status 2, as argparse's usage errors; anything else is a bug.
     try:
-        cfg = parse_config(module.Config, rest, prog=f"{prog} {name}")
-        module.train(cfg)
+        if hasattr(module, "cli"):  # commands with their own sub-commands or positional arguments
+            module.cli(rest, prog=f"{prog} {name}")
+        else:
+            module.train(parse_config(module.Config, rest, prog=f"{prog} {name}"))
     except ConfigError as e:
         print(f"{prog} {name}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -73,10 +73,7 @@ def cli(argv: list[str], prog: str = "rlhf pipeline") -> None:
 
     if not any(a == "--config" or a.startswith("--config=") for a in argv) and "-h" not in argv and "--help" not in argv:
         argv = ["--config", str(_config_path("configs/rlhf/pipeline_tiny.yaml")), *argv]
-    try:
-        train(parse_config(Config, argv, prog=prog))
-    except ConfigError as e:
-        raise SystemExit(f"{prog}: error: {e}") from None
+    train(parse_config(Config, argv, prog=prog))  # a ConfigError exits 2 in rlhf.cli, as for every command
 
 
 def _config_path(path: str) -> Path:

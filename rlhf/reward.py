@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -315,17 +314,14 @@ def score_rows(model_dir: str, data: str, batch_size: int = 64, max_length: int 
 
 
 def cli(argv: list[str], prog: str = "rlhf reward") -> None:
-    try:
-        if argv and argv[0] == "score":
-            parser = argparse.ArgumentParser(prog=f"{prog} score", description="Score responses with a trained reward model; prints JSONL.")
-            parser.add_argument("--model", required=True, help="Reward model directory (e.g. output_dir/model of `rlhf reward`).")
-            parser.add_argument("--data", required=True, help="json/jsonl/parquet/csv with `prompt` and `completion`, `completions`, or `chosen`+`rejected`.")
-            parser.add_argument("--batch_size", type=int, default=64, help="Responses per forward pass.")
-            args = parser.parse_args(argv[1:])
-            for row in score_rows(args.model, args.data, args.batch_size):
-                print(json.dumps(row))
-            return
-        train(parse_config(Config, argv, prog=prog))
-    except ConfigError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    """`rlhf reward [options]` trains; `rlhf reward score ...` scores. A ConfigError exits 2 in rlhf.cli."""
+    if argv and argv[0] == "score":
+        parser = argparse.ArgumentParser(prog=f"{prog} score", description="Score responses with a trained reward model; prints JSONL.")
+        parser.add_argument("--model", required=True, help="Reward model directory (e.g. output_dir/model of `rlhf reward`).")
+        parser.add_argument("--data", required=True, help="json/jsonl/parquet/csv with `prompt` and `completion`, `completions`, or `chosen`+`rejected`.")
+        parser.add_argument("--batch_size", type=int, default=64, help="Responses per forward pass.")
+        args = parser.parse_args(argv[1:])
+        for row in score_rows(args.model, args.data, args.batch_size):
+            print(json.dumps(row))
+        return
+    train(parse_config(Config, argv, prog=prog))

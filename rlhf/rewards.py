@@ -35,8 +35,11 @@ BUILTIN_REWARDS = {
 }
 
 
-class RewardError(RuntimeError):
-    """A reward function misbehaved; the message names the function and the batch."""
+class RewardError(ConfigError):
+    """A reward function misbehaved; the message names the function and the batch.
+
+    A ConfigError, so the command line reports it as bad input (one line, exit status 2).
+    """
 
 
 def load_reward_function(spec: str, option: str = "reward_funcs") -> Callable:

@@ -226,11 +226,14 @@ def make_config(cls, values: dict[str, Any]):
         if choices and value is not None and value not in choices:
             raise ConfigError(f"`{name}` must be one of {', '.join(map(str, choices))}; got {value!r}")
     try:
-        return cls(**values)
+        cfg = cls(**values)
     except (ValueError, TypeError) as e:
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(str(e)) from None
+    if isinstance(cfg, RunConfig):
+        check_run_options(cfg)
+    return cfg
 
 
 def config_to_dict(cfg) -> dict[str, Any]:
@@ -241,6 +244,68 @@ def check(condition: bool, option: str, message: str) -> None:
     """Validation helper for `__post_init__`: raise a ConfigError that names the option."""
     if not condition:
         raise ConfigError(f"`{option}`: {message}")
+
+
+REPORT_TO = ("tensorboard", "wandb", "none")
+
+
+def report_targets(report_to: str) -> set[str]:
+    """`report_to` as a set of logger names ("none" and "" give the empty set)."""
+    return {t.strip() for t in report_to.split(",") if t.strip()} - {"none"}
+
+
+def check_run_options(cfg: RunConfig) -> None:
+    """Checks of the options every command shares, run by `make_config` before any model loads or file is written."""
+    out = Path(cfg.output_dir).expanduser()
+    blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    check(blocker is None, "output_dir", f"{out} is a file, not a directory" if blocker == out
+          else f"{out} lies under {blocker}, which is a file")
+    check(cfg.logging_steps >= 1, "logging_steps", f"must be >= 1, got {cfg.logging_steps}")
+    check(cfg.save_steps >= 0, "save_steps", f"must be >= 0 (0: only at the end), got {cfg.save_steps}")
+    check(cfg.save_total_limit >= 0, "save_total_limit", f"must be >= 0 (0: keep all), got {cfg.save_total_limit}")
+    names = [t.strip() for t in cfg.report_to.split(",") if t.strip()]
+    for name in names:
+        check(name in REPORT_TO, "report_to", f"unknown logger {name!r}; use {', '.join(REPORT_TO)} (comma-separated)")
+    check("none" not in names or len(names) == 1, "report_to", "`none` cannot be combined with other loggers")
+    import importlib.util
+
+    # Say so now rather than after the first training step, where the logger is first used.
+    for name, package in (("wandb", "wandb"), ("tensorboard", "tensorboard")):
+        check(name not in names or importlib.util.find_spec(package) is not None, "report_to",
+              f"{name} is not installed (pip install {package}), or leave it out of report_to")
+    if isinstance(getattr(cfg, "device", None), str):
+        check_device(cfg.device)
+
+
+def meant_as_local_path(name: str) -> bool:
+    """Whether a model / dataset name that does not exist here was meant as a local path, not a hub id:
+    it is no valid hub id (`./x`, `/abs`, `~/x`, `runs/sft/model`) or its parent directory exists here
+    (`runs/sfft` next to `runs/sft`). Such a name fails at once instead of after a hub round trip."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    parent = Path(name).expanduser().parent
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return True
+    return parent != Path(".") and parent.exists()
+
+
+def check_device(device: str, option: str = "device") -> None:
+    """A torch device string that parses and names hardware this machine has."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        dev = None
+    backend = getattr(torch, dev.type, None) if dev is not None else None  # torch.cuda, torch.mps, torch.xpu
+    if dev is None or (dev.type != "cpu" and not hasattr(backend, "is_available")):
+        raise ConfigError(f"`{option}`: unknown device {device!r}; use cpu, cuda, cuda:N or mps")
+    if dev.type == "cpu":
+        return
+    check(backend.is_available(), option, f"{device!r} asked for, but torch finds no {dev.type} device on this machine; use cpu")
+    if dev.index is not None and hasattr(backend, "device_count"):
+        check(dev.index < backend.device_count(), option,
+              f"{device!r} asked for, but this machine has {backend.device_count()} {dev.type} device(s)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -461,7 +526,7 @@ class Run:
         if self._metrics is None:
             self._metrics = open(self.dir / "metrics.jsonl", "a", buffering=1)
         self._metrics.write(json.dumps(row) + "\n")
-        targets = {t.strip() for t in self.cfg.report_to.split(",")}
+        targets = report_targets(self.cfg.report_to)
         if "tensorboard" in targets:
             if self._tb is None:
                 from torch.utils.tensorboard import SummaryWriter
