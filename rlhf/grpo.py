@@ -334,8 +334,8 @@ def train(cfg: Config) -> dict:
     # Everything that can fail on bad input fails here, before the run directory is touched.
     rewards_fn, rm_scorer, resume, tokenizer, rows, eval_prompts = load_rl_inputs(cfg, accelerator.device)
 
+    policy, reference = load_policy_and_reference(cfg)  # a LoRA target that matches nothing fails before the run directory
     run = Run(cfg, is_main=accelerator.is_main_process)
-    policy, reference = load_policy_and_reference(cfg)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   fused=accelerator.device.type in ("cpu", "cuda"))  # one kernel, not one per tensor

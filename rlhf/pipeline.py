@@ -87,7 +87,9 @@ def _config_path(path: str) -> Path:
 
 def stage_config(module, cfg: Config, name: str, **values):
     """The stage's Config: its YAML file < the pipeline's overrides < the values the pipeline wires in."""
-    yaml_values = load_yaml_config(_config_path(getattr(cfg, f"{name}_config")), module.Config)
+    path = _config_path(getattr(cfg, f"{name}_config"))
+    check(path.is_file(), f"{name}_config", f"no such file: {path}")
+    yaml_values = load_yaml_config(path, module.Config)
     out_dir = Path(cfg.output_dir) / name
     merged = {**yaml_values, **getattr(cfg, f"{name}_overrides"), **values,
               "output_dir": str(out_dir), "seed": cfg.seed, "report_to": cfg.report_to, "progress": cfg.progress,
@@ -148,8 +150,32 @@ def collect_rankings(cfg: Config, sft_model_path: str, path: Path) -> dict:
 
 def train(cfg: Config) -> dict:
     from rlhf import grpo, ppo, reward, sft
+    from rlhf.models import check_model_path
 
     out = Path(cfg.output_dir)
+    sft_model = cfg.sft_model_path or str(out / "sft" / "model")
+    reward_model = cfg.reward_model_path or str(out / "reward" / "model")
+    rankings_path, eval_path = out / "rankings.jsonl", out / "rankings_eval.jsonl"
+    wired = {"sft": {"model_name_or_path": cfg.model_name_or_path} if cfg.model_name_or_path else {},
+             "reward": dict(model_name_or_path=sft_model, dataset_name=str(rankings_path), eval_dataset_name=str(eval_path)),
+             "ppo": dict(model_name_or_path=sft_model, reward_model_path=reward_model),
+             "grpo": dict(model_name_or_path=sft_model)}
+    # Bad input fails before anything runs or is written: the models and files this run needs but does
+    # not make, and every stage's options (a typo in ppo_overrides fails now, not after SFT has trained).
+    for option in ("sft_model_path", "reward_model_path"):
+        if getattr(cfg, option):
+            check_model_path(getattr(cfg, option), option)
+    if cfg.sft_model_path or "sft" not in cfg.stages:
+        _require_model(sft_model, "sft_model_path", "the sft stage")
+    if "ppo" in cfg.stages and (cfg.reward_model_path or "reward" not in cfg.stages):
+        _require_model(reward_model, "reward_model_path", "the reward stage")
+    if "reward" in cfg.stages and not cfg.reward_model_path and "rankings" not in cfg.stages and not rankings_path.exists():
+        raise ConfigError(f"the reward stage needs {rankings_path}: run the rankings stage first")
+    given = {"sft": cfg.sft_model_path, "reward": cfg.reward_model_path}  # stages replaced by a given model
+    for name, module in (("sft", sft), ("reward", reward), ("ppo", ppo), ("grpo", grpo)):
+        if name in cfg.stages and not given.get(name):
+            stage_config(module, cfg, name, **wired[name])
+
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", __import__("yaml").safe_dump(to_jsonable(config_to_dict(cfg)), sort_keys=False))
     seed_everything(cfg.seed)
@@ -157,15 +183,11 @@ def train(cfg: Config) -> dict:
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     results: dict[str, dict] = {}
 
-    sft_model = cfg.sft_model_path or str(out / "sft" / "model")
     if "sft" in cfg.stages and not cfg.sft_model_path:
-        extra = {"model_name_or_path": cfg.model_name_or_path} if cfg.model_name_or_path else {}
-        results["sft"] = run_stage("sft", sft, stage_config(sft, cfg, "sft", **extra), timings)
+        results["sft"] = run_stage("sft", sft, stage_config(sft, cfg, "sft", **wired["sft"]), timings)
         write_json(timings_path, timings)
     _require_model(sft_model, "sft_model_path", "the sft stage")
 
-    reward_model = cfg.reward_model_path or str(out / "reward" / "model")
-    rankings_path = out / "rankings.jsonl"
     if "rankings" in cfg.stages and not cfg.reward_model_path:
         if rankings_path.exists() and not cfg.overwrite:
             print(f"[pipeline] rankings: done already ({rankings_path}), skipped")
@@ -181,24 +203,20 @@ def train(cfg: Config) -> dict:
         if not rankings_path.exists():
             raise ConfigError(f"the reward stage needs {rankings_path}: run the rankings stage first")
         # Held-out prompts with candidates ranked by the gold score measure the reward model.
-        eval_path = out / "rankings_eval.jsonl"
         if not eval_path.exists():
             from rlhf.tasks import arithmetic
 
             arithmetic.write_rankings(eval_path, arithmetic.make_prompts(500, seed=cfg.seed, split="eval"),
                                       cfg.completions_per_prompt, seed=cfg.seed + 1, noise=0.0)
-        reward_cfg = stage_config(reward, cfg, "reward", model_name_or_path=sft_model,
-                                  dataset_name=str(rankings_path), eval_dataset_name=str(eval_path))
-        results["reward"] = run_stage("reward", reward, reward_cfg, timings)
+        results["reward"] = run_stage("reward", reward, stage_config(reward, cfg, "reward", **wired["reward"]), timings)
         write_json(timings_path, timings)
 
     if "ppo" in cfg.stages:
         _require_model(reward_model, "reward_model_path", "the reward stage")
-        ppo_cfg = stage_config(ppo, cfg, "ppo", model_name_or_path=sft_model, reward_model_path=reward_model)
-        results["ppo"] = run_stage("ppo", ppo, ppo_cfg, timings)
+        results["ppo"] = run_stage("ppo", ppo, stage_config(ppo, cfg, "ppo", **wired["ppo"]), timings)
         write_json(timings_path, timings)
     if "grpo" in cfg.stages:
-        results["grpo"] = run_stage("grpo", grpo, stage_config(grpo, cfg, "grpo", model_name_or_path=sft_model), timings)
+        results["grpo"] = run_stage("grpo", grpo, stage_config(grpo, cfg, "grpo", **wired["grpo"]), timings)
         write_json(timings_path, timings)
 
     summary = build_summary(out, timings)

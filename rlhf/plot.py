@@ -67,9 +67,15 @@ def plot_runs(run_dirs, keys: list[str] | None = None, out: str | Path = "curves
     import matplotlib.pyplot as plt
 
     runs = load_runs(run_dirs)
+    present = {k for rows in runs.values() for k in numeric_keys(rows)}
+    unknown = [k for k in keys or [] if k not in present and f"start/{k}" not in present]
+    if unknown:  # it would draw an empty panel
+        raise ValueError(f"--keys: no run logged {', '.join(unknown)}; the runs have: {', '.join(sorted(present))}")
     keys = keys or choose_keys(runs)
     if not keys:
         raise ValueError("no numeric metrics to plot in " + ", ".join(runs))
+    if labels and len(labels) != len(runs):  # zip would drop the runs without a label
+        raise ValueError(f"--labels: {len(labels)} labels for {len(runs)} runs")
     labels = labels or [Path(d).name or str(d) for d in runs]
     cols = min(3, len(keys))
     rows_n = math.ceil(len(keys) / cols)

@@ -179,8 +179,9 @@ def load_value_model(path: str):
     from transformers import AutoConfig, AutoModelForTokenClassification, LlamaForTokenClassification
     from transformers.utils import logging as hf_logging
 
-    from rlhf.models import BUILTIN_TINY, tiny_config
+    from rlhf.models import BUILTIN_TINY, check_model_path, tiny_config
 
+    check_model_path(path)
     if path == BUILTIN_TINY:
         config = tiny_config()
         config.num_labels, config.classifier_dropout = 1, 0.0
@@ -447,8 +448,8 @@ def train(cfg: Config) -> dict:
     # Bad input fails here, before the run directory is touched.
     rewards_fn, rm_scorer, resume, tokenizer, rows, eval_prompts = load_rl_inputs(cfg, accelerator.device)
 
+    model, reference = load_models(cfg)  # a missing value model or LoRA target fails here, before the run directory
     run = Run(cfg, is_main=accelerator.is_main_process)
-    model, reference = load_models(cfg)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                   weight_decay=cfg.weight_decay,
                                   fused=accelerator.device.type in ("cpu", "cuda"))  # one kernel, not one per tensor

@@ -94,7 +94,7 @@ def builtin_rankings(cfg: Config, prompts: list[str], noise: float, seed: int) -
 
 
 def load_groups(cfg: Config, tokenizer):
-    """(train groups, eval groups or None, dropped-too-long count), every row checked."""
+    """(train groups, eval groups or None, counts of dropped rows), every row checked."""
     import datasets
 
     from rlhf.data import load_rows, tokenize_rankings
@@ -114,7 +114,8 @@ def load_groups(cfg: Config, tokenizer):
         prompts = arithmetic.make_prompts(cfg.num_eval_prompts, cfg.seed, split="eval")
         rows = arithmetic.make_ranking_rows(prompts, cfg.completions_per_prompt, cfg.seed + 1, noise=0.0)  # gold order
         evaluation = tokenize_rankings(datasets.Dataset.from_list(rows), tokenizer, cfg.max_length, "built-in held-out rankings").examples
-    return train.examples, evaluation, train.dropped_too_long
+    return train.examples, evaluation, {"data/dropped_too_long": train.dropped_too_long,
+                                        "data/dropped_all_ties": train.dropped_all_ties}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,7 +256,7 @@ def train(cfg: Config) -> dict:
     run.log(total_steps, final)
     save_hf_model(acc, model, Path(cfg.output_dir) / "model", tokenizer, merge_lora=not cfg.save_adapter_only)
     summary = {**final, "step": total_steps, "train/loss_last": metrics.get("loss/reward"),
-               "data/train_rankings": len(groups), "data/dropped_too_long": dropped, "time/train_s": train_seconds}
+               "data/train_rankings": len(groups), **dropped, "time/train_s": train_seconds}
     run.write_summary(summary)
     run.close()
     return summary
@@ -271,7 +272,7 @@ def score_rows(model_dir: str, data: str, batch_size: int = 64, max_length: int 
     """Scores of each row of `data`: `prompt`+`completion` -> score; `prompt`+`completions` -> scores;
     `prompt`+`chosen`+`rejected` -> chosen_score, rejected_score."""
     from rlhf.data import DataError, Locator, load_rows, tokenize_prompt_completion
-    from rlhf.models import load_reward_model, load_tokenizer
+    from rlhf.models import check_model_path, load_reward_model, load_tokenizer
 
     rows = load_rows(data)
     cols = set(rows.column_names)
@@ -294,7 +295,11 @@ def score_rows(model_dir: str, data: str, batch_size: int = 64, max_length: int 
                 if not isinstance(v, str) or not v.strip():
                     raise DataError(f"{where(i)}: empty or non-string `{k}`")
                 texts.append((i, k, j if k == "completions" else None, row["prompt"], v))
-    tokenizer, model = load_tokenizer(model_dir), load_reward_model(model_dir).eval()
+    check_model_path(model_dir, "--model")
+    try:  # a causal LM here would print random scores from a fresh head
+        tokenizer, model = load_tokenizer(model_dir), load_reward_model(model_dir, trained=True).eval()
+    except ConfigError as e:
+        raise ConfigError(f"`--model`: {e}") from None
     out = [{"prompt": row["prompt"]} for row in rows]
     for s in range(0, len(texts), batch_size):
         chunk = texts[s:s + batch_size]

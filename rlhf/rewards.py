@@ -154,13 +154,15 @@ class RewardModelScorer:
     """
 
     def __init__(self, path: str, device=None, dtype: str = "float32", batch_size: int = 64):
-        from rlhf.models import load_reward_model, load_tokenizer
+        from rlhf.models import check_model_path, load_reward_model, load_tokenizer
 
         if not path:
             raise ConfigError("`reward_model_path` is empty")
-        if not Path(path).exists() and not path.startswith("builtin:"):
-            raise ConfigError(f"`reward_model_path`: no such directory {path}")
-        self.model = load_reward_model(path, dtype=dtype).eval().requires_grad_(False)
+        check_model_path(path, "reward_model_path")
+        try:  # a causal LM here would give random scores from a fresh head
+            self.model = load_reward_model(path, dtype=dtype, trained=True).eval().requires_grad_(False)
+        except ConfigError as e:
+            raise ConfigError(f"`reward_model_path`: {e}") from None
         self.tokenizer = load_tokenizer(path, padding_side="right")
         self.device = device or torch.device("cpu")
         self.model.to(self.device)

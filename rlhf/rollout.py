@@ -306,9 +306,11 @@ def load_prompt_rows(dataset_name: str, split: str = "train", num_builtin: int =
         from rlhf.tasks.arithmetic import make_prompts
 
         return [{"prompt": p} for p in make_prompts(num_builtin, seed)]
-    from rlhf.data import load_rows
+    from rlhf.data import check_prompts, load_rows
 
-    return load_rows(dataset_name, split, required=["prompt"]).to_list()
+    rows = load_rows(dataset_name, split, required=["prompt"])
+    check_prompts(rows, dataset_name)
+    return rows.to_list()
 
 
 class PromptSource:

@@ -27,3 +27,20 @@ def test_plot_missing_run_is_an_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         rlhf_main(["plot", str(tmp_path / "nope")])
     assert "no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_plot_unknown_key_lists_the_logged_ones(tmp_path, capsys):
+    _write_run(tmp_path / "a", [{"step": 1, "eval/accuracy": 0.5, "kl/ref": 0.1}])
+    with pytest.raises(SystemExit) as e:
+        rlhf_main(["plot", str(tmp_path / "a"), "--keys", "eval/acuracy", "--out", str(tmp_path / "c.png")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "no run logged eval/acuracy" in err and "eval/accuracy, kl/ref" in err
+    assert not (tmp_path / "c.png").exists()
+
+
+def test_plot_labels_must_match_the_runs(tmp_path, capsys):
+    for name in ("a", "b"):
+        _write_run(tmp_path / name, [{"step": 1, "kl/ref": 0.1}])
+    with pytest.raises(SystemExit) as e:
+        rlhf_main(["plot", str(tmp_path / "a"), str(tmp_path / "b"), "--labels", "one", "--out", str(tmp_path / "c.png")])
+    assert e.value.code == 2 and "--labels: 1 labels for 2 runs" in capsys.readouterr().err

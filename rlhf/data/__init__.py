@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
-from rlhf.runtime import ConfigError
+from rlhf.runtime import ConfigError, meant_as_local_path
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding)
 _LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -52,8 +52,24 @@ class Locator:
         return f"{self.source}: row {i}"
 
 
-def _json_error_line(path: Path) -> str | None:
-    """The first line of a JSONL file that is not a JSON object, or whose fields change type."""
+def _json_kind(value) -> str | None:
+    """A JSON value's type as one arrow column holds it: ints and floats mix; None and [] fit any column."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, dict):
+        return "object"
+    inner = {_json_kind(v) for v in value} - {None}
+    return "list of " + " and ".join(sorted(inner)) if inner else None
+
+
+def _json_error_line(path: Path, columns: Sequence[str] | None = None) -> str | None:
+    """The first line of a JSONL file that is not a JSON object, or where a field (of `columns`) changes type."""
     types: dict[str, str] = {}
     with open(path) as fh:
         for n, line in enumerate(fh, start=1):
@@ -66,10 +82,33 @@ def _json_error_line(path: Path) -> str | None:
             if not isinstance(row, dict):
                 return f"{path}: line {n}: expected a JSON object, got {type(row).__name__}"
             for key, value in row.items():
-                kind = type(value).__name__ if not isinstance(value, list) else "list[" + ",".join(sorted({type(v).__name__ for v in value})) + "]"
-                if value is not None and types.setdefault(key, kind) != kind:
-                    return f"{path}: line {n}: column `{key}` is {kind} here but {types[key]} on earlier lines"
+                kind = _json_kind(value)
+                if kind is None or (columns is not None and key not in columns):
+                    continue
+                if " and " in kind:
+                    return f"{path}: line {n}: column `{key}` is a {kind} (a list holds one type)"
+                if types.setdefault(key, kind) != kind:
+                    return f"{path}: line {n}: column `{key}` is {_a(kind)} here but {_a(types[key])} on earlier lines"
     return None
+
+
+def _a(kind: str) -> str:
+    return ("an " if kind[0] in "aeiou" else "a ") + kind
+
+
+def _mixed_columns(features) -> list[str]:
+    """Columns `datasets` stored as `Json`: values of different types, which it no longer tells apart
+    (the string "2" reads back as the number 2), so a check on them would blame the wrong line."""
+    import datasets
+
+    def mixed(f) -> bool:
+        if isinstance(f, datasets.Json):
+            return True
+        if isinstance(f, dict):
+            return any(map(mixed, f.values()))
+        return hasattr(f, "feature") and mixed(f.feature)  # List / Sequence / LargeList
+
+    return [c for c, f in features.items() if mixed(f)]
 
 
 def load_rows(dataset_name: str, split: str = "train", required: Sequence[str] = ()):
@@ -89,6 +128,8 @@ def load_rows(dataset_name: str, split: str = "train", required: Sequence[str] =
                 rows = rows.cast(datasets.Features({c: datasets.Value("string") for c in rows.column_names}))
         elif path.is_dir():
             rows = datasets.load_dataset(str(path), split=split)
+        elif Path(dataset_name).suffix in _LOCAL_FORMATS or meant_as_local_path(dataset_name):
+            raise DataError(f"no such data file: {dataset_name}")  # not a hub name: say so, not "cannot reach the hub"
         else:
             rows = datasets.load_dataset(dataset_name, split=split)
     except DataError:
@@ -99,10 +140,22 @@ def load_rows(dataset_name: str, split: str = "train", required: Sequence[str] =
     finally:
         if bars:
             datasets.enable_progress_bars()
+    mixed = _mixed_columns(rows.features) if hasattr(datasets, "Json") else []
+    if mixed:
+        located = _json_error_line(path, mixed) if path.is_file() and path.suffix == ".jsonl" else None
+        raise DataError(located or f"{dataset_name}: column `{mixed[0]}` holds values of different types in different rows")
     missing = [c for c in required if c not in rows.column_names]
     if missing:
         raise DataError(f"{dataset_name}: missing column `{missing[0]}` (has: {', '.join(rows.column_names)})")
     return rows
+
+
+def check_prompts(rows, source: str) -> None:
+    """PPO / GRPO prompts: each a non-empty string or a non-empty list of chat messages."""
+    where = Locator(source)
+    for i, prompt in enumerate(rows["prompt"]):
+        if not (isinstance(prompt, str) and prompt.strip() or _is_chat(prompt) and prompt):
+            raise DataError(f"{where(i)}: empty `prompt` (or not a string / list of {{role, content}} messages): {prompt!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,6 +241,7 @@ def tokenize_prompt_completion(tokenizer, prompt: str, completion: str, chat: bo
 class Tokenized:
     examples: list[dict]  # each {"input_ids": list[int], "labels": list[int]}
     dropped_too_long: int
+    dropped_all_ties: int = 0  # rankings whose responses all share one rank: no preference to learn
 
 
 def tokenize_sft(rows, tokenizer, max_length: int, completion_only_loss: bool = True, source: str = "data") -> Tokenized:
@@ -276,6 +330,8 @@ def ranking_group(row: dict, fmt: str, where: str) -> tuple[str, list[str], list
     for c in completions:
         if not isinstance(c, str) or not c.strip():
             raise DataError(f"{where}: empty or non-string completion {c!r}")
+    if fmt == "pairwise" and completions[0].strip() == completions[1].strip():
+        raise DataError(f"{where}: `chosen` and `rejected` are the same response {completions[0]!r}")
     return prompt, list(completions), list(ranks)
 
 
@@ -283,17 +339,21 @@ def tokenize_rankings(rows, tokenizer, max_length: int, source: str = "data") ->
     """Each row -> {"input_ids": K lists, "ranks": K ints}; a group with any response over `max_length` is dropped."""
     fmt = ranking_format(rows.column_names, source)
     where = Locator(source)
-    examples, dropped = [], 0
+    examples, dropped, ties = [], 0, 0
     for i, row in enumerate(rows):
         prompt, completions, ranks = ranking_group(row, fmt, where(i))
+        if len(set(ranks)) == 1:  # ties are skipped by the loss: such a row would only dilute the batch
+            ties += 1
+            continue
         seqs = [tokenize_prompt_completion(tokenizer, prompt, c, chat=False)[0] for c in completions]
         if max(map(len, seqs)) > max_length:
             dropped += 1
             continue
         examples.append({"input_ids": seqs, "ranks": ranks})
     if not examples:
-        raise DataError(f"{source}: no usable ranking ({dropped} longer than max_length={max_length} tokens)")
-    return Tokenized(examples, dropped)
+        raise DataError(f"{source}: no usable ranking ({dropped} longer than max_length={max_length} tokens, "
+                        f"{ties} with all responses tied)")
+    return Tokenized(examples, dropped, ties)
 
 
 def collate_rankings(groups: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -328,6 +388,6 @@ def write_jsonl(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> Path
     return path
 
 
-__all__ = ["DataError", "IGNORE_INDEX", "Locator", "Tokenized", "collate_rankings", "collate_sft", "load_rows",
-           "pack_examples", "ranking_format", "ranking_group", "sft_format", "sft_texts", "tokenize_prompt_completion",
-           "tokenize_rankings", "tokenize_sft", "write_jsonl"]
+__all__ = ["DataError", "IGNORE_INDEX", "Locator", "Tokenized", "check_prompts", "collate_rankings", "collate_sft",
+           "load_rows", "pack_examples", "ranking_format", "ranking_group", "sft_format", "sft_texts",
+           "tokenize_prompt_completion", "tokenize_rankings", "tokenize_sft", "write_jsonl"]

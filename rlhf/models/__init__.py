@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf.runtime import ConfigError
+from rlhf.runtime import ConfigError, meant_as_local_path
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,48 @@ def _dtype(dtype: str):
     return _DTYPES[dtype]
 
 
+MODEL_FILES = ("config.json", "adapter_config.json")  # a model, or a LoRA adapter on one
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "config.json")  # old vocab files come with a config
+
+
+def check_model_path(name_or_path: str, option: str = "", files: tuple[str, ...] = MODEL_FILES) -> bool:
+    """Fail at once, naming the path, on a local model that is missing, empty or a file; True if local.
+
+    A missing name is left to the hub only if it could be a hub id (`gpt2`, `org/name`; see
+    `meant_as_local_path`). A local directory must hold one of `files`.
+    """
+    where = f"`{option}`: " if option else ""
+    if name_or_path.startswith("builtin:"):
+        if name_or_path != BUILTIN_TINY:
+            raise ConfigError(f"{where}unknown built-in model {name_or_path!r} (there is {BUILTIN_TINY})")
+        return False
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        if meant_as_local_path(name_or_path):
+            raise ConfigError(f"{where}no such model directory: {name_or_path}")
+        return False
+    if not path.is_dir():
+        raise ConfigError(f"{where}{name_or_path} is a file; expected a model directory (with config.json)")
+    if not any((path / f).is_file() for f in files):
+        what = "is empty" if not any(path.iterdir()) else f"has no {' or '.join(files)}"
+        raise ConfigError(f"{where}{name_or_path} {what}: not a Hugging Face model directory (save_pretrained writes one)")
+    return True
+
+
+def _from_pretrained(loader, name_or_path: str, files: tuple[str, ...] = MODEL_FILES, **kwargs):
+    """`loader.from_pretrained` after `check_model_path`; a hub name that fails to load is a ConfigError naming it."""
+    local = check_model_path(name_or_path, files=files)
+    name_or_path = str(Path(name_or_path).expanduser()) if local else name_or_path
+    try:
+        return loader.from_pretrained(name_or_path, **kwargs)
+    except OSError as e:
+        if local:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{name_or_path}: no such local directory, and loading it from the Hugging Face hub failed: "
+                          f"{first}") from None
+
+
 def _tiny_tokenizer():
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -69,7 +111,7 @@ def load_tokenizer(name_or_path: str, padding_side: str = "right"):
     if name_or_path == BUILTIN_TINY:
         tokenizer = _tiny_tokenizer()
     else:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        tokenizer = _from_pretrained(AutoTokenizer, name_or_path, files=TOKENIZER_FILES)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ConfigError(f"tokenizer of {name_or_path!r} has neither a pad token nor an EOS token; "
@@ -123,21 +165,24 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32", gradient_checkpoin
         model.generation_config = GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
                                                    pad_token_id=cfg.pad_token_id, do_sample=False)
     else:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_dtype(dtype), trust_remote_code=trust_remote_code)
+        model = _from_pretrained(AutoModelForCausalLM, name_or_path, dtype=_dtype(dtype), trust_remote_code=trust_remote_code)
     return _finish(model, gradient_checkpointing)
 
 
 def load_reward_model(name_or_path: str, dtype: str = "float32", gradient_checkpointing: bool = False,
-                      trust_remote_code: bool = False):
+                      trust_remote_code: bool = False, trained: bool = False):
     """A sequence classifier with one output, read at the last non-padding token.
 
     From a causal-LM checkpoint (e.g. an SFT model) the body is reused and the `score` head is new
-    (initialised from the caller's RNG, so seed first). `pad_token_id` must be in the config: the
-    model finds each sequence's last real token by it.
+    (initialised from the caller's RNG, so seed first). `trained=True` (scoring: PPO's reward model,
+    `rlhf reward score`) refuses such a checkpoint, whose scores would be random. `pad_token_id` must
+    be in the config: the model finds each sequence's last real token by it.
     """
     from transformers import AutoModelForSequenceClassification, LlamaForSequenceClassification
 
     if name_or_path == BUILTIN_TINY:
+        if trained:
+            raise ConfigError(f"{BUILTIN_TINY} is an untrained model: score with a reward model trained by `rlhf reward`")
         model = _build_tiny(LlamaForSequenceClassification, num_labels=1)
         if dtype not in ("auto", "float32"):
             model = model.to(_dtype(dtype))
@@ -147,10 +192,16 @@ def load_reward_model(name_or_path: str, dtype: str = "float32", gradient_checkp
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # "score.weight newly initialised" is expected from a causal-LM checkpoint
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                name_or_path, num_labels=1, dtype=_dtype(dtype), trust_remote_code=trust_remote_code)
+            model, info = _from_pretrained(AutoModelForSequenceClassification, name_or_path, num_labels=1,
+                                           dtype=_dtype(dtype), trust_remote_code=trust_remote_code,
+                                           output_loading_info=True)
         finally:
             hf_logging.set_verbosity(verbosity)
+        # Weights missing outside the body (`model.`) are the head's: newly initialised, so untrained.
+        head_missing = sorted(k for k in info["missing_keys"] if not k.startswith(f"{model.base_model_prefix}."))
+        if trained and head_missing:
+            raise ConfigError(f"{name_or_path} is not a trained reward model: its checkpoint has no score head "
+                              f"({', '.join(head_missing)} missing; a causal LM?). Train one with `rlhf reward`")
         if model.config.pad_token_id is None:
             tokenizer = load_tokenizer(name_or_path) if Path(name_or_path).is_dir() or "/" in name_or_path else None
             if tokenizer is None or tokenizer.pad_token_id is None:
@@ -165,6 +216,16 @@ def apply_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.05, targe
 
     is_classifier = model.__class__.__name__.endswith("ForSequenceClassification")
     target = list(target_modules) if not isinstance(target_modules, str) else target_modules
+    if target == ["all-linear"]:  # peft's shorthand, given as a one-item list on the command line
+        target = "all-linear"
+    if isinstance(target, list):  # peft's rule for a list: a module whose name is the entry or ends with ".entry"
+        names = [n for n, _ in model.named_modules() if n]
+        for t in target:
+            if not any(n == t or n.endswith(f".{t}") for n in names):
+                leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()  # leaves with weights
+                                 if next(m.parameters(recurse=False), None) is not None and not any(m.children())})
+                raise ConfigError(f"`lora_target_modules`: {t!r} matches no module of the model; its modules "
+                                  f"include {', '.join(leaves[:20])}")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target,
                         task_type=TaskType.SEQ_CLS if is_classifier else TaskType.CAUSAL_LM)
     return get_peft_model(model, config)
@@ -202,5 +263,5 @@ def save_builtin_tiny(out_dir: str | os.PathLike) -> Path:
     return out_dir
 
 
-__all__ = ["BUILTIN_TINY", "apply_lora", "disable_dropout", "load_causal_lm", "load_reward_model", "load_tokenizer", "save_builtin_tiny",
-           "tiny_config"]
+__all__ = ["BUILTIN_TINY", "apply_lora", "check_model_path", "disable_dropout", "load_causal_lm", "load_reward_model",
+           "load_tokenizer", "save_builtin_tiny", "tiny_config"]

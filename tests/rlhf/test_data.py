@@ -107,3 +107,21 @@ def test_empty_prompt_or_completion_in_rankings(tmp_path, tiny_tokenizer):
     path = _jsonl(tmp_path / "s.jsonl", [{"prompt": "1+2=", "chosen": "3", "rejected": ""}])
     with pytest.raises(DataError, match=r"line 1: empty or non-string completion"):
         tokenize_rankings(load_rows(path), tiny_tokenizer, 64, source=path)
+
+
+def test_rankings_that_all_tie_are_dropped_and_counted(tmp_path, tiny_tokenizer):
+    path = _jsonl(tmp_path / "t.jsonl", [{"prompt": "1+2=", "completions": ["3", "4", "5"], "ranks": [0, 1, 1]},
+                                         {"prompt": "1+3=", "completions": ["4", "5"], "ranks": [2, 2]}])
+    out = tokenize_rankings(load_rows(path), tiny_tokenizer, 64, source=path)
+    assert len(out.examples) == 1 and out.examples[0]["ranks"] == [0, 1, 1] and out.dropped_all_ties == 1
+
+
+@pytest.mark.parametrize("rows, needle", [
+    ([{"ranks": [0, 1]}, {"ranks": [1, 0]}, {"ranks": [0, "x"]}], "line 3: column `ranks` is a list of number and string"),
+    ([{"answer": 1}, {"answer": 2.5}, {"answer": "3"}], "line 3: column `answer` is a string here but a number"),
+    ([{"answer": None}, {"answer": "2"}, {"answer": ["3"]}], "line 3: column `answer` is a list of string here"),
+])
+def test_a_column_changing_type_is_blamed_on_its_line(tmp_path, rows, needle):
+    path = _jsonl(tmp_path / "m.jsonl", [{"prompt": f"{i}+1=", **r} for i, r in enumerate(rows)])
+    with pytest.raises(DataError, match=needle):
+        load_rows(path)

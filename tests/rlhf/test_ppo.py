@@ -186,7 +186,7 @@ def test_resume_continues_exactly_with_adaptive_kl(tmp_path):
 def test_bad_options_fail_before_anything_is_written(tmp_path):
     with pytest.raises(ConfigError, match="reward_model_path"):
         make_config(ppo.Config, dict(output_dir=str(tmp_path / "run")))
-    with pytest.raises(ConfigError, match="reward_model_path.*no such directory"):
+    with pytest.raises(ConfigError, match="reward_model_path.*no such model directory"):
         ppo.train(cfg_for(tmp_path, reward_funcs=[], reward_model_path=str(tmp_path / "missing")))
     with pytest.raises(ConfigError, match="reward_funcs"):
         ppo.train(cfg_for(tmp_path, reward_funcs=["oops"]))
