@@ -33,8 +33,8 @@ from classic.buffers import PrioritizedReplayBuffer, ReplayBuffer
 from classic.envs import check_env_id, env_spaces, evaluate, is_atari, make_env
 from classic.nets import QNetwork, adam_step, clip_grad_norm
 from rlhf.core import discounted_returns, dqn_target, td_loss
-from rlhf.runtime import (Run, RunConfig, Timer, arg, check, fmt_metrics, load_state, progress, resolve_checkpoint,
-                          save_state, seed_everything)
+from rlhf.runtime import (Run, RunConfig, Timer, arg, check, command_name, fmt_metrics, load_state, loading_checkpoint,
+                          progress, resolve_checkpoint, save_state, seed_everything)
 
 
 @dataclasses.dataclass
@@ -144,11 +144,10 @@ def q_vs_return(trajectories: list[dict], gamma: float, atari: bool) -> tuple[fl
 
 
 def train(cfg: Config) -> dict:
-    resume = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)  # bad path: error before any write
+    resume = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir, command_name(cfg))  # error before any write
     atari = is_atari(cfg.env_id)
     torch.set_num_threads(cfg.torch_threads or ((os.cpu_count() or 1) if atari else 1))  # tiny MLPs: 1 is fastest
     seed_everything(cfg.seed, cfg.deterministic)
-    run = Run(cfg)
 
     # --- environment, networks, replay --------------------------------------------------------
     env = make_env(cfg.env_id, cfg.seed)
@@ -171,17 +170,19 @@ def train(cfg: Config) -> dict:
     acc = {"loss": 0.0, "q": 0.0, "n": 0, "returns": [], "lengths": []}  # since the last log line
     last_eval: dict = {}
     best_eval = -np.inf
+    reached = False  # stopped early at stop_at_return
     if resume is not None:
-        state = load_state(resume / "state.pt")  # also restores python / numpy / torch RNGs
-        q_net.load_state_dict(state["q_net"])
-        target_net.load_state_dict(state["target_net"])
-        optimizer.load_state_dict(state["optimizer"])
-        rng.bit_generator.state = state["behaviour_rng"]
+        with loading_checkpoint(resume):  # another network size, a damaged file: one clear error
+            state = load_state(resume / "state.pt")  # also restores python / numpy / torch RNGs
+            q_net.load_state_dict(state["q_net"])
+            target_net.load_state_dict(state["target_net"])
+            optimizer.load_state_dict(state["optimizer"])
+            rng.bit_generator.state = state["behaviour_rng"]
+            if (resume / "replay.npz").exists():  # saved (save_buffer); resolve_checkpoint refused a checkpoint that lost it
+                replay.load(resume / "replay.npz")
         step, n_updates, episodes = state["step"], state["n_updates"], state["episodes"]
-        last_eval, best_eval, acc = state["last_eval"], state["best_eval"], state["acc"]
-        if (resume / "replay.npz").exists():
-            replay.load(resume / "replay.npz")
-        run.truncate_metrics(step)
+        last_eval, best_eval, acc, reached = state["last_eval"], state["best_eval"], state["acc"], state["stopped_early"]
+    run = Run(cfg, checkpoint=resume)  # after the checkpoint loaded: a bad one changes nothing
     obs, _ = env.reset(seed=reset_seed(cfg, step))
 
     # --- helpers that close over the networks -------------------------------------------------
@@ -235,7 +236,7 @@ def train(cfg: Config) -> dict:
             save_state(d / "state.pt", {
                 "q_net": q_net.state_dict(), "target_net": target_net.state_dict(), "optimizer": optimizer.state_dict(),
                 "behaviour_rng": rng.bit_generator.state, "step": at_step, "n_updates": n_updates,
-                "episodes": episodes, "last_eval": last_eval, "best_eval": best_eval, "acc": acc,
+                "episodes": episodes, "last_eval": last_eval, "best_eval": best_eval, "acc": acc, "stopped_early": reached,
             })
             if cfg.save_buffer:
                 replay.save(d / "replay.npz")
@@ -248,8 +249,7 @@ def train(cfg: Config) -> dict:
     trainable = list(q_net.parameters())
     q_numpy = q_net.numpy_forward()  # MLP Q-nets act in numpy (see numpy_mlp); None for CNN / dueling
     target_numpy = target_net.numpy_forward()  # views: they follow the target updates (in-place lerp_)
-    reached = False
-    while step < cfg.total_timesteps:
+    while not reached and step < cfg.total_timesteps:
         epsilon = linear_schedule(cfg.start_e, cfg.end_e, exploration_steps, step)
         if rng.random() < epsilon:
             action = int(rng.integers(n_actions))
@@ -286,7 +286,6 @@ def train(cfg: Config) -> dict:
                         p_target.lerp_(p, cfg.tau)
 
         metrics: dict = {}
-        reached = False
         if cfg.eval_frequency and step % cfg.eval_frequency == 0 and step < cfg.total_timesteps:
             last_eval = run_evaluation(step)
             best_eval = max(best_eval, last_eval["eval/return_mean"])
@@ -315,19 +314,17 @@ def train(cfg: Config) -> dict:
         if save_now:  # at the end of the step, so a resumed run starts exactly at the next one
             save_checkpoint(step)
             next_save = (step // cfg.save_steps + 1) * cfg.save_steps
-        if reached:
-            break
     bar.update(step - bar.n)
     bar.close()
     env.close()
     sps = (step - start_step) / max(timer.elapsed(), 1e-9)
     cpu_sps = (step - start_step) / max(timer.cpu_elapsed(), 1e-9)  # robust to machine load
 
+    save_checkpoint(step)  # before the final evaluation, as in every command: a resume from it redoes just that
     final = last_eval if reached else run_evaluation(step)
     best_eval = max(best_eval, final["eval/return_mean"])
     if not reached:
         run.log(step, final)
-    save_checkpoint(step)
     summary = {**final, "eval/best_return_mean": best_eval, "time/sps": sps, "time/cpu_sps": cpu_sps,
                "train/episodes": episodes, "train/updates": n_updates, "global_step": step, "env_id": cfg.env_id,
                "stopped_early": bool(reached)}

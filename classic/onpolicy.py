@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
-import pickle
 import re
 import warnings
 from collections import deque
-from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -219,48 +218,141 @@ def load_norm_stats(envs, stats: dict, freeze: bool = False) -> None:
             rew_norm.update_running_mean = False
 
 
-def save_envs(envs, path: Path) -> bool:
-    """Pickle a sync vector env (all wrapper state, RNGs, partial episodes) for an exact resume.
+def env_state(envs) -> dict | None:
+    """What an exact resume needs of a sync vector env, as JSON-able data (a checkpoint must not be a pickle).
 
-    MuJoCo envs pickle by re-running their constructor (gymnasium's EzPickle), which loses the
-    physics state and the env's RNG, so those are saved alongside and put back in `load_envs`.
-    Returns False (nothing written) for async vector envs, whose sub-envs live in other processes.
+    For the vector env, each of its wrappers, each sub-env and each of their wrappers: every attribute
+    that is plain state (numbers, numeric arrays, RNG states, running mean / std, queues of numbers),
+    plus MuJoCo's full integration state (qpos, qvel, act, time, warm start, ...) from `mj_getState`
+    and the derived quantities the envs read (`MUJOCO_DERIVED`). Spaces, functions, strings and
+    renderers are configuration, rebuilt from the config. Tested exact on classic control and
+    gymnasium's MuJoCo envs; state held in other C objects (Box2D bodies) is not plain data and is
+    not saved. None for async vector envs (their sub-envs live in other processes) and ale-py's.
     """
-    base = envs.unwrapped
-    if not isinstance(base, gym.vector.SyncVectorEnv):
-        return False
-    extra = []
-    for env in base.envs:
-        u = env.unwrapped
-        state = {"np_random": u.np_random.bit_generator.state if u._np_random is not None else None}
-        if hasattr(u, "data") and hasattr(u, "model"):  # MuJoCo
-            import mujoco
-
-            size = mujoco.mj_stateSize(u.model, mujoco.mjtState.mjSTATE_INTEGRATION)
-            phys = np.empty(size, dtype=np.float64)
-            mujoco.mj_getState(u.model, u.data, phys, mujoco.mjtState.mjSTATE_INTEGRATION)
-            state["mujoco"] = phys
-        extra.append(state)
-    with open(path, "wb") as fh:
-        pickle.dump({"envs": envs, "extra": extra}, fh)
-    return True
+    if not isinstance(envs.unwrapped, gym.vector.SyncVectorEnv):
+        return None
+    return {"vector": [_layer_state(x) for x in _layers(envs)],
+            "envs": [[_layer_state(x) for x in _layers(e)] for e in envs.unwrapped.envs]}
 
 
-def load_envs(path: Path):
-    """Inverse of `save_envs`. The file is a pickle: load only checkpoints you wrote yourself."""
-    with open(path, "rb") as fh:
-        blob = pickle.load(fh)
-    envs = blob["envs"]
-    for env, state in zip(envs.unwrapped.envs, blob["extra"]):
-        u = env.unwrapped
-        if state["np_random"] is not None:
-            u.np_random.bit_generator.state = state["np_random"]
-        if "mujoco" in state:
-            import mujoco
+def load_env_state(envs, data: dict) -> None:
+    """Put `env_state`'s data into `envs`, made from the same config (and reset). Only attributes the
+    fresh env has are set, and only with plain values (no object is built from the file); anything
+    that does not fit (other wrappers, env or number of envs) is a ConfigError naming it."""
+    sub_envs = envs.unwrapped.envs
+    if len(data["envs"]) != len(sub_envs):
+        raise ConfigError(f"envs.json holds {len(data['envs'])} environments, this run has {len(sub_envs)} (`num_envs`)")
+    for here, saved in [(_layers(envs), data["vector"])] + [(_layers(e), d) for e, d in zip(sub_envs, data["envs"])]:
+        names, saved_names = [type(x).__name__ for x in here], [d["class"] for d in saved]
+        if names != saved_names:
+            raise ConfigError(f"envs.json was written for {' > '.join(saved_names)}, this run makes {' > '.join(names)} "
+                              "(`env_id`, `norm_obs`, `norm_reward`, `clip_obs` or `clip_reward` differ)")
+        for layer, d in zip(here, saved):
+            _restore(layer, d["state"], f"envs.json: {d['class']}")
 
-            mujoco.mj_setState(u.model, u.data, state["mujoco"], mujoco.mjtState.mjSTATE_INTEGRATION)
-            mujoco.mj_forward(u.model, u.data)
-    return envs
+
+def _layers(env) -> list:
+    """`env` and what it wraps, outermost first."""
+    out = [env]
+    while hasattr(out[-1], "env"):
+        out.append(out[-1].env)
+    return out
+
+
+def _mujoco():
+    import mujoco
+
+    return mujoco, mujoco.mjtState.mjSTATE_INTEGRATION
+
+
+# What gymnasium's MuJoCo envs read between steps besides the integration state. mj_step leaves them at
+# the values of its first phase (before integrating), which mj_forward on the restored state would not
+# give: Ant's and Humanoid's x_velocity start from xpos / xipos as the last step left them.
+MUJOCO_DERIVED = ("xpos", "xipos", "site_xpos", "cinert", "cvel", "cfrc_ext", "qfrc_actuator", "qfrc_constraint",
+                  "ten_length", "ten_velocity")
+
+
+def _layer_state(obj) -> dict:
+    state = {name: data for name, value in vars(obj).items() if (data := _to_data(value)) is not None}
+    if hasattr(obj, "model") and hasattr(obj, "data"):  # MuJoCo: the physics lives in C structs
+        mujoco, kind = _mujoco()
+        physics = np.empty(mujoco.mj_stateSize(obj.model, kind), dtype=np.float64)
+        mujoco.mj_getState(obj.model, obj.data, physics, kind)
+        state["mujoco"] = _to_data([physics] + [getattr(obj.data, k) for k in MUJOCO_DERIVED])
+    return {"class": type(obj).__name__, "state": state}
+
+
+def _to_data(value):
+    """`value` as tagged JSON data, or None where it is not plain state."""
+    from gymnasium.wrappers.utils import RunningMeanStd
+
+    if isinstance(value, np.generic):  # before float: np.float64 is a float, and keeps its type (NumPy 2 promotion)
+        return {"scalar": value.item(), "dtype": value.dtype.str} if value.dtype.kind in "biuf" else None
+    if value is None or isinstance(value, (bool, int, float)):
+        return {"value": value}
+    if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":  # tolist() and JSON floats round-trip exactly
+        return {"array": value.tolist(), "dtype": value.dtype.str, "shape": list(value.shape)}
+    if isinstance(value, np.random.Generator):
+        return {"rng": value.bit_generator.state}
+    if isinstance(value, RunningMeanStd):
+        return {"rms": {k: d for k, v in vars(value).items() if (d := _to_data(v)) is not None}}
+    if isinstance(value, (list, tuple, deque)):
+        items = [_to_data(v) for v in value]
+        if not all(i is not None and ({"value", "scalar", "array"} & i.keys()) for i in items):
+            return None
+        return {"items": items, "type": type(value).__name__, "maxlen": getattr(value, "maxlen", None)}
+    return None
+
+
+def _restore(obj, state: dict, where: str) -> None:
+    for name, data in state.items():
+        if name == "mujoco" and hasattr(obj, "model"):
+            mujoco, kind = _mujoco()
+            physics, *derived = _from_data(data, [], f"{where}.mujoco")
+            mujoco.mj_setState(obj.model, obj.data, physics, kind)
+            mujoco.mj_forward(obj.model, obj.data)  # every derived quantity consistent with the state ...
+            for key, value in zip(MUJOCO_DERIVED, derived, strict=True):  # ... then those the env reads, as they were
+                getattr(obj.data, key)[...] = value
+        elif name in vars(obj):
+            setattr(obj, name, _from_data(data, getattr(obj, name), f"{where}.{name}"))
+        else:
+            raise ConfigError(f"{where} has no attribute `{name}` in this run")
+
+
+def _from_data(data: dict, current, where: str):
+    """The value `data` stands for; RNGs and running statistics are loaded into the fresh env's `current`.
+
+    Plain values (numbers, arrays, None, sequences of numbers) replace plain values, as saved: their
+    types, dtypes and shapes drift during a run (a running mean starts as a 0-d array, MountainCar's
+    state turns from an array into a tuple), and `load_env_state`'s class checks already tie the
+    checkpoint to this env.
+    """
+    from gymnasium.wrappers.utils import RunningMeanStd
+
+    if "rng" in data and isinstance(current, np.random.Generator):
+        current.bit_generator.state = data["rng"]
+        return current
+    if "rms" in data and isinstance(current, RunningMeanStd):
+        _restore(current, data["rms"], where)
+        return current
+    if ("rng" in data or "rms" in data or current is not None
+            and not isinstance(current, (bool, int, float, np.generic, np.ndarray, list, tuple, deque))):
+        raise ConfigError(f"{where}: saved as {next(iter(data))}, this run has {type(current).__name__}")
+    if "items" in data:
+        items = [_number_or_array(d, where) for d in data["items"]]
+        kind = {"list": list, "tuple": tuple}.get(data["type"])
+        return kind(items) if kind else deque(items, maxlen=data["maxlen"])
+    return _number_or_array(data, where)
+
+
+def _number_or_array(data: dict, where: str):
+    """A number or numeric array from `_to_data`'s tags (a dtype that could hold objects is refused)."""
+    if "value" in data and isinstance(data["value"], (type(None), bool, int, float)):
+        return data["value"]
+    if ("scalar" in data or "array" in data) and np.dtype(data["dtype"]).kind in "biuf":
+        dtype = np.dtype(data["dtype"])
+        return dtype.type(data["scalar"]) if "scalar" in data else np.array(data["array"], dtype=dtype).reshape(data["shape"])
+    raise ConfigError(f"{where}: not a number or numeric array")
 
 
 # --------------------------------------------------------------------------------------------
@@ -433,37 +525,34 @@ def crossed(step: int, prev_step: int, every: int) -> bool:
 def setup(cfg, obs_space, act_space, policy_kind: str):
     """Everything before the training loop that pg / ppo / trpo share.
 
-    Returns (run, envs, policy, rollout, resumed_state or None). On resume the vector env comes
-    back from the checkpoint (exact: mid-episode states, RNGs and normalisation statistics);
-    the caller restores its own optimiser / controller entries from `resumed_state`.
+    Returns (checkpoint or None, envs, policy, rollout, resumed_state or None). On resume the vector
+    env is made anew and given the checkpoint's env state (exact: mid-episode states, RNGs and
+    normalisation statistics). The caller restores its own optimiser / controller entries from
+    `resumed_state` inside `loading_checkpoint`, and only then opens the run directory
+    (`Run(cfg, checkpoint=...)`), so a checkpoint that does not load changes nothing.
     """
-    from rlhf.runtime import Run, load_state, resolve_checkpoint, seed_everything
+    from rlhf.runtime import command_name, load_state, loading_checkpoint, resolve_checkpoint, seed_everything
 
-    resume = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)  # errors before any write
+    resume = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir, command_name(cfg))  # errors before any write
     device = setup_torch(cfg)
     seed_everything(cfg.seed, cfg.deterministic)
-    run = Run(cfg)
     policy = ActorCritic(obs_space, act_space, policy_kind, cfg.hidden_sizes, cfg.activation, cfg.init_log_std).to(device)
-    state = None
-    if resume is not None:
+    envs = make_env_from_cfg(cfg)
+    if resume is None:
+        first_obs, _ = envs.reset(seed=cfg.seed)
+        return None, envs, policy, Rollout(envs, policy, cfg.num_steps, device, first_obs), None
+    with loading_checkpoint(resume):
         state = load_state(resume / "state.pt")  # restores python / numpy / torch RNGs
         policy.load_state_dict(state["policy"])
-        if (resume / "envs.pkl").exists():
-            envs = load_envs(resume / "envs.pkl")
-            rollout = Rollout(envs, policy, cfg.num_steps, device, first_obs=None)
+        first_obs, _ = envs.reset(seed=cfg.seed + int(state["global_step"]))
+        rollout = Rollout(envs, policy, cfg.num_steps, device, first_obs)
+        if (resume / "envs.json").exists():  # a sync vector env's state; resolve_checkpoint refused a checkpoint that lost it
+            load_env_state(envs, json.loads((resume / "envs.json").read_text()))
             rollout.load_state_dict(state["rollout"])
         else:
             warn_async_resume(cfg)
-            envs = make_env_from_cfg(cfg)
-            first_obs, _ = envs.reset(seed=cfg.seed + int(state["global_step"]))
             load_norm_stats(envs, state["norm_stats"])
-            rollout = Rollout(envs, policy, cfg.num_steps, device, first_obs)
-        run.truncate_metrics(int(state["global_step"]))
-    else:
-        envs = make_env_from_cfg(cfg)
-        first_obs, _ = envs.reset(seed=cfg.seed)
-        rollout = Rollout(envs, policy, cfg.num_steps, device, first_obs)
-    return run, envs, policy, rollout, state
+    return resume, envs, policy, rollout, state
 
 
 def make_env_from_cfg(cfg: OnPolicyArgs):
@@ -472,11 +561,13 @@ def make_env_from_cfg(cfg: OnPolicyArgs):
 
 
 def save_checkpoint(run, global_step: int, rollout: Rollout, **state) -> None:
-    """checkpoints/step-N/{state.pt, envs.pkl}: model, optimiser, counters, RNGs, env state, normalisation statistics."""
+    """checkpoints/step-N/{state.pt, envs.json}: model, optimiser, counters, RNGs, env state, normalisation statistics."""
     from rlhf.runtime import save_state
 
     with run.checkpoint(global_step) as d:
-        save_envs(rollout.envs, d / "envs.pkl")
+        data = env_state(rollout.envs)
+        if data is not None:
+            (d / "envs.json").write_text(json.dumps(data))  # NaN / inf as JSON's NaN / Infinity: exact either way
         save_state(d / "state.pt", {**state, "global_step": global_step, "rollout": rollout.state_dict(),
                                     "norm_stats": norm_stats(rollout.envs)})
 

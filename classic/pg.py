@@ -22,7 +22,7 @@ from torch import nn
 from classic import onpolicy
 from classic.onpolicy import OnPolicyArgs
 from rlhf.core import discounted_returns, masked_mean, masked_whiten, policy_gradient_loss, value_loss
-from rlhf.runtime import RunConfig, Timer, arg, check, progress
+from rlhf.runtime import Run, RunConfig, Timer, arg, check, loading_checkpoint, progress
 
 
 @dataclasses.dataclass
@@ -74,14 +74,16 @@ def update(cfg: Config, policy, optimizer, batch: dict) -> dict:
 
 def train(cfg: Config) -> dict:
     obs_space, act_space, policy_kind = onpolicy.check_env(cfg)
-    run, envs, policy, rollout, resumed = onpolicy.setup(cfg, obs_space, act_space, policy_kind)
+    resume, envs, policy, rollout, resumed = onpolicy.setup(cfg, obs_space, act_space, policy_kind)
     device = next(policy.parameters()).device
     trainable = policy.parameters() if cfg.baseline else [p for n, p in policy.named_parameters() if not n.startswith("critic.")]
     optimizer = torch.optim.Adam(trainable, lr=cfg.learning_rate, eps=1e-5, fused=onpolicy.FUSED_ADAM)
     start_iteration, global_step = 1, 0
     if resumed is not None:
-        optimizer.load_state_dict(resumed["optimizer"])
+        with loading_checkpoint(resume):
+            optimizer.load_state_dict(resumed["optimizer"])
         start_iteration, global_step = resumed["iteration"] + 1, int(resumed["global_step"])
+    run = Run(cfg, checkpoint=resume)  # after the checkpoint loaded: a bad one changes nothing
 
     timer, start_step = Timer(), global_step
     bar = progress(cfg.num_iterations * cfg.batch_size, f"pg {cfg.env_id}", cfg.progress, initial=global_step)

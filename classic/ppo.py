@@ -31,7 +31,7 @@ from classic.nets import adam_step, clip_grad_norm
 from classic.onpolicy import OnPolicyArgs
 from classic.policies import ActorCritic
 from rlhf.core import AdaptiveKLController, FixedKLController, kl_penalty_loss, masked_mean, masked_whiten, ppo_clip_loss, value_loss
-from rlhf.runtime import RunConfig, Timer, arg, check, progress
+from rlhf.runtime import Run, RunConfig, Timer, arg, check, loading_checkpoint, progress
 
 PENALTIES = ("clip", "adaptive_kl", "fixed_kl", "none")
 CXX_COMPILERS = tuple(filter(None, (os.environ.get("CXX"), "g++", "c++", "clang++")))  # what inductor can build with
@@ -154,17 +154,19 @@ def update(cfg: Config, policy: ActorCritic, optimizer: torch.optim.Optimizer, b
 
 def train(cfg: Config) -> dict:
     obs_space, act_space, policy_kind = onpolicy.check_env(cfg)
-    run, envs, policy, rollout, resumed = onpolicy.setup(cfg, obs_space, act_space, policy_kind)
+    resume, envs, policy, rollout, resumed = onpolicy.setup(cfg, obs_space, act_space, policy_kind)
     device = next(policy.parameters()).device
     optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.learning_rate, eps=1e-5, fused=onpolicy.FUSED_ADAM)
     controller = make_controller(cfg)
     loss_fn = torch.compile(minibatch_loss, dynamic=False) if cfg.compile else minibatch_loss  # compiled at first use
     start_iteration, global_step = 1, 0
     if resumed is not None:
-        optimizer.load_state_dict(resumed["optimizer"])
-        if controller is not None:
-            controller.load_state_dict(resumed["controller"])
+        with loading_checkpoint(resume):
+            optimizer.load_state_dict(resumed["optimizer"])
+            if controller is not None:
+                controller.load_state_dict(resumed["controller"])
         start_iteration, global_step = resumed["iteration"] + 1, int(resumed["global_step"])
+    run = Run(cfg, checkpoint=resume)  # after the checkpoint loaded: a bad one changes nothing
 
     timer, start_step = Timer(), global_step
     bar = progress(cfg.num_iterations * cfg.batch_size, f"ppo {cfg.env_id}", cfg.progress, initial=global_step)

@@ -40,7 +40,7 @@ from rlhf.core import (
     trpo_step_size,
     value_loss,
 )
-from rlhf.runtime import ConfigError, RunConfig, Timer, arg, check, progress
+from rlhf.runtime import ConfigError, Run, RunConfig, Timer, arg, check, loading_checkpoint, progress
 
 
 @dataclasses.dataclass
@@ -157,17 +157,19 @@ def train(cfg: Config) -> dict:
     obs_space, act_space, policy_kind = onpolicy.check_env(cfg)
     if policy_kind == "cnn":
         raise ConfigError(f"`policy`: TRPO supports mlp policies only; {cfg.env_id} needs a CNN")
-    run, envs, policy, rollout, resumed = onpolicy.setup(cfg, obs_space, act_space, policy_kind)
+    resume, envs, policy, rollout, resumed = onpolicy.setup(cfg, obs_space, act_space, policy_kind)
     device = next(policy.parameters()).device
     vf_optimizer = torch.optim.Adam(policy.critic.parameters(), lr=cfg.learning_rate, eps=1e-5, fused=onpolicy.FUSED_ADAM)
     pi_optimizer = torch.optim.Adam(actor_parameters(policy), lr=cfg.policy_lr, eps=1e-5)  # penalty variant only
     lam = cfg.init_lambda
     start_iteration, global_step = 1, 0
     if resumed is not None:
-        vf_optimizer.load_state_dict(resumed["vf_optimizer"])
-        pi_optimizer.load_state_dict(resumed["pi_optimizer"])
+        with loading_checkpoint(resume):
+            vf_optimizer.load_state_dict(resumed["vf_optimizer"])
+            pi_optimizer.load_state_dict(resumed["pi_optimizer"])
         lam = float(resumed["lambda"])
         start_iteration, global_step = resumed["iteration"] + 1, int(resumed["global_step"])
+    run = Run(cfg, checkpoint=resume)  # after the checkpoint loaded: a bad one changes nothing
 
     timer, start_step = Timer(), global_step
     bar = progress(cfg.num_iterations * cfg.batch_size, f"trpo {cfg.env_id}", cfg.progress, initial=global_step)

@@ -37,7 +37,7 @@ from rlhf.rollout import (
     PromptSource, batch_logprobs, decode_completions, evaluate_arithmetic, generate, load_rl_inputs, tokenize_prompts,
 )
 from rlhf.runtime import (
-    Run, RunConfig, Timer, arg, check, fmt_metrics, load_state, progress, save_state, seed_everything,
+    Run, RunConfig, Timer, arg, check, fmt_metrics, load_state, loading_checkpoint, progress, save_state, seed_everything,
 )
 
 LOSS_MODES = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm"}
@@ -308,7 +308,7 @@ def train_step(cfg, accelerator, model, optimizer, scheduler, batch) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def _save_checkpoint(run, accelerator, step, source, batch, extra):
+def _save_checkpoint(run, accelerator, step, source, scheduler, batch, extra):
     from rlhf.distributed import checkpoint
 
     with checkpoint(accelerator, run, step) as tmp:  # barriers: tmp exists before, everyone done after
@@ -317,7 +317,8 @@ def _save_checkpoint(run, accelerator, step, source, batch, extra):
             torch.save({k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in batch.items()},
                        Path(tmp) / f"batch_{accelerator.process_index}.pt")
         if accelerator.is_main_process:
-            save_state(Path(tmp) / "trainer_state.pt", {"step": step, "data_position": source.position, **extra})
+            save_state(Path(tmp) / "trainer_state.pt", {"step": step, "data_position": source.position,
+                                                        "scheduler": scheduler.state_dict(), **extra})
 
 
 def train(cfg: Config) -> dict:
@@ -335,15 +336,14 @@ def train(cfg: Config) -> dict:
     rewards_fn, rm_scorer, resume, tokenizer, rows, eval_prompts = load_rl_inputs(cfg, accelerator.device)
 
     policy, reference = load_policy_and_reference(cfg)  # a LoRA target that matches nothing fails before the run directory
-    run = Run(cfg, is_main=accelerator.is_main_process)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   fused=accelerator.device.type in ("cpu", "cuda"))  # one kernel, not one per tensor
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=int(cfg.warmup_ratio * cfg.max_steps),
                               num_training_steps=cfg.max_steps)
-    # The scheduler stays unprepared: accelerate's wrapper would step it once per process.
+    # The scheduler stays unprepared: accelerate's wrapper would step it once per process; its state
+    # goes into trainer_state.pt (accelerate's register_for_checkpointing would load it with pickle).
     model, optimizer = accelerator.prepare(policy, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
     if reference is not None:  # sharded evaluation-only engine under ZeRO-3, plain module otherwise
         reference = prepare_frozen(accelerator, reference)
     if rm_scorer is not None:
@@ -353,15 +353,17 @@ def train(cfg: Config) -> dict:
     source = PromptSource(rows, cfg.seed)
     step, batch, kl_history, batch_metrics, summary_start = 0, None, [], {}, {}
     if resume is not None:
-        accelerator.load_state(str(resume / "accelerate"))
-        state = load_state(resume / "trainer_state.pt", restore_rng=False)  # accelerate restored each process's RNG
+        with loading_checkpoint(resume):
+            accelerator.load_state(str(resume / "accelerate"))
+            state = load_state(resume / "trainer_state.pt", restore_rng=False)  # accelerate restored each process's RNG
+            scheduler.load_state_dict(state["scheduler"])
+            batch_file = resume / f"batch_{accelerator.process_index}.pt"
+            if batch_file.exists():
+                batch = {k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v
+                         for k, v in torch.load(batch_file, weights_only=True).items()}
         step, source.position, kl_history = state["step"], state["data_position"], list(state["kl_history"])
         batch_metrics, summary_start = state["batch_metrics"], state["summary_start"]
-        batch_file = resume / f"batch_{accelerator.process_index}.pt"
-        if batch_file.exists():
-            batch = {k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v
-                     for k, v in torch.load(batch_file, weights_only=True).items()}
-        run.truncate_metrics(step)
+    run = Run(cfg, is_main=accelerator.is_main_process, checkpoint=resume)  # after the checkpoint loaded: a bad one changes nothing
 
     if eval_prompts and step == 0:
         summary_start = {f"start/{k}": v for k, v in
@@ -394,11 +396,11 @@ def train(cfg: Config) -> dict:
         bar.update(1)
         bar.set_postfix(fmt_metrics(metrics, ["reward/mean", "kl/ref", "frac_reward_zero_std", "eval/accuracy"]))
         if cfg.save_steps and step % cfg.save_steps == 0 and step < cfg.max_steps:
-            _save_checkpoint(run, accelerator, step, source, batch, dict(
+            _save_checkpoint(run, accelerator, step, source, scheduler, batch, dict(
                 kl_history=kl_history, batch_metrics=batch_metrics, summary_start=summary_start))
     bar.close()
 
-    _save_checkpoint(run, accelerator, step, source, batch, dict(
+    _save_checkpoint(run, accelerator, step, source, scheduler, batch, dict(
         kl_history=kl_history, batch_metrics=batch_metrics, summary_start=summary_start))
     summary = {**summary_start, "step": step, "train_time_s": timer.elapsed()}
     if eval_prompts:

@@ -41,7 +41,7 @@ from rlhf.rollout import (
     position_ids_from_mask, tokenize_prompts,
 )
 from rlhf.runtime import (
-    Run, RunConfig, Timer, arg, check, fmt_metrics, load_state, progress, save_state, seed_everything,
+    Run, RunConfig, Timer, arg, check, fmt_metrics, load_state, loading_checkpoint, progress, save_state, seed_everything,
 )
 
 
@@ -449,16 +449,15 @@ def train(cfg: Config) -> dict:
     rewards_fn, rm_scorer, resume, tokenizer, rows, eval_prompts = load_rl_inputs(cfg, accelerator.device)
 
     model, reference = load_models(cfg)  # a missing value model or LoRA target fails here, before the run directory
-    run = Run(cfg, is_main=accelerator.is_main_process)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                   weight_decay=cfg.weight_decay,
                                   fused=accelerator.device.type in ("cpu", "cuda"))  # one kernel, not one per tensor
     n_optimizer_steps = cfg.max_steps * cfg.num_ppo_epochs * cfg.num_mini_batches
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=int(cfg.warmup_ratio * n_optimizer_steps),
                               num_training_steps=n_optimizer_steps)
-    # The scheduler stays unprepared: accelerate's wrapper would step it once per process.
+    # The scheduler stays unprepared: accelerate's wrapper would step it once per process; its state
+    # goes into trainer_state.pt (accelerate's register_for_checkpointing would load it with pickle).
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
     if reference is not None:  # sharded evaluation-only engine under ZeRO-3, plain module otherwise
         reference = prepare_frozen(accelerator, reference)
     if rm_scorer is not None:
@@ -467,14 +466,16 @@ def train(cfg: Config) -> dict:
 
     prompts_per_process = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * cfg.num_mini_batches
     source = PromptSource(rows, cfg.seed)
-    step, kl_history, summary_start = 0, [], {}
+    step, kl_history, summary_start, metrics = 0, [], {}, {}
     if resume is not None:
-        accelerator.load_state(str(resume / "accelerate"))
-        state = load_state(resume / "trainer_state.pt", restore_rng=False)  # accelerate restored each process's RNG
+        with loading_checkpoint(resume):
+            accelerator.load_state(str(resume / "accelerate"))
+            state = load_state(resume / "trainer_state.pt", restore_rng=False)  # accelerate restored each process's RNG
+            scheduler.load_state_dict(state["scheduler"])
+            kl_ctl.load_state_dict(state["kl_controller"])
         step, source.position = state["step"], state["data_position"]
-        kl_ctl.load_state_dict(state["kl_controller"])
-        kl_history, summary_start = list(state["kl_history"]), state["summary_start"]
-        run.truncate_metrics(step)
+        kl_history, summary_start, metrics = list(state["kl_history"]), state["summary_start"], state["metrics"]
+    run = Run(cfg, is_main=accelerator.is_main_process, checkpoint=resume)  # after the checkpoint loaded: a bad one changes nothing
 
     select_policy = lambda m: m.policy  # noqa: E731
     if eval_prompts and step == 0:
@@ -482,12 +483,12 @@ def train(cfg: Config) -> dict:
             accelerator, model, tokenizer, eval_prompts, cfg.max_completion_length, select_policy).items()}
         run.log(0, summary_start)
 
-    def state():
-        return {"step": step, "data_position": source.position, "kl_controller": kl_ctl.state_dict(),
-                "kl_history": kl_history, "summary_start": summary_start}
+    def state():  # metrics: the last step's, for summary.json after a resume from the final checkpoint
+        return {"step": step, "data_position": source.position, "scheduler": scheduler.state_dict(),
+                "kl_controller": kl_ctl.state_dict(), "kl_history": kl_history, "summary_start": summary_start,
+                "metrics": metrics}
 
     timer, bar = Timer(), progress(cfg.max_steps, "ppo", cfg.progress and accelerator.is_main_process, initial=step)
-    metrics = {}
     while step < cfg.max_steps:
         step_timer = Timer()
         global_rows = source.take(prompts_per_process * world)

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 from rlhf.core import ranking_loss
-from rlhf.runtime import (ConfigError, Run, Timer, arg, check, fmt_metrics, parse_config, progress,
-                          seed_everything)
+from rlhf.runtime import (ConfigError, Run, Timer, arg, check, command_name, fmt_metrics, parse_config, progress,
+                          resolve_checkpoint, seed_everything)
 from rlhf.sft import (TrainingConfig, global_batch_indices, maybe_lora, micro_batches, optimizer_and_scheduler, resume,
                       save_checkpoint)
 
@@ -185,6 +185,7 @@ def train(cfg: Config) -> dict:
     acc = make_accelerator(cfg.gradient_accumulation_steps, mixed_precision="bf16" if cfg.bf16 else "no",
                            per_device_train_batch_size=cfg.per_device_train_batch_size, max_grad_norm=cfg.max_grad_norm)
     seed_everything(cfg.seed, cfg.deterministic)
+    resume_dir = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir, command_name(cfg))
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     groups, eval_groups, dropped = load_groups(cfg, tokenizer)
 
@@ -200,12 +201,11 @@ def train(cfg: Config) -> dict:
     model = maybe_lora(model, cfg)
     optimizer, scheduler = optimizer_and_scheduler(model, cfg, total_steps)
     model, optimizer = acc.prepare(model, optimizer)
-    run = Run(cfg, is_main=acc.is_main_process)
-    start = resume(run, acc, scheduler)
+    start, metrics = resume(resume_dir, acc, scheduler)
+    run = Run(cfg, is_main=acc.is_main_process, checkpoint=resume_dir)  # after the checkpoint loaded: a bad one changes nothing
     timer = Timer()
     model.train()
     bar = progress(total_steps, "reward", enabled=cfg.progress and acc.is_main_process, initial=start)
-    metrics: dict = {}
     for step in range(start, total_steps):
         indices = global_batch_indices(step, global_batch, len(groups), cfg.seed)
         batches = [collate_rankings([groups[i] for i in mb], tokenizer.pad_token_id)
@@ -246,11 +246,11 @@ def train(cfg: Config) -> dict:
         bar.update(1)
         bar.set_postfix(fmt_metrics(metrics, ["loss/reward", "reward/accuracy", "eval/accuracy"]))
         if cfg.save_steps and done % cfg.save_steps == 0 and done < total_steps:
-            save_checkpoint(run, acc, scheduler, done)
+            save_checkpoint(run, acc, scheduler, done, metrics)
     bar.close()
     train_seconds = timer.elapsed()
     if start < total_steps:
-        save_checkpoint(run, acc, scheduler, total_steps)
+        save_checkpoint(run, acc, scheduler, total_steps, metrics)
 
     final = evaluate(acc, model, eval_groups, cfg, tokenizer.pad_token_id)
     run.log(total_steps, final)

@@ -280,10 +280,10 @@ def load_rl_inputs(cfg, device):
     """
     from rlhf.models import disable_dropout, load_tokenizer
     from rlhf.rewards import RewardFunctions, RewardModelScorer
-    from rlhf.runtime import resolve_checkpoint
+    from rlhf.runtime import command_name, resolve_checkpoint
 
     rewards_fn = RewardFunctions(cfg.reward_funcs, cfg.reward_weights, cfg.skip_bad_rewards) if cfg.reward_funcs else None
-    resume = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
+    resume = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir, command_name(cfg))
     tokenizer = load_tokenizer(cfg.model_name_or_path, padding_side="left")
     rows = load_prompt_rows(cfg.dataset_name, cfg.dataset_split, cfg.num_train_prompts, cfg.seed)
     eval_prompts = []

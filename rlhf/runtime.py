@@ -6,13 +6,18 @@ transformers, and `rlhf.core` does not use it at all.
 - Config: one `@dataclass` per command whose fields are declared with `arg(default, help)`.
   `parse_config(Cls, argv)` applies defaults < `--config file.yaml` < `--field value`.
 - `Run`: the run directory (`config.yaml`, `metrics.jsonl`, `summary.json`, `checkpoints/`, TensorBoard).
-- Checkpoints: one directory per step, written under a temporary name and renamed, so a crash
-  never leaves a half-written checkpoint behind; `resume_from_checkpoint` takes a path or `latest`.
+- Checkpoints: one directory per step, written under a temporary name, completed by a manifest
+  (`checkpoint.json`: command, files and sizes) and renamed, so a crash never leaves a half-written
+  checkpoint behind; `resume_from_checkpoint` takes a path or `latest`, and a checkpoint that is
+  incomplete, damaged or another command's is refused before anything is written. Every file is
+  read as data (weights-only torch.load, safetensors, npz without pickle, JSON): see
+  docs/distributed.md, "Checkpoints and trust", for the one exception (DeepSpeed).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -389,62 +394,126 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------
 
 _CKPT = re.compile(r"^step-(\d+)$")
+MANIFEST = "checkpoint.json"  # written last into a checkpoint: its presence means the checkpoint is complete
+
+
+def command_name(cfg) -> str:
+    """The command a config belongs to (`classic dqn`, `rlhf sft`), recorded in its checkpoints."""
+    return type(cfg).__module__.replace(".", " ")
 
 
 def checkpoint_dirs(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints in `output_dir/checkpoints`, oldest first."""
+    """Complete checkpoints (those with a manifest) in `output_dir/checkpoints`, oldest first."""
     root = Path(output_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _CKPT.match(p.name))]
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _CKPT.match(p.name)) and (p / MANIFEST).is_file()]
     return [p for _, p in sorted(found)]
 
 
-def resolve_checkpoint(resume: str, output_dir: str | os.PathLike) -> Path | None:
-    """`resume_from_checkpoint` -> a checkpoint directory, or None when not resuming."""
+def checkpoint_info(path: Path, command: str | None = None) -> dict[str, Any]:
+    """The manifest of a complete checkpoint, after checking that every file it lists is there at its
+    recorded size and (given `command`) that this command wrote it; else a ConfigError naming the culprit."""
+    where = "`resume_from_checkpoint`"
+    if not (path / MANIFEST).is_file():
+        if (path / "checkpoints").is_dir() or (path / "config.yaml").is_file():
+            raise ConfigError(f"{where}: {path} is a run directory, not a checkpoint; pass one of "
+                              f"{path / 'checkpoints'}/step-N, or `latest` with --output_dir {path}")
+        raise ConfigError(f"{where}: {path} is not a complete checkpoint (no {MANIFEST}: never finished, "
+                          "or not a checkpoint at all)")
+    try:
+        info = json.loads((path / MANIFEST).read_text())
+        files = {str(k): int(v) for k, v in info["files"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ConfigError(f"{where}: {path / MANIFEST} is damaged (not a checkpoint manifest)") from None
+    if command is not None and info.get("command") != command:
+        raise ConfigError(f"{where}: {path} is a checkpoint of `{info.get('command')}`, not of `{command}`")
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file():
+            raise ConfigError(f"{where}: {f} is missing from the checkpoint")
+        if f.stat().st_size != size:
+            raise ConfigError(f"{where}: {f} has {f.stat().st_size} bytes, {size} when it was written (truncated or damaged)")
+    return info
+
+
+def resolve_checkpoint(resume: str, output_dir: str | os.PathLike, command: str | None = None) -> Path | None:
+    """`resume_from_checkpoint` -> a complete checkpoint directory (see `checkpoint_info`), or None when not resuming."""
     if not resume:
         return None
     if resume == "latest":
         dirs = checkpoint_dirs(output_dir)
         if not dirs:
             raise ConfigError(f"`resume_from_checkpoint latest`: no checkpoint in {Path(output_dir) / 'checkpoints'}")
-        return dirs[-1]
-    path = Path(resume)
-    if not path.is_dir():
-        raise ConfigError(f"`resume_from_checkpoint`: no checkpoint directory at {path}")
+        path = dirs[-1]
+    else:
+        path = Path(resume)
+        if not path.is_dir():
+            raise ConfigError(f"`resume_from_checkpoint`: no checkpoint directory at {path}")
+    checkpoint_info(path, command)
     return path
+
+
+@contextlib.contextmanager
+def loading_checkpoint(path: Path):
+    """Wrap the code that loads checkpoint `path`: a file that does not load, or state that does not fit
+    this run (another network size or model), ends in one ConfigError instead of a traceback."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except Exception as e:  # torch, safetensors, numpy, accelerate: what a damaged or foreign checkpoint raises
+        detail = f"it has no entry {e} (written with other options?)" if isinstance(e, KeyError) else (
+            " ".join(str(e).split()) or type(e).__name__)
+        raise ConfigError(f"`resume_from_checkpoint`: {path} does not load into this run: {detail[:800]}") from None
+
+
+def _remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint without ever leaving a half-deleted `step-N`: rename it aside first."""
+    aside = path.with_name(f".old-{path.name}")
+    os.replace(path, aside)
+    shutil.rmtree(aside)
 
 
 class CheckpointWriter:
     """Context manager yielding a temporary directory that becomes `checkpoints/step-N` on success.
 
     `with CheckpointWriter(output_dir, step) as d: torch.save(..., d / "state.pt")`. Only if the
-    block finishes is the directory renamed into place (rename is atomic on one file system), then
-    old checkpoints beyond `keep` are removed. In multi-process runs call it on every process with
-    `is_main` set; only the main process renames and prunes (callers put a barrier before exit).
+    block finishes is the manifest written (the files and their sizes, plus `info`) and the
+    directory renamed into place (rename is atomic on one file system); an existing `step-N` is
+    renamed aside first and deleted after, so a crash at any point leaves every `step-N` complete
+    (a crash between the two renames leaves none for that step: `latest` then takes the one before).
+    Then old checkpoints beyond `keep` are removed. In multi-process runs call it on every process
+    with `is_main` set; only the main process renames and prunes, after the caller's barrier.
     """
 
-    def __init__(self, output_dir: str | os.PathLike, step: int, keep: int = 2, is_main: bool = True):
+    def __init__(self, output_dir: str | os.PathLike, step: int, keep: int = 2, is_main: bool = True,
+                 info: dict[str, Any] | None = None):
         self.root = Path(output_dir) / "checkpoints"
         self.final = self.root / f"step-{step:08d}"
         self.tmp = self.root / f".tmp-step-{step:08d}"
-        self.keep, self.is_main = keep, is_main
+        self.step, self.keep, self.is_main, self.info = step, keep, is_main, info or {}
 
     def __enter__(self) -> Path:
         if self.is_main:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            for junk in [self.tmp, *self.root.glob(".old-step-*")]:  # left by a crash
+                shutil.rmtree(junk, ignore_errors=True)
             self.tmp.mkdir(parents=True, exist_ok=True)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None or not self.is_main:
             return
-        if self.final.exists():
-            shutil.rmtree(self.final)
+        files = {p.relative_to(self.tmp).as_posix(): p.stat().st_size for p in sorted(self.tmp.rglob("*")) if p.is_file()}
+        write_json(self.tmp / MANIFEST, {"step": self.step, **self.info, "files": files})
+        aside = self.final.with_name(f".old-{self.final.name}")
+        if self.final.exists():  # replacing step-N: never delete it in place
+            os.replace(self.final, aside)
         os.replace(self.tmp, self.final)
+        shutil.rmtree(aside, ignore_errors=True)
         if self.keep > 0:
             for old in checkpoint_dirs(self.root.parent)[: -self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+                _remove_checkpoint(old)
 
 
 def save_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
@@ -453,9 +522,15 @@ def save_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
 
 
 def load_state(path: str | os.PathLike, restore_rng: bool = True) -> dict[str, Any]:
+    """Inverse of `save_state`, weights-only: a file that would run code when unpickled is refused (ConfigError)."""
     # numpy RNG state holds numpy arrays / dtypes, so allow-list them for the weights-only unpickler.
-    with torch.serialization.safe_globals(_SAFE_GLOBALS):
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # the weights-only unpickler's refusal, a truncated zip, ...
+        detail = " ".join(str(e).split()).split("WeightsUnpickler error: ")[-1].split(". ")[0]
+        raise ConfigError(f"`resume_from_checkpoint`: cannot load {path}: {detail}. Checkpoint files are read as data "
+                          "only (weights-only): a damaged file, or one that would run code, is refused") from None
     if restore_rng and "rng" in state:
         set_rng_state(state["rng"])
     return state
@@ -482,13 +557,15 @@ class Run:
     runs unchanged under `accelerate launch`.
     """
 
-    def __init__(self, cfg: RunConfig, is_main: bool = True, resuming: bool | None = None):
+    def __init__(self, cfg: RunConfig, is_main: bool = True, checkpoint: Path | None = None):
+        """`checkpoint`: the one this run resumes from, already loaded (so a bad one has changed nothing)."""
         self.cfg, self.is_main = cfg, is_main
         self.dir = Path(cfg.output_dir)
-        self.resuming = bool(cfg.resume_from_checkpoint) if resuming is None else resuming
+        self.resuming = bool(cfg.resume_from_checkpoint)
         self._tb = None
         self._wandb = None
         self._metrics = None
+        self._rows = 0  # rows in metrics.jsonl, recorded in each checkpoint (what a resume keeps)
         if not is_main:
             return
         summary = self.dir / "summary.json"
@@ -506,18 +583,25 @@ class Run:
         atomic_write_text(self.dir / "config.yaml", yaml.safe_dump(to_jsonable(config_to_dict(cfg)), sort_keys=False))
         if not self.resuming:
             (self.dir / "metrics.jsonl").unlink(missing_ok=True)
+        if checkpoint is not None:
+            self.truncate_metrics(checkpoint)
 
     # -- metrics -----------------------------------------------------------------------------
-    def truncate_metrics(self, step: int) -> None:
-        """On resume, drop metric lines logged after the checkpoint's step (they will be redone)."""
+    def truncate_metrics(self, checkpoint: Path) -> None:
+        """On resume, keep the metric rows logged before `checkpoint` was written; the rest is redone.
+
+        By count, not by step: rows logged at the checkpoint's step after it was written (the final
+        evaluation) would otherwise appear twice after a resume from the final checkpoint.
+        """
         path = self.dir / "metrics.jsonl"
         if not self.is_main or not path.exists():
             return
         if self._metrics is not None:  # reopened (appending to the truncated file) by the next log()
             self._metrics.close()
             self._metrics = None
-        rows = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+        rows = read_jsonl(path)[: checkpoint_info(checkpoint)["metrics_rows"]]
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+        self._rows = len(rows)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.is_main:
@@ -526,6 +610,7 @@ class Run:
         if self._metrics is None:
             self._metrics = open(self.dir / "metrics.jsonl", "a", buffering=1)
         self._metrics.write(json.dumps(row) + "\n")
+        self._rows += 1
         targets = report_targets(self.cfg.report_to)
         if "tensorboard" in targets:
             if self._tb is None:
@@ -549,10 +634,11 @@ class Run:
 
     # -- checkpoints -------------------------------------------------------------------------
     def checkpoint(self, step: int) -> CheckpointWriter:
-        return CheckpointWriter(self.dir, step, keep=self.cfg.save_total_limit, is_main=self.is_main)
+        return CheckpointWriter(self.dir, step, keep=self.cfg.save_total_limit, is_main=self.is_main,
+                                info={"command": command_name(self.cfg), "metrics_rows": self._rows})
 
     def resume_path(self) -> Path | None:
-        return resolve_checkpoint(self.cfg.resume_from_checkpoint, self.dir)
+        return resolve_checkpoint(self.cfg.resume_from_checkpoint, self.dir, command_name(self.cfg))
 
     def close(self) -> None:
         if self._metrics is not None:

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from rlhf.core import aggregate_loss
-from rlhf.runtime import (ConfigError, Run, RunConfig, Timer, arg, check, fmt_metrics, load_state, progress, save_state,
-                          seed_everything)
+from rlhf.runtime import (ConfigError, Run, RunConfig, Timer, arg, check, command_name, fmt_metrics, load_state,
+                          loading_checkpoint, progress, resolve_checkpoint, save_state, seed_everything)
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr")
 
@@ -137,24 +137,24 @@ def optimizer_and_scheduler(model, cfg, total_steps: int):
     return optimizer, scheduler
 
 
-def resume(run: Run, acc, scheduler) -> int:
-    """Restore model / optimizer / RNG (accelerate) and our own state; returns the step to continue from."""
-    path = run.resume_path()
+def resume(path: Path | None, acc, scheduler) -> tuple[int, dict]:
+    """Restore model / optimizer / RNG (accelerate) and the scheduler from checkpoint `path` (None: a fresh
+    run); returns the step to continue from and that step's metrics (summary.json's `train/loss_last`)."""
     if path is None:
-        return 0
-    acc.load_state(str(path))
-    state = load_state(Path(path) / "trainer_state.pt")
-    scheduler.load_state_dict(state["scheduler"])
-    run.truncate_metrics(state["step"])
-    return int(state["step"])
+        return 0, {}
+    with loading_checkpoint(path):
+        acc.load_state(str(path))
+        state = load_state(path / "trainer_state.pt")
+        scheduler.load_state_dict(state["scheduler"])
+    return int(state["step"]), state["metrics"]
 
 
-def save_checkpoint(run: Run, acc, scheduler, step: int, extra: dict | None = None) -> None:
+def save_checkpoint(run: Run, acc, scheduler, step: int, metrics: dict) -> None:
     with run.checkpoint(step) as tmp:
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
         if acc.is_main_process:
-            save_state(tmp / "trainer_state.pt", {"step": step, "scheduler": scheduler.state_dict(), **(extra or {})})
+            save_state(tmp / "trainer_state.pt", {"step": step, "scheduler": scheduler.state_dict(), "metrics": metrics})
         acc.wait_for_everyone()
 
 
@@ -259,6 +259,7 @@ def train(cfg: Config) -> dict:
     acc = make_accelerator(cfg.gradient_accumulation_steps, mixed_precision="bf16" if cfg.bf16 else "no",
                            per_device_train_batch_size=cfg.per_device_train_batch_size, max_grad_norm=cfg.max_grad_norm)
     seed_everything(cfg.seed, cfg.deterministic)
+    resume_dir = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir, command_name(cfg))
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     train_examples, eval_examples, dropped, builtin_task = load_examples(cfg, tokenizer)
 
@@ -270,12 +271,11 @@ def train(cfg: Config) -> dict:
     model = maybe_lora(load_causal_lm(cfg.model_name_or_path, gradient_checkpointing=cfg.gradient_checkpointing), cfg)
     optimizer, scheduler = optimizer_and_scheduler(model, cfg, total_steps)
     model, optimizer = acc.prepare(model, optimizer)
-    run = Run(cfg, is_main=acc.is_main_process)
-    start = resume(run, acc, scheduler)
+    start, metrics = resume(resume_dir, acc, scheduler)
+    run = Run(cfg, is_main=acc.is_main_process, checkpoint=resume_dir)  # after the checkpoint loaded: a bad one changes nothing
     timer, tokens_seen = Timer(), 0.0
     model.train()
     bar = progress(total_steps, "sft", enabled=cfg.progress and acc.is_main_process, initial=start)
-    metrics: dict = {}
     for step in range(start, total_steps):
         indices = global_batch_indices(step, global_batch, len(train_examples), cfg.seed)
         batches = [collate_sft([train_examples[i] for i in mb], tokenizer.pad_token_id)
@@ -312,11 +312,11 @@ def train(cfg: Config) -> dict:
         bar.update(1)
         bar.set_postfix(fmt_metrics(metrics, ["loss/sft", "eval/loss", "eval/accuracy", "eval/well_formed"]))
         if cfg.save_steps and done % cfg.save_steps == 0 and done < total_steps:
-            save_checkpoint(run, acc, scheduler, done)
+            save_checkpoint(run, acc, scheduler, done, metrics)
     bar.close()
     train_seconds = timer.elapsed()
     if start < total_steps:
-        save_checkpoint(run, acc, scheduler, total_steps)
+        save_checkpoint(run, acc, scheduler, total_steps, metrics)
 
     final = evaluate(acc, model, tokenizer, cfg, eval_examples, builtin_task, final=True)
     run.log(total_steps, final)

@@ -3,6 +3,8 @@
 import dataclasses
 import json
 import random
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,14 +101,18 @@ def test_run_dir_files_and_refusal_to_overwrite(tmp_path):
 def test_truncate_metrics_on_resume(tmp_path):
     cfg = DemoConfig(output_dir=str(tmp_path), report_to="none")
     run = Run(cfg)
-    for s in range(1, 6):
+    for s in range(1, 4):
         run.log(s, {"x": s})
+    with run.checkpoint(3) as d:
+        save_state(d / "state.pt", {"step": 3})
+    run.log(3, {"eval/final": 1})  # logged at the checkpoint's step, after it: a resume redoes it
+    run.log(4, {"x": 4})
     run.close()
-    run = Run(dataclasses.replace(cfg, resume_from_checkpoint="latest"))
-    run.truncate_metrics(3)
-    run.log(4, {"x": 40})
+    run = Run(dataclasses.replace(cfg, resume_from_checkpoint="latest"), checkpoint=checkpoint_dirs(tmp_path)[-1])
+    run.log(3, {"eval/final": 1})
     run.close()
-    assert [r["x"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3, 40]
+    assert read_jsonl(tmp_path / "metrics.jsonl") == [{"step": 1, "x": 1}, {"step": 2, "x": 2}, {"step": 3, "x": 3},
+                                                      {"step": 3, "eval/final": 1}]
 
 
 def test_checkpoint_is_atomic_and_pruned(tmp_path):
@@ -132,3 +138,64 @@ def test_rng_state_round_trip(tmp_path):
     state = load_state(tmp_path / "s.pt")
     assert state["step"] == 3
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+class _Kill(BaseException):
+    """Like kill -9: nothing after it runs (not an Exception, so no handler catches it)."""
+
+
+def test_replacing_a_checkpoint_is_crash_safe(tmp_path, monkeypatch):
+    for step, value in ((10, "old"), (20, "old")):
+        with CheckpointWriter(tmp_path, step, keep=0) as d:
+            save_state(d / "state.pt", {"value": value})
+            (d / "extra.bin").write_bytes(b"x" * 100)
+    real_rmtree = shutil.rmtree
+
+    def killed_while_deleting(path, *args, **kwargs):  # deletes one file of a checkpoint, then the process dies
+        files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if Path(path).is_dir() else []
+        if not files:
+            return real_rmtree(path, *args, **kwargs)
+        files[-1].unlink()
+        raise _Kill
+
+    monkeypatch.setattr(shutil, "rmtree", killed_while_deleting)
+    with pytest.raises(_Kill):
+        with CheckpointWriter(tmp_path, 20, keep=0) as d:  # replaces step-20
+            save_state(d / "state.pt", {"value": "new"})
+            (d / "extra.bin").write_bytes(b"y" * 100)
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    latest = resolve_checkpoint("latest", tmp_path)
+    assert latest.name == "step-00000020" and load_state(latest / "state.pt")["value"] == "new"
+    assert (latest / "extra.bin").read_bytes() == b"y" * 100
+    with CheckpointWriter(tmp_path, 30, keep=0) as d:  # the next checkpoint clears what the crash left
+        save_state(d / "state.pt", {"value": "next"})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000010", "step-00000020", "step-00000030"]
+
+
+def test_only_complete_checkpoints_are_accepted(tmp_path):
+    with Run(DemoConfig(output_dir=str(tmp_path), report_to="none")).checkpoint(10) as d:
+        save_state(d / "state.pt", {"step": 10})
+        (d / "replay.npz").write_bytes(b"z" * 64)
+    (tmp_path / "checkpoints" / "step-00000020").mkdir()  # no manifest: cut short, or not ours
+    (tmp_path / "checkpoints" / "step-00000020" / "state.pt").write_bytes(b"")
+    assert resolve_checkpoint("latest", tmp_path).name == "step-00000010"
+    with pytest.raises(ConfigError, match="step-00000020 is not a complete checkpoint"):
+        resolve_checkpoint(str(tmp_path / "checkpoints" / "step-00000020"), tmp_path)
+    ckpt = tmp_path / "checkpoints" / "step-00000010"
+    with pytest.raises(ConfigError, match=r"is a run directory, not a checkpoint.*latest"):
+        resolve_checkpoint(str(tmp_path), tmp_path)
+    with pytest.raises(ConfigError, match=r"checkpoint of `test_runtime`, not of `classic dqn`"):
+        resolve_checkpoint(str(ckpt), tmp_path, "classic dqn")
+    (ckpt / "replay.npz").write_bytes(b"z" * 10)
+    with pytest.raises(ConfigError, match=r"replay.npz has 10 bytes, 64 when it was written"):
+        resolve_checkpoint("latest", tmp_path)
+    (ckpt / "replay.npz").unlink()
+    with pytest.raises(ConfigError, match=r"replay.npz is missing"):
+        resolve_checkpoint("latest", tmp_path)
+
+
+def test_a_pickle_payload_is_refused_and_never_runs(tmp_path, plant_pickle):
+    marker = plant_pickle(tmp_path, "state.pt")
+    with pytest.raises(ConfigError, match=r"cannot load .*state.pt: Unsupported global"):
+        load_state(tmp_path / "state.pt")
+    assert not marker.exists()

@@ -156,6 +156,34 @@ def test_resume_continues_exactly(tmp_path, env_id, extra):
     check_resume_is_exact(ppo, lambda **kw: cfg_for(tmp_path, **common, **kw), tmp_path, 64 * common["num_envs"])
 
 
+def test_a_kill_in_the_final_phase_then_resume_gives_the_run_an_uninterrupted_one_does(tmp_path, kill_in_final_phase, untimed):
+    kw = dict(num_envs=2, num_steps=32, num_minibatches=2, update_epochs=1, total_timesteps=128, eval_episodes=2)
+    straight = ppo.train(cfg_for(tmp_path, output_dir=str(tmp_path / "a"), **kw))
+    resumed = kill_in_final_phase(ppo.train, lambda **more: cfg_for(tmp_path, output_dir=str(tmp_path / "b"), **kw, **more))
+    assert untimed([resumed]) == untimed([straight])
+    assert _metrics(tmp_path / "a") == _metrics(tmp_path / "b") and sum("eval/return_mean" in r for r in _metrics(tmp_path / "b")) == 1
+
+
+def test_a_pickle_planted_in_a_checkpoint_never_runs(tmp_path, dir_files, plant_pickle):
+    """Checkpoints are plain data: a pickle (the vector env, as older versions wrote it) is never unpickled,
+    and a state.pt whose unpickling would run code is refused before anything is written."""
+    kw = dict(num_envs=1, num_steps=32, num_minibatches=1, update_epochs=1)
+    ppo.train(cfg_for(tmp_path, total_timesteps=32, **kw))
+    shutil.copytree(tmp_path / "run", tmp_path / "copy")
+    ckpt = tmp_path / "run" / "checkpoints" / f"step-{32:08d}"
+    marker = plant_pickle(ckpt, "envs.pkl", plain_pickle=True)
+    ppo.train(cfg_for(tmp_path, total_timesteps=64, resume_from_checkpoint=str(ckpt), **kw))
+    assert not marker.exists()
+
+    run = tmp_path / "copy"
+    ckpt = run / "checkpoints" / f"step-{32:08d}"
+    plant_pickle(ckpt, "state.pt")
+    before = dir_files(run)
+    with pytest.raises(ConfigError, match=r"cannot load .*state.pt: Unsupported global"):
+        ppo.train(cfg_for(tmp_path, output_dir=str(run), total_timesteps=64, resume_from_checkpoint=str(ckpt), **kw))
+    assert not marker.exists() and dir_files(run) == before
+
+
 def test_mujoco_smoke_writes_the_run(tmp_path):
     cfg = cfg_for(tmp_path, env_id="Hopper-v5", num_envs=1, num_steps=128, num_minibatches=4, total_timesteps=256,
                   norm_obs=True, norm_reward=True, eval_episodes=2)

@@ -1,6 +1,8 @@
 """classic dqn: bad input errors, learning on CartPole, an Atari smoke run, exact resume after a crash."""
 
 import json
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -111,3 +113,73 @@ def test_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch):
     untimed = lambda summary: {k: v for k, v in summary.items() if not k.startswith("time/")}  # noqa: E731 (sps, cpu_sps)
     assert untimed(straight) == untimed(resumed)
     assert json.loads((tmp_path / "b" / "run" / "summary.json").read_text())["global_step"] == 2000
+
+
+# ---- damaged or foreign checkpoints, and a crash in the final phase ---------------------------
+
+TINY = dict(total_timesteps=300, learning_starts=100, buffer_size=500, batch_size=16, train_frequency=4, gradient_steps=1,
+            hidden_sizes=[16], eval_frequency=0, eval_episodes=2, logging_steps=100)
+
+
+@pytest.fixture(scope="module")
+def finished_dqn_run(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("dqn_run")
+    dqn.train(_cfg(root, **TINY))
+    return root / "run"
+
+
+def _damage(run, how, tmp_path):
+    ckpt = runtime.checkpoint_dirs(run)[-1]
+    if how == "truncated state.pt":
+        (ckpt / "state.pt").write_bytes((ckpt / "state.pt").read_bytes()[:200])
+    elif how == "truncated replay.npz":
+        (ckpt / "replay.npz").write_bytes((ckpt / "replay.npz").read_bytes()[:-10])
+    elif how == "missing replay.npz":  # what a kill while the old code deleted a checkpoint could leave
+        (ckpt / "replay.npz").unlink()
+    elif how == "run directory":
+        return run, {}
+    elif how == "other network":
+        return ckpt, dict(hidden_sizes=[32])
+    elif how == "other algorithm":
+        from classic import ppo
+
+        ppo.train(make_config(ppo.Config, dict(output_dir=str(tmp_path / "ppo"), total_timesteps=64, num_envs=1,
+                                               num_steps=64, num_minibatches=1, eval_episodes=0, progress=False,
+                                               report_to="none")))
+        return runtime.checkpoint_dirs(tmp_path / "ppo")[-1], {}
+    return ckpt, {}
+
+
+@pytest.mark.parametrize("how, message", [
+    ("truncated state.pt", r"state.pt has 200 bytes, \d+ when it was written"),
+    ("truncated replay.npz", r"replay.npz has \d+ bytes, \d+ when it was written"),
+    ("missing replay.npz", r"replay.npz is missing from the checkpoint"),
+    ("run directory", r"is a run directory, not a checkpoint"),
+    ("other network", r"does not load into this run: .*size mismatch for .*torch.Size\(\[16, 4\]\).*torch.Size\(\[32, 4\]\)"),
+    ("other algorithm", r"is a checkpoint of `classic ppo`, not of `classic dqn`"),
+])
+def test_a_bad_checkpoint_is_one_clear_error_and_changes_nothing(finished_dqn_run, tmp_path, capsys, dir_files, how, message):
+    run = tmp_path / "run"
+    shutil.copytree(finished_dqn_run, run)
+    ckpt, over = _damage(run, how, tmp_path)
+    (run / "summary.json").unlink()  # a run cut short in its final phase
+    before = dir_files(run)
+    argv = ["dqn"] + [f"--{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in {
+        **TINY, "total_timesteps": 600, **over}.items()] + [
+        "--output_dir", str(run), "--resume_from_checkpoint", str(ckpt), "--progress", "false", "--report_to", "none"]
+    with pytest.raises(SystemExit) as e:
+        classic_main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert re.search(message, err), err
+    assert dir_files(run) == before  # config.yaml not rewritten, nothing else touched
+
+
+def test_a_kill_in_the_final_phase_then_resume_gives_the_run_an_uninterrupted_one_does(tmp_path, kill_in_final_phase, untimed):
+    torch.set_num_threads(1)
+    straight = dqn.train(_cfg(tmp_path / "a", **TINY))
+    resumed = kill_in_final_phase(dqn.train, lambda **kw: _cfg(tmp_path / "b", **TINY, **kw))
+    assert untimed([resumed]) == untimed([straight])
+    a, b = (read_jsonl(tmp_path / d / "run" / "metrics.jsonl") for d in "ab")
+    assert untimed(b) == untimed(a) and sum("eval/return_mean" in r for r in b) == 1

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import functools
+import json
 
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 
-from classic.onpolicy import Rollout, make_vector_env
+from classic.onpolicy import Rollout, env_state, load_env_state, make_vector_env
 
 
 class Chain(gym.Env):
@@ -91,15 +92,20 @@ def test_treating_truncation_as_termination_would_change_the_answer():
     assert adv[1, 0].item() == pytest.approx(1.0 - 2.0)
 
 
-def test_vector_env_uses_next_step_autoreset_and_normalisers_pickle():
-    envs = make_vector_env("CartPole-v1", 2, seed=0, norm_obs=True, norm_reward=True)
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "MountainCar-v0", "Ant-v5"])
+def test_vector_env_uses_next_step_autoreset_and_its_state_round_trips_as_json(env_id):
+    # MountainCar's state turns from an array into a tuple; Ant reads body positions mj_step left behind
+    envs = make_vector_env(env_id, 2, seed=0, norm_obs=True, norm_reward=True)
     assert envs.metadata["autoreset_mode"] == gym.vector.AutoresetMode.NEXT_STEP
     envs.reset(seed=0)
-    import pickle
-
-    clone = pickle.loads(pickle.dumps(envs))
-    a = np.array([0, 1])
+    envs.action_space.seed(0)
+    for _ in range(30):  # mid-episode
+        envs.step(envs.action_space.sample())
+    clone = make_vector_env(env_id, 2, seed=5, norm_obs=True, norm_reward=True)
+    clone.reset(seed=5)
+    load_env_state(clone, json.loads(json.dumps(env_state(envs))))
     for _ in range(50):
+        a = envs.action_space.sample()
         o1, r1, *_ = envs.step(a)
         o2, r2, *_ = clone.step(a)
         np.testing.assert_array_equal(o1, o2)

@@ -135,7 +135,7 @@ def main(argv=None) -> None:
         run.close()  # the metrics file is rewritten by truncate_metrics; reopen it afterwards
         acc.load_state(str(path))
         first = load_state(Path(path) / f"toy_state_{acc.process_index}.pt")["step"]
-        run.truncate_metrics(first)
+        run.truncate_metrics(Path(path))
         return first
 
     train_steps(resume(run.resume_path()) if run.resume_path() else 0, args.steps)

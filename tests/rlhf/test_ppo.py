@@ -183,6 +183,30 @@ def test_resume_continues_exactly_with_adaptive_kl(tmp_path):
     assert len({r["kl/beta"] for r in split}) > 1  # the controller moved beta, and resume kept its state
 
 
+def test_a_kill_in_the_final_phase_then_resume_gives_the_run_an_uninterrupted_one_does(tmp_path, kill_in_final_phase, untimed):
+    torch.set_num_threads(1)
+    kw = dict(num_eval_prompts=8)
+    straight = ppo.train(cfg_for(tmp_path, "a", **kw))
+    resumed = kill_in_final_phase(ppo.train, lambda **more: cfg_for(tmp_path, "b", **kw, **more))
+    assert untimed([resumed]) == untimed([straight]) and "reward/score_mean" in resumed
+    a, b = (read_jsonl(tmp_path / d / "metrics.jsonl") for d in "ab")
+    assert untimed(b) == untimed(a) and sum("eval/accuracy" in r for r in b) == 1  # the final one (the first is start/...)
+
+
+def test_a_pickle_planted_in_a_checkpoint_never_runs(tmp_path, dir_files, plant_pickle):
+    """accelerate unpickles registered custom states with weights_only=False; PPO registers none, so a
+    custom_checkpoint_0.pkl (what older versions wrote for the scheduler) is refused, unread."""
+    torch.set_num_threads(1)
+    ppo.train(cfg_for(tmp_path, max_steps=1, num_ppo_epochs=1, num_mini_batches=1))
+    run, ckpt = tmp_path / "run", tmp_path / "run" / "checkpoints" / "step-00000001"
+    (run / "summary.json").unlink()
+    marker = plant_pickle(ckpt, "accelerate/custom_checkpoint_0.pkl")
+    before = dir_files(run)
+    with pytest.raises(ConfigError, match="does not load into this run: .*custom"):
+        ppo.train(cfg_for(tmp_path, max_steps=2, num_ppo_epochs=1, num_mini_batches=1, resume_from_checkpoint=str(ckpt)))
+    assert not marker.exists() and dir_files(run) == before
+
+
 def test_bad_options_fail_before_anything_is_written(tmp_path):
     with pytest.raises(ConfigError, match="reward_model_path"):
         make_config(ppo.Config, dict(output_dir=str(tmp_path / "run")))

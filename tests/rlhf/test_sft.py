@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhf import sft
-from rlhf.runtime import ConfigError, make_config
+from rlhf import reward, sft
+from rlhf.runtime import ConfigError, make_config, read_jsonl
 
 torch.set_num_threads(1)
 
@@ -57,6 +57,41 @@ def test_resume_continues_exactly(tmp_path):
         assert a.get("loss/sft") == b.get("loss/sft") and a.get("train/lr") == b.get("train/lr")
     for k in straight:
         assert torch.equal(straight[k], resumed[k]), k
+
+
+def test_a_kill_in_the_final_phase_then_resume_gives_the_run_an_uninterrupted_one_does(tmp_path, kill_in_final_phase, untimed):
+    kw = dict(max_steps=3, per_device_train_batch_size=4, num_eval_examples=16)
+    straight, _ = _train(tmp_path, "a", **kw)
+    resumed = kill_in_final_phase(sft.train, lambda **more: make_config(sft.Config, {**QUICK, "output_dir": str(tmp_path / "b"),
+                                                                                     **kw, **more}))
+    assert untimed([resumed]) == untimed([straight]) and resumed["train/loss_last"] is not None
+    a, b = (read_jsonl(tmp_path / d / "metrics.jsonl") for d in "ab")
+    assert untimed(b) == untimed(a) and sum("eval/loss" in r for r in b) == 1
+
+
+@pytest.mark.parametrize("how, message", [
+    ("truncated model.safetensors", r"model.safetensors has \d+ bytes, \d+ when it was written"),
+    ("garbled trainer_state.pt", r"cannot load .*trainer_state.pt"),
+    ("run directory", r"is a run directory, not a checkpoint"),
+    ("reward's", r"is a checkpoint of `rlhf sft`, not of `rlhf reward`"),
+])
+def test_a_bad_checkpoint_is_a_clear_error_and_changes_nothing(tmp_path, dir_files, how, message):
+    _train(tmp_path, "run", max_steps=1, per_device_train_batch_size=4)
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints" / "step-00000001"
+    (run / "summary.json").unlink()
+    if how == "truncated model.safetensors":
+        (ckpt / "model.safetensors").write_bytes((ckpt / "model.safetensors").read_bytes()[:-100])
+    elif how == "garbled trainer_state.pt":  # same size, so only loading it can tell
+        data = bytearray((ckpt / "trainer_state.pt").read_bytes())
+        data[len(data) // 2:] = bytes(len(data) - len(data) // 2)
+        (ckpt / "trainer_state.pt").write_bytes(bytes(data))
+    module, options = (reward, dict(progress=False, report_to="none")) if how == "reward's" else (sft, QUICK)
+    before = dir_files(run)
+    with pytest.raises(ConfigError, match=message):
+        module.train(make_config(module.Config, {**options, "output_dir": str(run), "max_steps": 2, "per_device_train_batch_size": 4,
+                                                 "resume_from_checkpoint": str(run if how == "run directory" else ckpt)}))
+    assert dir_files(run) == before  # config.yaml not rewritten, nothing else touched
 
 
 def test_lora_adapter_and_merged_save(tmp_path):
