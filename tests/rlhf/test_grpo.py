@@ -148,7 +148,7 @@ def test_reward_rises(tmp_path):
     rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "reward/mean" in r]
     first = sum(r["reward/mean"] for r in rows[:3]) / 3
     last = sum(r["reward/mean"] for r in rows[-3:]) / 3
-    assert last > first + 0.1, (first, last)
+    assert last > first + 0.08, (first, last)  # seeds 1-3 gain 0.18-0.25
     assert summary["step"] == 12
 
 
