@@ -117,10 +117,12 @@ def cli(argv: list[str], prog: str = "rlhf configs") -> None:
         if sys.stdout.isatty():
             print(" ".join(str(rel) for rel in shipped_files()), file=sys.stderr)
         return
+    from rlhf.runtime import ConfigError
+
     try:
         written = write_copy(args.out, overwrite=args.overwrite)
     except FileExistsError as e:
-        raise SystemExit(f"{prog}: error: {e}") from None
+        raise ConfigError(f"--out: {e}") from None  # one line and exit status 2, as every command
     out = Path(args.out).expanduser().resolve()
     print(f"wrote {len(written)} files into {out}:")
     for kind in KINDS:
