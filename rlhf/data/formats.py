@@ -1,0 +1,203 @@
+"""Rows of each format, checked, to token ids: SFT examples with labels, reward rankings, packing.
+
+Formats (the TRL names):
+- SFT: `text`; `prompt` + `completion` (strings, or lists of chat messages); `messages` (a chat whose
+  last message is the assistant's answer). Chat rows go through the tokenizer's chat template.
+- Rewards: pairwise `prompt` + `chosen` + `rejected`, or K-wise `prompt` + `completions` (K strings)
+  + `ranks` (K integers, 0 = best, ties allowed). Pairwise rows become K = 2 rankings.
+- PPO / GRPO prompts: `prompt`, a string or a list of chat messages.
+
+Length policy: an example (an SFT row, or a whole reward group) longer than `max_length` tokens is
+dropped, never truncated: a cut answer would teach a wrong answer. Callers report the count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from rlhf.data.loading import DataError, Locator
+
+IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding)
+
+
+def _is_chat(x) -> bool:
+    return isinstance(x, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in x)
+
+
+def check_prompts(rows, source: str) -> None:
+    """PPO / GRPO prompts: each a non-empty string or a non-empty list of chat messages."""
+    where = Locator(source)
+    for i, prompt in enumerate(rows["prompt"]):
+        if not (isinstance(prompt, str) and prompt.strip() or _is_chat(prompt) and prompt):
+            raise DataError(f"{where(i)}: empty `prompt` (or not a string / list of {{role, content}} messages): "
+                            f"{prompt!r}")
+
+
+def sft_format(column_names: Sequence[str], source: str) -> str:
+    cols = set(column_names)
+    if "messages" in cols:
+        return "messages"
+    if "prompt" in cols or "completion" in cols:
+        for c in ("prompt", "completion"):
+            if c not in cols:
+                raise DataError(f"{source}: missing column `{c}` (prompt/completion format needs both)")
+        return "prompt_completion"
+    if "text" in cols:
+        return "text"
+    raise DataError(f"{source}: missing column `text` (SFT data needs `text`, `prompt` + `completion`, or `messages`; "
+                    f"has: {', '.join(column_names)})")
+
+
+def _chat_split(tokenizer, prompt_msgs: list, completion_msgs: list, where: str) -> tuple[str, str]:
+    """Render a chat; the prompt is everything up to the assistant's answer (generation prompt included)."""
+    if tokenizer.chat_template is None:
+        raise DataError(f"{where}: chat messages given but the tokenizer has no chat template")
+    prompt = tokenizer.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(prompt_msgs + completion_msgs, tokenize=False)
+    if not full.startswith(prompt):
+        raise DataError(f"{where}: the chat template does not render the prompt as a prefix of the conversation")
+    return prompt, full[len(prompt):]
+
+
+def sft_texts(row: dict, fmt: str, tokenizer, where: str) -> tuple[str, str, bool]:
+    """(prompt, completion, rendered by a chat template) of one SFT row; empty parts are errors."""
+    if fmt == "text":
+        text = row["text"]
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{where}: empty or non-string `text`")
+        return "", text, False
+    if fmt == "messages":
+        msgs = row["messages"]
+        if not _is_chat(msgs) or not msgs:
+            raise DataError(f"{where}: `messages` must be a non-empty list of {{role, content}} objects")
+        if msgs[-1]["role"] != "assistant" or not str(msgs[-1]["content"]).strip():
+            raise DataError(f"{where}: the last message must be a non-empty assistant message")
+        return (*_chat_split(tokenizer, msgs[:-1], msgs[-1:], where), True)
+    prompt, completion = row["prompt"], row["completion"]
+    if _is_chat(prompt) or _is_chat(completion):
+        if not (_is_chat(prompt) and _is_chat(completion)) or not prompt or not completion:
+            raise DataError(f"{where}: conversational `prompt` and `completion` must both be non-empty message lists")
+        return (*_chat_split(tokenizer, prompt, completion, where), True)
+    for name, value in (("prompt", prompt), ("completion", completion)):
+        if not isinstance(value, str) or not value.strip():
+            raise DataError(f"{where}: empty or non-string `{name}`")
+    return prompt, completion, False
+
+
+def tokenize_prompt_completion(tokenizer, prompt: str, completion: str, chat: bool) -> tuple[list[int], int]:
+    """Token ids of prompt + completion (+ EOS), and the number of prompt tokens.
+
+    Plain text: the tokenizer's special tokens (e.g. BOS) go before the prompt and EOS after the
+    completion. Chat-rendered text already holds them, so none are added.
+    """
+    if chat:
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    else:
+        prompt_ids = tokenizer(prompt)["input_ids"] if prompt else tokenizer("")["input_ids"]
+        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None and (not completion_ids or completion_ids[-1] != tokenizer.eos_token_id):
+            completion_ids = completion_ids + [tokenizer.eos_token_id]
+    return prompt_ids + completion_ids, len(prompt_ids)
+
+
+@dataclass
+class Tokenized:
+    examples: list[dict]  # each {"input_ids": list[int], "labels": list[int]}
+    dropped_too_long: int
+    dropped_all_ties: int = 0  # rankings whose responses all share one rank: no preference to learn
+
+
+def tokenize_sft(rows, tokenizer, max_length: int, completion_only_loss: bool = True,
+                 source: str = "data") -> Tokenized:
+    """Token ids and labels (-100 on prompt tokens when `completion_only_loss`); too-long rows dropped and counted."""
+    fmt = sft_format(rows.column_names, source)
+    where = Locator(source)
+    examples, dropped = [], 0
+    for i, row in enumerate(rows):
+        prompt, completion, chat = sft_texts(row, fmt, tokenizer, where(i))
+        ids, n_prompt = tokenize_prompt_completion(tokenizer, prompt, completion, chat)
+        if len(ids) > max_length:
+            dropped += 1
+            continue
+        labels = [IGNORE_INDEX] * n_prompt + ids[n_prompt:] if completion_only_loss else list(ids)
+        examples.append({"input_ids": ids, "labels": labels})
+    if not examples:
+        raise DataError(f"{source}: no usable example ({dropped} longer than max_length={max_length} tokens)")
+    return Tokenized(examples, dropped)
+
+
+def pack_examples(examples: list[dict], max_length: int) -> list[dict]:
+    """Concatenate examples and cut them into blocks of exactly `max_length` tokens (the tail is dropped).
+
+    Each example keeps its own labels; attention spans document boundaries (no per-document masks),
+    the usual trade of packing for short documents.
+    """
+    ids, labels = [], []
+    for ex in examples:
+        ids += ex["input_ids"]
+        labels += ex["labels"]
+    return [{"input_ids": ids[i:i + max_length], "labels": labels[i:i + max_length]}
+            for i in range(0, len(ids) - max_length + 1, max_length)]
+
+
+def ranking_format(column_names: Sequence[str], source: str) -> str:
+    cols = set(column_names)
+    if "completions" in cols or "ranks" in cols:
+        need = ("prompt", "completions", "ranks")
+        fmt = "rankings"
+    else:
+        need = ("prompt", "chosen", "rejected")
+        fmt = "pairwise"
+    for c in need:
+        if c not in cols:
+            raise DataError(f"{source}: missing column `{c}` ({fmt} data needs {', '.join(need)})")
+    return fmt
+
+
+def ranking_group(row: dict, fmt: str, where: str) -> tuple[str, list[str], list[int]]:
+    """(prompt, K completions, K ranks) of one row, checked."""
+    prompt = row["prompt"]
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise DataError(f"{where}: empty or non-string `prompt`")
+    if fmt == "pairwise":
+        completions, ranks = [row["chosen"], row["rejected"]], [0, 1]
+    else:
+        completions, ranks = row["completions"], row["ranks"]
+        if not isinstance(completions, list) or len(completions) < 2:
+            raise DataError(f"{where}: `completions` must be a list of at least 2 strings")
+        # Arrow turns a column's ints into floats when any row has a float, so 1.0 counts as 1.
+        if (not isinstance(ranks, list) or len(ranks) != len(completions)
+                or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and float(r).is_integer() and r >= 0
+                           for r in ranks)):
+            raise DataError(f"{where}: `ranks` must be a list of {len(completions)} non-negative integers "
+                            f"(one per completion, 0 = best); got {ranks!r}")
+        ranks = [int(r) for r in ranks]
+    for c in completions:
+        if not isinstance(c, str) or not c.strip():
+            raise DataError(f"{where}: empty or non-string completion {c!r}")
+    if fmt == "pairwise" and completions[0].strip() == completions[1].strip():
+        raise DataError(f"{where}: `chosen` and `rejected` are the same response {completions[0]!r}")
+    return prompt, list(completions), list(ranks)
+
+
+def tokenize_rankings(rows, tokenizer, max_length: int, source: str = "data") -> Tokenized:
+    """Each row -> {"input_ids": K lists, "ranks": K ints}; a group with any response over `max_length` is dropped."""
+    fmt = ranking_format(rows.column_names, source)
+    where = Locator(source)
+    examples, dropped, ties = [], 0, 0
+    for i, row in enumerate(rows):
+        prompt, completions, ranks = ranking_group(row, fmt, where(i))
+        if len(set(ranks)) == 1:  # ties are skipped by the loss: such a row would only dilute the batch
+            ties += 1
+            continue
+        seqs = [tokenize_prompt_completion(tokenizer, prompt, c, chat=False)[0] for c in completions]
+        if max(map(len, seqs)) > max_length:
+            dropped += 1
+            continue
+        examples.append({"input_ids": seqs, "ranks": ranks})
+    if not examples:
+        raise DataError(f"{source}: no usable ranking ({dropped} longer than max_length={max_length} tokens, "
+                        f"{ties} with all responses tied)")
+    return Tokenized(examples, dropped, ties)

@@ -1,0 +1,145 @@
+"""Load policies, reference, reward models and tokenizers: `builtin:tiny`, a local directory or a hub name.
+
+Every name other than `builtin:tiny` goes through the ordinary `Auto*` loaders; a local model path
+that is missing, empty or a file fails at once, naming the path.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          LlamaForSequenceClassification)
+from transformers.utils import logging as hf_logging
+
+from rlhf.models.builtin import BUILTIN_TINY, build_tiny, tiny_causal_lm, tiny_tokenizer
+from rlhf.runtime import ConfigError, meant_as_local_path
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _dtype(dtype: str):
+    if dtype == "auto":
+        return "auto"
+    if dtype not in _DTYPES:
+        raise ConfigError(f"`dtype`: expected one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+MODEL_FILES = ("config.json", "adapter_config.json")  # a model, or a LoRA adapter on one
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "config.json")  # old vocab files come with a config
+
+
+def check_model_path(name_or_path: str, option: str = "", files: tuple[str, ...] = MODEL_FILES) -> bool:
+    """Fail at once, naming the path, on a local model that is missing, empty or a file; True if local.
+
+    A missing name is left to the hub only if it could be a hub id (`gpt2`, `org/name`; see
+    `meant_as_local_path`). A local directory must hold one of `files`.
+    """
+    where = f"`{option}`: " if option else ""
+    if name_or_path.startswith("builtin:"):
+        if name_or_path != BUILTIN_TINY:
+            raise ConfigError(f"{where}unknown built-in model {name_or_path!r} (there is {BUILTIN_TINY})")
+        return False
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        if meant_as_local_path(name_or_path):
+            raise ConfigError(f"{where}no such model directory: {name_or_path}")
+        return False
+    if not path.is_dir():
+        raise ConfigError(f"{where}{name_or_path} is a file; expected a model directory (with config.json)")
+    if not any((path / f).is_file() for f in files):
+        what = "is empty" if not any(path.iterdir()) else f"has no {' or '.join(files)}"
+        raise ConfigError(f"{where}{name_or_path} {what}: not a Hugging Face model directory "
+                          "(save_pretrained writes one)")
+    return True
+
+
+def _from_pretrained(loader, name_or_path: str, files: tuple[str, ...] = MODEL_FILES, **kwargs):
+    """`loader.from_pretrained` after `check_model_path`; a hub name that fails to load is a ConfigError naming it."""
+    local = check_model_path(name_or_path, files=files)
+    name_or_path = str(Path(name_or_path).expanduser()) if local else name_or_path
+    try:
+        return loader.from_pretrained(name_or_path, **kwargs)
+    except OSError as e:
+        if local:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{name_or_path}: no such local directory, and loading it from the Hugging Face hub failed: "
+                          f"{first}") from None
+
+
+def load_tokenizer(name_or_path: str, padding_side: str = "right"):
+    """The tokenizer of `name_or_path`; one without a pad token gets pad = eos (logged); neither is an error."""
+    if name_or_path == BUILTIN_TINY:
+        tokenizer = tiny_tokenizer()
+    else:
+        tokenizer = _from_pretrained(AutoTokenizer, name_or_path, files=TOKENIZER_FILES)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ConfigError(f"tokenizer of {name_or_path!r} has neither a pad token nor an EOS token; "
+                              "add a pad token to it (tokenizer.add_special_tokens) and save it again")
+        logger.warning("tokenizer of %r has no pad token: using its EOS token %r for padding", name_or_path,
+                       tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def _finish(model, gradient_checkpointing: bool, dtype: str | None = None):
+    """Cast a built-in model (built in float32) to `dtype`; switch on gradient checkpointing."""
+    if dtype not in (None, "auto", "float32"):
+        model = model.to(_dtype(dtype))
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def load_causal_lm(name_or_path: str, dtype: str = "float32", gradient_checkpointing: bool = False,
+                   trust_remote_code: bool = False):
+    """A causal LM: the built-in tiny Llama or `AutoModelForCausalLM.from_pretrained(name_or_path)`."""
+    if name_or_path == BUILTIN_TINY:
+        return _finish(tiny_causal_lm(), gradient_checkpointing, dtype)
+    model = _from_pretrained(AutoModelForCausalLM, name_or_path, dtype=_dtype(dtype),
+                             trust_remote_code=trust_remote_code)
+    return _finish(model, gradient_checkpointing)
+
+
+def load_reward_model(name_or_path: str, dtype: str = "float32", gradient_checkpointing: bool = False,
+                      trust_remote_code: bool = False, trained: bool = False):
+    """A sequence classifier with one output, read at the last non-padding token.
+
+    From a causal-LM checkpoint (e.g. an SFT model) the body is reused and the `score` head is new
+    (initialised from the caller's RNG, so seed first). `trained=True` (scoring: PPO's reward model,
+    `rlhf reward score`) refuses such a checkpoint, whose scores would be random. `pad_token_id` must
+    be in the config: the model finds each sequence's last real token by it.
+    """
+    if name_or_path == BUILTIN_TINY:
+        if trained:
+            raise ConfigError(f"{BUILTIN_TINY} is an untrained model: score with a reward model trained by "
+                              "`rlhf reward`")
+        return _finish(build_tiny(LlamaForSequenceClassification, num_labels=1), gradient_checkpointing, dtype)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "score.weight newly initialised" is expected from a causal-LM checkpoint
+    try:
+        model, info = _from_pretrained(AutoModelForSequenceClassification, name_or_path, num_labels=1,
+                                       dtype=_dtype(dtype), trust_remote_code=trust_remote_code,
+                                       output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    # Weights missing outside the body (`model.`) are the head's: newly initialised, so untrained.
+    head_missing = sorted(k for k in info["missing_keys"] if not k.startswith(f"{model.base_model_prefix}."))
+    if trained and head_missing:
+        raise ConfigError(f"{name_or_path} is not a trained reward model: its checkpoint has no score head "
+                          f"({', '.join(head_missing)} missing; a causal LM?). Train one with `rlhf reward`")
+    if model.config.pad_token_id is None:
+        tokenizer = load_tokenizer(name_or_path) if Path(name_or_path).is_dir() or "/" in name_or_path else None
+        if tokenizer is None or tokenizer.pad_token_id is None:
+            raise ConfigError(f"reward model {name_or_path!r}: config has no pad_token_id and the tokenizer has none")
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return _finish(model, gradient_checkpointing)
