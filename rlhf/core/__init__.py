@@ -13,6 +13,7 @@ from .kl import (
 )
 from .losses import (
     bradley_terry_loss,
+    clip_fraction,
     dqn_target,
     dueling_q,
     entropy_from_logits,
@@ -39,6 +40,7 @@ from .trust_region import (
     fisher_vector_product,
     flat_grad,
     flat_params,
+    kl_dual_update,
     set_flat_params,
     trpo_step_size,
 )
@@ -51,6 +53,7 @@ __all__ = [
     "aggregate_loss",
     "backtracking_line_search",
     "bradley_terry_loss",
+    "clip_fraction",
     "conjugate_gradient",
     "discounted_returns",
     "dqn_target",
@@ -64,6 +67,7 @@ __all__ = [
     "group_advantages",
     "group_stats",
     "kl_controller",
+    "kl_dual_update",
     "kl_estimate",
     "kl_penalty_loss",
     "logprobs_from_logits",

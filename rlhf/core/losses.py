@@ -51,8 +51,7 @@ def ppo_clip_loss(
 
     PPO eq. 7 (Schulman et al. 2017); ``clip_eps_high`` (default ``clip_eps``) gives DAPO's
     asymmetric clip-higher. ``clip_eps=None`` is the unclipped surrogate -r A (PPO sec. 6.1,
-    "no clipping or penalty"). Metrics: ``policy/clipfrac`` is the fraction of valid tokens where
-    the clipped term is strictly the smaller objective (its gradient is zero there);
+    "no clipping or penalty"). Metrics: ``policy/clipfrac`` is :func:`clip_fraction` (0 unclipped);
     ``policy/approx_kl`` is the k3 estimate of KL(old || new) on the old policy's samples.
 
     Shapes: logp, old_logp (B, T) or (N,); advantages (B,) or same as logp; mask like logp or None.
@@ -63,20 +62,42 @@ def ppo_clip_loss(
     surr = -adv * ratio
     if clip_eps is None:
         per_token = surr
-        clipped = torch.zeros_like(surr)
+        clipfrac = masked_mean(torch.zeros_like(surr), mask)
     else:
         high = clip_eps if clip_eps_high is None else clip_eps_high
         surr_clip = -adv * torch.clamp(ratio, 1 - clip_eps, 1 + high)
         per_token = torch.maximum(surr, surr_clip)  # max of losses = min of objectives
-        clipped = (surr_clip > surr).to(logp.dtype)
+        clipfrac = clip_fraction(ratio, adv, clip_eps, clip_eps_high, mask)
     loss = aggregate_loss(per_token, mask, mode, **agg)
     metrics = {
         "loss/policy": _d(loss),
-        "policy/clipfrac": _d(masked_mean(clipped, mask)),
+        "policy/clipfrac": _d(clipfrac),
         "policy/approx_kl": _d(masked_mean(kl_estimate(old_logp, logp, "k3"), mask)),
         "policy/ratio_mean": _d(masked_mean(ratio, mask)),
     }
     return loss, metrics
+
+
+def clip_fraction(
+    ratio: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Fraction of samples where PPO's clipped term is strictly the smaller objective: ``policy/clipfrac``.
+
+    PPO eq. 7 (Schulman et al. 2017): clip(r, 1 - eps, 1 + eps_high) A < r A, i.e. r > 1 + eps_high with
+    A > 0 or r < 1 - eps with A < 0; the clipped surrogate has zero gradient there. Computed as the loss
+    compares its two terms, so the count is the loss's own. Every PPO-style loss and KL variant reports it.
+
+    Shapes: ratio (B, T) or (N,); advantages (B,) or like ratio; mask like ratio or None; returns ().
+    """
+    ratio = ratio.detach()
+    adv = _expand_like(advantages.detach(), ratio)
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    clipped = -adv * torch.clamp(ratio, 1 - clip_eps, 1 + high) > -adv * ratio
+    return masked_mean(clipped.to(ratio.dtype), mask)
 
 
 def kl_penalty_loss(

@@ -1,5 +1,6 @@
 """Trust-region tools for TRPO: flat parameter vectors, Fisher-vector products, conjugate
-gradient, the step size that meets the KL constraint, and a backtracking line search.
+gradient, the step size that meets the KL constraint, a backtracking line search, and the dual
+update of the KL multiplier of the penalised form.
 
 References:
 - Schulman et al. 2015, "Trust Region Policy Optimization", sec. 6 and appendix C
@@ -122,6 +123,18 @@ def trpo_step_size(step_dir: torch.Tensor, fvp_step_dir: torch.Tensor, max_kl: f
     """
     shs = (step_dir * fvp_step_dir).sum()
     return torch.sqrt(2 * max_kl / shs.clamp_min(torch.finfo(shs.dtype).tiny))
+
+
+def kl_dual_update(beta: float, kl: float, max_kl: float, lr: float) -> float:
+    """Dual (projected gradient) ascent on the multiplier beta of the KL constraint: max(0, beta + lr (KL - max_kl)).
+
+    The Lagrangian relaxation of TRPO's constraint (Schulman et al. 2015, sec. 4, the penalised form):
+    L(theta, beta) = surrogate - beta (KL - max_kl) is maximised in theta and minimised in beta >= 0, by
+    a gradient step of size lr against dL/dbeta = -(KL - max_kl), projected onto beta >= 0.
+
+    Shapes: all scalars (python floats); returns the new beta.
+    """
+    return max(0.0, beta + lr * (kl - max_kl))
 
 
 @torch.no_grad()

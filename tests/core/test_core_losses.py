@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from rlhf.core import (
     bradley_terry_loss,
+    clip_fraction,
     dqn_target,
     dueling_q,
     entropy_from_logits,
@@ -68,6 +69,29 @@ def test_ppo_sequence_advantages_broadcast_and_mask():
     logp2 = logp.clone()
     logp2[mask == 0] = 50.0
     assert ppo_clip_loss(logp2, old, adv, mask)[0].item() == pytest.approx(ppo_clip_loss(logp, old, adv, mask)[0].item())
+
+
+@pytest.mark.parametrize("clip_eps, clip_eps_high", [(0.2, None), (0.2, 0.28), (0.1, 0.05)])
+def test_clip_fraction_vs_loop(clip_eps, clip_eps_high):
+    g = torch.Generator().manual_seed(3)
+    ratio = torch.exp(0.3 * torch.randn(6, 7, generator=g, dtype=torch.float64))
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    ratio[0, :3] = torch.tensor([1 + high, 1 - clip_eps, 1.0])  # on the edge: not strictly clipped
+    adv = torch.randn(6, generator=g, dtype=torch.float64)
+    adv[1] = 0.0  # A = 0: both terms equal, never clipped
+    mask = (torch.rand(6, 7, generator=g) > 0.3).double()
+    hits = n = 0
+    for i in range(6):
+        for t in range(7):
+            if mask[i, t]:  # clipped: the clipped objective is strictly the smaller one
+                r, a = ratio[i, t].item(), adv[i].item()
+                hits += max(1 - clip_eps, min(1 + high, r)) * a < r * a
+                n += 1
+    frac = clip_fraction(ratio, adv, clip_eps, clip_eps_high, mask)
+    assert 0 < hits < n and frac.item() == pytest.approx(hits / n)
+    logp = torch.log(ratio)  # the loss reports this very number
+    _, m = ppo_clip_loss(logp, torch.zeros_like(logp), adv, mask, clip_eps=clip_eps, clip_eps_high=clip_eps_high)
+    assert m["policy/clipfrac"].item() == frac.item()
 
 
 def test_kl_penalty_hand_numbers():

@@ -7,6 +7,7 @@ from rlhf.core import (
     fisher_vector_product,
     flat_grad,
     flat_params,
+    kl_dual_update,
     set_flat_params,
     trpo_step_size,
 )
@@ -102,3 +103,16 @@ def test_backtracking_line_search():
     calls = []
     backtracking_line_search(lambda s: calls.append(s.item()) or (1.0, 0.0), full)
     assert calls == [3.0]
+
+
+def test_kl_dual_update_is_projected_gradient_descent_on_the_lagrangian():
+    # reference: autograd on L(beta) = surrogate - beta (KL - max_kl), a step against dL/dbeta, clamped at 0
+    beta, ref = 1.0, torch.tensor(1.0, dtype=torch.float64)
+    for kl in [0.03, 0.02, 0.001, 0.0, 0.0, 0.5]:
+        b = ref.clone().requires_grad_(True)
+        lagrangian = 0.7 - b * (kl - 0.01)
+        (grad,) = torch.autograd.grad(lagrangian, b)
+        ref = (ref - 10.0 * grad).clamp_min(0.0)
+        beta = kl_dual_update(beta, kl, max_kl=0.01, lr=10.0)
+        assert beta == pytest.approx(ref.item(), abs=1e-12)
+    assert kl_dual_update(0.05, 0.0, max_kl=0.01, lr=10.0) == 0.0  # under the bound long enough: no penalty, never < 0
