@@ -9,14 +9,18 @@ from __future__ import annotations
 import importlib
 import sys
 
+from rlhf.runtime import ConfigError, parse_config
+
 COMMANDS = {
     "sft": ("rlhf.sft", "Supervised fine-tuning on demonstrations."),
-    "reward": ("rlhf.reward", "Train a reward model from pairwise preferences or K-wise rankings (`rlhf reward score ...` scores a file)."),
+    "reward": ("rlhf.reward", "Train a reward model from pairwise preferences or K-wise rankings "
+               "(`rlhf reward score ...` scores a file)."),
     "ppo": ("rlhf.ppo", "PPO against a reward model or reward functions, with a KL penalty to a frozen reference."),
     "grpo": ("rlhf.grpo", "GRPO: group-normalised advantages, no critic."),
     "pipeline": ("rlhf.pipeline", "SFT -> rankings -> reward model -> PPO and GRPO, with a report."),
     "plot": ("rlhf.plot", "Plot curves from metrics.jsonl of one or more runs."),
-    "configs": ("rlhf.shipped_configs", "Print where the shipped accelerate / DeepSpeed / stage configs are, or copy them (--out DIR)."),
+    "configs": ("rlhf.shipped_configs", "Print where the shipped accelerate / DeepSpeed / stage configs are, "
+                "or copy them (--out DIR)."),
 }
 
 
@@ -38,8 +42,6 @@ def dispatch(prog: str, commands: dict, argv: list[str] | None = None) -> None:
         print(f"{prog}: unknown command `{name}`\n\n{usage(prog, commands)}", file=sys.stderr)
         raise SystemExit(2)
     module = importlib.import_module(commands[name][0])
-    from rlhf.runtime import ConfigError, parse_config
-
     # Bad input of every kind (options, files, data, models, reward functions) is a ConfigError: one
     # line naming the culprit and exit status 2, as argparse's usage errors; anything else is a bug.
     try:

@@ -61,6 +61,8 @@ def _smooth(ys: list[float], window: int) -> list[float]:
 def plot_runs(run_dirs, keys: list[str] | None = None, out: str | Path = "curves.png", smooth: int = 1,
               labels: list[str] | None = None, title: str | None = None) -> Path:
     """Draw one panel per metric with every run overlaid; returns the PNG path."""
+    # matplotlib only here: the Agg backend is chosen just before pyplot loads, so importing this module
+    # leaves the backend of a caller (a notebook) alone
     import matplotlib
 
     matplotlib.use("Agg")
@@ -110,7 +112,8 @@ def cli(argv: list[str], prog: str = "rlhf plot") -> None:
     parser = argparse.ArgumentParser(prog=prog, description="Plot metrics.jsonl curves of one or more runs to a PNG.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", help="Run directories (or metrics.jsonl files).")
-    parser.add_argument("--keys", default="", help="Comma-separated metric keys (default: the most useful logged ones).")
+    parser.add_argument("--keys", default="",
+                        help="Comma-separated metric keys (default: the most useful logged ones).")
     parser.add_argument("--out", default="curves.png", help="Output PNG path.")
     parser.add_argument("--smooth", type=int, default=1, help="Moving-average window (points).")
     parser.add_argument("--labels", default="", help="Comma-separated legend labels, one per run.")

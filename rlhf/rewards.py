@@ -26,6 +26,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from rlhf.data import tokenize_prompt_completion
+from rlhf.models import check_model_path, load_reward_model, load_tokenizer
 from rlhf.runtime import ConfigError
 
 BUILTIN_REWARDS = {
@@ -107,7 +109,8 @@ class RewardFunctions:
         if len(values) != n:
             if self.skip_bad:
                 return [math.nan] * n
-            raise RewardError(f"reward function `{name}` returned {len(values)} values for {n} completions on batch {batch}")
+            raise RewardError(f"reward function `{name}` returned {len(values)} values for {n} completions "
+                              f"on batch {batch}")
         bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
         if bad and not self.skip_bad:
             i = bad[0]
@@ -121,10 +124,8 @@ class RewardFunctions:
     def __call__(self, prompts: list, completions: list[str], columns: dict[str, list] | None = None,
                  batch: int | str = "?") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         columns = {k: v for k, v in (columns or {}).items() if k not in ("prompt", "prompts", "completions")}
-        per_function = torch.tensor(
-            [self._call_one(name, fn, prompts, completions, columns, batch) for name, fn in zip(self.names, self.funcs)],
-            dtype=torch.float32,
-        ).T  # (N, F)
+        per_function = torch.tensor([self._call_one(name, fn, prompts, completions, columns, batch)
+                                     for name, fn in zip(self.names, self.funcs)], dtype=torch.float32).T  # (N, F)
         valid = torch.isfinite(per_function).all(dim=1)  # (N,)
         self.skipped += int((~valid).sum())
         rewards = (per_function.nan_to_num(0.0, 0.0, 0.0) * self.weights).sum(dim=1)  # (N,)
@@ -146,7 +147,7 @@ class RewardFunctions:
 
 
 class RewardModelScorer:
-    """Scores prompt + completion texts with a learned reward model (engineer A's `load_reward_model`).
+    """Scores prompt + completion texts with a learned reward model (`rlhf.models.load_reward_model`).
 
     The texts are re-tokenised with the reward model's own tokenizer (it may differ from the
     policy's), right-padded, with EOS appended as in reward-model training; the model reads its
@@ -154,8 +155,6 @@ class RewardModelScorer:
     """
 
     def __init__(self, path: str, device=None, dtype: str = "float32", batch_size: int = 64):
-        from rlhf.models import check_model_path, load_reward_model, load_tokenizer
-
         if not path:
             raise ConfigError("`reward_model_path` is empty")
         check_model_path(path, "reward_model_path")
@@ -170,12 +169,11 @@ class RewardModelScorer:
 
     @torch.no_grad()
     def __call__(self, prompts: list, completions: list[str]) -> torch.Tensor:
-        from rlhf.data import tokenize_prompt_completion  # the token layout reward-model training used
-
-        seqs = []
+        seqs = []  # the token layout of reward-model training (tokenize_prompt_completion)
         for prompt, completion in zip(prompts, completions):
             if isinstance(prompt, list):  # conversational: render the chat, completion as the assistant turn
-                text = self.tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": completion}], tokenize=False)
+                chat = prompt + [{"role": "assistant", "content": completion}]
+                text = self.tokenizer.apply_chat_template(chat, tokenize=False)
                 seqs.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
             else:
                 seqs.append(tokenize_prompt_completion(self.tokenizer, prompt, completion, chat=False)[0])

@@ -23,6 +23,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from rlhf.runtime import ConfigError
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 KINDS = ("accelerate", "deepspeed", "rlhf", "classic")
 # `key: configs/<kind>/<file>` (a value, optionally followed by a comment): a reference to another shipped file
@@ -117,8 +119,6 @@ def cli(argv: list[str], prog: str = "rlhf configs") -> None:
         if sys.stdout.isatty():
             print(" ".join(str(rel) for rel in shipped_files()), file=sys.stderr)
         return
-    from rlhf.runtime import ConfigError
-
     try:
         written = write_copy(args.out, overwrite=args.overwrite)
     except FileExistsError as e:

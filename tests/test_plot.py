@@ -42,5 +42,6 @@ def test_plot_labels_must_match_the_runs(tmp_path, capsys):
     for name in ("a", "b"):
         _write_run(tmp_path / name, [{"step": 1, "kl/ref": 0.1}])
     with pytest.raises(SystemExit) as e:
-        rlhf_main(["plot", str(tmp_path / "a"), str(tmp_path / "b"), "--labels", "one", "--out", str(tmp_path / "c.png")])
+        rlhf_main(["plot", str(tmp_path / "a"), str(tmp_path / "b"), "--labels", "one",
+                   "--out", str(tmp_path / "c.png")])
     assert e.value.code == 2 and "--labels: 1 labels for 2 runs" in capsys.readouterr().err

@@ -135,17 +135,18 @@ def gold_score_reward(prompts, completions, **columns) -> list[float]:
 
 @torch.no_grad()
 def generate_completions(model, tokenizer, prompts: Sequence[str], batch_size: int = 64, max_new_tokens: int = 8,
-                         do_sample: bool = False, temperature: float = 1.0, num_return_sequences: int = 1) -> list[tuple[str, bool]]:
+                         do_sample: bool = False, temperature: float = 1.0,
+                         num_return_sequences: int = 1) -> list[tuple[str, bool]]:
     """Generate (KV cache, left padding); returns (completion text, ended with EOS) per sequence, prompt-major."""
     was_training, side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
+    kwargs = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if do_sample else dict(do_sample=False)
     out = []
     try:
         for i in range(0, len(prompts), batch_size):
             batch = tokenizer(list(prompts[i:i + batch_size]), return_tensors="pt", padding=True).to(device)
-            kwargs = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if do_sample else dict(do_sample=False)
             seqs = model.generate(**batch, max_new_tokens=max_new_tokens, num_return_sequences=num_return_sequences,
                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **kwargs)
             new = seqs[:, batch["input_ids"].shape[1]:]  # (B * n, <= max_new_tokens)
@@ -180,7 +181,8 @@ def evaluate_pass_at_k(model, tokenizer, prompts: Sequence[str], k: int = 8, tem
     """Share of prompts (all / carry only) where at least one of `k` samples at `temperature` is exact."""
     results = generate_completions(model, tokenizer, prompts, max(1, batch_size // k), max_new_tokens, do_sample=True,
                                    temperature=temperature, num_return_sequences=k)
-    hit = np.array([any(_text(results[i * k + j][0]) == gold_answer(p) for j in range(k)) for i, p in enumerate(prompts)])
+    hit = np.array([any(_text(results[i * k + j][0]) == gold_answer(p) for j in range(k))
+                    for i, p in enumerate(prompts)])
     carry = np.array([has_carry(p) for p in prompts])
     return {f"eval/pass@{k}": float(hit.mean()),
             f"eval/pass@{k}_carry": float(hit[carry].mean()) if carry.any() else float("nan")}
@@ -199,16 +201,6 @@ def make_sft_rows(n: int, seed: int, carry_error_rate: float = 0.6) -> list[dict
         wrong = has_carry(prompt) and rng.random() < carry_error_rate
         rows.append({"prompt": prompt, "completion": dropped_carry_answer(prompt) if wrong else gold_answer(prompt)})
     return rows
-
-
-def write_sft_data(path, n: int, seed: int, carry_error_rate: float = 0.6) -> Path:
-    """JSONL of `prompt`, `completion` (the answer digits; the SFT stage appends EOS)."""
-    return write_jsonl(path, make_sft_rows(n, seed, carry_error_rate))
-
-
-def write_eval_prompts(path, n: int, seed: int) -> Path:
-    """JSONL of held-out `prompt`s (pairs that no training prompt uses)."""
-    return write_jsonl(path, ({"prompt": p} for p in make_prompts(n, seed, split="eval")))
 
 
 def candidate_answers(prompt: str, k: int, rng: np.random.Generator) -> list[str]:
@@ -261,7 +253,10 @@ def make_ranking_rows(prompts: Sequence[str], completions_per_prompt: int, seed:
     rng = np.random.default_rng(seed)
     rows = []
     for i, prompt in enumerate(prompts):
-        cands = list(completions[i]) if completions is not None else candidate_answers(prompt, completions_per_prompt, rng)
+        if completions is not None:
+            cands = list(completions[i])
+        else:
+            cands = candidate_answers(prompt, completions_per_prompt, rng)
         ranks = noisy_ranks([gold_score(prompt, c) for c in cands], noise, rng)
         rows.append({"prompt": prompt, "completions": cands, "ranks": ranks})
     return rows
@@ -276,6 +271,3 @@ def write_rankings(path, prompts: Sequence[str], completions_per_prompt: int, se
 def bradley_terry_prob(score_i: float, score_j: float, noise: float) -> float:
     """P(i ranked above j) under the labeller: sigmoid((s_i - s_j) / noise)."""
     return 1.0 / (1.0 + math.exp(-(score_i - score_j) / noise))
-
-
-REWARD_FUNCS = {"exact_match": exact_match_reward, "format": format_reward, "gold_score": gold_score_reward}

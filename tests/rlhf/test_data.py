@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 from rlhf.data import (IGNORE_INDEX, DataError, collate_rankings, collate_sft, load_rows, pack_examples,
                        tokenize_rankings, tokenize_sft)
@@ -44,7 +43,8 @@ def test_sft_formats_and_completion_only_masking(tmp_path, tiny_tokenizer):
     tok = tiny_tokenizer
     pc = load_rows(_jsonl(tmp_path / "pc.jsonl", [{"prompt": "12+3=", "completion": "15"}]))
     ex = tokenize_sft(pc, tok, 64).examples[0]
-    assert ex["input_ids"] == tok("12+3=")["input_ids"] + tok("15", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    completion = tok("15", add_special_tokens=False)["input_ids"]
+    assert ex["input_ids"] == tok("12+3=")["input_ids"] + completion + [tok.eos_token_id]
     assert ex["labels"] == [IGNORE_INDEX] * 6 + ex["input_ids"][6:]  # BOS + 5 prompt chars masked
     full = tokenize_sft(pc, tok, 64, completion_only_loss=False).examples[0]
     assert full["labels"] == full["input_ids"]
@@ -56,7 +56,7 @@ def test_sft_formats_and_completion_only_masking(tmp_path, tiny_tokenizer):
     msgs = load_rows(_jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "1+2="},
                                                                    {"role": "assistant", "content": "3"}]}]))
     ex = tokenize_sft(msgs, tok, 64).examples[0]
-    supervised = [i for i, l in zip(ex["input_ids"], ex["labels"]) if l != IGNORE_INDEX]
+    supervised = [i for i, label in zip(ex["input_ids"], ex["labels"]) if label != IGNORE_INDEX]
     assert tok.decode(supervised) == "3</s>"
     assert tok.decode(ex["input_ids"]) == "<s><|user|>1+2=\n<|assistant|>3</s>"
 
@@ -67,10 +67,12 @@ def test_sft_formats_and_completion_only_masking(tmp_path, tiny_tokenizer):
 
 
 def test_empty_fields_and_length_policy(tmp_path, tiny_tokenizer):
-    bad = load_rows(_jsonl(tmp_path / "e.jsonl", [{"prompt": "1+2=", "completion": "3"}, {"prompt": "1+2=", "completion": " "}]))
+    bad = load_rows(_jsonl(tmp_path / "e.jsonl", [{"prompt": "1+2=", "completion": "3"},
+                                                  {"prompt": "1+2=", "completion": " "}]))
     with pytest.raises(DataError, match=r"e\.jsonl: line 2: empty or non-string `completion`"):
         tokenize_sft(bad, tiny_tokenizer, 64, source=str(tmp_path / "e.jsonl"))
-    rows = load_rows(_jsonl(tmp_path / "l.jsonl", [{"prompt": "1+2=", "completion": "3"}, {"prompt": "1" * 80 + "+2=", "completion": "3"}]))
+    rows = load_rows(_jsonl(tmp_path / "l.jsonl", [{"prompt": "1+2=", "completion": "3"},
+                                                   {"prompt": "1" * 80 + "+2=", "completion": "3"}]))
     out = tokenize_sft(rows, tiny_tokenizer, 32)
     assert len(out.examples) == 1 and out.dropped_too_long == 1
 
@@ -84,8 +86,9 @@ def test_packing_keeps_labels_aligned():
 def test_rankings_pairwise_and_kwise(tmp_path, tiny_tokenizer):
     tok = tiny_tokenizer
     pw = load_rows(_jsonl(tmp_path / "p.jsonl", [{"prompt": "1+2=", "chosen": "3", "rejected": "4"}]))
-    kw = load_rows(_jsonl(tmp_path / "k.jsonl", [{"prompt": "1+2=", "completions": ["4", "3"], "ranks": [1, 0]},
-                                                 {"prompt": "5+5=", "completions": ["10", "0", "?"], "ranks": [0, 1, 1]}]))
+    kw = load_rows(_jsonl(tmp_path / "k.jsonl", [
+        {"prompt": "1+2=", "completions": ["4", "3"], "ranks": [1, 0]},
+        {"prompt": "5+5=", "completions": ["10", "0", "?"], "ranks": [0, 1, 1]}]))
     g = tokenize_rankings(pw, tok, 64).examples[0]
     assert g["ranks"] == [0, 1] and len(g["input_ids"]) == 2
     batch = collate_rankings(tokenize_rankings(kw, tok, 64).examples, tok.pad_token_id)
@@ -117,7 +120,8 @@ def test_rankings_that_all_tie_are_dropped_and_counted(tmp_path, tiny_tokenizer)
 
 
 @pytest.mark.parametrize("rows, needle", [
-    ([{"ranks": [0, 1]}, {"ranks": [1, 0]}, {"ranks": [0, "x"]}], "line 3: column `ranks` is a list of number and string"),
+    ([{"ranks": [0, 1]}, {"ranks": [1, 0]}, {"ranks": [0, "x"]}],
+     "line 3: column `ranks` is a list of number and string"),
     ([{"answer": 1}, {"answer": 2.5}, {"answer": "3"}], "line 3: column `answer` is a string here but a number"),
     ([{"answer": None}, {"answer": "2"}, {"answer": ["3"]}], "line 3: column `answer` is a list of string here"),
 ])

@@ -12,7 +12,8 @@ def test_tiny_tokenizer_round_trip_and_specials(tiny_tokenizer):
     assert ids[0] == tok.bos_token_id and len(ids) == 7  # BOS + one token per character
     assert tok.decode(ids, skip_special_tokens=True) == "17+25="
     assert tok.pad_token_id != tok.eos_token_id
-    chat = tok.apply_chat_template([{"role": "user", "content": "1+2="}, {"role": "assistant", "content": "3"}], tokenize=False)
+    chat = tok.apply_chat_template([{"role": "user", "content": "1+2="}, {"role": "assistant", "content": "3"}],
+                                   tokenize=False)
     assert chat == "<s><|user|>1+2=\n<|assistant|>3</s>"
 
 
@@ -29,7 +30,8 @@ def test_saved_tiny_loads_with_plain_transformers(tiny_model_dir, tiny_tokenizer
     assert tok("3+4=")["input_ids"] == tiny_tokenizer("3+4=")["input_ids"]
     ours = load_causal_lm(BUILTIN_TINY)
     x = tok(["3+4="], return_tensors="pt")
-    assert torch.equal(model.generate(**x, max_new_tokens=4, do_sample=False), ours.generate(**x, max_new_tokens=4, do_sample=False))
+    assert torch.equal(model.generate(**x, max_new_tokens=4, do_sample=False),
+                       ours.generate(**x, max_new_tokens=4, do_sample=False))
     assert (tiny_model_dir / "model.safetensors").exists()
 
 

@@ -60,7 +60,8 @@ def test_weighted_sum_per_function_values_and_dataset_columns():
     assert per_function.tolist() == [[1, 1, 1], [0, 1, 0], [0, 0, 1]]
     assert rewards.tolist() == [3.5, 0.5, 2.0] and valid.all()
     m = fns.metrics(per_function)
-    assert m["reward/exact_match_mean"] == pytest.approx(1 / 3) and m["reward/column_reward_mean"] == pytest.approx(2 / 3)
+    assert m["reward/exact_match_mean"] == pytest.approx(1 / 3)
+    assert m["reward/column_reward_mean"] == pytest.approx(2 / 3)
 
 
 @pytest.mark.parametrize("name, message", [

@@ -56,7 +56,8 @@ def test_configs_out_writes_a_copy_that_works_from_any_directory(tmp_path, monke
     shipped_lines = (CONFIG_DIR / "accelerate" / "zero3.yaml").read_text().splitlines()
     copied_lines = (copy / "accelerate" / "zero3.yaml").read_text().splitlines()
     changed = [a for a, b in zip(shipped_lines, copied_lines) if a != b]
-    assert len(shipped_lines) == len(copied_lines) and changed == ["  deepspeed_config_file: configs/deepspeed/zero3.json"]
+    assert len(shipped_lines) == len(copied_lines)
+    assert changed == ["  deepspeed_config_file: configs/deepspeed/zero3.json"]
     for name in ["single", "ddp"]:
         assert load_config_from_file(str(copy / "accelerate" / f"{name}.yaml")).distributed_type is not None
     # the pipeline's stage configs point into the copy (so edits there take effect)
