@@ -1,4 +1,4 @@
-"""What vanilla PG, PPO and TRPO share: config fields, vector envs, the rollout, GAE, evaluation, checkpoints.
+"""What vanilla PG, PPO and TRPO share: config fields, vector envs, the rollout, GAE, evaluation, the loop.
 
 Each algorithm file (`pg.py`, `ppo.py`, `trpo.py`) reads top to bottom and calls into here for
 the parts that are the same in all three, so they are written (and tested) once.
@@ -31,12 +31,14 @@ import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium.wrappers import vector as vw
+from gymnasium.wrappers.utils import RunningMeanStd
 
 from classic.envs import EpisodicLifeVector, ale_dynamics, check_env_id, env_spaces, is_atari
 from classic.envs import evaluate as play_episodes
 from classic.policies import ActorCritic, is_image_space
-from rlhf.core import explained_variance, gae
-from rlhf.runtime import ConfigError, arg, check, fmt_metrics
+from rlhf.core import discounted_returns, explained_variance, gae
+from rlhf.runtime import (ConfigError, Run, Timer, arg, check, command_name, fmt_metrics, load_state, loading_checkpoint,
+                          progress, resolve_checkpoint, save_state, seed_everything)
 
 
 # --------------------------------------------------------------------------------------------
@@ -104,13 +106,11 @@ def atari_game(env_id: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
 
 
-def check_env(cfg: OnPolicyArgs, discrete_only: str | None = None) -> tuple[gym.Space, gym.Space, str]:
+def check_env(cfg: OnPolicyArgs) -> tuple[gym.Space, gym.Space, str]:
     """Validate the env against the config before any work; returns (obs space, action space, policy)."""
     check_env_id(cfg.env_id)  # a ConfigError naming `env_id` (with suggestions) if unknown
     obs_space, act_space = env_spaces(cfg.env_id)  # Atari: (4, 84, 84) uint8 frames, as ale-py's vector env gives
     discrete = isinstance(act_space, gym.spaces.Discrete)
-    if discrete_only and not discrete:
-        raise ConfigError(f"`{discrete_only}`: needs a discrete action space, but {cfg.env_id} has {act_space}")
     policy = cfg.policy
     if policy == "auto":
         policy = "cnn" if is_image_space(obs_space) else "mlp"
@@ -284,8 +284,6 @@ def _layer_state(obj) -> dict:
 
 def _to_data(value):
     """`value` as tagged JSON data, or None where it is not plain state."""
-    from gymnasium.wrappers.utils import RunningMeanStd
-
     if isinstance(value, np.generic):  # before float: np.float64 is a float, and keeps its type (NumPy 2 promotion)
         return {"scalar": value.item(), "dtype": value.dtype.str} if value.dtype.kind in "biuf" else None
     if value is None or isinstance(value, (bool, int, float)):
@@ -327,8 +325,6 @@ def _from_data(data: dict, current, where: str):
     state turns from an array into a tuple), and `load_env_state`'s class checks already tie the
     checkpoint to this env.
     """
-    from gymnasium.wrappers.utils import RunningMeanStd
-
     if "rng" in data and isinstance(current, np.random.Generator):
         current.bit_generator.state = data["rng"]
         return current
@@ -498,61 +494,9 @@ def evaluate(cfg: OnPolicyArgs, policy: ActorCritic, stats: dict, episodes: int,
 OBS_EPS = 1e-8  # the epsilon of gymnasium's NormalizeObservation (its default)
 
 
-FUSED_ADAM = True  # one fused kernel per Adam step instead of a loop over parameters: ~1.5x faster updates on CPU
-
-
-def setup_torch(cfg: OnPolicyArgs) -> torch.device:
-    if cfg.torch_threads:
-        torch.set_num_threads(cfg.torch_threads)
-    return torch.device(cfg.device)
-
-
-def warn_async_resume(cfg: OnPolicyArgs) -> None:
-    warnings.warn(f"resuming {cfg.env_id} with vector={cfg.vector}: the environments restart from fresh episodes (async and "
-                  "ale-py vector envs keep their state outside this process, so it is not checkpointed); the run is not bit-exact")
-
-
-# --------------------------------------------------------------------------------------------
-# Run setup, checkpoints, the end of a run
-# --------------------------------------------------------------------------------------------
-
-
 def crossed(step: int, prev_step: int, every: int) -> bool:
     """True when a multiple of `every` lies in (prev_step, step] (the rollout that reached it)."""
     return every > 0 and step // every != prev_step // every
-
-
-def setup(cfg, obs_space, act_space, policy_kind: str):
-    """Everything before the training loop that pg / ppo / trpo share.
-
-    Returns (checkpoint or None, envs, policy, rollout, resumed_state or None). On resume the vector
-    env is made anew and given the checkpoint's env state (exact: mid-episode states, RNGs and
-    normalisation statistics). The caller restores its own optimiser / controller entries from
-    `resumed_state` inside `loading_checkpoint`, and only then opens the run directory
-    (`Run(cfg, checkpoint=...)`), so a checkpoint that does not load changes nothing.
-    """
-    from rlhf.runtime import command_name, load_state, loading_checkpoint, resolve_checkpoint, seed_everything
-
-    resume = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir, command_name(cfg))  # errors before any write
-    device = setup_torch(cfg)
-    seed_everything(cfg.seed, cfg.deterministic)
-    policy = ActorCritic(obs_space, act_space, policy_kind, cfg.hidden_sizes, cfg.activation, cfg.init_log_std).to(device)
-    envs = make_env_from_cfg(cfg)
-    if resume is None:
-        first_obs, _ = envs.reset(seed=cfg.seed)
-        return None, envs, policy, Rollout(envs, policy, cfg.num_steps, device, first_obs), None
-    with loading_checkpoint(resume):
-        state = load_state(resume / "state.pt")  # restores python / numpy / torch RNGs
-        policy.load_state_dict(state["policy"])
-        first_obs, _ = envs.reset(seed=cfg.seed + int(state["global_step"]))
-        rollout = Rollout(envs, policy, cfg.num_steps, device, first_obs)
-        if (resume / "envs.json").exists():  # a sync vector env's state; resolve_checkpoint refused a checkpoint that lost it
-            load_env_state(envs, json.loads((resume / "envs.json").read_text()))
-            rollout.load_state_dict(state["rollout"])
-        else:
-            warn_async_resume(cfg)
-            load_norm_stats(envs, state["norm_stats"])
-    return resume, envs, policy, rollout, state
 
 
 def make_env_from_cfg(cfg: OnPolicyArgs):
@@ -560,57 +504,143 @@ def make_env_from_cfg(cfg: OnPolicyArgs):
                            cfg.gamma, cfg.clip_obs, cfg.clip_reward, cfg.episodic_life)
 
 
-def save_checkpoint(run, global_step: int, rollout: Rollout, **state) -> None:
-    """checkpoints/step-N/{state.pt, envs.json}: model, optimiser, counters, RNGs, env state, normalisation statistics."""
-    from rlhf.runtime import save_state
-
-    with run.checkpoint(global_step) as d:
-        data = env_state(rollout.envs)
-        if data is not None:
-            (d / "envs.json").write_text(json.dumps(data))  # NaN / inf as JSON's NaN / Infinity: exact either way
-        save_state(d / "state.pt", {**state, "global_step": global_step, "rollout": rollout.state_dict(),
-                                    "norm_stats": norm_stats(rollout.envs)})
+# --------------------------------------------------------------------------------------------
+# The training loop that pg / ppo / trpo share: setup and resume, each iteration's tail, the end of a run
+# --------------------------------------------------------------------------------------------
 
 
-def end_iteration(cfg, run, bar, rollout, policy, metrics: dict, batch: dict, finished: list, global_step: int,
-                  prev_step: int, iteration: int, timer, start_step: int, checkpoint_state, value_trained: bool = True) -> dict:
-    """The tail every pg / ppo / trpo iteration shares; returns the iteration's metrics (floats).
+class Loop:
+    """The state of one pg / ppo / trpo run, from setup to the final evaluation.
 
-    Adds the rollout's metrics and `time/sps`; evaluates, logs and checkpoints when their intervals are
-    crossed (and always checkpoints the last iteration, so every run can be resumed or extended).
-    `checkpoint_state()` returns the algorithm's own entries (optimisers, controller, ...).
+    `Loop(cfg, name)` checks the env, seeds, builds the policy and the vector env; on resume the env
+    is made anew and given the checkpoint's env state (exact: mid-episode states, RNGs and normalisation
+    statistics). The algorithm then builds its optimisers and calls `open(...)`, which restores them
+    from the checkpoint and only then opens the run directory, so a checkpoint that does not load
+    changes nothing. Then `for batch in loop.rollouts(optimizer): <update>; loop.end_iteration(metrics)`,
+    and `loop.finish()`.
     """
-    metrics = {k: float(v) for k, v in metrics.items()}
-    metrics.update(rollout_metrics(batch, finished, rollout))
-    if not value_trained:
-        metrics.pop("value/explained_var")
-    metrics["time/sps"] = (global_step - start_step) / max(timer.elapsed(), 1e-9)
-    if crossed(global_step, prev_step, cfg.eval_interval):
-        device = next(policy.parameters()).device
-        metrics.update(evaluate(cfg, policy, norm_stats(rollout.envs), cfg.eval_episodes or 10, cfg.seed + 100_000, device))
-    if crossed(global_step, prev_step, cfg.logging_steps):
-        run.log(global_step, metrics)
-    bar.update(cfg.batch_size)
-    bar.set_postfix(fmt_metrics(metrics, ["train/episode_return_last100", "eval/return_mean", "policy/approx_kl", "time/sps"]))
-    if crossed(global_step, prev_step, cfg.save_steps) or iteration == cfg.num_iterations:
-        save_checkpoint(run, global_step, rollout, policy=policy.state_dict(), iteration=iteration, **checkpoint_state())
-    return metrics
 
+    def __init__(self, cfg: OnPolicyArgs, name: str, cnn_ok: bool = True):
+        obs_space, act_space, policy_kind = check_env(cfg)
+        if policy_kind == "cnn" and not cnn_ok:
+            raise ConfigError(f"`policy`: {name.upper()} supports mlp policies only; {cfg.env_id} needs a CNN")
+        self.cfg, self.name = cfg, name
+        self.checkpoint = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir, command_name(cfg))  # before any write
+        if cfg.torch_threads:
+            torch.set_num_threads(cfg.torch_threads)
+        self.device = torch.device(cfg.device)
+        seed_everything(cfg.seed, cfg.deterministic)
+        self.policy = ActorCritic(obs_space, act_space, policy_kind, cfg.hidden_sizes, cfg.activation,
+                                  cfg.init_log_std).to(self.device)
+        envs = make_env_from_cfg(cfg)
+        self.iteration, self.global_step, self.resumed = 0, 0, None
+        if self.checkpoint is None:
+            first_obs, _ = envs.reset(seed=cfg.seed)
+            self.rollout = Rollout(envs, self.policy, cfg.num_steps, self.device, first_obs)
+            return
+        with loading_checkpoint(self.checkpoint):
+            self.resumed = load_state(self.checkpoint / "state.pt")  # restores python / numpy / torch RNGs
+            self.policy.load_state_dict(self.resumed["policy"])
+            first_obs, _ = envs.reset(seed=cfg.seed + int(self.resumed["global_step"]))
+            self.rollout = Rollout(envs, self.policy, cfg.num_steps, self.device, first_obs)
+            if (self.checkpoint / "envs.json").exists():  # a sync vector env's state; resolve_checkpoint refused one that lost it
+                load_env_state(envs, json.loads((self.checkpoint / "envs.json").read_text()))
+                self.rollout.load_state_dict(self.resumed["rollout"])
+            else:
+                warnings.warn(f"resuming {cfg.env_id} with vector={cfg.vector}: the environments restart from fresh "
+                              "episodes (async and ale-py vector envs keep their state outside this process, so it is "
+                              "not checkpointed); the run is not bit-exact")
+                load_norm_stats(envs, self.resumed["norm_stats"])
 
-def finish(cfg, run, policy, rollout, global_step: int, steps_timed: int, timer, device) -> dict:
-    """Final evaluation (frozen normalisation statistics), summary.json, close everything.
+    def open(self, **state) -> dict:
+        """Restore the algorithm's `state` from the checkpoint, then open the run directory and start the clock.
 
-    `timer` started with the training loop, which took `steps_timed` env steps: `time/sps` per wall
-    second, `time/cpu_sps` per CPU second of this process (the loop only, like DQN's)."""
-    summary = {"global_step": global_step, "time/sps": steps_timed / max(timer.elapsed(), 1e-9),
-               "time/cpu_sps": steps_timed / max(timer.cpu_elapsed(), 1e-9)}
-    if rollout.episode_returns:
-        summary["train/episode_return_last100"] = float(np.mean(rollout.episode_returns))
-    if cfg.eval_episodes:
-        summary.update(evaluate(cfg, policy, norm_stats(rollout.envs), cfg.eval_episodes, cfg.seed + 100_000, device))
-    if cfg.eval_episodes:
-        run.log(global_step, {k: v for k, v in summary.items() if k.startswith("eval/")})
-    run.write_summary(summary)
-    run.close()
-    rollout.envs.close()
-    return summary
+        Objects with `load_state_dict` (optimisers, controllers; None is skipped) load in place and are
+        saved with every checkpoint; plain values come back in the returned dict, from the checkpoint
+        or, on a fresh start, as given (the algorithm passes their current values to `end_iteration`).
+        """
+        self.stateful = {k: v for k, v in state.items() if hasattr(v, "load_state_dict")}
+        plain = {k: v for k, v in state.items() if v is not None and k not in self.stateful}
+        if self.resumed is not None:
+            with loading_checkpoint(self.checkpoint):
+                for key, obj in self.stateful.items():
+                    obj.load_state_dict(self.resumed[key])
+                plain = {k: self.resumed[k] for k in plain}
+            self.iteration, self.global_step = self.resumed["iteration"], int(self.resumed["global_step"])
+        self.run = Run(self.cfg, checkpoint=self.checkpoint)
+        self.timer, self.start_step = Timer(), self.global_step
+        self.bar = progress(self.cfg.num_iterations * self.cfg.batch_size, f"{self.name} {self.cfg.env_id}",
+                            self.cfg.progress, initial=self.global_step)
+        return plain
+
+    def rollouts(self, optimizer: torch.optim.Optimizer, gae: bool = True):
+        """For each iteration left: anneal `optimizer`'s learning rate (`anneal_lr`), collect one rollout with
+        the current policy and yield it as a flat batch (`Rollout.flat`) with GAE advantages and returns,
+        or with `gae=False` the discounted Monte-Carlo returns as advantages."""
+        cfg = self.cfg
+        for self.iteration in range(self.iteration + 1, cfg.num_iterations + 1):
+            if cfg.anneal_lr:
+                optimizer.param_groups[0]["lr"] = cfg.learning_rate * (1.0 - (self.iteration - 1) / cfg.num_iterations)
+            self.finished = self.rollout.collect()
+            self.prev_step, self.global_step = self.global_step, self.global_step + cfg.batch_size
+            if gae:
+                advantages, returns = self.rollout.advantages(cfg.gamma, cfg.gae_lambda)  # (T, N)
+            else:
+                returns = advantages = discounted_returns(self.rollout.rewards, self.rollout.episode_end, cfg.gamma)
+            self.batch = self.rollout.flat(advantages, returns)
+            yield self.batch
+
+    def end_iteration(self, metrics: dict, value_trained: bool = True, **plain) -> dict:
+        """The tail of every iteration; returns its metrics (floats).
+
+        Adds the rollout's metrics and `time/sps`; evaluates, logs and checkpoints when their intervals are
+        crossed (and always checkpoints the last iteration, so every run can be resumed or extended).
+        `plain`: the current values of the plain state given to `open`, for the checkpoint.
+        """
+        cfg, step, prev_step = self.cfg, self.global_step, self.prev_step
+        metrics = {k: float(v) for k, v in metrics.items()}
+        metrics.update(rollout_metrics(self.batch, self.finished, self.rollout))
+        if not value_trained:
+            metrics.pop("value/explained_var")
+        metrics["time/sps"] = (step - self.start_step) / max(self.timer.elapsed(), 1e-9)
+        if crossed(step, prev_step, cfg.eval_interval):
+            stats = norm_stats(self.rollout.envs)
+            metrics.update(evaluate(cfg, self.policy, stats, cfg.eval_episodes or 10, cfg.seed + 100_000, self.device))
+        if crossed(step, prev_step, cfg.logging_steps):
+            self.run.log(step, metrics)
+        self.bar.update(cfg.batch_size)
+        self.bar.set_postfix(fmt_metrics(metrics, ["train/episode_return_last100", "eval/return_mean", "policy/approx_kl", "time/sps"]))
+        if crossed(step, prev_step, cfg.save_steps) or self.iteration == cfg.num_iterations:
+            self.save_checkpoint(**{k: v.state_dict() for k, v in self.stateful.items()}, **plain)
+        return metrics
+
+    def save_checkpoint(self, **state) -> None:
+        """checkpoints/step-N/{state.pt, envs.json}: policy, the algorithm's `state`, counters, RNGs, env state,
+        normalisation statistics."""
+        with self.run.checkpoint(self.global_step) as d:
+            data = env_state(self.rollout.envs)
+            if data is not None:
+                (d / "envs.json").write_text(json.dumps(data))  # NaN / inf as JSON's NaN / Infinity: exact either way
+            save_state(d / "state.pt", {"policy": self.policy.state_dict(), "iteration": self.iteration, **state,
+                                        "global_step": self.global_step, "rollout": self.rollout.state_dict(),
+                                        "norm_stats": norm_stats(self.rollout.envs)})
+
+    def finish(self) -> dict:
+        """Final evaluation (frozen normalisation statistics), summary.json, close everything.
+
+        `time/sps` per wall second, `time/cpu_sps` per CPU second of this process, of the training loop
+        of this process only (from `open`), like DQN's."""
+        self.bar.close()
+        cfg, steps = self.cfg, self.global_step - self.start_step
+        summary = {"global_step": self.global_step, "time/sps": steps / max(self.timer.elapsed(), 1e-9),
+                   "time/cpu_sps": steps / max(self.timer.cpu_elapsed(), 1e-9)}
+        if self.rollout.episode_returns:
+            summary["train/episode_return_last100"] = float(np.mean(self.rollout.episode_returns))
+        if cfg.eval_episodes:
+            summary.update(evaluate(cfg, self.policy, norm_stats(self.rollout.envs), cfg.eval_episodes, cfg.seed + 100_000,
+                                    self.device))
+            self.run.log(self.global_step, {k: v for k, v in summary.items() if k.startswith("eval/")})
+        self.run.write_summary(summary)
+        self.run.close()
+        self.rollout.envs.close()
+        return summary

@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 from classic import onpolicy
+from classic.nets import FUSED_ADAM
 from classic.onpolicy import OnPolicyArgs
-from rlhf.core import discounted_returns, masked_mean, masked_whiten, policy_gradient_loss, value_loss
-from rlhf.runtime import Run, RunConfig, Timer, arg, check, loading_checkpoint, progress
+from rlhf.core import masked_mean, masked_whiten, policy_gradient_loss, value_loss
+from rlhf.runtime import RunConfig, arg, check
 
 
 @dataclasses.dataclass
@@ -64,49 +65,19 @@ def update(cfg: Config, policy, optimizer, batch: dict) -> dict:
     if cfg.max_grad_norm:
         nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
     optimizer.step()
-    with torch.no_grad():
-        new_params = policy.params(batch["obs"])
-        ratio = (policy.log_prob(new_params, batch["actions"]) - batch["logp"]).exp()
-        metrics["policy/approx_kl"] = masked_mean(policy.kl(params.detach(), new_params), valid)
-        metrics["policy/clipfrac"] = masked_mean(((ratio - 1).abs() > 0.2).float(), valid)  # how far one step moves pi
+    with torch.no_grad():  # how far the step moved pi
+        metrics["policy/approx_kl"] = masked_mean(policy.kl(params.detach(), policy.params(batch["obs"])), valid)
     return {**metrics, "policy/entropy": entropy.detach()}
 
 
 def train(cfg: Config) -> dict:
-    obs_space, act_space, policy_kind = onpolicy.check_env(cfg)
-    resume, envs, policy, rollout, resumed = onpolicy.setup(cfg, obs_space, act_space, policy_kind)
-    device = next(policy.parameters()).device
-    trainable = policy.parameters() if cfg.baseline else [p for n, p in policy.named_parameters() if not n.startswith("critic.")]
-    optimizer = torch.optim.Adam(trainable, lr=cfg.learning_rate, eps=1e-5, fused=onpolicy.FUSED_ADAM)
-    start_iteration, global_step = 1, 0
-    if resumed is not None:
-        with loading_checkpoint(resume):
-            optimizer.load_state_dict(resumed["optimizer"])
-        start_iteration, global_step = resumed["iteration"] + 1, int(resumed["global_step"])
-    run = Run(cfg, checkpoint=resume)  # after the checkpoint loaded: a bad one changes nothing
-
-    timer, start_step = Timer(), global_step
-    bar = progress(cfg.num_iterations * cfg.batch_size, f"pg {cfg.env_id}", cfg.progress, initial=global_step)
-    for iteration in range(start_iteration, cfg.num_iterations + 1):
-        if cfg.anneal_lr:
-            optimizer.param_groups[0]["lr"] = cfg.learning_rate * (1.0 - (iteration - 1) / cfg.num_iterations)
-
-        # rollout -> returns / advantages
-        finished = rollout.collect()
-        prev_step, global_step = global_step, global_step + cfg.batch_size
-        if cfg.baseline:
-            advantages, returns = rollout.advantages(cfg.gamma, cfg.gae_lambda)  # (T, N)
-        else:
-            returns = discounted_returns(rollout.rewards, rollout.episode_end, cfg.gamma)  # (T, N)
-            advantages = returns
-        batch = rollout.flat(advantages, returns)
-
-        # one policy-gradient step
+    loop = onpolicy.Loop(cfg, "pg")
+    policy = loop.policy
+    trainable = policy.parameters() if cfg.baseline else policy.actor_parameters()
+    optimizer = torch.optim.Adam(trainable, lr=cfg.learning_rate, eps=1e-5, fused=FUSED_ADAM)
+    loop.open(optimizer=optimizer)
+    # rollout -> returns / advantages -> one policy-gradient step -> log, evaluate, checkpoint
+    for batch in loop.rollouts(optimizer, gae=cfg.baseline):
         metrics = update(cfg, policy, optimizer, batch)
-
-        # log, evaluate, checkpoint (without a baseline no critic is trained: no explained variance)
-        metrics["kl/beta"] = 0.0
-        onpolicy.end_iteration(cfg, run, bar, rollout, policy, metrics, batch, finished, global_step, prev_step, iteration,
-                               timer, start_step, lambda: dict(optimizer=optimizer.state_dict()), value_trained=cfg.baseline)
-    bar.close()
-    return onpolicy.finish(cfg, run, policy, rollout, global_step, global_step - start_step, timer, device)
+        loop.end_iteration({**metrics, "kl/beta": 0.0}, value_trained=cfg.baseline)  # no baseline: no explained variance
+    return loop.finish()

@@ -25,25 +25,10 @@ import torch
 from torch import nn
 from torch.distributions import Categorical, Normal, kl_divergence
 
-from classic.nets import NatureCNN, numpy_mlp
+from classic.nets import NatureCNN, layer_init, mlp, numpy_mlp
 from rlhf.core import entropy_from_logits
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
-
-
-def layer_init(layer: nn.Module, gain: float = math.sqrt(2), bias: float = 0.0) -> nn.Module:
-    nn.init.orthogonal_(layer.weight, gain)
-    nn.init.constant_(layer.bias, bias)
-    return layer
-
-
-def mlp(in_dim: int, hidden: list[int], out_dim: int, activation: str, out_gain: float) -> nn.Sequential:
-    layers, last = [], in_dim
-    for h in hidden:
-        layers += [layer_init(nn.Linear(last, h)), ACTIVATIONS[activation]()]
-        last = h
-    layers.append(layer_init(nn.Linear(last, out_dim), gain=out_gain))
-    return nn.Sequential(*layers)
 
 
 def is_image_space(space: gym.Space) -> bool:
@@ -81,11 +66,15 @@ class ActorCritic(nn.Module):
             self.critic = layer_init(nn.Linear(512, 1), gain=1.0)
         else:
             obs_dim = int(np.prod(observation_space.shape))
-            self.actor = mlp(obs_dim, list(hidden_sizes), self.action_dim, activation, out_gain=0.01)
-            self.critic = mlp(obs_dim, list(hidden_sizes), 1, activation, out_gain=1.0)
+            self.actor = mlp(obs_dim, hidden_sizes, self.action_dim, ACTIVATIONS[activation], out_gain=0.01)
+            self.critic = mlp(obs_dim, hidden_sizes, 1, ACTIVATIONS[activation], out_gain=1.0)
         if not self.discrete:
             self.log_std = nn.Parameter(torch.full((self.action_dim,), float(init_log_std)))
             self.action_low, self.action_high = action_space.low, action_space.high  # numpy, for clipping at evaluation
+
+    def actor_parameters(self) -> list[nn.Parameter]:
+        """The parameters of pi: all but the critic's (a shared CNN torso is pi's too)."""
+        return [p for name, p in self.named_parameters() if not name.startswith("critic.")]
 
     # -- forward ---------------------------------------------------------------------------
     def _features(self, obs: torch.Tensor) -> torch.Tensor:

@@ -27,11 +27,12 @@ import shutil
 import torch
 
 from classic import onpolicy
-from classic.nets import adam_step, clip_grad_norm
+from classic.nets import FUSED_ADAM, adam_step, clip_grad_norm
 from classic.onpolicy import OnPolicyArgs
 from classic.policies import ActorCritic
-from rlhf.core import AdaptiveKLController, FixedKLController, kl_penalty_loss, masked_mean, masked_whiten, ppo_clip_loss, value_loss
-from rlhf.runtime import Run, RunConfig, Timer, arg, check, loading_checkpoint, progress
+from rlhf.core import (AdaptiveKLController, FixedKLController, clip_fraction, kl_penalty_loss, masked_mean, masked_whiten,
+                       ppo_clip_loss, value_loss)
+from rlhf.runtime import RunConfig, arg, check
 
 PENALTIES = ("clip", "adaptive_kl", "fixed_kl", "none")
 CXX_COMPILERS = tuple(filter(None, (os.environ.get("CXX"), "g++", "c++", "clang++")))  # what inductor can build with
@@ -112,8 +113,8 @@ def minibatch_loss(cfg: Config, policy: ActorCritic, mb: dict, beta: torch.Tenso
         with torch.no_grad():
             entropy = masked_mean(policy.entropy(params), valid)
         loss = pg_loss + cfg.vf_coef * v_loss
-    if "policy/clipfrac" not in metrics:  # KL / none variants: how often |r - 1| > clip_eps, for comparison
-        metrics["policy/clipfrac"] = masked_mean(((logp.detach() - mb["logp"]).exp().sub(1).abs() > cfg.clip_eps).float(), valid)
+    if "policy/clipfrac" not in metrics:  # KL variants: how often clip_eps would have clipped, for comparison
+        metrics["policy/clipfrac"] = clip_fraction((logp - mb["logp"]).exp(), advantages, cfg.clip_eps, mask=valid)
     return loss, {**metrics, **v_metrics, "policy/entropy": entropy.detach()}
 
 
@@ -153,43 +154,16 @@ def update(cfg: Config, policy: ActorCritic, optimizer: torch.optim.Optimizer, b
 
 
 def train(cfg: Config) -> dict:
-    obs_space, act_space, policy_kind = onpolicy.check_env(cfg)
-    resume, envs, policy, rollout, resumed = onpolicy.setup(cfg, obs_space, act_space, policy_kind)
-    device = next(policy.parameters()).device
-    optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.learning_rate, eps=1e-5, fused=onpolicy.FUSED_ADAM)
+    loop = onpolicy.Loop(cfg, "ppo")
+    optimizer = torch.optim.Adam(loop.policy.parameters(), lr=cfg.learning_rate, eps=1e-5, fused=FUSED_ADAM)
     controller = make_controller(cfg)
     loss_fn = torch.compile(minibatch_loss, dynamic=False) if cfg.compile else minibatch_loss  # compiled at first use
-    start_iteration, global_step = 1, 0
-    if resumed is not None:
-        with loading_checkpoint(resume):
-            optimizer.load_state_dict(resumed["optimizer"])
-            if controller is not None:
-                controller.load_state_dict(resumed["controller"])
-        start_iteration, global_step = resumed["iteration"] + 1, int(resumed["global_step"])
-    run = Run(cfg, checkpoint=resume)  # after the checkpoint loaded: a bad one changes nothing
-
-    timer, start_step = Timer(), global_step
-    bar = progress(cfg.num_iterations * cfg.batch_size, f"ppo {cfg.env_id}", cfg.progress, initial=global_step)
-    for iteration in range(start_iteration, cfg.num_iterations + 1):
-        if cfg.anneal_lr:
-            optimizer.param_groups[0]["lr"] = cfg.learning_rate * (1.0 - (iteration - 1) / cfg.num_iterations)
-
-        # rollout -> advantages
-        finished = rollout.collect()
-        prev_step, global_step = global_step, global_step + cfg.batch_size
-        advantages, returns = rollout.advantages(cfg.gamma, cfg.gae_lambda)  # (T, N)
-        batch = rollout.flat(advantages, returns)
-
-        # update; the KL coefficient adapts once per rollout, after the epochs (PPO paper, sec. 4)
+    loop.open(optimizer=optimizer, controller=controller)
+    for batch in loop.rollouts(optimizer):  # rollout -> advantages -> update -> log, evaluate, checkpoint
+        # the KL coefficient adapts once per rollout, after the epochs (PPO paper, sec. 4)
         beta = controller.beta if controller is not None else 0.0
-        metrics = update(cfg, policy, optimizer, batch, beta, loss_fn)
+        metrics = update(cfg, loop.policy, optimizer, batch, beta, loss_fn)
         if controller is not None:
             controller.update(float(metrics["policy/kl"]))
-
-        # log, evaluate, checkpoint
-        metrics.update({"kl/beta": beta, "charts/learning_rate": optimizer.param_groups[0]["lr"]})
-        onpolicy.end_iteration(cfg, run, bar, rollout, policy, metrics, batch, finished, global_step, prev_step, iteration,
-                               timer, start_step, lambda: dict(optimizer=optimizer.state_dict(),
-                                                               controller=controller.state_dict() if controller is not None else {}))
-    bar.close()
-    return onpolicy.finish(cfg, run, policy, rollout, global_step, global_step - start_step, timer, device)
+        loop.end_iteration({**metrics, "kl/beta": beta, "train/lr": optimizer.param_groups[0]["lr"]})
+    return loop.finish()

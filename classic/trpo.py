@@ -9,9 +9,10 @@ L(theta) = E[r A] the surrogate (sec. 3):
   (F = Hessian of the mean KL, plus cg_damping), scaled to the constraint's boundary
   beta = sqrt(2 max_kl / s^T F s), then backtracking (backtrack_coef^k, k < line_search_steps)
   until L improves and the KL holds. Every step goes through `rlhf.core.trust_region`.
-- `variant=penalty`: maximise L - lambda (KL - max_kl) with `penalty_steps` Adam steps per rollout,
-  then the dual update lambda <- max(0, lambda + penalty_lr (KL - max_kl)) (the KL-penalised form
-  in ../shared/reference/deep_rl_lecture.txt; a Lagrangian relaxation of the constraint).
+- `variant=penalty`: maximise L - beta (KL - max_kl) with `penalty_steps` Adam steps per rollout,
+  then the dual update beta <- max(0, beta + penalty_lr (KL - max_kl)) (`rlhf.core.kl_dual_update`;
+  the KL-penalised form in ../shared/reference/deep_rl_lecture.txt, a Lagrangian relaxation of the
+  constraint). beta, the multiplier of the KL, starts at `kl_beta` and is logged as `kl/beta`.
 The value function is fitted separately by Adam (`vf_iters` passes of `num_minibatches`
 minibatches) after the policy step, on GAE returns (Schulman et al. 2016). Policies: MLP only
 (the trust region is over the actor's parameters, which a shared CNN torso would mix with the critic).
@@ -24,7 +25,7 @@ import dataclasses
 import torch
 
 from classic import onpolicy
-from classic.nets import adam_step
+from classic.nets import FUSED_ADAM, adam_step
 from classic.onpolicy import OnPolicyArgs
 from rlhf.core import (
     backtracking_line_search,
@@ -32,6 +33,7 @@ from rlhf.core import (
     fisher_vector_product,
     flat_grad,
     flat_params,
+    kl_dual_update,
     kl_penalty_loss,
     masked_mean,
     masked_whiten,
@@ -40,7 +42,7 @@ from rlhf.core import (
     trpo_step_size,
     value_loss,
 )
-from rlhf.runtime import ConfigError, Run, RunConfig, Timer, arg, check, loading_checkpoint, progress
+from rlhf.runtime import RunConfig, arg, check
 
 
 @dataclasses.dataclass
@@ -51,14 +53,14 @@ class Config(OnPolicyArgs, RunConfig):
     num_steps: int = arg(512, "Steps per environment in each rollout (the horizon T); batch = num_envs * num_steps.")
     learning_rate: float = arg(1e-3, "Adam learning rate of the value function.")
     anneal_lr: bool = arg(False, "Linearly anneal the value function's learning rate to 0 over training.")
-    variant: str = arg("constrained", "constrained: natural gradient + line search under KL <= max_kl; penalty: surrogate - lambda (KL - max_kl) with a dual update of lambda.", choices=("constrained", "penalty"))
+    variant: str = arg("constrained", "constrained: natural gradient + line search under KL <= max_kl; penalty: surrogate - beta (KL - max_kl) with a dual update of beta.", choices=("constrained", "penalty"))
     max_kl: float = arg(0.01, "Trust-region size delta: the bound on the mean KL(pi_old || pi) (constrained), its target eps (penalty).")
     cg_iters: int = arg(10, "Conjugate-gradient iterations for the natural-gradient direction.")
     cg_damping: float = arg(0.1, "Damping added to the Fisher matrix: (F + damping I) v.")
     line_search_steps: int = arg(10, "Backtracking line-search steps at most.")
     backtrack_coef: float = arg(0.8, "Step shrink factor per backtracking step.")
-    penalty_lr: float = arg(10.0, "penalty: step size alpha of the dual update lambda <- lambda + alpha (KL - max_kl).")
-    init_lambda: float = arg(1.0, "penalty: initial KL multiplier lambda.")
+    penalty_lr: float = arg(10.0, "penalty: step size alpha of the dual update beta <- max(0, beta + alpha (KL - max_kl)).")
+    kl_beta: float = arg(1.0, "penalty: initial KL multiplier beta (the dual variable of the KL constraint).")
     penalty_steps: int = arg(20, "penalty: full-batch Adam steps on the penalised surrogate per rollout.")
     policy_lr: float = arg(3e-3, "penalty: Adam learning rate of the policy.")
     vf_iters: int = arg(5, "Passes of the value function over each rollout.")
@@ -72,7 +74,7 @@ class Config(OnPolicyArgs, RunConfig):
         check(self.line_search_steps >= 1, "line_search_steps", f"must be >= 1, got {self.line_search_steps}")
         check(0 < self.backtrack_coef < 1, "backtrack_coef", f"must be in (0, 1), got {self.backtrack_coef}")
         check(self.penalty_lr >= 0, "penalty_lr", f"must be >= 0, got {self.penalty_lr}")
-        check(self.init_lambda >= 0, "init_lambda", f"must be >= 0, got {self.init_lambda}")
+        check(self.kl_beta >= 0, "kl_beta", f"must be >= 0, got {self.kl_beta}")
         check(self.penalty_steps >= 1, "penalty_steps", f"must be >= 1, got {self.penalty_steps}")
         check(self.policy_lr > 0, "policy_lr", f"must be > 0, got {self.policy_lr}")
         check(self.vf_iters >= 1, "vf_iters", f"must be >= 1, got {self.vf_iters}")
@@ -80,11 +82,6 @@ class Config(OnPolicyArgs, RunConfig):
         check(self.batch_size % self.num_minibatches == 0, "num_minibatches",
               f"{self.num_minibatches} does not divide the batch num_envs * num_steps = {self.num_envs} * {self.num_steps} = {self.batch_size}")
         check(self.policy != "cnn", "policy", "TRPO supports mlp policies only (a shared CNN torso mixes actor and critic parameters)")
-
-
-def actor_parameters(policy) -> list[torch.nn.Parameter]:
-    """The parameters of pi (the trust region is over these; the critic is fitted apart)."""
-    return [p for name, p in policy.named_parameters() if not name.startswith("critic.")]
 
 
 def surrogate_and_kl(policy, batch: dict, old_params: torch.Tensor, advantages: torch.Tensor):
@@ -98,7 +95,7 @@ def surrogate_and_kl(policy, batch: dict, old_params: torch.Tensor, advantages: 
 
 def constrained_step(cfg: Config, policy, batch: dict, old_params: torch.Tensor, advantages: torch.Tensor) -> dict:
     """One natural-gradient step under the KL constraint (TRPO, appendix C); returns metrics."""
-    actor = actor_parameters(policy)
+    actor = policy.actor_parameters()  # the trust region is over pi's parameters; the critic is fitted apart
     surrogate, _, _ = surrogate_and_kl(policy, batch, old_params, advantages)
     g = flat_grad(surrogate, actor)  # (P,) gradient of the surrogate at theta_old
 
@@ -124,16 +121,16 @@ def constrained_step(cfg: Config, policy, batch: dict, old_params: torch.Tensor,
             "trpo/improvement": info["improvement"], "trpo/backtracks": float(info["backtracks"])}
 
 
-def penalty_step(cfg: Config, policy, optimizer, batch: dict, old_params: torch.Tensor, advantages: torch.Tensor, lam: float) -> dict:
-    """`penalty_steps` Adam steps on -(E[r A] - lambda KL(pi_old || pi)) (rlhf.core.kl_penalty_loss with the exact KL)."""
+def penalty_step(cfg: Config, policy, optimizer, batch: dict, old_params: torch.Tensor, advantages: torch.Tensor, beta: float) -> dict:
+    """`penalty_steps` Adam steps on -(E[r A] - beta KL(pi_old || pi)) (rlhf.core.kl_penalty_loss with the exact KL)."""
     for _ in range(cfg.penalty_steps):
         params = policy.params(batch["obs"])  # (B, P)
         logp = policy.log_prob(params, batch["actions"])
-        loss, _ = kl_penalty_loss(logp, batch["logp"], advantages, lam, mask=batch["valid"], kl=policy.kl(old_params, params))
+        loss, _ = kl_penalty_loss(logp, batch["logp"], advantages, beta, mask=batch["valid"], kl=policy.kl(old_params, params))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(actor_parameters(policy), cfg.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(policy.actor_parameters(), cfg.max_grad_norm)
         optimizer.step()
     return {}
 
@@ -154,57 +151,27 @@ def fit_value(cfg: Config, policy, optimizer, batch: dict) -> dict:
 
 
 def train(cfg: Config) -> dict:
-    obs_space, act_space, policy_kind = onpolicy.check_env(cfg)
-    if policy_kind == "cnn":
-        raise ConfigError(f"`policy`: TRPO supports mlp policies only; {cfg.env_id} needs a CNN")
-    resume, envs, policy, rollout, resumed = onpolicy.setup(cfg, obs_space, act_space, policy_kind)
-    device = next(policy.parameters()).device
-    vf_optimizer = torch.optim.Adam(policy.critic.parameters(), lr=cfg.learning_rate, eps=1e-5, fused=onpolicy.FUSED_ADAM)
-    pi_optimizer = torch.optim.Adam(actor_parameters(policy), lr=cfg.policy_lr, eps=1e-5)  # penalty variant only
-    lam = cfg.init_lambda
-    start_iteration, global_step = 1, 0
-    if resumed is not None:
-        with loading_checkpoint(resume):
-            vf_optimizer.load_state_dict(resumed["vf_optimizer"])
-            pi_optimizer.load_state_dict(resumed["pi_optimizer"])
-        lam = float(resumed["lambda"])
-        start_iteration, global_step = resumed["iteration"] + 1, int(resumed["global_step"])
-    run = Run(cfg, checkpoint=resume)  # after the checkpoint loaded: a bad one changes nothing
-
-    timer, start_step = Timer(), global_step
-    bar = progress(cfg.num_iterations * cfg.batch_size, f"trpo {cfg.env_id}", cfg.progress, initial=global_step)
-    for iteration in range(start_iteration, cfg.num_iterations + 1):
-        if cfg.anneal_lr:
-            vf_optimizer.param_groups[0]["lr"] = cfg.learning_rate * (1.0 - (iteration - 1) / cfg.num_iterations)
-
-        # rollout -> advantages
-        finished = rollout.collect()
-        prev_step, global_step = global_step, global_step + cfg.batch_size
-        advantages, returns = rollout.advantages(cfg.gamma, cfg.gae_lambda)  # (T, N)
-        batch = rollout.flat(advantages, returns)
+    loop = onpolicy.Loop(cfg, "trpo", cnn_ok=False)
+    policy = loop.policy
+    vf_optimizer = torch.optim.Adam(policy.critic.parameters(), lr=cfg.learning_rate, eps=1e-5, fused=FUSED_ADAM)
+    pi_optimizer = torch.optim.Adam(policy.actor_parameters(), lr=cfg.policy_lr, eps=1e-5)  # penalty variant only
+    beta = loop.open(vf_optimizer=vf_optimizer, pi_optimizer=pi_optimizer, kl_beta=cfg.kl_beta)["kl_beta"]
+    for batch in loop.rollouts(vf_optimizer):  # rollout -> advantages -> policy step -> value function -> log, ...
         advantages = masked_whiten(batch["advantages"], batch["valid"]) if cfg.norm_adv else batch["advantages"]
-
-        # policy step (constrained or penalised), then the value function
         with torch.no_grad():
             old_params = policy.params(batch["obs"])  # (B, P): pi_old
             surrogate_before, _, _ = surrogate_and_kl(policy, batch, old_params, advantages)
         if cfg.variant == "constrained":
             metrics = constrained_step(cfg, policy, batch, old_params, advantages)
         else:
-            metrics = penalty_step(cfg, policy, pi_optimizer, batch, old_params, advantages, lam)
+            metrics = penalty_step(cfg, policy, pi_optimizer, batch, old_params, advantages, beta)
         with torch.no_grad():
             surrogate_after, kl, params = surrogate_and_kl(policy, batch, old_params, advantages)
             entropy = masked_mean(policy.entropy(params), batch["valid"])
-        beta = lam
-        if cfg.variant == "penalty":  # dual ascent on the multiplier of the KL constraint
-            lam = max(0.0, lam + cfg.penalty_lr * (float(kl) - cfg.max_kl))
         metrics.update(fit_value(cfg, policy, vf_optimizer, batch))
-
-        # log, evaluate, checkpoint
         metrics.update({"loss/policy": -surrogate_after, "trpo/surrogate_gain": surrogate_after - surrogate_before,
                         "policy/approx_kl": kl, "policy/entropy": entropy, "kl/beta": beta if cfg.variant == "penalty" else 0.0})
-        onpolicy.end_iteration(cfg, run, bar, rollout, policy, metrics, batch, finished, global_step, prev_step, iteration,
-                               timer, start_step, lambda: {"vf_optimizer": vf_optimizer.state_dict(),
-                                                           "pi_optimizer": pi_optimizer.state_dict(), "lambda": lam})
-    bar.close()
-    return onpolicy.finish(cfg, run, policy, rollout, global_step, global_step - start_step, timer, device)
+        if cfg.variant == "penalty":  # dual ascent on the multiplier of the KL constraint, with the KL after the step
+            beta = kl_dual_update(beta, float(kl), cfg.max_kl, cfg.penalty_lr)
+        loop.end_iteration(metrics, kl_beta=beta)
+    return loop.finish()

@@ -159,11 +159,11 @@ cfg = make_config(ppo.Config, dict(
     vf_coef=0.5, max_grad_norm=0.5, norm_obs=False, norm_reward=False, hidden_sizes=[64, 64], activation="tanh",
     torch_threads=s["threads"], eval_episodes=0, output_dir=s["out"], progress=False, report_to="none",
     compile=s["compile"]))
-marks, end_iteration = [now()], onpolicy.end_iteration
+marks, end_iteration = [now()], onpolicy.Loop.end_iteration
 def marked_end_iteration(*args, **kwargs):
     end_iteration(*args, **kwargs)
     marks.append(now())
-onpolicy.end_iteration = marked_end_iteration
+onpolicy.Loop.end_iteration = marked_end_iteration
 ppo.train(cfg)
 report(marks)
 """

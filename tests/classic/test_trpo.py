@@ -81,15 +81,15 @@ def test_bad_config_names_the_option(tmp_path, kw, option):
 
 def test_penalty_variant_dual_update(tmp_path):
     cfg = cfg_for(tmp_path, variant="penalty", num_envs=2, num_steps=128, num_minibatches=2, total_timesteps=6 * 256,
-                  penalty_lr=20.0, init_lambda=0.5, max_kl=0.005, policy_lr=0.01)
+                  penalty_lr=20.0, kl_beta=0.5, max_kl=0.005, policy_lr=0.01)
     trpo.train(cfg)
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert len(rows) == 6
-    lam = [r["kl/beta"] for r in rows]
-    assert lam[0] == 0.5
-    for prev, nxt in zip(rows, rows[1:]):  # lambda <- max(0, lambda + alpha (KL - eps)), KL after the policy steps
+    betas = [r["kl/beta"] for r in rows]
+    assert betas[0] == 0.5
+    for prev, nxt in zip(rows, rows[1:]):  # beta <- max(0, beta + alpha (KL - eps)), KL after the policy steps
         assert nxt["kl/beta"] == pytest.approx(max(0.0, prev["kl/beta"] + 20.0 * (prev["policy/approx_kl"] - 0.005)), rel=1e-6)
-    assert len(set(lam)) > 1
+    assert len(set(betas)) > 1
 
 
 def test_resume_continues_exactly(tmp_path):
