@@ -49,20 +49,14 @@ def choose_keys(runs: dict[str, list[dict]], max_panels: int = 6) -> list[str]:
 def _smooth(ys: list[float], window: int) -> list[float]:
     if window <= 1:
         return ys
-    out, acc = [], []
-    for y in ys:
-        acc.append(y)
-        if len(acc) > window:
-            acc.pop(0)
-        out.append(sum(acc) / len(acc))
-    return out
+    windows = [ys[max(0, i + 1 - window):i + 1] for i in range(len(ys))]
+    return [sum(w) / len(w) for w in windows]
 
 
 def plot_runs(run_dirs, keys: list[str] | None = None, out: str | Path = "curves.png", smooth: int = 1,
               labels: list[str] | None = None, title: str | None = None) -> Path:
     """Draw one panel per metric with every run overlaid; returns the PNG path."""
-    # matplotlib only here: the Agg backend is chosen just before pyplot loads, so importing this module
-    # leaves the backend of a caller (a notebook) alone
+    # here, not at the top: Agg is set just before pyplot loads, so importing rlhf.plot keeps a caller's backend
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,5 +1,4 @@
-"""Data: rows from the hub or a local file, named by file and line when bad (`loading`), checked and
-tokenised per format (`formats`), padded into batches (`collate`)."""
+"""Data: rows from a file or the hub (`loading`), checked and tokenised per format (`formats`), batched (`collate`)."""
 
 from rlhf.data.collate import collate_rankings, collate_sft
 from rlhf.data.formats import (IGNORE_INDEX, Tokenized, check_prompts, pack_examples, ranking_format, ranking_group,

@@ -91,12 +91,11 @@ def tokenize_prompt_completion(tokenizer, prompt: str, completion: str, chat: bo
     Plain text: the tokenizer's special tokens (e.g. BOS) go before the prompt and EOS after the
     completion. Chat-rendered text already holds them, so none are added.
     """
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
     if chat:
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
     else:
-        prompt_ids = tokenizer(prompt)["input_ids"] if prompt else tokenizer("")["input_ids"]
-        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        prompt_ids = tokenizer(prompt or "")["input_ids"]
         if tokenizer.eos_token_id is not None and (not completion_ids or completion_ids[-1] != tokenizer.eos_token_id):
             completion_ids = completion_ids + [tokenizer.eos_token_id]
     return prompt_ids + completion_ids, len(prompt_ids)

@@ -1,5 +1,4 @@
-"""Models: the built-in tiny preset (`builtin`), loaders for policies, reference, reward models and
-tokenizers (`loading`), LoRA and dropout-off for training (`prepare`)."""
+"""Models: the built-in tiny preset (`builtin`), loaders (`loading`), LoRA and dropout-off for training (`prepare`)."""
 
 from rlhf.models.builtin import BUILTIN_TINY, save_builtin_tiny, tiny_config
 from rlhf.models.loading import check_model_path, load_causal_lm, load_reward_model, load_tokenizer

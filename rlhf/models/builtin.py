@@ -1,8 +1,7 @@
-"""The built-in `builtin:tiny` preset: a ~0.2M-parameter Llama and a character-level tokenizer.
+"""`builtin:tiny`: a ~0.2M-parameter Llama (transformers' `LlamaForCausalLM` from a config, fixed seed) and a
+character-level tokenizer (a `tokenizers` WordLevel model over single characters, as a fast tokenizer).
 
-The model is transformers' `LlamaForCausalLM`, built from a config with a fixed seed; the tokenizer
-is a `tokenizers` WordLevel model over single characters, wrapped as a fast tokenizer. Nothing is
-downloaded; `save_builtin_tiny(d)` writes both in Hugging Face format, after which
+Nothing is downloaded; `save_builtin_tiny(d)` writes both in Hugging Face format, after which
 `AutoTokenizer.from_pretrained(d)` / `AutoModelForCausalLM.from_pretrained(d)` load them with no project code.
 """
 

@@ -1,8 +1,5 @@
-"""Load policies, reference, reward models and tokenizers: `builtin:tiny`, a local directory or a hub name.
-
-Every name other than `builtin:tiny` goes through the ordinary `Auto*` loaders; a local model path
-that is missing, empty or a file fails at once, naming the path.
-"""
+"""Load policies, reference, reward models and tokenizers: `builtin:tiny`, or a local directory or hub
+name through the ordinary `Auto*` loaders (a local path that is missing, empty or a file fails at once)."""
 
 from __future__ import annotations
 
@@ -23,11 +20,9 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def _dtype(dtype: str):
-    if dtype == "auto":
-        return "auto"
-    if dtype not in _DTYPES:
+    if dtype != "auto" and dtype not in _DTYPES:
         raise ConfigError(f"`dtype`: expected one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
-    return _DTYPES[dtype]
+    return _DTYPES.get(dtype, "auto")
 
 
 MODEL_FILES = ("config.json", "adapter_config.json")  # a model, or a LoRA adapter on one
@@ -91,8 +86,7 @@ def load_tokenizer(name_or_path: str, padding_side: str = "right"):
 
 
 def _finish(model, gradient_checkpointing: bool, dtype: str | None = None):
-    """Cast a built-in model (built in float32) to `dtype`; switch on gradient checkpointing."""
-    if dtype not in (None, "auto", "float32"):
+    if dtype not in (None, "auto", "float32"):  # a built-in model (built in float32); from_pretrained casts the others
         model = model.to(_dtype(dtype))
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -210,11 +210,8 @@ def candidate_answers(prompt: str, k: int, rng: np.random.Generator) -> list[str
     pool = [str(s), dropped_carry_answer(prompt), str(s + 1), str(max(s - 1, 0)), str(s + 10), str(abs(s - 10)),
             str(int(rng.integers(0, 199))), str(int(rng.integers(0, 199))), str(s) + str(int(rng.integers(0, 10))),
             "?", f"{s}+", f"{a}{b}", "-" + str(s), f"{s // 10} {s % 10}"]
-    seen, distinct = set(), []
-    for c in pool:
-        if c not in seen:
-            seen.add(c)
-            distinct.append(c)
+    distinct = list(dict.fromkeys(pool))  # first occurrences, in order
+    seen = set(distinct)
     if k > 100:
         raise ValueError(f"completions_per_prompt={k}: at most 100 distinct candidates per prompt")
     while len(distinct) < k:  # top up with far numbers (rare: small sums collapse several perturbations)
@@ -253,10 +250,8 @@ def make_ranking_rows(prompts: Sequence[str], completions_per_prompt: int, seed:
     rng = np.random.default_rng(seed)
     rows = []
     for i, prompt in enumerate(prompts):
-        if completions is not None:
-            cands = list(completions[i])
-        else:
-            cands = candidate_answers(prompt, completions_per_prompt, rng)
+        cands = (list(completions[i]) if completions is not None
+                 else candidate_answers(prompt, completions_per_prompt, rng))
         ranks = noisy_ranks([gold_score(prompt, c) for c in cands], noise, rng)
         rows.append({"prompt": prompt, "completions": cands, "ranks": ranks})
     return rows
