@@ -20,6 +20,7 @@ vectorised over a batch); importance weights w_i = (N P(i))^-beta / max_j w_j.
 
 from __future__ import annotations
 
+import ast
 import math
 from pathlib import Path
 from typing import NamedTuple
@@ -236,8 +237,6 @@ class ReplayBuffer:
             getattr(self, name)[: len(arr)] = arr
         self.total, self.num_sampleable, episode_open, self.episode_first = (int(x) for x in state["scalars"])
         self.episode_open = bool(episode_open)
-        import ast
-
         self.rng.bit_generator.state = ast.literal_eval(bytes(np.asarray(state["rng"])).decode())
 
     def save(self, path: str | Path) -> None:

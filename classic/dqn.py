@@ -31,7 +31,7 @@ import torch
 
 from classic.buffers import PrioritizedReplayBuffer, ReplayBuffer
 from classic.envs import check_env_id, env_spaces, evaluate, is_atari, make_env
-from classic.nets import QNetwork, adam_step, clip_grad_norm
+from classic.nets import FUSED_ADAM, QNetwork, adam_step, clip_grad_norm
 from rlhf.core import discounted_returns, dqn_target, td_loss
 from rlhf.runtime import (Run, RunConfig, Timer, arg, check, command_name, fmt_metrics, load_state, loading_checkpoint,
                           progress, resolve_checkpoint, save_state, seed_everything)
@@ -143,191 +143,230 @@ def q_vs_return(trajectories: list[dict], gamma: float, atari: bool) -> tuple[fl
     return (float(preds.mean()), float(rets.mean())) if len(preds) else (float("nan"), float("nan"))
 
 
+class QNets:
+    """The online Q-network, its target copy, the optimiser, and the numpy forward passes used to act.
+
+    The numpy passes (`numpy_mlp`; None for CNN / dueling nets) read views of the parameters, so they
+    follow optimiser steps, `load_state_dict` and the target's in-place `lerp_`.
+    """
+
+    def __init__(self, cfg: Config, obs_shape, n_actions: int):
+        self.online = QNetwork(obs_shape, n_actions, cfg.hidden_sizes, cfg.dueling)
+        self.target = QNetwork(obs_shape, n_actions, cfg.hidden_sizes, cfg.dueling)
+        self.target.load_state_dict(self.online.state_dict())
+        self.target.requires_grad_(False)
+        self.optimizer = torch.optim.Adam(self.online.parameters(), lr=cfg.learning_rate, eps=cfg.adam_eps, fused=FUSED_ADAM)
+        self.params = list(self.online.parameters())
+        self.online_numpy, self.target_numpy = self.online.numpy_forward(), self.target.numpy_forward()
+
+
+def make_replay(cfg: Config, env) -> ReplayBuffer:
+    obs_shape, atari = env.observation_space.shape, is_atari(cfg.env_id)
+    frame_shape = obs_shape[1:] if atari else obs_shape  # Atari: store single frames, rebuild the stack
+    kwargs = dict(capacity=cfg.buffer_size, frame_shape=frame_shape, frame_dtype=env.observation_space.dtype,
+                  frame_stack=obs_shape[0] if atari else 1, n_step=cfg.n_step, gamma=cfg.gamma, seed=cfg.seed)
+    if cfg.prioritized:
+        return PrioritizedReplayBuffer(**kwargs, alpha=cfg.per_alpha, eps=cfg.per_eps)
+    return ReplayBuffer(**kwargs)
+
+
+def act(nets: QNets, rng: np.random.Generator, obs, epsilon: float, n_actions: int) -> int:
+    """The epsilon-greedy behaviour policy."""
+    if rng.random() < epsilon:
+        return int(rng.integers(n_actions))
+    if nets.online_numpy is not None:
+        return int(nets.online_numpy(np.asarray(obs)[None]).argmax())
+    with torch.inference_mode():
+        return int(nets.online(torch.from_numpy(np.asarray(obs))[None]).argmax())
+
+
+def learn(cfg: Config, nets: QNets, replay: ReplayBuffer, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One gradient step on a replayed batch (TD loss on the (Double) DQN target); returns (loss, mean Q taken)."""
+    batch = replay.sample(cfg.batch_size, beta=beta)
+    obs, next_obs = torch.from_numpy(batch.obs), torch.from_numpy(batch.next_obs)
+    actions = torch.from_numpy(batch.actions)  # (B,)
+    if nets.target_numpy is not None:  # needs no gradient, so numpy (cheaper per layer, see numpy_mlp)
+        next_q_target = torch.from_numpy(nets.target_numpy(batch.next_obs))  # (B, A)
+    else:
+        with torch.no_grad():
+            next_q_target = nets.target(next_obs)  # (B, A)
+    if cfg.double_q:  # one forward pass for Q(s) and Q(s') of the online net
+        q_all = nets.online(torch.cat([obs, next_obs]))  # (2B, A)
+        q_obs, next_q_online = q_all[: cfg.batch_size], q_all[cfg.batch_size:].detach()
+    else:
+        q_obs, next_q_online = nets.online(obs), None
+    target = dqn_target(torch.from_numpy(batch.rewards), next_q_target, torch.from_numpy(batch.terminated),
+                        torch.from_numpy(batch.discounts), next_q_online=next_q_online)  # (B,)
+    q_taken = q_obs.gather(1, actions[:, None]).squeeze(1)  # (B,)
+    weights = torch.from_numpy(batch.weights) if cfg.prioritized else None
+    loss, td_errors = td_loss(q_taken, target, weights=weights, kind=cfg.loss)
+    for p in nets.params:  # = optimizer.zero_grad(set_to_none=True), without its profiler-hook overhead
+        p.grad = None
+    loss.backward()
+    if cfg.max_grad_norm > 0:
+        clip_grad_norm(nets.params, cfg.max_grad_norm)
+    adam_step(nets.optimizer)
+    replay.update_priorities(batch.indices, td_errors.numpy())
+    return loss.detach(), q_taken.detach().mean()
+
+
+def new_window() -> dict:
+    """Sums since the last log line: TD loss and mean Q per gradient step, and the episodes that ended."""
+    return {"loss": 0.0, "q": 0.0, "n": 0, "returns": [], "lengths": []}
+
+
+@dataclasses.dataclass
+class Counters:
+    """Where a run stands; saved with every checkpoint (plain data)."""
+
+    step: int = 0
+    n_updates: int = 0
+    episodes: int = 0
+    last_eval: dict = dataclasses.field(default_factory=dict)
+    best_eval: float = -np.inf
+    stopped_early: bool = False  # an evaluation reached stop_at_return
+    since_log: dict = dataclasses.field(default_factory=new_window)
+
+
+def evaluate_q(cfg: Config, q_net: QNetwork, at_step: int) -> dict:
+    """Return of `eval_episodes` episodes of the (epsilon-)greedy policy, and its Q vs. the return that followed."""
+    eval_rng = np.random.default_rng([cfg.seed, at_step])  # independent of the training RNGs
+
+    def eval_act(obs_batch: np.ndarray):
+        with torch.inference_mode():
+            q = q_net(torch.as_tensor(obs_batch))  # (E, A)
+        actions = q.argmax(1).numpy()
+        explore = eval_rng.random(len(actions)) < cfg.eval_epsilon
+        actions[explore] = eval_rng.integers(q.shape[1], size=int(explore.sum()))
+        return actions, q[np.arange(len(actions)), actions].numpy()
+
+    trajectories: list[dict] = []
+    mean, std, _ = evaluate(eval_act, cfg.env_id, cfg.eval_episodes, seed=reset_seed(cfg, at_step) + 7919,
+                            trajectories=trajectories)
+    q_pred, mc = q_vs_return(trajectories, cfg.gamma, is_atari(cfg.env_id))
+    return {"eval/return_mean": mean, "eval/return_std": std, "eval/q_taken": q_pred, "eval/mc_return": mc}
+
+
+def train_metrics(cfg: Config, counters: Counters, nets: QNets, replay: ReplayBuffer) -> dict:
+    """The training part of a log line (the window since the last one, then reset) and the replay's Q diagnostics."""
+    window, counters.since_log = counters.since_log, new_window()
+    metrics: dict = {}
+    if window["n"]:
+        metrics.update({"loss/td": window["loss"] / window["n"], "q/mean": window["q"] / window["n"]})
+    if window["returns"]:
+        metrics.update({"train/episode_return": float(np.mean(window["returns"])),
+                        "train/episode_length": float(np.mean(window["lengths"]))})
+    diag = replay.sample_diagnostic(256) if counters.step > cfg.learning_starts else None
+    if diag is not None:  # predicted max-Q vs the return that followed, on replayed states
+        with torch.inference_mode():
+            q_replay = nets.online(torch.from_numpy(diag[0]))
+        metrics.update({"q/replay_max": q_replay.max(1).values.mean().item(), "q/replay_return": float(diag[2].mean())})
+    return metrics
+
+
+def save_checkpoint(cfg: Config, run: Run, nets: QNets, counters: Counters, rng: np.random.Generator,
+                    replay: ReplayBuffer) -> None:
+    with run.checkpoint(counters.step) as d:
+        save_state(d / "state.pt", {"q_net": nets.online.state_dict(), "target_net": nets.target.state_dict(),
+                                    "optimizer": nets.optimizer.state_dict(), "behaviour_rng": rng.bit_generator.state,
+                                    **dataclasses.asdict(counters)})
+        if cfg.save_buffer:
+            replay.save(d / "replay.npz")
+
+
 def train(cfg: Config) -> dict:
     resume = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir, command_name(cfg))  # error before any write
     atari = is_atari(cfg.env_id)
     torch.set_num_threads(cfg.torch_threads or ((os.cpu_count() or 1) if atari else 1))  # tiny MLPs: 1 is fastest
     seed_everything(cfg.seed, cfg.deterministic)
-
-    # --- environment, networks, replay --------------------------------------------------------
     env = make_env(cfg.env_id, cfg.seed)
-    obs_shape, n_actions = env.observation_space.shape, int(env.action_space.n)
-    q_net = QNetwork(obs_shape, n_actions, cfg.hidden_sizes, cfg.dueling)
-    target_net = QNetwork(obs_shape, n_actions, cfg.hidden_sizes, cfg.dueling)
-    target_net.load_state_dict(q_net.state_dict())
-    target_net.requires_grad_(False)
-    optimizer = torch.optim.Adam(q_net.parameters(), lr=cfg.learning_rate, eps=cfg.adam_eps, fused=True)  # fused: ~30% faster on CPU
-    frame_shape = obs_shape[1:] if atari else obs_shape  # Atari: store single frames, rebuild the stack
-    replay_args = dict(capacity=cfg.buffer_size, frame_shape=frame_shape, frame_dtype=env.observation_space.dtype,
-                       frame_stack=obs_shape[0] if atari else 1, n_step=cfg.n_step, gamma=cfg.gamma, seed=cfg.seed)
-    if cfg.prioritized:
-        replay = PrioritizedReplayBuffer(**replay_args, alpha=cfg.per_alpha, eps=cfg.per_eps)
-    else:
-        replay = ReplayBuffer(**replay_args)
+    n_actions = int(env.action_space.n)
+    nets = QNets(cfg, env.observation_space.shape, n_actions)
+    replay = make_replay(cfg, env)
     rng = np.random.default_rng(cfg.seed)  # epsilon-greedy draws
-
-    step, n_updates, episodes = 0, 0, 0
-    acc = {"loss": 0.0, "q": 0.0, "n": 0, "returns": [], "lengths": []}  # since the last log line
-    last_eval: dict = {}
-    best_eval = -np.inf
-    reached = False  # stopped early at stop_at_return
+    c = Counters()
     if resume is not None:
         with loading_checkpoint(resume):  # another network size, a damaged file: one clear error
             state = load_state(resume / "state.pt")  # also restores python / numpy / torch RNGs
-            q_net.load_state_dict(state["q_net"])
-            target_net.load_state_dict(state["target_net"])
-            optimizer.load_state_dict(state["optimizer"])
+            nets.online.load_state_dict(state["q_net"])
+            nets.target.load_state_dict(state["target_net"])
+            nets.optimizer.load_state_dict(state["optimizer"])
             rng.bit_generator.state = state["behaviour_rng"]
             if (resume / "replay.npz").exists():  # saved (save_buffer); resolve_checkpoint refused a checkpoint that lost it
                 replay.load(resume / "replay.npz")
-        step, n_updates, episodes = state["step"], state["n_updates"], state["episodes"]
-        last_eval, best_eval, acc, reached = state["last_eval"], state["best_eval"], state["acc"], state["stopped_early"]
+            c = Counters(**{f.name: state[f.name] for f in dataclasses.fields(Counters)})
     run = Run(cfg, checkpoint=resume)  # after the checkpoint loaded: a bad one changes nothing
-    obs, _ = env.reset(seed=reset_seed(cfg, step))
+    obs, _ = env.reset(seed=reset_seed(cfg, c.step))
 
-    # --- helpers that close over the networks -------------------------------------------------
-    def learn(beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = replay.sample(cfg.batch_size, beta=beta)
-        obs_b, next_obs_b = torch.from_numpy(batch.obs), torch.from_numpy(batch.next_obs)
-        actions = torch.from_numpy(batch.actions)  # (B,)
-        if target_numpy is not None:  # needs no gradient, so numpy (cheaper per layer, see numpy_mlp)
-            next_q_target = torch.from_numpy(target_numpy(batch.next_obs))  # (B, A)
-        else:
-            with torch.no_grad():
-                next_q_target = target_net(next_obs_b)  # (B, A)
-        if cfg.double_q:  # one forward pass for Q(s) and Q(s') of the online net
-            q_all = q_net(torch.cat([obs_b, next_obs_b]))  # (2B, A)
-            q_obs, next_q_online = q_all[: cfg.batch_size], q_all[cfg.batch_size:].detach()
-        else:
-            q_obs, next_q_online = q_net(obs_b), None
-        target = dqn_target(torch.from_numpy(batch.rewards), next_q_target, torch.from_numpy(batch.terminated),
-                            torch.from_numpy(batch.discounts), next_q_online=next_q_online)  # (B,)
-        q_taken = q_obs.gather(1, actions[:, None]).squeeze(1)  # (B,)
-        weights = torch.from_numpy(batch.weights) if cfg.prioritized else None
-        loss, td_errors = td_loss(q_taken, target, weights=weights, kind=cfg.loss)
-        for p in trainable:  # = optimizer.zero_grad(set_to_none=True), without its profiler-hook overhead
-            p.grad = None
-        loss.backward()
-        if cfg.max_grad_norm > 0:
-            clip_grad_norm(trainable, cfg.max_grad_norm)
-        adam_step(optimizer)
-        replay.update_priorities(batch.indices, td_errors.numpy())
-        return loss.detach(), q_taken.detach().mean()
-
-    def run_evaluation(at_step: int) -> dict:
-        eval_rng = np.random.default_rng([cfg.seed, at_step])  # independent of the training RNGs
-
-        def act(obs_batch: np.ndarray):
-            with torch.inference_mode():
-                q = q_net(torch.as_tensor(obs_batch))  # (E, A)
-            actions = q.argmax(1).numpy()
-            explore = eval_rng.random(len(actions)) < cfg.eval_epsilon
-            actions[explore] = eval_rng.integers(n_actions, size=int(explore.sum()))
-            return actions, q[np.arange(len(actions)), actions].numpy()
-
-        trajectories: list[dict] = []
-        mean, std, _ = evaluate(act, cfg.env_id, cfg.eval_episodes, seed=reset_seed(cfg, at_step) + 7919,
-                                trajectories=trajectories)
-        q_pred, mc = q_vs_return(trajectories, cfg.gamma, atari)
-        return {"eval/return_mean": mean, "eval/return_std": std, "eval/q_taken": q_pred, "eval/mc_return": mc}
-
-    def save_checkpoint(at_step: int) -> None:
-        with run.checkpoint(at_step) as d:
-            save_state(d / "state.pt", {
-                "q_net": q_net.state_dict(), "target_net": target_net.state_dict(), "optimizer": optimizer.state_dict(),
-                "behaviour_rng": rng.bit_generator.state, "step": at_step, "n_updates": n_updates,
-                "episodes": episodes, "last_eval": last_eval, "best_eval": best_eval, "acc": acc, "stopped_early": reached,
-            })
-            if cfg.save_buffer:
-                replay.save(d / "replay.npz")
-
-    # --- the loop -----------------------------------------------------------------------------
-    timer, start_step = Timer(), step
-    next_save = (step // cfg.save_steps + 1) * cfg.save_steps if cfg.save_steps else None
+    timer, start_step = Timer(), c.step
+    next_save = (c.step // cfg.save_steps + 1) * cfg.save_steps if cfg.save_steps else None
     exploration_steps = cfg.exploration_fraction * cfg.total_timesteps
-    bar = progress(cfg.total_timesteps, f"dqn {cfg.env_id}", enabled=cfg.progress, initial=step)
-    trainable = list(q_net.parameters())
-    q_numpy = q_net.numpy_forward()  # MLP Q-nets act in numpy (see numpy_mlp); None for CNN / dueling
-    target_numpy = target_net.numpy_forward()  # views: they follow the target updates (in-place lerp_)
-    while not reached and step < cfg.total_timesteps:
-        epsilon = linear_schedule(cfg.start_e, cfg.end_e, exploration_steps, step)
-        if rng.random() < epsilon:
-            action = int(rng.integers(n_actions))
-        elif q_numpy is not None:
-            action = int(q_numpy(np.asarray(obs)[None]).argmax())
-        else:
-            with torch.inference_mode():
-                action = int(q_net(torch.from_numpy(np.asarray(obs))[None]).argmax())
+    bar = progress(cfg.total_timesteps, f"dqn {cfg.env_id}", enabled=cfg.progress, initial=c.step)
+    while not c.stopped_early and c.step < cfg.total_timesteps:
+        # one environment step
+        epsilon = linear_schedule(cfg.start_e, cfg.end_e, exploration_steps, c.step)
+        action = act(nets, rng, obs, epsilon, n_actions)
         next_obs, reward, terminated, truncated, info = env.step(action)
         replay.add(obs, action, reward, terminated, truncated, next_obs)
-        step += 1
+        c.step += 1
         if "episode" in info:  # Atari: only at the real end of a game, with the full unclipped score
-            acc["returns"].append(float(info["episode"]["r"]))
-            acc["lengths"].append(int(info["episode"]["l"]))
-            episodes += 1
+            c.since_log["returns"].append(float(info["episode"]["r"]))
+            c.since_log["lengths"].append(int(info["episode"]["l"]))
+            c.episodes += 1
         save_now = False
         if terminated or truncated:  # checkpoints sit at episode ends; the next episode's reset is seeded
-            save_now = next_save is not None and step >= next_save
-            next_obs, _ = env.reset(seed=reset_seed(cfg, step) if save_now else None)
+            save_now = next_save is not None and c.step >= next_save
+            next_obs, _ = env.reset(seed=reset_seed(cfg, c.step) if save_now else None)
         obs = next_obs
 
-        if step > cfg.learning_starts and len(replay) >= cfg.batch_size:
-            if step % cfg.train_frequency == 0:
-                beta = linear_schedule(cfg.per_beta, 1.0, cfg.total_timesteps, step)
+        # learn, and follow with the target network
+        if c.step > cfg.learning_starts and len(replay) >= cfg.batch_size:
+            if c.step % cfg.train_frequency == 0:
+                beta = linear_schedule(cfg.per_beta, 1.0, cfg.total_timesteps, c.step)
                 for _ in range(cfg.gradient_steps):
-                    loss, q_mean = learn(beta)
-                    acc["loss"] += loss.item()
-                    acc["q"] += q_mean.item()
-                    acc["n"] += 1
-                    n_updates += 1
-            if step % cfg.target_update_interval == 0:
+                    loss, q_mean = learn(cfg, nets, replay, beta)
+                    c.since_log["loss"] += loss.item()
+                    c.since_log["q"] += q_mean.item()
+                    c.since_log["n"] += 1
+                    c.n_updates += 1
+            if c.step % cfg.target_update_interval == 0:
                 with torch.no_grad():
-                    for p_target, p in zip(target_net.parameters(), q_net.parameters()):
+                    for p_target, p in zip(nets.target.parameters(), nets.online.parameters()):
                         p_target.lerp_(p, cfg.tau)
 
+        # evaluate, log, checkpoint
         metrics: dict = {}
-        if cfg.eval_frequency and step % cfg.eval_frequency == 0 and step < cfg.total_timesteps:
-            last_eval = run_evaluation(step)
-            best_eval = max(best_eval, last_eval["eval/return_mean"])
-            metrics.update(last_eval)
-            reached = cfg.stop_at_return is not None and last_eval["eval/return_mean"] >= cfg.stop_at_return
-        if step % cfg.logging_steps == 0:
-            metrics.update({"train/epsilon": epsilon, "train/episodes": episodes, "train/updates": n_updates,
-                            "time/sps": (step - start_step) / max(timer.elapsed(), 1e-9)})
-            if acc["n"]:
-                metrics.update({"loss/td": acc["loss"] / acc["n"], "q/mean": acc["q"] / acc["n"]})
-            if acc["returns"]:
-                metrics.update({"train/episode_return": float(np.mean(acc["returns"])),
-                                "train/episode_length": float(np.mean(acc["lengths"]))})
-            acc = {"loss": 0.0, "q": 0.0, "n": 0, "returns": [], "lengths": []}
-            diag = replay.sample_diagnostic(256) if step > cfg.learning_starts else None
-            if diag is not None:  # predicted max-Q vs the return that followed, on replayed states
-                with torch.inference_mode():
-                    q_replay = q_net(torch.from_numpy(diag[0]))
-                metrics.update({"q/replay_max": q_replay.max(1).values.mean().item(),
-                                "q/replay_return": float(diag[2].mean())})
-            bar.update(step - bar.n)
-            bar.set_postfix(fmt_metrics({**last_eval, **metrics}, ["train/episode_return", "eval/return_mean",
-                                                                    "loss/td", "q/mean", "train/epsilon"]))
+        if cfg.eval_frequency and c.step % cfg.eval_frequency == 0 and c.step < cfg.total_timesteps:
+            c.last_eval = evaluate_q(cfg, nets.online, c.step)
+            c.best_eval = max(c.best_eval, c.last_eval["eval/return_mean"])
+            metrics.update(c.last_eval)
+            c.stopped_early = cfg.stop_at_return is not None and c.last_eval["eval/return_mean"] >= cfg.stop_at_return
+        if c.step % cfg.logging_steps == 0:
+            metrics.update({"train/epsilon": epsilon, "train/episodes": c.episodes, "train/updates": c.n_updates,
+                            "time/sps": (c.step - start_step) / max(timer.elapsed(), 1e-9)})
+            metrics.update(train_metrics(cfg, c, nets, replay))
+            bar.update(c.step - bar.n)
+            bar.set_postfix(fmt_metrics({**c.last_eval, **metrics}, ["train/episode_return", "eval/return_mean",
+                                                                      "loss/td", "q/mean", "train/epsilon"]))
         if metrics:
-            run.log(step, metrics)
+            run.log(c.step, metrics)
         if save_now:  # at the end of the step, so a resumed run starts exactly at the next one
-            save_checkpoint(step)
-            next_save = (step // cfg.save_steps + 1) * cfg.save_steps
-    bar.update(step - bar.n)
+            save_checkpoint(cfg, run, nets, c, rng, replay)
+            next_save = (c.step // cfg.save_steps + 1) * cfg.save_steps
+    bar.update(c.step - bar.n)
     bar.close()
     env.close()
-    sps = (step - start_step) / max(timer.elapsed(), 1e-9)
-    cpu_sps = (step - start_step) / max(timer.cpu_elapsed(), 1e-9)  # robust to machine load
+    steps = c.step - start_step
+    sps, cpu_sps = steps / max(timer.elapsed(), 1e-9), steps / max(timer.cpu_elapsed(), 1e-9)  # cpu: robust to load
 
-    save_checkpoint(step)  # before the final evaluation, as in every command: a resume from it redoes just that
-    final = last_eval if reached else run_evaluation(step)
-    best_eval = max(best_eval, final["eval/return_mean"])
-    if not reached:
-        run.log(step, final)
+    save_checkpoint(cfg, run, nets, c, rng, replay)  # before the final evaluation, as in every command: a resume redoes just that
+    final = c.last_eval if c.stopped_early else evaluate_q(cfg, nets.online, c.step)
+    best_eval = max(c.best_eval, final["eval/return_mean"])
+    if not c.stopped_early:
+        run.log(c.step, final)
     summary = {**final, "eval/best_return_mean": best_eval, "time/sps": sps, "time/cpu_sps": cpu_sps,
-               "train/episodes": episodes, "train/updates": n_updates, "global_step": step, "env_id": cfg.env_id,
-               "stopped_early": bool(reached)}
+               "train/episodes": c.episodes, "train/updates": c.n_updates, "global_step": c.step, "env_id": cfg.env_id,
+               "stopped_early": bool(c.stopped_early)}
     run.write_summary(summary)
     run.close()
     return summary

@@ -202,20 +202,16 @@ def norm_stats(envs) -> dict:
     return out
 
 
-def load_norm_stats(envs, stats: dict, freeze: bool = False) -> None:
+def load_norm_stats(envs, stats: dict) -> None:
     obs_norm = find_wrapper(envs, vw.NormalizeObservation)
     if obs_norm is not None and "obs" in stats:
         rms = obs_norm.obs_rms
         rms.mean, rms.var, rms.count = np.array(stats["obs"]["mean"]), np.array(stats["obs"]["var"]), stats["obs"]["count"]
-        if freeze:
-            obs_norm.update_running_mean = False
     rew_norm = find_wrapper(envs, vw.NormalizeReward)
     if rew_norm is not None and "reward" in stats:
         s = stats["reward"]
         rew_norm.return_rms.mean, rew_norm.return_rms.var, rew_norm.return_rms.count = s["mean"], s["var"], s["count"]
         rew_norm.accumulated_reward[:] = s["accumulated_reward"]
-        if freeze:
-            rew_norm.update_running_mean = False
 
 
 def env_state(envs) -> dict | None:

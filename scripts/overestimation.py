@@ -25,6 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from classic import dqn
+from rlhf.runtime import load_yaml_config, make_config, read_jsonl
+
 
 def function_approximation(n_actions_list=(1, 2, 4, 6, 8, 10), degree=6, noise=0.5, repeats=200,
                            seed=0) -> list[dict]:
@@ -57,9 +60,6 @@ def function_approximation(n_actions_list=(1, 2, 4, 6, 8, 10), degree=6, noise=0
 
 
 def dqn_vs_double(steps: int, seed: int, out: Path, config: str) -> dict[str, list[dict]]:
-    from classic import dqn
-    from rlhf.runtime import load_yaml_config, make_config, read_jsonl
-
     base = load_yaml_config(config, dqn.Config)
     curves = {}
     for name, double in (("DQN", False), ("Double DQN", True)):

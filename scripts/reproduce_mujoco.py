@@ -25,6 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from classic import pg, ppo, trpo
+from rlhf.runtime import parse_config
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # (algorithm, config, target on the final evaluation return, peer's number and source)
@@ -49,14 +52,10 @@ SUITES = {
 
 def run_one(algo: str, config: str, seed: int, timesteps: int | None, runs_dir: Path) -> dict:
     """One training run in this (worker) process; returns its summary."""
-    import importlib
-
-    from rlhf.runtime import parse_config
-
     out = runs_dir / config / f"seed{seed}"
     summary = out / "summary.json"
     if not summary.exists():
-        module = importlib.import_module(f"classic.{algo}")
+        module = {"pg": pg, "ppo": ppo, "trpo": trpo}[algo]
         argv = ["--config", str(ROOT / "configs" / "classic" / f"{config}.yaml"), "--seed", str(seed),
                 "--output_dir", str(out), "--progress", "false", "--overwrite", "true"]
         if timesteps:

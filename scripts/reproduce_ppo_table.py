@@ -28,6 +28,9 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 
+from classic import ppo
+from rlhf.runtime import parse_config
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # (label, command-line overrides, the paper's average normalised score)
@@ -68,10 +71,7 @@ def random_score(env_id: str, episodes: int = 20, seed: int = 0) -> float:
 
 
 def run_one(env_id: str, label: str, overrides: list[str], seed: int, timesteps: int, runs_dir: Path) -> float:
-    """One `classic ppo` run, in this (worker) process so the imports are paid once per worker."""
-    from classic import ppo
-    from rlhf.runtime import parse_config
-
+    """One `classic ppo` run, in this (worker) process."""
     out = runs_dir / env_id / slug(label) / f"seed{seed}"
     summary = out / "summary.json"
     if not summary.exists():
