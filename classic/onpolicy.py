@@ -447,49 +447,6 @@ class Rollout:
         self.episode_lengths.extend(state["episode_lengths"])
 
 
-def rollout_metrics(batch: dict[str, torch.Tensor], finished: list[tuple[float, int]], rollout: Rollout) -> dict:
-    """Metrics every algorithm logs after its update: explained variance and episode returns."""
-    out = {"value/explained_var": float(explained_variance(batch["values"], batch["returns"], batch["valid"]))}
-    if finished:
-        out["train/episode_return"] = float(np.mean([r for r, _ in finished]))
-        out["train/episode_length"] = float(np.mean([l for _, l in finished]))
-    if rollout.episode_returns:
-        out["train/episode_return_last100"] = float(np.mean(rollout.episode_returns))
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# Evaluation
-# --------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def evaluate(cfg: OnPolicyArgs, policy: ActorCritic, stats: dict, episodes: int, seed: int, device) -> dict:
-    """Mean / std of the raw return of `episodes` whole episodes of the deterministic policy (mode of pi).
-
-    Episodes are played by `classic.envs.evaluate` (full games, raw rewards); observations are
-    normalised with the training statistics, frozen, exactly as `NormalizeObservation` does.
-    """
-    def act(obs: np.ndarray) -> np.ndarray:
-        if "obs" in stats:
-            obs = (obs - stats["obs"]["mean"]) / np.sqrt(stats["obs"]["var"] + OBS_EPS)
-            if cfg.clip_obs:
-                obs = np.clip(obs, -cfg.clip_obs, cfg.clip_obs)
-        t = torch.from_numpy(np.asarray(obs))
-        t = (t if t.dtype == torch.uint8 else t.float()).to(device)
-        actions = policy.act(t, deterministic=True)[0].cpu().numpy()
-        # as ClipAction does in training (MuJoCo's control cost sees the unclipped action)
-        return actions if policy.discrete else np.clip(actions, policy.action_low, policy.action_high)
-
-    policy.eval()
-    mean, std, _ = play_episodes(act, cfg.env_id, episodes, seed)
-    policy.train()
-    return {"eval/return_mean": mean, "eval/return_std": std}
-
-
-OBS_EPS = 1e-8  # the epsilon of gymnasium's NormalizeObservation (its default)
-
-
 def crossed(step: int, prev_step: int, every: int) -> bool:
     """True when a multiple of `every` lies in (prev_step, step] (the rollout that reached it)."""
     return every > 0 and step // every != prev_step // every
@@ -586,40 +543,64 @@ class Loop:
             self.batch = self.rollout.flat(advantages, returns)
             yield self.batch
 
-    def end_iteration(self, metrics: dict, value_trained: bool = True, **plain) -> dict:
-        """The tail of every iteration; returns its metrics (floats).
-
-        Adds the rollout's metrics and `time/sps`; evaluates, logs and checkpoints when their intervals are
-        crossed (and always checkpoints the last iteration, so every run can be resumed or extended).
-        `plain`: the current values of the plain state given to `open`, for the checkpoint.
+    def end_iteration(self, metrics: dict, value_trained: bool = True, **plain) -> None:
+        """The tail of every iteration: adds the rollout's metrics (explained variance unless `value_trained`
+        is false, episode returns) and `time/sps`; evaluates, logs and checkpoints when their intervals are
+        crossed, and always checkpoints the last iteration, so every run can be resumed or extended.
+        `plain`: the current values of the plain state given to `open`.
         """
-        cfg, step, prev_step = self.cfg, self.global_step, self.prev_step
+        cfg, step, batch = self.cfg, self.global_step, self.batch
         metrics = {k: float(v) for k, v in metrics.items()}
-        metrics.update(rollout_metrics(self.batch, self.finished, self.rollout))
-        if not value_trained:
-            metrics.pop("value/explained_var")
+        if value_trained:
+            metrics["value/explained_var"] = float(explained_variance(batch["values"], batch["returns"], batch["valid"]))
+        if self.finished:
+            metrics["train/episode_return"] = float(np.mean([r for r, _ in self.finished]))
+            metrics["train/episode_length"] = float(np.mean([l for _, l in self.finished]))
+        if self.rollout.episode_returns:
+            metrics["train/episode_return_last100"] = float(np.mean(self.rollout.episode_returns))
         metrics["time/sps"] = (step - self.start_step) / max(self.timer.elapsed(), 1e-9)
-        if crossed(step, prev_step, cfg.eval_interval):
-            stats = norm_stats(self.rollout.envs)
-            metrics.update(evaluate(cfg, self.policy, stats, cfg.eval_episodes or 10, cfg.seed + 100_000, self.device))
-        if crossed(step, prev_step, cfg.logging_steps):
+        if crossed(step, self.prev_step, cfg.eval_interval):
+            metrics.update(self.evaluate(cfg.eval_episodes or 10))
+        if crossed(step, self.prev_step, cfg.logging_steps):
             self.run.log(step, metrics)
         self.bar.update(cfg.batch_size)
         self.bar.set_postfix(fmt_metrics(metrics, ["train/episode_return_last100", "eval/return_mean", "policy/approx_kl", "time/sps"]))
-        if crossed(step, prev_step, cfg.save_steps) or self.iteration == cfg.num_iterations:
-            self.save_checkpoint(**{k: v.state_dict() for k, v in self.stateful.items()}, **plain)
-        return metrics
-
-    def save_checkpoint(self, **state) -> None:
-        """checkpoints/step-N/{state.pt, envs.json}: policy, the algorithm's `state`, counters, RNGs, env state,
-        normalisation statistics."""
-        with self.run.checkpoint(self.global_step) as d:
+        if not (crossed(step, self.prev_step, cfg.save_steps) or self.iteration == cfg.num_iterations):
+            return
+        # checkpoints/step-N/{state.pt, envs.json}: policy, optimisers, counters, RNGs, env state, normalisation statistics
+        with self.run.checkpoint(step) as d:
             data = env_state(self.rollout.envs)
             if data is not None:
                 (d / "envs.json").write_text(json.dumps(data))  # NaN / inf as JSON's NaN / Infinity: exact either way
-            save_state(d / "state.pt", {"policy": self.policy.state_dict(), "iteration": self.iteration, **state,
-                                        "global_step": self.global_step, "rollout": self.rollout.state_dict(),
+            save_state(d / "state.pt", {"policy": self.policy.state_dict(), "iteration": self.iteration,
+                                        **{k: v.state_dict() for k, v in self.stateful.items()}, **plain,
+                                        "global_step": step, "rollout": self.rollout.state_dict(),
                                         "norm_stats": norm_stats(self.rollout.envs)})
+
+    @torch.no_grad()
+    def evaluate(self, episodes: int) -> dict:
+        """Mean / std of the raw return of `episodes` whole episodes of the deterministic policy (mode of pi).
+
+        Episodes are played by `classic.envs.evaluate` (full games, raw rewards); observations are
+        normalised with the training statistics, frozen, exactly as `NormalizeObservation` does.
+        """
+        cfg, policy, stats = self.cfg, self.policy, norm_stats(self.rollout.envs)
+
+        def act(obs: np.ndarray) -> np.ndarray:
+            if "obs" in stats:
+                obs = (obs - stats["obs"]["mean"]) / np.sqrt(stats["obs"]["var"] + 1e-8)  # NormalizeObservation's default eps
+                if cfg.clip_obs:
+                    obs = np.clip(obs, -cfg.clip_obs, cfg.clip_obs)
+            t = torch.from_numpy(np.asarray(obs))
+            t = (t if t.dtype == torch.uint8 else t.float()).to(self.device)
+            actions = policy.act(t, deterministic=True)[0].cpu().numpy()
+            # as ClipAction does in training (MuJoCo's control cost sees the unclipped action)
+            return actions if policy.discrete else np.clip(actions, policy.action_low, policy.action_high)
+
+        policy.eval()
+        mean, std, _ = play_episodes(act, cfg.env_id, episodes, cfg.seed + 100_000)
+        policy.train()
+        return {"eval/return_mean": mean, "eval/return_std": std}
 
     def finish(self) -> dict:
         """Final evaluation (frozen normalisation statistics), summary.json, close everything.
@@ -633,8 +614,7 @@ class Loop:
         if self.rollout.episode_returns:
             summary["train/episode_return_last100"] = float(np.mean(self.rollout.episode_returns))
         if cfg.eval_episodes:
-            summary.update(evaluate(cfg, self.policy, norm_stats(self.rollout.envs), cfg.eval_episodes, cfg.seed + 100_000,
-                                    self.device))
+            summary.update(self.evaluate(cfg.eval_episodes))
             self.run.log(self.global_step, {k: v for k, v in summary.items() if k.startswith("eval/")})
         self.run.write_summary(summary)
         self.run.close()

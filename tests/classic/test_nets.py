@@ -1,9 +1,10 @@
-"""classic.nets: the numpy acting path and the gradient clipping and Adam helpers agree with torch."""
+"""classic.nets: the numpy acting path and the gradient clipping and Adam helpers agree with torch (with and without its private kernels)."""
 
 import numpy as np
 import pytest
 import torch
 
+from classic import nets
 from classic.nets import QNetwork, adam_step, clip_grad_norm, numpy_mlp
 
 
@@ -45,6 +46,25 @@ def test_adam_step_equals_torch_fused_adam_bit_for_bit(weight_decay):
     for p, q in zip(nets[0].parameters(), nets[1].parameters()):
         assert torch.equal(opts[0].state[p]["exp_avg_sq"], opts[1].state[q]["exp_avg_sq"])
         assert torch.equal(opts[0].state[p]["step"], opts[1].state[q]["step"])
+
+
+def test_without_torchs_private_kernels_the_public_calls_give_the_same_parameters(monkeypatch):
+    """The fallback where a torch lacks `_fused_adam_` / `_foreach_norm` (PRIVATE_KERNELS false) trains the same bits."""
+    torch.manual_seed(0)
+    twins = [torch.nn.Sequential(torch.nn.Linear(4, 64), torch.nn.Tanh(), torch.nn.Linear(64, 3)) for _ in range(2)]
+    twins[1].load_state_dict(twins[0].state_dict())
+    opts = [torch.optim.Adam(net.parameters(), lr=3e-3, eps=1e-5, fused=True) for net in twins]
+    for step in range(6):
+        x = torch.randn(32, 4)
+        for private, net, opt in zip((True, False), twins, opts):
+            monkeypatch.setattr(nets, "PRIVATE_KERNELS", private)
+            net.zero_grad(set_to_none=True)
+            (net(x) ** 2).sum().backward()
+            norm = clip_grad_norm(list(net.parameters()), 0.5)  # clips: the gradients' norm is well above 0.5
+            adam_step(opt)
+        assert norm > 0.5
+        for p, q in zip(*(net.parameters() for net in twins)):
+            assert torch.equal(p, q)
 
 
 def test_adam_step_falls_back_to_torch_for_an_unfused_optimizer():
