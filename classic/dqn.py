@@ -47,15 +47,15 @@ class Config(RunConfig):
 
     output_dir: str = arg("runs/dqn", "Run directory: config.yaml, metrics.jsonl, summary.json, checkpoints/.")
     logging_steps: int = arg(1000, "Log training metrics every this many environment steps.")
-    env_id: str = arg("CartPole-v1", "Gymnasium id with a discrete action space (Atari ids get the Atari preprocessing).")
+    env_id: str = arg("CartPole-v1", "Gymnasium id with a discrete action space (Atari ids: Atari preprocessing).")
     total_timesteps: int = arg(100_000, "Environment steps to train for.")
     learning_rate: float = arg(2.3e-3, "Adam learning rate.")
     adam_eps: float = arg(1e-8, "Adam epsilon.")
     buffer_size: int = arg(100_000, "Replay memory size in transitions (Atari stores each 84x84 frame once).")
     batch_size: int = arg(64, "Transitions per gradient step.")
     gamma: float = arg(0.99, "Discount factor.")
-    tau: float = arg(1.0, "Target network update rate: 1.0 copies the online net (hard update), < 1 is Polyak averaging.")
-    target_update_interval: int = arg(10, "Update the target network every this many environment steps (C in the DQN paper).")
+    tau: float = arg(1.0, "Target network update rate: 1.0 copies the online net (hard update), < 1: Polyak averaging.")
+    target_update_interval: int = arg(10, "Update the target network every this many env steps (C in the DQN paper).")
     train_frequency: int = arg(256, "Do `gradient_steps` gradient steps every this many environment steps.")
     gradient_steps: int = arg(128, "Gradient steps per training round.")
     learning_starts: int = arg(1_000, "Environment steps of pure collection before learning starts.")
@@ -63,10 +63,11 @@ class Config(RunConfig):
     end_e: float = arg(0.04, "Final epsilon.")
     exploration_fraction: float = arg(0.08, "Fraction of total_timesteps over which epsilon decays linearly to end_e.")
     double_q: bool = arg(False, "Double DQN target: argmax from the online net, value from the target net.")
-    dueling: str = arg("none", "Dueling head: none, or V + A - mean(A) / V + A - max(A).", choices=("none", "mean", "max"))
+    dueling: str = arg("none", "Dueling head: none, or V + A - mean(A) / V + A - max(A).",
+                       choices=("none", "mean", "max"))
     prioritized: bool = arg(False, "Prioritised replay (proportional, sum tree).")
     per_alpha: float = arg(0.6, "Priority exponent alpha (0 = uniform).")
-    per_beta: float = arg(0.4, "Initial importance-sampling exponent beta, annealed linearly to 1 by the end of training.")
+    per_beta: float = arg(0.4, "Initial importance-sampling exponent beta, annealed linearly to 1 over training.")
     per_eps: float = arg(1e-6, "Added to |TD error| so no transition has zero priority.")
     n_step: int = arg(1, "n-step returns: bootstrap after n rewards (1 = standard DQN).")
     loss: str = arg("huber", "TD loss: huber (Nature DQN error clipping) or mse.", choices=("huber", "mse"))
@@ -75,8 +76,8 @@ class Config(RunConfig):
     eval_frequency: int = arg(5_000, "Evaluate every this many environment steps (0 = only at the end).")
     eval_episodes: int = arg(10, "Episodes per evaluation (full games for Atari).")
     eval_epsilon: float = arg(0.0, "Epsilon of the evaluation policy (0.05 is usual for Atari).")
-    stop_at_return: float | None = arg(None, "Stop training early once an evaluation's mean return reaches this (none: never).")
-    save_buffer: bool = arg(True, "Save the replay memory in checkpoints (needed for exact resume; ~7 GB for 1M Atari).")
+    stop_at_return: float | None = arg(None, "Stop early once an evaluation's mean return reaches this (none: never).")
+    save_buffer: bool = arg(True, "Save the replay memory in checkpoints (for an exact resume; ~7 GB for 1M Atari).")
     torch_threads: int = arg(0, "torch threads (0 = 1 for vector observations, all cores for images).")
 
     def __post_init__(self):
@@ -85,7 +86,8 @@ class Config(RunConfig):
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
         check(self.buffer_size >= self.batch_size, "buffer_size",
               f"{self.buffer_size} is smaller than batch_size {self.batch_size}")
-        check(self.buffer_size >= self.n_step + 5, "buffer_size", f"must hold at least n_step + 5 = {self.n_step + 5} transitions")
+        check(self.buffer_size >= self.n_step + 5, "buffer_size",
+              f"must hold at least n_step + 5 = {self.n_step + 5} transitions")
         check(0.0 < self.gamma <= 1.0, "gamma", "must be in (0, 1]")
         check(0.0 < self.tau <= 1.0, "tau", "must be in (0, 1]")
         check(self.learning_rate > 0, "learning_rate", "must be > 0")
@@ -155,8 +157,8 @@ class QNets:
         self.target = QNetwork(obs_shape, n_actions, cfg.hidden_sizes, cfg.dueling)
         self.target.load_state_dict(self.online.state_dict())
         self.target.requires_grad_(False)
-        self.optimizer = torch.optim.Adam(self.online.parameters(), lr=cfg.learning_rate, eps=cfg.adam_eps, fused=FUSED_ADAM)
         self.params = list(self.online.parameters())
+        self.optimizer = torch.optim.Adam(self.params, lr=cfg.learning_rate, eps=cfg.adam_eps, fused=FUSED_ADAM)
         self.online_numpy, self.target_numpy = self.online.numpy_forward(), self.target.numpy_forward()
 
 
@@ -292,7 +294,7 @@ def train(cfg: Config) -> dict:
             nets.target.load_state_dict(state["target_net"])
             nets.optimizer.load_state_dict(state["optimizer"])
             rng.bit_generator.state = state["behaviour_rng"]
-            if (resume / "replay.npz").exists():  # saved (save_buffer); resolve_checkpoint refused a checkpoint that lost it
+            if (resume / "replay.npz").exists():  # save_buffer (resolve_checkpoint refused a checkpoint that lost it)
                 replay.load(resume / "replay.npz")
             c = Counters(**{f.name: state[f.name] for f in dataclasses.fields(Counters)})
     run = Run(cfg, checkpoint=resume)  # after the checkpoint loaded: a bad one changes nothing
@@ -359,7 +361,7 @@ def train(cfg: Config) -> dict:
     steps = c.step - start_step
     sps, cpu_sps = steps / max(timer.elapsed(), 1e-9), steps / max(timer.cpu_elapsed(), 1e-9)  # cpu: robust to load
 
-    save_checkpoint(cfg, run, nets, c, rng, replay)  # before the final evaluation, as in every command: a resume redoes just that
+    save_checkpoint(cfg, run, nets, c, rng, replay)  # before the final evaluation: a resume redoes just that
     final = c.last_eval if c.stopped_early else evaluate_q(cfg, nets.online, c.step)
     best_eval = max(c.best_eval, final["eval/return_mean"])
     if not c.stopped_early:

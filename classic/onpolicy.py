@@ -37,8 +37,8 @@ from classic.envs import EpisodicLifeVector, ale_dynamics, check_env_id, env_spa
 from classic.envs import evaluate as play_episodes
 from classic.policies import ActorCritic, is_image_space
 from rlhf.core import discounted_returns, explained_variance, gae
-from rlhf.runtime import (ConfigError, Run, Timer, arg, check, command_name, fmt_metrics, load_state, loading_checkpoint,
-                          progress, resolve_checkpoint, save_state, seed_everything)
+from rlhf.runtime import (ConfigError, Run, Timer, arg, check, command_name, fmt_metrics, load_state,
+                          loading_checkpoint, progress, resolve_checkpoint, save_state, seed_everything)
 
 
 # --------------------------------------------------------------------------------------------
@@ -48,24 +48,28 @@ from rlhf.runtime import (ConfigError, Run, Timer, arg, check, command_name, fmt
 
 @dataclasses.dataclass
 class OnPolicyArgs:
-    env_id: str = arg("CartPole-v1", "Gymnasium environment id (classic control, MuJoCo e.g. Hopper-v5, or Atari e.g. ALE/Breakout-v5).")
-    total_timesteps: int = arg(100_000, "Environment steps to train for (rounded up to whole rollouts of num_envs * num_steps).")
+    env_id: str = arg("CartPole-v1", "Gymnasium environment id (classic control, MuJoCo e.g. Hopper-v5, "
+                                     "or Atari e.g. ALE/Breakout-v5).")
+    total_timesteps: int = arg(100_000, "Environment steps to train for (rounded up to whole rollouts).")
     num_envs: int = arg(4, "Parallel environments in the vector env.")
     num_steps: int = arg(128, "Steps per environment in each rollout (the horizon T); batch = num_envs * num_steps.")
-    vector: str = arg("sync", "Vector env: sync (one process) or async (one process per env; resume is then not bit-exact).", choices=("sync", "async"))
+    vector: str = arg("sync", "Vector env: sync (one process) or async (one process per env; resume is then not "
+                              "bit-exact).", choices=("sync", "async"))
     gamma: float = arg(0.99, "Discount factor.")
     gae_lambda: float = arg(0.95, "GAE lambda (1: Monte-Carlo returns with a baseline, 0: one-step TD).")
     learning_rate: float = arg(3e-4, "Adam learning rate (of the value function for TRPO).")
     anneal_lr: bool = arg(True, "Linearly anneal the learning rate to 0 over training.")
     norm_adv: bool = arg(True, "Normalise advantages to zero mean, unit std (per minibatch).")
     max_grad_norm: float = arg(0.5, "Clip the global gradient norm to this (0: no clipping).")
-    norm_obs: bool = arg(False, "Normalise observations with running statistics (gymnasium NormalizeObservation); frozen at evaluation.")
-    norm_reward: bool = arg(False, "Scale rewards by the std of a running discounted return (gymnasium NormalizeReward).")
-    clip_obs: float = arg(10.0, "Clip normalised observations to [-clip_obs, clip_obs] (0: no clipping; only with norm_obs).")
-    clip_reward: float = arg(10.0, "Clip normalised rewards to [-clip_reward, clip_reward] (0: no clipping; only with norm_reward).")
-    episodic_life: bool = arg(True, "Atari: a lost life ends the training episode, the game goes on (CleanRL's EpisodicLifeEnv); "
-                                    "evaluation always plays full games.")
-    policy: str = arg("auto", "Network: mlp, cnn (Nature CNN on 84x84 frames, discrete actions) or auto (cnn for image observations).", choices=("auto", "mlp", "cnn"))
+    norm_obs: bool = arg(False, "Normalise observations with running statistics (gymnasium NormalizeObservation); "
+                                "frozen at evaluation.")
+    norm_reward: bool = arg(False, "Scale rewards by the std of a running discounted return (NormalizeReward).")
+    clip_obs: float = arg(10.0, "Clip normalised observations to +-clip_obs (0: no clipping; with norm_obs).")
+    clip_reward: float = arg(10.0, "Clip normalised rewards to +-clip_reward (0: no clipping; with norm_reward).")
+    episodic_life: bool = arg(True, "Atari: a lost life ends the training episode, the game goes on (CleanRL's "
+                                    "EpisodicLifeEnv); evaluation always plays full games.")
+    policy: str = arg("auto", "Network: mlp, cnn (Nature CNN on 84x84 frames, discrete actions) or auto (cnn for "
+                              "image observations).", choices=("auto", "mlp", "cnn"))
     hidden_sizes: list[int] = arg([64, 64], "Hidden layer sizes of the actor and critic MLPs (comma-separated).")
     activation: str = arg("tanh", "Hidden activation of the MLPs.", choices=("tanh", "relu"))
     init_log_std: float = arg(0.0, "Initial log-std of the Gaussian policy (continuous actions).")
@@ -120,7 +124,8 @@ def check_env(cfg: OnPolicyArgs) -> tuple[gym.Space, gym.Space, str]:
         if not is_image_space(obs_space):
             raise ConfigError(f"`policy`: cnn needs image observations, but {cfg.env_id} has {obs_space}")
     if cfg.norm_obs and is_image_space(obs_space):
-        raise ConfigError(f"`norm_obs`: image observations of {cfg.env_id} are scaled by 1/255 in the network; set norm_obs false")
+        raise ConfigError(f"`norm_obs`: image observations of {cfg.env_id} are scaled by 1/255 in the network; "
+                          "set norm_obs false")
     return obs_space, act_space, policy
 
 
@@ -141,8 +146,8 @@ def make_vector_env(
     clip_reward: float = 10.0,
     episodic_life: bool = True,
 ) -> gym.vector.VectorEnv:
-    """A gymnasium vector env (next-step autoreset; not reset yet: call `envs.reset(seed=...)`), episode statistics of *raw* rewards, then
-    optional observation / reward normalisation. Atari ids use ale-py's own `AtariVectorEnv`
+    """A gymnasium vector env (next-step autoreset; not reset yet: call `envs.reset(seed=...)`), episode statistics
+    of *raw* rewards, then optional observation / reward normalisation. Atari ids use ale-py's own `AtariVectorEnv`
     (84x84 grey, 4-frame stack, frameskip 4, noop starts, fire reset; the env id's own sticky actions,
     as evaluation plays them; a lost life ends an episode with `episodic_life`; rewards clipped to
     [-1, 1] after the raw full-game return is recorded). Continuous actions are clipped to the action bounds by
@@ -154,7 +159,8 @@ def make_vector_env(
         from ale_py.vector_env import AtariVectorEnv
 
         gym.register_envs(ale_py)
-        envs = AtariVectorEnv(atari_game(env_id), num_envs, reward_clipping=False, num_threads=1, **ale_dynamics(env_id))
+        envs = AtariVectorEnv(atari_game(env_id), num_envs, reward_clipping=False, num_threads=1,
+                              **ale_dynamics(env_id))
         envs = vw.RecordEpisodeStatistics(envs)
         if episodic_life:
             envs = EpisodicLifeVector(envs)
@@ -170,7 +176,7 @@ def make_vector_env(
     if norm_reward:
         envs = vw.NormalizeReward(envs, gamma=gamma)
         if clip_reward:
-            envs = vw.TransformReward(envs, functools.partial(_clip, bound=clip_reward))  # not ClipReward: it holds a lambda
+            envs = vw.TransformReward(envs, functools.partial(_clip, bound=clip_reward))  # ClipReward holds a lambda
     return envs
 
 
@@ -206,7 +212,8 @@ def load_norm_stats(envs, stats: dict) -> None:
     obs_norm = find_wrapper(envs, vw.NormalizeObservation)
     if obs_norm is not None and "obs" in stats:
         rms = obs_norm.obs_rms
-        rms.mean, rms.var, rms.count = np.array(stats["obs"]["mean"]), np.array(stats["obs"]["var"]), stats["obs"]["count"]
+        s = stats["obs"]
+        rms.mean, rms.var, rms.count = np.array(s["mean"]), np.array(s["var"]), s["count"]
     rew_norm = find_wrapper(envs, vw.NormalizeReward)
     if rew_norm is not None and "reward" in stats:
         s = stats["reward"]
@@ -237,11 +244,13 @@ def load_env_state(envs, data: dict) -> None:
     that does not fit (other wrappers, env or number of envs) is a ConfigError naming it."""
     sub_envs = envs.unwrapped.envs
     if len(data["envs"]) != len(sub_envs):
-        raise ConfigError(f"envs.json holds {len(data['envs'])} environments, this run has {len(sub_envs)} (`num_envs`)")
+        raise ConfigError(f"envs.json holds {len(data['envs'])} environments, this run has {len(sub_envs)} "
+                          "(`num_envs`)")
     for here, saved in [(_layers(envs), data["vector"])] + [(_layers(e), d) for e, d in zip(sub_envs, data["envs"])]:
         names, saved_names = [type(x).__name__ for x in here], [d["class"] for d in saved]
         if names != saved_names:
-            raise ConfigError(f"envs.json was written for {' > '.join(saved_names)}, this run makes {' > '.join(names)} "
+            raise ConfigError(f"envs.json was written for {' > '.join(saved_names)}, "
+                              f"this run makes {' > '.join(names)} "
                               "(`env_id`, `norm_obs`, `norm_reward`, `clip_obs` or `clip_reward` differ)")
         for layer, d in zip(here, saved):
             _restore(layer, d["state"], f"envs.json: {d['class']}")
@@ -343,7 +352,9 @@ def _number_or_array(data: dict, where: str):
         return data["value"]
     if ("scalar" in data or "array" in data) and np.dtype(data["dtype"]).kind in "biuf":
         dtype = np.dtype(data["dtype"])
-        return dtype.type(data["scalar"]) if "scalar" in data else np.array(data["array"], dtype=dtype).reshape(data["shape"])
+        if "scalar" in data:
+            return dtype.type(data["scalar"])
+        return np.array(data["array"], dtype=dtype).reshape(data["shape"])
     raise ConfigError(f"{where}: not a number or numeric array")
 
 
@@ -366,10 +377,11 @@ class Rollout:
         # Buffers are numpy arrays written once per step (cheaper than small torch writes) and seen
         # by torch through zero-copy views (`self.obs`, ...), moved to `device` once per rollout.
         act_shape = () if isinstance(act_space, gym.spaces.Discrete) else act_space.shape
-        self.obs = torch.from_numpy(np.zeros((t, n, *obs_space.shape), dtype=np.uint8 if is_image_space(obs_space) else np.float32))  # (T, N, ...)
+        obs_dtype = np.uint8 if is_image_space(obs_space) else np.float32
+        self.obs = torch.from_numpy(np.zeros((t, n, *obs_space.shape), dtype=obs_dtype))  # (T, N, ...)
         self.actions = torch.from_numpy(np.zeros((t, n, *act_shape), dtype=np.int64 if not act_shape else np.float32))
         self.logp, self.values, self.rewards, self.terminated, self.episode_end, self.valid = (
-            torch.from_numpy(np.zeros((t, n), dtype=np.float32)) for _ in range(6))  # (T, N); valid = 0 on autoreset steps
+            torch.from_numpy(np.zeros((t, n), dtype=np.float32)) for _ in range(6))  # (T, N); valid: 0 on autoresets
         self.action_bounds = (act_space.low, act_space.high) if isinstance(act_space, gym.spaces.Box) else None
         self.next_obs = first_obs  # numpy (N, ...): what the policy acts on next
         self.autoreset = np.zeros(n, dtype=bool)  # envs whose next step is a reset (their last step ended an episode)
@@ -384,10 +396,10 @@ class Rollout:
     def collect(self) -> list[tuple[float, int]]:
         """Run num_steps steps in every env; returns (return, length) of the episodes that finished."""
         finished = []
-        obs_np, actions_np, logp_np, values_np = self.obs.numpy(), self.actions.numpy(), self.logp.numpy(), self.values.numpy()
-        rewards_np, terminated_np, episode_end_np, valid_np = (self.rewards.numpy(), self.terminated.numpy(),
-                                                               self.episode_end.numpy(), self.valid.numpy())
-        numpy_act = getattr(self.policy, "numpy_act", lambda: None)()  # MLP on CPU: act in numpy (much cheaper per step)
+        obs_np, actions_np, logp_np, values_np, rewards_np, terminated_np, episode_end_np, valid_np = (
+            x.numpy() for x in (self.obs, self.actions, self.logp, self.values, self.rewards, self.terminated,
+                                self.episode_end, self.valid))
+        numpy_act = getattr(self.policy, "numpy_act", lambda: None)()  # MLP on CPU: act in numpy (cheaper per step)
         for t in range(self.num_steps):
             obs_np[t] = self.next_obs
             if numpy_act is not None:
@@ -437,7 +449,8 @@ class Rollout:
         }
 
     def state_dict(self) -> dict:
-        return {"next_obs": torch.from_numpy(np.asarray(self.next_obs).copy()), "autoreset": torch.from_numpy(self.autoreset.copy()),
+        return {"next_obs": torch.from_numpy(np.asarray(self.next_obs).copy()),
+                "autoreset": torch.from_numpy(self.autoreset.copy()),
                 "episode_returns": list(self.episode_returns), "episode_lengths": list(self.episode_lengths)}
 
     def load_state_dict(self, state: dict) -> None:
@@ -478,7 +491,7 @@ class Loop:
         if policy_kind == "cnn" and not cnn_ok:
             raise ConfigError(f"`policy`: {name.upper()} supports mlp policies only; {cfg.env_id} needs a CNN")
         self.cfg, self.name = cfg, name
-        self.checkpoint = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir, command_name(cfg))  # before any write
+        self.checkpoint = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir, command_name(cfg))
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
         self.device = torch.device(cfg.device)
@@ -496,7 +509,8 @@ class Loop:
             self.policy.load_state_dict(self.resumed["policy"])
             first_obs, _ = envs.reset(seed=cfg.seed + int(self.resumed["global_step"]))
             self.rollout = Rollout(envs, self.policy, cfg.num_steps, self.device, first_obs)
-            if (self.checkpoint / "envs.json").exists():  # a sync vector env's state; resolve_checkpoint refused one that lost it
+            # a sync vector env's state (resolve_checkpoint refused a checkpoint that lost it)
+            if (self.checkpoint / "envs.json").exists():
                 load_env_state(envs, json.loads((self.checkpoint / "envs.json").read_text()))
                 self.rollout.load_state_dict(self.resumed["rollout"])
             else:
@@ -552,10 +566,11 @@ class Loop:
         cfg, step, batch = self.cfg, self.global_step, self.batch
         metrics = {k: float(v) for k, v in metrics.items()}
         if value_trained:
-            metrics["value/explained_var"] = float(explained_variance(batch["values"], batch["returns"], batch["valid"]))
+            explained = explained_variance(batch["values"], batch["returns"], batch["valid"])
+            metrics["value/explained_var"] = float(explained)
         if self.finished:
             metrics["train/episode_return"] = float(np.mean([r for r, _ in self.finished]))
-            metrics["train/episode_length"] = float(np.mean([l for _, l in self.finished]))
+            metrics["train/episode_length"] = float(np.mean([n for _, n in self.finished]))
         if self.rollout.episode_returns:
             metrics["train/episode_return_last100"] = float(np.mean(self.rollout.episode_returns))
         metrics["time/sps"] = (step - self.start_step) / max(self.timer.elapsed(), 1e-9)
@@ -564,10 +579,11 @@ class Loop:
         if crossed(step, self.prev_step, cfg.logging_steps):
             self.run.log(step, metrics)
         self.bar.update(cfg.batch_size)
-        self.bar.set_postfix(fmt_metrics(metrics, ["train/episode_return_last100", "eval/return_mean", "policy/approx_kl", "time/sps"]))
+        self.bar.set_postfix(fmt_metrics(metrics, ["train/episode_return_last100", "eval/return_mean",
+                                                   "policy/approx_kl", "time/sps"]))
         if not (crossed(step, self.prev_step, cfg.save_steps) or self.iteration == cfg.num_iterations):
             return
-        # checkpoints/step-N/{state.pt, envs.json}: policy, optimisers, counters, RNGs, env state, normalisation statistics
+        # checkpoints/step-N/{state.pt, envs.json}: policy, optimisers, counters, RNGs, env and normalisation state
         with self.run.checkpoint(step) as d:
             data = env_state(self.rollout.envs)
             if data is not None:
@@ -588,7 +604,7 @@ class Loop:
 
         def act(obs: np.ndarray) -> np.ndarray:
             if "obs" in stats:
-                obs = (obs - stats["obs"]["mean"]) / np.sqrt(stats["obs"]["var"] + 1e-8)  # NormalizeObservation's default eps
+                obs = (obs - stats["obs"]["mean"]) / np.sqrt(stats["obs"]["var"] + 1e-8)  # NormalizeObservation's eps
                 if cfg.clip_obs:
                     obs = np.clip(obs, -cfg.clip_obs, cfg.clip_obs)
             t = torch.from_numpy(np.asarray(obs))

@@ -35,7 +35,7 @@ class Config(OnPolicyArgs, RunConfig):
     learning_rate: float = arg(3e-3, "Adam learning rate (policy and baseline).")
     gae_lambda: float = arg(1.0, "GAE lambda of the baseline's advantages (1: Monte-Carlo return minus V(s)).")
     anneal_lr: bool = arg(False, "Linearly anneal the learning rate to 0 over training.")
-    baseline: bool = arg(True, "Subtract a learned value baseline V(s) (advantage actor-critic) instead of using the raw return.")
+    baseline: bool = arg(True, "Subtract a learned value baseline V(s) (advantage actor-critic) from the return.")
     vf_coef: float = arg(0.5, "Weight of the baseline's regression loss (with baseline).")
     ent_coef: float = arg(0.0, "Entropy bonus coefficient.")
 
@@ -79,5 +79,5 @@ def train(cfg: Config) -> dict:
     # rollout -> returns / advantages -> one policy-gradient step -> log, evaluate, checkpoint
     for batch in loop.rollouts(optimizer, gae=cfg.baseline):
         metrics = update(cfg, policy, optimizer, batch)
-        loop.end_iteration({**metrics, "kl/beta": 0.0}, value_trained=cfg.baseline)  # no baseline: no explained variance
+        loop.end_iteration({**metrics, "kl/beta": 0.0}, value_trained=cfg.baseline)  # else no explained variance
     return loop.finish()

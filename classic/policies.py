@@ -147,7 +147,7 @@ class ActorCritic(nn.Module):
             return actions, logp_all.gather(-1, actions.unsqueeze(-1)).squeeze(-1), value
         noise = torch.zeros_like(out) if deterministic else torch.randn_like(out)
         actions = out + self.log_std.exp() * noise
-        logp = (-0.5 * noise.square() - self.log_std - LOG_SQRT_2PI).sum(-1)  # log N(a; mean, std), a = mean + std * noise
+        logp = (-0.5 * noise.square() - self.log_std - LOG_SQRT_2PI).sum(-1)  # log N(mean + std noise; mean, std)
         return actions, logp, value
 
     def numpy_act(self):

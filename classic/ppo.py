@@ -30,8 +30,8 @@ from classic import onpolicy
 from classic.nets import FUSED_ADAM, adam_step, clip_grad_norm
 from classic.onpolicy import OnPolicyArgs
 from classic.policies import ActorCritic
-from rlhf.core import (AdaptiveKLController, FixedKLController, clip_fraction, kl_penalty_loss, masked_mean, masked_whiten,
-                       ppo_clip_loss, value_loss)
+from rlhf.core import (AdaptiveKLController, FixedKLController, clip_fraction, kl_penalty_loss, masked_mean,
+                       masked_whiten, ppo_clip_loss, value_loss)
 from rlhf.runtime import RunConfig, arg, check
 
 PENALTIES = ("clip", "adaptive_kl", "fixed_kl", "none")
@@ -43,7 +43,8 @@ class Config(OnPolicyArgs, RunConfig):
     """PPO: clip, adaptive KL penalty, fixed KL penalty, or no clip."""
 
     output_dir: str = arg("runs/ppo", "Run directory: config.yaml, metrics.jsonl, summary.json, checkpoints/.")
-    penalty: str = arg("clip", "Surrogate: clip (L^CLIP), adaptive_kl / fixed_kl (L^KLPEN), none (L^CPI, no clip or penalty).", choices=PENALTIES)
+    penalty: str = arg("clip", "Surrogate: clip (L^CLIP), adaptive_kl / fixed_kl (L^KLPEN), none (L^CPI, no clip or "
+                               "penalty).", choices=PENALTIES)
     clip_eps: float = arg(0.2, "Clip range epsilon of L^CLIP (also of the value loss with clip_vloss).")
     kl_target: float = arg(0.01, "adaptive_kl: target KL d_targ of the adaptive beta rule.")
     kl_beta: float = arg(1.0, "KL penalty coefficient: the constant beta of fixed_kl, the initial beta of adaptive_kl.")
@@ -52,10 +53,10 @@ class Config(OnPolicyArgs, RunConfig):
     clip_vloss: bool = arg(True, "Clip the value loss around the rollout's values (by clip_eps).")
     ent_coef: float = arg(0.0, "Entropy bonus coefficient.")
     vf_coef: float = arg(0.5, "Value loss coefficient.")
-    target_kl: float | None = arg(None, "Stop a rollout's epochs early once the approximate KL exceeds this (none: never).")
-    compile: bool = arg(False, "torch.compile the minibatch loss and its backward pass (fused kernels instead of dozens of "
-                               "tiny ops: faster updates for small MLPs) after a one-time compile at the first update; "
-                               "on CPU this needs a C++ compiler.")
+    target_kl: float | None = arg(None, "Stop a rollout's epochs once the approximate KL exceeds this (none: never).")
+    compile: bool = arg(False, "torch.compile the minibatch loss and its backward pass (fused kernels instead of "
+                               "dozens of tiny ops: faster updates for small MLPs) after a one-time compile at the "
+                               "first update; on CPU this needs a C++ compiler.")
 
     def __post_init__(self):
         super().__post_init__()
@@ -65,7 +66,7 @@ class Config(OnPolicyArgs, RunConfig):
         check(self.update_epochs >= 1, "update_epochs", f"must be >= 1, got {self.update_epochs}")
         check(self.num_minibatches >= 1, "num_minibatches", f"must be >= 1, got {self.num_minibatches}")
         check(self.batch_size % self.num_minibatches == 0, "num_minibatches",
-              f"{self.num_minibatches} does not divide the batch num_envs * num_steps = {self.num_envs} * {self.num_steps} = {self.batch_size}")
+              f"{self.num_minibatches} does not divide the batch num_envs * num_steps = {self.batch_size}")
         check(self.ent_coef >= 0, "ent_coef", f"must be >= 0, got {self.ent_coef}")
         check(self.vf_coef >= 0, "vf_coef", f"must be >= 0, got {self.vf_coef}")
         check(self.target_kl is None or self.target_kl > 0, "target_kl", f"must be > 0 or none, got {self.target_kl}")
@@ -104,8 +105,8 @@ def minibatch_loss(cfg: Config, policy: ActorCritic, mb: dict, beta: torch.Tenso
     advantages = masked_whiten(mb["advantages"], valid) if cfg.norm_adv else mb["advantages"]
     kl = policy.kl(mb["old_params"], params) if "old_params" in mb else None
     pg_loss, metrics = policy_loss(cfg, logp, mb["logp"], advantages, valid, kl, beta)
-    v_loss, v_metrics = value_loss(values, mb["values"], mb["returns"], clip_eps=cfg.clip_eps if cfg.clip_vloss else None,
-                                   mask=valid)
+    v_clip = cfg.clip_eps if cfg.clip_vloss else None
+    v_loss, v_metrics = value_loss(values, mb["values"], mb["returns"], clip_eps=v_clip, mask=valid)
     if cfg.ent_coef:
         entropy = masked_mean(policy.entropy(params), valid)
         loss = pg_loss - cfg.ent_coef * entropy + cfg.vf_coef * v_loss
@@ -121,7 +122,7 @@ def minibatch_loss(cfg: Config, policy: ActorCritic, mb: dict, beta: torch.Tenso
 def update(cfg: Config, policy: ActorCritic, optimizer: torch.optim.Optimizer, batch: dict, beta: float,
            loss_fn=minibatch_loss) -> dict:
     """`update_epochs` passes of minibatch Adam on the PPO loss (eq. 9); returns metrics averaged over the
-    minibatches plus the exact mean KL(pi_old || pi) over the whole batch after the update (what the adaptive rule uses).
+    minibatches plus the exact mean KL(pi_old || pi) over the whole batch after the update (for the adaptive rule).
     `loss_fn`: `minibatch_loss` or its torch.compile'd twin."""
     n = batch["logp"].shape[0]
     mb_size = n // cfg.num_minibatches

@@ -27,21 +27,9 @@ import torch
 from classic import onpolicy
 from classic.nets import FUSED_ADAM, adam_step
 from classic.onpolicy import OnPolicyArgs
-from rlhf.core import (
-    backtracking_line_search,
-    conjugate_gradient,
-    fisher_vector_product,
-    flat_grad,
-    flat_params,
-    kl_dual_update,
-    kl_penalty_loss,
-    masked_mean,
-    masked_whiten,
-    ppo_clip_loss,
-    set_flat_params,
-    trpo_step_size,
-    value_loss,
-)
+from rlhf.core import (backtracking_line_search, conjugate_gradient, fisher_vector_product, flat_grad, flat_params,
+                       kl_dual_update, kl_penalty_loss, masked_mean, masked_whiten, ppo_clip_loss, set_flat_params,
+                       trpo_step_size, value_loss)
 from rlhf.runtime import RunConfig, arg, check
 
 
@@ -53,13 +41,17 @@ class Config(OnPolicyArgs, RunConfig):
     num_steps: int = arg(512, "Steps per environment in each rollout (the horizon T); batch = num_envs * num_steps.")
     learning_rate: float = arg(1e-3, "Adam learning rate of the value function.")
     anneal_lr: bool = arg(False, "Linearly anneal the value function's learning rate to 0 over training.")
-    variant: str = arg("constrained", "constrained: natural gradient + line search under KL <= max_kl; penalty: surrogate - beta (KL - max_kl) with a dual update of beta.", choices=("constrained", "penalty"))
-    max_kl: float = arg(0.01, "Trust-region size delta: the bound on the mean KL(pi_old || pi) (constrained), its target eps (penalty).")
+    variant: str = arg("constrained", "constrained: natural gradient + line search under KL <= max_kl; penalty: "
+                                      "surrogate - beta (KL - max_kl) with a dual update of beta.",
+                       choices=("constrained", "penalty"))
+    max_kl: float = arg(0.01, "Trust-region size delta: the bound on the mean KL(pi_old || pi) (constrained), its "
+                              "target (penalty).")
     cg_iters: int = arg(10, "Conjugate-gradient iterations for the natural-gradient direction.")
     cg_damping: float = arg(0.1, "Damping added to the Fisher matrix: (F + damping I) v.")
     line_search_steps: int = arg(10, "Backtracking line-search steps at most.")
     backtrack_coef: float = arg(0.8, "Step shrink factor per backtracking step.")
-    penalty_lr: float = arg(10.0, "penalty: step size alpha of the dual update beta <- max(0, beta + alpha (KL - max_kl)).")
+    penalty_lr: float = arg(10.0, "penalty: step size alpha of the dual update beta <- max(0, beta + alpha (KL - "
+                                  "max_kl)).")
     kl_beta: float = arg(1.0, "penalty: initial KL multiplier beta (the dual variable of the KL constraint).")
     penalty_steps: int = arg(20, "penalty: full-batch Adam steps on the penalised surrogate per rollout.")
     policy_lr: float = arg(3e-3, "penalty: Adam learning rate of the policy.")
@@ -80,8 +72,9 @@ class Config(OnPolicyArgs, RunConfig):
         check(self.vf_iters >= 1, "vf_iters", f"must be >= 1, got {self.vf_iters}")
         check(self.num_minibatches >= 1, "num_minibatches", f"must be >= 1, got {self.num_minibatches}")
         check(self.batch_size % self.num_minibatches == 0, "num_minibatches",
-              f"{self.num_minibatches} does not divide the batch num_envs * num_steps = {self.num_envs} * {self.num_steps} = {self.batch_size}")
-        check(self.policy != "cnn", "policy", "TRPO supports mlp policies only (a shared CNN torso mixes actor and critic parameters)")
+              f"{self.num_minibatches} does not divide the batch num_envs * num_steps = {self.batch_size}")
+        check(self.policy != "cnn", "policy", "TRPO supports mlp policies only (a shared CNN torso mixes actor and "
+                                              "critic parameters)")
 
 
 def surrogate_and_kl(policy, batch: dict, old_params: torch.Tensor, advantages: torch.Tensor):
@@ -121,12 +114,14 @@ def constrained_step(cfg: Config, policy, batch: dict, old_params: torch.Tensor,
             "trpo/improvement": info["improvement"], "trpo/backtracks": float(info["backtracks"])}
 
 
-def penalty_step(cfg: Config, policy, optimizer, batch: dict, old_params: torch.Tensor, advantages: torch.Tensor, beta: float) -> dict:
+def penalty_step(cfg: Config, policy, optimizer, batch: dict, old_params: torch.Tensor, advantages: torch.Tensor,
+                 beta: float) -> dict:
     """`penalty_steps` Adam steps on -(E[r A] - beta KL(pi_old || pi)) (rlhf.core.kl_penalty_loss with the exact KL)."""
     for _ in range(cfg.penalty_steps):
         params = policy.params(batch["obs"])  # (B, P)
         logp = policy.log_prob(params, batch["actions"])
-        loss, _ = kl_penalty_loss(logp, batch["logp"], advantages, beta, mask=batch["valid"], kl=policy.kl(old_params, params))
+        kl = policy.kl(old_params, params)  # (B,) exact
+        loss, _ = kl_penalty_loss(logp, batch["logp"], advantages, beta, mask=batch["valid"], kl=kl)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.max_grad_norm:
@@ -170,7 +165,8 @@ def train(cfg: Config) -> dict:
             entropy = masked_mean(policy.entropy(params), batch["valid"])
         metrics.update(fit_value(cfg, policy, vf_optimizer, batch))
         metrics.update({"loss/policy": -surrogate_after, "trpo/surrogate_gain": surrogate_after - surrogate_before,
-                        "policy/approx_kl": kl, "policy/entropy": entropy, "kl/beta": beta if cfg.variant == "penalty" else 0.0})
+                        "policy/approx_kl": kl, "policy/entropy": entropy,
+                        "kl/beta": beta if cfg.variant == "penalty" else 0.0})
         if cfg.variant == "penalty":  # dual ascent on the multiplier of the KL constraint, with the KL after the step
             beta = kl_dual_update(beta, float(kl), cfg.max_kl, cfg.penalty_lr)
         loop.end_iteration(metrics, kl_beta=beta)
