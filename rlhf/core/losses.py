@@ -332,7 +332,8 @@ def ranking_loss(
     Shapes: scores (B, K), ranks (B, K) int with 0 = best, margin float, (B,) or None; returns (loss, metrics).
     """
     valid = ranks >= 0  # (B, K)
-    pairs = (ranks.unsqueeze(2) < ranks.unsqueeze(1)) & valid.unsqueeze(2) & valid.unsqueeze(1)  # (B, K, K): i better than j
+    # (B, K, K): response i ranked better than j, both valid
+    pairs = (ranks.unsqueeze(2) < ranks.unsqueeze(1)) & valid.unsqueeze(2) & valid.unsqueeze(1)
     pairs = pairs.to(scores.dtype)
     diff = scores.unsqueeze(2) - scores.unsqueeze(1)  # (B, K, K): s_i - s_j
     if margin is not None:

@@ -40,4 +40,5 @@ def test_shared_options(tmp_path, capsys, argv, needle):
 
 def test_output_dir_under_a_file(tmp_path, capsys):
     (tmp_path / "f").write_text("")
-    assert "`output_dir`" in fails(capsys, ["dqn", "--output_dir", str(tmp_path / "f" / "run"), "--total_timesteps", "64"])
+    argv = ["dqn", "--output_dir", str(tmp_path / "f" / "run"), "--total_timesteps", "64"]
+    assert "`output_dir`" in fails(capsys, argv)

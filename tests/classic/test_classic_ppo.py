@@ -18,7 +18,8 @@ from rlhf.runtime import ConfigError, load_state, make_config, parse_config
 
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "classic"
-needs_cxx = pytest.mark.skipif(not any(map(shutil.which, ppo.CXX_COMPILERS)), reason="torch.compile on CPU needs a C++ compiler")
+needs_cxx = pytest.mark.skipif(not any(map(shutil.which, ppo.CXX_COMPILERS)),
+                               reason="torch.compile on CPU needs a C++ compiler")
 
 
 def cfg_for(tmp_path, **kw):
@@ -48,7 +49,8 @@ def test_none_loss_is_the_unclipped_surrogate(tmp_path):
     (0.6, -(1.5 + 0.5 - 2.2) / 3, 0.0),    # nothing clipped: the unclipped surrogate
 ])
 def test_clip_loss_against_hand_numbers(tmp_path, eps, expected, clipfrac):
-    loss, metrics = ppo.policy_loss(cfg_for(tmp_path, penalty="clip", clip_eps=eps), LOGP, OLD_LOGP, ADV, ALL, None, 0.0)
+    cfg = cfg_for(tmp_path, penalty="clip", clip_eps=eps)
+    loss, metrics = ppo.policy_loss(cfg, LOGP, OLD_LOGP, ADV, ALL, None, 0.0)
     assert loss.item() == pytest.approx(expected, abs=1e-6)
     assert metrics["policy/clipfrac"].item() == pytest.approx(clipfrac)
 
@@ -133,17 +135,20 @@ def _metrics(run_dir):
 def check_resume_is_exact(module, make_cfg, tmp_path, batch: int):
     """Run 4 rollouts straight (checkpoint after 2); copy the run as it was at that checkpoint, as if it
     had crashed there, resume it: parameters, optimiser and every logged metric must be identical."""
-    module.train(make_cfg(output_dir=str(tmp_path / "a"), total_timesteps=4 * batch, save_steps=2 * batch, save_total_limit=5))
+    common = dict(total_timesteps=4 * batch, save_steps=2 * batch, save_total_limit=5)
+    module.train(make_cfg(output_dir=str(tmp_path / "a"), **common))
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     for late in ["summary.json", f"checkpoints/step-{4 * batch:08d}"]:
         shutil.rmtree(tmp_path / "b" / late, ignore_errors=True) if "/" in late else (tmp_path / "b" / late).unlink()
-    module.train(make_cfg(output_dir=str(tmp_path / "b"), total_timesteps=4 * batch, save_steps=2 * batch, save_total_limit=5,
+    module.train(make_cfg(output_dir=str(tmp_path / "b"), **common,
                           resume_from_checkpoint=str(tmp_path / "b" / "checkpoints" / f"step-{2 * batch:08d}")))
-    a, b = (load_state(d / "checkpoints" / f"step-{4 * batch:08d}" / "state.pt", restore_rng=False) for d in (tmp_path / "a", tmp_path / "b"))
+    a, b = (load_state(tmp_path / d / "checkpoints" / f"step-{4 * batch:08d}" / "state.pt", restore_rng=False)
+            for d in ("a", "b"))
     for k in a["policy"]:
         torch.testing.assert_close(a["policy"][k], b["policy"][k], rtol=0, atol=0)
     assert _metrics(tmp_path / "a") == _metrics(tmp_path / "b")
-    assert json.load(open(tmp_path / "a" / "summary.json"))["eval/return_mean"] == json.load(open(tmp_path / "b" / "summary.json"))["eval/return_mean"]
+    a, b = (json.load(open(tmp_path / d / "summary.json")) for d in ("a", "b"))
+    assert a["eval/return_mean"] == b["eval/return_mean"]
 
 
 @pytest.mark.parametrize("env_id, extra", [
@@ -156,12 +161,15 @@ def test_resume_continues_exactly(tmp_path, env_id, extra):
     check_resume_is_exact(ppo, lambda **kw: cfg_for(tmp_path, **common, **kw), tmp_path, 64 * common["num_envs"])
 
 
-def test_a_kill_in_the_final_phase_then_resume_gives_the_run_an_uninterrupted_one_does(tmp_path, kill_in_final_phase, untimed):
+def test_a_kill_in_the_final_phase_then_resume_gives_the_run_an_uninterrupted_one_does(tmp_path, kill_in_final_phase,
+                                                                                       untimed):
     kw = dict(num_envs=2, num_steps=32, num_minibatches=2, update_epochs=1, total_timesteps=128, eval_episodes=2)
     straight = ppo.train(cfg_for(tmp_path, output_dir=str(tmp_path / "a"), **kw))
-    resumed = kill_in_final_phase(ppo.train, lambda **more: cfg_for(tmp_path, output_dir=str(tmp_path / "b"), **kw, **more))
+    resumed = kill_in_final_phase(ppo.train,
+                                  lambda **more: cfg_for(tmp_path, output_dir=str(tmp_path / "b"), **kw, **more))
     assert untimed([resumed]) == untimed([straight])
-    assert _metrics(tmp_path / "a") == _metrics(tmp_path / "b") and sum("eval/return_mean" in r for r in _metrics(tmp_path / "b")) == 1
+    assert _metrics(tmp_path / "a") == _metrics(tmp_path / "b")
+    assert sum("eval/return_mean" in r for r in _metrics(tmp_path / "b")) == 1
 
 
 def test_a_pickle_planted_in_a_checkpoint_never_runs(tmp_path, dir_files, plant_pickle):
@@ -232,8 +240,8 @@ def test_compile_without_a_compiler_is_a_clear_error(tmp_path, monkeypatch):
 @pytest.mark.parametrize("penalty", ["clip"])  # the other variants share this code path; their losses are tested above
 def test_ppo_learns_cartpole(tmp_path, penalty):
     cfg = parse_config(ppo.Config, ["--config", str(CONFIGS / "ppo_cartpole.yaml"), "--total_timesteps", "60000",
-                                    "--penalty", penalty, "--output_dir", str(tmp_path / penalty), "--progress", "false",
-                                    "--report_to", "none", "--seed", "1"])
+                                    "--penalty", penalty, "--output_dir", str(tmp_path / penalty),
+                                    "--progress", "false", "--report_to", "none", "--seed", "1"])
     summary = ppo.train(cfg)
     # 60k steps, far from the line: seeds 1-4 all end at 500 (at a 30k budget seed 1 ended at 134-500 across
     # dependency versions); a random policy scores ~22
@@ -260,7 +268,8 @@ def test_numpy_act_matches_the_distribution(action_space):
     act = policy.numpy_act()
     actions, logp, values = act(obs)
     params, v = policy.params_and_value(torch.as_tensor(obs, dtype=torch.float32))
-    torch.testing.assert_close(torch.from_numpy(logp), policy.log_prob(params, torch.from_numpy(actions)).detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(logp), policy.log_prob(params, torch.from_numpy(actions)).detach(),
+                               atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.from_numpy(values), v.detach(), atol=1e-5, rtol=1e-5)
     if policy.discrete:  # the sampled action frequencies follow pi(.|s)
         probs = params.softmax(-1).mean(0).detach().numpy()
@@ -270,8 +279,8 @@ def test_numpy_act_matches_the_distribution(action_space):
         assert abs(float(z.mean())) < 0.05 and abs(float(z.std()) - 1) < 0.05
     with torch.no_grad():  # in-place parameter updates (Adam's) are seen without rebuilding `act`
         policy.critic[0].weight.add_(0.5)
-    torch.testing.assert_close(torch.from_numpy(act(obs)[2]), policy.value(torch.as_tensor(obs, dtype=torch.float32)).detach(),
-                               atol=1e-5, rtol=1e-5)
+    values = policy.value(torch.as_tensor(obs, dtype=torch.float32)).detach()
+    torch.testing.assert_close(torch.from_numpy(act(obs)[2]), values, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("action_space", [gym.spaces.Discrete(4), gym.spaces.Box(-1, 1, (3,))])

@@ -61,8 +61,9 @@ def test_cartpole_learns_clearly_better_than_random(tmp_path):
 @pytest.mark.slow
 def test_atari_smoke_run_with_small_buffer(tmp_path):
     cfg = _cfg(tmp_path, env_id="BreakoutNoFrameskip-v4", total_timesteps=1000, buffer_size=600, batch_size=8,
-               learning_starts=400, train_frequency=8, gradient_steps=1, target_update_interval=200, eval_frequency=0, eval_episodes=1,
-               eval_epsilon=0.2, logging_steps=200, dueling="mean", prioritized=True, n_step=3, torch_threads=1)
+               learning_starts=400, train_frequency=8, gradient_steps=1, target_update_interval=200, eval_frequency=0,
+               eval_episodes=1, eval_epsilon=0.2, logging_steps=200, dueling="mean", prioritized=True, n_step=3,
+               torch_threads=1)
     summary = dqn.train(cfg)
     assert summary["global_step"] == 1000 and summary["train/updates"] == 75
     assert np.isfinite(summary["eval/return_mean"]) and summary["eval/return_mean"] >= 0  # unclipped game score
@@ -117,8 +118,8 @@ def test_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch):
 
 # ---- damaged or foreign checkpoints, and a crash in the final phase ---------------------------
 
-TINY = dict(total_timesteps=300, learning_starts=100, buffer_size=500, batch_size=16, train_frequency=4, gradient_steps=1,
-            hidden_sizes=[16], eval_frequency=0, eval_episodes=2, logging_steps=100)
+TINY = dict(total_timesteps=300, learning_starts=100, buffer_size=500, batch_size=16, train_frequency=4,
+            gradient_steps=1, hidden_sizes=[16], eval_frequency=0, eval_episodes=2, logging_steps=100)
 
 
 @pytest.fixture(scope="module")
@@ -156,10 +157,12 @@ def _damage(run, how, tmp_path):
     ("truncated replay.npz", r"replay.npz has \d+ bytes, \d+ when it was written"),
     ("missing replay.npz", r"replay.npz is missing from the checkpoint"),
     ("run directory", r"is a run directory, not a checkpoint"),
-    ("other network", r"does not load into this run: .*size mismatch for .*torch.Size\(\[16, 4\]\).*torch.Size\(\[32, 4\]\)"),
+    ("other network",
+     r"does not load into this run: .*size mismatch for .*torch.Size\(\[16, 4\]\).*torch.Size\(\[32, 4\]\)"),
     ("other algorithm", r"is a checkpoint of `classic ppo`, not of `classic dqn`"),
 ])
-def test_a_bad_checkpoint_is_one_clear_error_and_changes_nothing(finished_dqn_run, tmp_path, capsys, dir_files, how, message):
+def test_a_bad_checkpoint_is_one_clear_error_and_changes_nothing(finished_dqn_run, tmp_path, capsys, dir_files, how,
+                                                                  message):
     run = tmp_path / "run"
     shutil.copytree(finished_dqn_run, run)
     ckpt, over = _damage(run, how, tmp_path)
@@ -176,7 +179,8 @@ def test_a_bad_checkpoint_is_one_clear_error_and_changes_nothing(finished_dqn_ru
     assert dir_files(run) == before  # config.yaml not rewritten, nothing else touched
 
 
-def test_a_kill_in_the_final_phase_then_resume_gives_the_run_an_uninterrupted_one_does(tmp_path, kill_in_final_phase, untimed):
+def test_a_kill_in_the_final_phase_then_resume_gives_the_run_an_uninterrupted_one_does(tmp_path, kill_in_final_phase,
+                                                                                       untimed):
     torch.set_num_threads(1)
     straight = dqn.train(_cfg(tmp_path / "a", **TINY))
     resumed = kill_in_final_phase(dqn.train, lambda **kw: _cfg(tmp_path / "b", **TINY, **kw))

@@ -1,4 +1,5 @@
-"""classic.nets: the numpy acting path and the gradient clipping and Adam helpers agree with torch (with and without its private kernels)."""
+"""classic.nets: the numpy acting path, and the gradient clipping and Adam helpers (with and without torch's private
+kernels), agree with torch."""
 
 import numpy as np
 import pytest
@@ -28,7 +29,8 @@ def test_adam_step_equals_torch_fused_adam_bit_for_bit(weight_decay):
     torch.manual_seed(0)
     nets = [torch.nn.Sequential(torch.nn.Linear(4, 64), torch.nn.Tanh(), torch.nn.Linear(64, 3)) for _ in range(2)]
     nets[1].load_state_dict(nets[0].state_dict())
-    opts = [torch.optim.Adam(net.parameters(), lr=3e-3, eps=1e-5, weight_decay=weight_decay, fused=True) for net in nets]
+    opts = [torch.optim.Adam(net.parameters(), lr=3e-3, eps=1e-5, weight_decay=weight_decay, fused=True)
+            for net in nets]
     for step in range(5):  # the first step creates the state (torch's own path), the rest take the short one
         x = torch.randn(32, 4)
         for net in nets:
@@ -49,7 +51,7 @@ def test_adam_step_equals_torch_fused_adam_bit_for_bit(weight_decay):
 
 
 def test_without_torchs_private_kernels_the_public_calls_give_the_same_parameters(monkeypatch):
-    """The fallback where a torch lacks `_fused_adam_` / `_foreach_norm` (PRIVATE_KERNELS false) trains the same bits."""
+    """The fallback where torch lacks `_fused_adam_` / `_foreach_norm` (PRIVATE_KERNELS false) trains the same bits."""
     torch.manual_seed(0)
     twins = [torch.nn.Sequential(torch.nn.Linear(4, 64), torch.nn.Tanh(), torch.nn.Linear(64, 3)) for _ in range(2)]
     twins[1].load_state_dict(twins[0].state_dict())

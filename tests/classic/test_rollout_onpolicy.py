@@ -70,7 +70,8 @@ def test_gae_with_truncation_and_termination_against_hand_numbers():
     torch.testing.assert_close(ret * valid, (expected + rollout.values) * valid)
     # the autoreset step is no transition: reward 0, the stored observation is the final one
     torch.testing.assert_close(rollout.rewards[2], torch.zeros(2))
-    torch.testing.assert_close(rollout.obs[:, :, 0], torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0], [1.0, 1.0], [2.0, 2.0]]))
+    expected = torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0], [1.0, 1.0], [2.0, 2.0]])
+    torch.testing.assert_close(rollout.obs[:, :, 0], expected)
     torch.testing.assert_close(rollout.terminated[:, 1], torch.tensor([0.0, 1.0, 0.0, 0.0, 1.0]))
     torch.testing.assert_close(rollout.terminated[:, 0], torch.zeros(5))
     torch.testing.assert_close(rollout.episode_end[:, 0], torch.tensor([0.0, 1.0, 0.0, 0.0, 1.0]))

@@ -1,4 +1,5 @@
-"""TRPO: the constrained step keeps KL <= max_kl and improves the surrogate; the dual update; errors; learning; resume."""
+"""TRPO: the constrained step keeps KL <= max_kl and improves the surrogate; the dual update; errors; learning;
+resume."""
 
 from __future__ import annotations
 
@@ -58,7 +59,8 @@ def test_line_search_rejects_a_step_that_cannot_improve(tmp_path):
     policy = ActorCritic(gym.spaces.Box(-1, 1, (4,)), gym.spaces.Discrete(3))
     batch, old_params, _ = toy_batch(policy)
     theta = [p.clone() for p in policy.parameters()]
-    info = trpo.constrained_step(cfg_for(tmp_path), policy, batch, old_params, torch.zeros(256))  # A = 0: no gain anywhere
+    no_gain = torch.zeros(256)  # A = 0: no gain anywhere
+    info = trpo.constrained_step(cfg_for(tmp_path), policy, batch, old_params, no_gain)
     assert info["trpo/accepted"] == 0.0
     for p, q in zip(policy.parameters(), theta):
         torch.testing.assert_close(p, q)
@@ -88,7 +90,8 @@ def test_penalty_variant_dual_update(tmp_path):
     betas = [r["kl/beta"] for r in rows]
     assert betas[0] == 0.5
     for prev, nxt in zip(rows, rows[1:]):  # beta <- max(0, beta + alpha (KL - eps)), KL after the policy steps
-        assert nxt["kl/beta"] == pytest.approx(max(0.0, prev["kl/beta"] + 20.0 * (prev["policy/approx_kl"] - 0.005)), rel=1e-6)
+        expected = max(0.0, prev["kl/beta"] + 20.0 * (prev["policy/approx_kl"] - 0.005))
+        assert nxt["kl/beta"] == pytest.approx(expected, rel=1e-6)
     assert len(set(betas)) > 1
 
 
@@ -103,8 +106,8 @@ def test_trpo_learns_cartpole(tmp_path, variant):
     from rlhf.runtime import parse_config
 
     cfg = parse_config(trpo.Config, ["--config", str(CONFIGS / "trpo_cartpole.yaml"), "--total_timesteps", "30000",
-                                     "--variant", variant, "--output_dir", str(tmp_path / variant), "--progress", "false",
-                                     "--report_to", "none", "--seed", "1"])
+                                     "--variant", variant, "--output_dir", str(tmp_path / variant),
+                                     "--progress", "false", "--report_to", "none", "--seed", "1"])
     summary = trpo.train(cfg)
     assert summary["eval/return_mean"] >= 150  # seeds 1-4 reach 500 by 30k steps; a random policy scores ~22
 

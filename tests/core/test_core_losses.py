@@ -68,7 +68,8 @@ def test_ppo_sequence_advantages_broadcast_and_mask():
     # padding values do not matter
     logp2 = logp.clone()
     logp2[mask == 0] = 50.0
-    assert ppo_clip_loss(logp2, old, adv, mask)[0].item() == pytest.approx(ppo_clip_loss(logp, old, adv, mask)[0].item())
+    expected = ppo_clip_loss(logp, old, adv, mask)[0].item()
+    assert ppo_clip_loss(logp2, old, adv, mask)[0].item() == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("clip_eps, clip_eps_high", [(0.2, None), (0.2, 0.28), (0.1, 0.05)])
@@ -244,7 +245,8 @@ def test_ranking_loss_vs_explicit_pairs_with_ties_and_padding():
         ]
         if not pairs:
             continue
-        per_prompt.append(sum(-math.log(1 / (1 + math.exp(-(scores[b, i] - scores[b, j]).item()))) for i, j in pairs) / len(pairs))
+        nll = sum(-math.log(1 / (1 + math.exp(-(scores[b, i] - scores[b, j]).item()))) for i, j in pairs)
+        per_prompt.append(nll / len(pairs))
         accs.append(sum(scores[b, i] > scores[b, j] for i, j in pairs).item() / len(pairs))
     assert len(per_prompt) == 3  # the all-tied prompt has no pair
     assert loss.item() == pytest.approx(sum(per_prompt) / 3, rel=1e-10)

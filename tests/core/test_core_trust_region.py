@@ -69,7 +69,8 @@ def test_fisher_vector_product_vs_explicit_hessian():
         assert torch.allclose(fisher_vector_product(kl_t, [W, bias], v, damping=0.1), H @ v + 0.1 * v, atol=1e-10)
     # natural gradient with CG on the damped Fisher == solve
     b = torch.randn(16, dtype=torch.float64)
-    x = conjugate_gradient(lambda p: fisher_vector_product(kl_t, [W, bias], p, damping=0.1), b, iters=100, residual_tol=1e-24)
+    x = conjugate_gradient(lambda p: fisher_vector_product(kl_t, [W, bias], p, damping=0.1), b, iters=100,
+                           residual_tol=1e-24)
     assert torch.allclose(x, torch.linalg.solve(H + 0.1 * torch.eye(16, dtype=torch.float64), b), atol=1e-6)
 
 
