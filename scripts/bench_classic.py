@@ -95,7 +95,8 @@ def _run_both(ours_code: str, sb3_code: str, settings: dict) -> tuple[dict, dict
     torch.compile (ours with `compile`) starts from an empty cache and compiles in its own process, so
     the whole cost of compiling lands in ours' clocks (its C++ compiler runs are added to its CPU time).
     """
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=settings["out"] + "_inductor_cache", TORCHINDUCTOR_COMPILE_THREADS="1")
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=settings["out"] + "_inductor_cache",
+               TORCHINDUCTOR_COMPILE_THREADS="1")
     procs = [subprocess.Popen([sys.executable, "-c", code, json.dumps(settings)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=env) for code in (ours_code, sb3_code)]
     results = []
@@ -180,8 +181,9 @@ class Marks(BaseCallback):
             marks.append(now())
     def _on_step(self):
         return True
-model = PPO("MlpPolicy", gym.make(s["env_id"]), n_steps=2048, batch_size=64, n_epochs=10, learning_rate=3e-4, gamma=0.99,
-            gae_lambda=0.95, clip_range=0.2, ent_coef=0.0, vf_coef=0.5, max_grad_norm=0.5, seed=1, device="cpu", verbose=0,
+model = PPO("MlpPolicy", gym.make(s["env_id"]), n_steps=2048, batch_size=64, n_epochs=10, learning_rate=3e-4,
+            gamma=0.99, gae_lambda=0.95, clip_range=0.2, ent_coef=0.0, vf_coef=0.5, max_grad_norm=0.5, seed=1,
+            device="cpu", verbose=0,
             policy_kwargs=dict(net_arch=dict(pi=[64, 64], vf=[64, 64]), activation_fn=torch.nn.Tanh))
 marks = [now()]
 model.learn(total_timesteps=s["steps"], callback=Marks())
@@ -198,7 +200,8 @@ def bench_ppo(envs: list[str], steps_scale: float, compile: bool = False, warmup
         with tempfile.TemporaryDirectory() as tmp:
             s["out"] = tmp + "/run"
             ours, sb3 = _run_both(OURS_PPO, SB3_PPO, s)
-        rows.append({"algo": "ppo (compile)" if compile else "ppo", "env": s["env_id"], "steps": s["steps"], "threads": s["threads"],
+        rows.append({"algo": "ppo (compile)" if compile else "ppo", "env": s["env_id"], "steps": s["steps"],
+                     "threads": s["threads"],
                      "ours_sps": ours["sps"], "sb3_sps": sb3["sps"], "ratio": ours["sps"] / sb3["sps"],
                      "ours_cpu_sps": ours["cpu_sps"], "sb3_cpu_sps": sb3["cpu_sps"],
                      "cpu_ratio": ours["cpu_sps"] / sb3["cpu_sps"],

@@ -54,7 +54,8 @@ def function_approximation(n_actions_list=(1, 2, 4, 6, 8, 10), degree=6, noise=0
             single.append((qa.max(0) - true_v).mean())
             best = qa.argmax(0)  # (S,) argmax from the first estimator ...
             double.append((qb[best, np.arange(len(grid))] - true_v).mean())  # ... valued by the second
-        rows.append({"actions": n_actions, "single": float(np.mean(single)), "single_se": float(np.std(single) / np.sqrt(repeats)),
+        rows.append({"actions": n_actions,
+                     "single": float(np.mean(single)), "single_se": float(np.std(single) / np.sqrt(repeats)),
                      "double": float(np.mean(double)), "double_se": float(np.std(double) / np.sqrt(repeats))})
     return rows
 
@@ -84,15 +85,18 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     rows = function_approximation()
-    print("(a) function approximation: mean over s of [estimate of max_a Q(s,a)] - max_a Q(s,a)  (true Q = sin(s) for every a)")
+    print("(a) function approximation: mean over s of [estimate of max_a Q(s,a)] - max_a Q(s,a)  "
+          "(true Q = sin(s) for every a)")
     print("| actions | single estimator max_a Q_hat | double estimator |\n|---|---|---|")
     for r in rows:
-        print(f"| {r['actions']} | {r['single']:+.3f} ± {r['single_se']:.3f} | {r['double']:+.3f} ± {r['double_se']:.3f} |")
+        print(f"| {r['actions']} | {r['single']:+.3f} ± {r['single_se']:.3f} | "
+              f"{r['double']:+.3f} ± {r['double_se']:.3f} |")
 
     curves = {} if args.skip_env else dqn_vs_double(args.steps, args.seed, out, args.config)
     if curves:
         print(f"\n(b) CartPole-v1, seed {args.seed}: greedy-policy Q(s,a) predicted vs discounted return obtained")
-        print("| step | DQN Q | DQN return | DQN eval score | Double Q | Double return | Double eval score |\n|---|---|---|---|---|---|---|")
+        print("| step | DQN Q | DQN return | DQN eval score | Double Q | Double return | Double eval score |\n"
+              "|---|---|---|---|---|---|---|")
         for a, b in zip(curves["DQN"], curves["Double DQN"]):
             print(f"| {a['step']} | {a['eval/q_taken']:.1f} | {a['eval/mc_return']:.1f} | {a['eval/return_mean']:.0f} "
                   f"| {b['eval/q_taken']:.1f} | {b['eval/mc_return']:.1f} | {b['eval/return_mean']:.0f} |")
@@ -108,7 +112,8 @@ def main(argv=None) -> None:
     fig, axes = plt.subplots(1, 2 if curves else 1, figsize=(11 if curves else 5.5, 4), squeeze=False)
     ax = axes[0, 0]
     acts = [r["actions"] for r in rows]
-    ax.errorbar(acts, [r["single"] for r in rows], [r["single_se"] for r in rows], marker="o", label="max_a Q_hat (single)")
+    ax.errorbar(acts, [r["single"] for r in rows], [r["single_se"] for r in rows], marker="o",
+                label="max_a Q_hat (single)")
     ax.errorbar(acts, [r["double"] for r in rows], [r["double_se"] for r in rows], marker="s", label="double estimator")
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xlabel("number of actions")

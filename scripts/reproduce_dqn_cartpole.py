@@ -61,7 +61,8 @@ def main(argv=None) -> None:
         results = list(pool.map(run_one, *zip(*jobs)))
     rows = [(name, sum(r["reached_at"] is not None for r in results if r["variant"] == name),
              [r for r in results if r["variant"] == name]) for name in names]
-    lines = [f"| variant | seeds reaching {args.threshold:g} | step reached (per seed) | best eval (per seed) | target met |",
+    lines = [f"| variant | seeds reaching {args.threshold:g} | step reached (per seed) | best eval (per seed) "
+             "| target met |",
              "|---|---|---|---|---|"]
     for name, n_ok, per_seed in rows:
         steps = ", ".join(str(s["reached_at"]) if s["reached_at"] else "-" for s in per_seed)

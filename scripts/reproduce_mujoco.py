@@ -70,7 +70,8 @@ def main() -> None:
     p.add_argument("--seeds", default="1,2,3", help="comma-separated seeds")
     p.add_argument("--timesteps", type=int, default=0, help="override every config's total_timesteps (0: the config's)")
     p.add_argument("--algos", default="", help="only these algorithms of the suite (comma-separated; default all)")
-    p.add_argument("--report_only", action="store_true", help="run nothing: tabulate the finished runs in runs_dir (missing seeds are left out)")
+    p.add_argument("--report_only", action="store_true",
+                   help="run nothing: tabulate the finished runs in runs_dir (missing seeds are left out)")
     p.add_argument("--append", action="store_true", help="append the table to --out instead of replacing it")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (one process each)")
     p.add_argument("--runs_dir", default="", help="where the runs go (default runs/reproduce_<suite>[_<timesteps>])")
@@ -79,7 +80,8 @@ def main() -> None:
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",") if s]
     rows = [r for r in SUITES[args.suite] if not args.algos or r[0] in args.algos.split(",")]
-    runs_dir = ROOT / (args.runs_dir or f"runs/reproduce_{args.suite}" + (f"_{args.timesteps}" if args.timesteps else ""))
+    runs_dir = ROOT / (args.runs_dir or f"runs/reproduce_{args.suite}"
+                       + (f"_{args.timesteps}" if args.timesteps else ""))
 
     start = time.time()
     summaries: dict = {}
@@ -90,7 +92,8 @@ def main() -> None:
                 summaries[(config, s)] = json.loads((runs_dir / config / f"seed{s}" / "summary.json").read_text())
         todo = []
     with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
-        futures = {pool.submit(run_one, algo, config, s, args.timesteps or None, runs_dir): (config, s) for algo, config, s in todo}
+        futures = {pool.submit(run_one, algo, config, s, args.timesteps or None, runs_dir): (config, s)
+                   for algo, config, s in todo}
         for fut in concurrent.futures.as_completed(futures):
             summaries[futures[fut]] = fut.result()
             config, s = futures[fut]
@@ -98,8 +101,9 @@ def main() -> None:
                   f"({summaries[(config, s)]['time/sps']:.0f} steps/s; {time.time() - start:.0f}s)", flush=True)
 
     cmd = "python scripts/reproduce_mujoco.py " + " ".join(__import__("sys").argv[1:])
+    budget = f"{args.timesteps:,} steps per run" if args.timesteps else "config budget"
     lines = [
-        f"# Policy-gradient family: {args.suite} ({'config budget' if not args.timesteps else f'{args.timesteps:,} steps per run'}; seeds {args.seeds})",
+        f"# Policy-gradient family: {args.suite} ({budget}; seeds {args.seeds})",
         "",
         f"Command: `{cmd.strip()}` ({(time.time() - start) / 60:.0f} min on this machine).",
         "Final evaluation: 10 episodes of the deterministic policy per seed; mean +- std over seeds.",
@@ -109,14 +113,17 @@ def main() -> None:
     ]
     for algo, config, target, peer in rows:
         done = [s for s in seeds if (config, s) in summaries]
+        target_text = target if target is not None else "-"
         if not done:
-            lines.append(f"| {algo} | {config} | - | not run | - | {target if target is not None else '-'} | - | {peer} |")
+            lines.append(f"| {algo} | {config} | - | not run | - | {target_text} | - | {peer} |")
             continue
         evals = [summaries[(config, s)]["eval/return_mean"] for s in done]
         steps = summaries[(config, done[0])]["global_step"]
-        met = "" if target is None else (f"{sum(e >= target for e in evals)}/{len(evals)} seeds; mean {'yes' if np.mean(evals) >= target else 'no'}")
+        met = "" if target is None else (f"{sum(e >= target for e in evals)}/{len(evals)} seeds; "
+                                         f"mean {'yes' if np.mean(evals) >= target else 'no'}")
         lines.append(f"| {algo} | {config} | {steps:,} | {', '.join(f'{e:.0f}' for e in evals)} | "
-                     f"{np.mean(evals):.1f} +- {np.std(evals):.1f} (seeds {','.join(map(str, done))}) | {target if target is not None else '-'} | {met} | {peer} |")
+                     f"{np.mean(evals):.1f} +- {np.std(evals):.1f} (seeds {','.join(map(str, done))}) | "
+                     f"{target_text} | {met} | {peer} |")
     text = "\n".join(lines) + "\n"
     print(text)
     out = args.out or {"mujoco": "results/mujoco.md", "trpo_mujoco": "results/trpo_mujoco.md"}.get(args.suite, "")

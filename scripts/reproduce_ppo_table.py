@@ -11,7 +11,8 @@ variant 1, then averaged over environments (and seeds are averaged before normal
 Default (2 envs x 11 variants x 20k steps, 1 seed; ~30 min with --jobs 2 on this shared 2-core machine):
     python scripts/reproduce_ppo_table.py
 The paper's full budget (7 environments, 3 seeds, 1M steps: ~230 runs, days on a CPU):
-    python scripts/reproduce_ppo_table.py --envs HalfCheetah-v5,Hopper-v5,InvertedDoublePendulum-v5,InvertedPendulum-v5,Reacher-v5,Swimmer-v5,Walker2d-v5 \
+    python scripts/reproduce_ppo_table.py \
+        --envs HalfCheetah-v5,Hopper-v5,InvertedDoublePendulum-v5,InvertedPendulum-v5,Reacher-v5,Swimmer-v5,Walker2d-v5\
         --seeds 1,2,3 --timesteps 1000000 --jobs 8 --runs_dir runs/ppo_table_full --out results/ppo_table_full.md
 Runs whose summary.json exists are reused, so an interrupted reproduction continues where it stopped.
 """
@@ -75,9 +76,9 @@ def run_one(env_id: str, label: str, overrides: list[str], seed: int, timesteps:
     out = runs_dir / env_id / slug(label) / f"seed{seed}"
     summary = out / "summary.json"
     if not summary.exists():
-        argv = ["--config", str(ROOT / "configs/classic/ppo_hopper.yaml"), "--env_id", env_id, "--total_timesteps", str(timesteps),
-                "--seed", str(seed), "--output_dir", str(out), "--eval_episodes", "0", "--progress", "false",
-                "--report_to", "none", "--overwrite", "true", *overrides]
+        argv = ["--config", str(ROOT / "configs/classic/ppo_hopper.yaml"), "--env_id", env_id,
+                "--total_timesteps", str(timesteps), "--seed", str(seed), "--output_dir", str(out),
+                "--eval_episodes", "0", "--progress", "false", "--report_to", "none", "--overwrite", "true", *overrides]
         ppo.train(parse_config(ppo.Config, argv))
     return float(json.loads(summary.read_text())["train/episode_return_last100"])
 
@@ -89,7 +90,8 @@ def main() -> None:
     p.add_argument("--timesteps", type=int, default=20_000, help="environment steps per run (paper: 1,000,000)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (one process each)")
     p.add_argument("--runs_dir", default="runs/ppo_table", help="where the runs go (reused if present)")
-    p.add_argument("--report_only", action="store_true", help="run nothing: tabulate the finished runs in runs_dir (missing ones shown as -)")
+    p.add_argument("--report_only", action="store_true",
+                   help="run nothing: tabulate the finished runs in runs_dir (missing ones shown as -)")
     p.add_argument("--out", default="results/ppo_table.md", help="markdown file for the table ('' to only print)")
     args = p.parse_args()
     envs = [e for e in args.envs.split(",") if e]
@@ -106,15 +108,18 @@ def main() -> None:
                 scores[(e, label, s)] = float(json.loads(summary.read_text())["train/episode_return_last100"])
         jobs = {}
     with concurrent.futures.ProcessPoolExecutor(max(1, args.jobs)) as pool:
-        futures = {pool.submit(run_one, e, label, ov, s, args.timesteps, runs_dir): key for key, (e, label, ov, s) in jobs.items()}
+        futures = {pool.submit(run_one, e, label, ov, s, args.timesteps, runs_dir): key
+                   for key, (e, label, ov, s) in jobs.items()}
         for i, fut in enumerate(concurrent.futures.as_completed(futures), 1):
             scores[futures[fut]] = fut.result()
             e, label, s = futures[fut]
-            print(f"[{i}/{len(jobs)}] {e} {label} seed {s}: {scores[futures[fut]]:.1f}  ({time.time() - start:.0f}s)", flush=True)
+            print(f"[{i}/{len(jobs)}] {e} {label} seed {s}: {scores[futures[fut]]:.1f}  "
+                  f"({time.time() - start:.0f}s)", flush=True)
 
     rand = {e: random_score(e) for e in envs}
     nan = float("nan")
-    raw = {(e, label): float(np.mean([scores.get((e, label, s), nan) for s in seeds])) for e in envs for label, _, _ in VARIANTS}
+    raw = {(e, label): float(np.mean([scores.get((e, label, s), nan) for s in seeds]))
+           for e in envs for label, _, _ in VARIANTS}
     best = {e: np.nanmax([raw[(e, label)] for label, _, _ in VARIANTS]) for e in envs}
     norm = {(e, label): (raw[(e, label)] - rand[e]) / (best[e] - rand[e]) for (e, label) in raw}
 
@@ -126,7 +131,8 @@ def main() -> None:
         "Score = mean return of the last 100 training episodes; per env, random policy = 0 and best variant = 1.",
         "The paper's column: 7 MuJoCo envs, 3 seeds, 1M steps (Schulman et al. 2017, Table 1).",
         "",
-        "| variant | " + " | ".join(f"{e} (raw)" for e in envs) + " | " + " | ".join(envs) + " | avg. normalised | paper |",
+        "| variant | " + " | ".join(f"{e} (raw)" for e in envs) + " | " + " | ".join(envs)
+        + " | avg. normalised | paper |",
         "|---|" + "---:|" * (2 * len(envs) + 2),
     ]
     def fmt(x: float, spec: str) -> str:
@@ -135,8 +141,10 @@ def main() -> None:
     for label, _, paper in VARIANTS:
         avg = float(np.mean([norm[(e, label)] for e in envs]))  # nan if a run is missing
         lines.append(f"| {label} | " + " | ".join(fmt(raw[(e, label)], ".1f") for e in envs) + " | "
-                     + " | ".join(fmt(norm[(e, label)], ".2f") for e in envs) + f" | **{fmt(avg, '.2f')}** | {paper:.2f} |")
-    lines.append("| random policy | " + " | ".join(f"{rand[e]:.1f}" for e in envs) + " | " + " | ".join("0" for _ in envs) + " | 0 | 0 |")
+                     + " | ".join(fmt(norm[(e, label)], ".2f") for e in envs)
+                     + f" | **{fmt(avg, '.2f')}** | {paper:.2f} |")
+    lines.append("| random policy | " + " | ".join(f"{rand[e]:.1f}" for e in envs) + " | "
+                 + " | ".join("0" for _ in envs) + " | 0 | 0 |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
