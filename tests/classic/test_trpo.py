@@ -69,6 +69,7 @@ def test_line_search_rejects_a_step_that_cannot_improve(tmp_path):
 @pytest.mark.parametrize("kw, option", [
     (dict(num_envs=3, num_steps=10, num_minibatches=4), "num_minibatches"),
     (dict(penalty_lr=-1.0), "penalty_lr"),
+    (dict(kl_beta=-1.0), "kl_beta"),
     (dict(max_kl=0.0), "max_kl"),
     (dict(cg_damping=-0.1), "cg_damping"),
     (dict(backtrack_coef=1.5), "backtrack_coef"),
