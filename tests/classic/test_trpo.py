@@ -96,8 +96,10 @@ def test_penalty_variant_dual_update(tmp_path):
     assert len(set(betas)) > 1
 
 
-def test_resume_continues_exactly(tmp_path):
-    common = dict(num_envs=2, num_steps=64, num_minibatches=2, seed=5, eval_episodes=2)
+@pytest.mark.parametrize("variant", ["constrained", "penalty"])  # penalty: the multiplier beta resumes too
+def test_resume_continues_exactly(tmp_path, variant):
+    common = dict(num_envs=2, num_steps=64, num_minibatches=2, seed=5, eval_episodes=2, variant=variant,
+                  penalty_lr=50.0)
     check_resume_is_exact(trpo, lambda **kw: cfg_for(tmp_path, **common, **kw), tmp_path, 128)
 
 
