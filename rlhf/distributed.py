@@ -5,11 +5,12 @@
   1.15 otherwise leaves the world size at 1 for CPU DeepSpeed runs; see docs/distributed.md), then
   fills the DeepSpeed config's "auto" batch / accumulation / clipping entries from the stage's
   config and rejects fixed entries that disagree with it (`check_batch_config`), before any work.
-- `loss_normaliser`: the token (or sequence) count that makes a loss summed over this process's
-  micro-batch add up, over micro-batches and processes, to the mean over the whole optimizer step,
-  after DDP / DeepSpeed average gradients over processes and accelerate divides by the
-  accumulation steps. So 2 processes x batch B == 1 process x 2B == 1 process x 2 micro-batches of B.
-- `reduce_sum` / `reduce_mean` / `gather_objects`: metrics across processes.
+- `loss_normaliser`: the token (or sequence) count of the whole optimizer step, over micro-batches
+  and processes: a micro-batch's loss summed and divided by it is that micro-batch's share of the
+  step's mean, and the shares add up to it (`rlhf.training.backward` then undoes DDP / DeepSpeed's
+  average over processes and accelerate's division by the accumulation steps). So 2 processes x
+  batch B == 1 process x 2B == 1 process x 2 micro-batches of B.
+- `reduce_sum` / `gather_objects`: metrics across processes.
 - `gathered_for_generation`: under ZeRO-3, gather the sharded parameters once per rollout and
   switch off DeepSpeed's per-module fetch/release hooks meanwhile, so `generate` does not
   all-gather every layer for every new token.
@@ -29,8 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import gather_object
 
 from rlhf.runtime import ConfigError
+from rlhf.shipped_configs import resolve_deepspeed_config_env
 
 
 # --------------------------------------------------------------------------------------------
@@ -48,10 +52,6 @@ def make_accelerator(gradient_accumulation_steps: int = 1, mixed_precision: str 
     `bf16=True` is `mixed_precision="bf16"`. With `per_device_train_batch_size` given, the batch
     settings are checked against an accelerate / DeepSpeed config right away (`check_batch_config`).
     """
-    from accelerate import Accelerator, PartialState
-
-    from rlhf.shipped_configs import resolve_deepspeed_config_env
-
     # a shipped accelerate config names `configs/deepspeed/<name>.json`, relative to the repository
     # root; from any other directory that is the copy inside the package
     resolve_deepspeed_config_env()
@@ -129,16 +129,14 @@ def check_batch_config(accelerator, per_device_train_batch_size: int, gradient_a
     if clip == "auto":
         ds["gradient_clipping"] = wanted_clip
     elif max_grad_norm is not None and float(clip) != wanted_clip:
-        raise ConfigError(f"{source}: `gradient_clipping`={clip} conflicts with the stage's `max_grad_norm`={max_grad_norm}; "
+        raise ConfigError(f"{source}: `gradient_clipping`={clip} conflicts with the stage's "
+                          f"`max_grad_norm`={max_grad_norm}; "
                           "set it to \"auto\"")
     zero = ds.setdefault("zero_optimization", {})
-    if int(zero.get("stage", 0)) == 3 and zero.get("stage3_gather_16bit_weights_on_model_save") in (None, "auto", False):
+    if int(zero.get("stage", 0)) == 3 and zero.get("stage3_gather_16bit_weights_on_model_save") in (None, "auto",
+                                                                                                    False):
         # needed by `save_hf_model` to consolidate the shards into one Hugging Face model
         zero["stage3_gather_16bit_weights_on_model_save"] = True
-
-
-def is_deepspeed(accelerator) -> bool:
-    return deepspeed_config(accelerator) is not None
 
 
 def is_zero3(accelerator) -> bool:
@@ -160,30 +158,20 @@ def reduce_sum(accelerator, value) -> torch.Tensor:
     return t
 
 
-def reduce_mean(accelerator, value) -> torch.Tensor:
-    return reduce_sum(accelerator, value) / accelerator.num_processes
-
-
 def loss_normaliser(accelerator, local_count) -> torch.Tensor:
-    """Denominator for a loss summed over this process's share of one optimizer step.
+    """The count of the whole optimizer step: `local_count` (this process's tokens or sequences, over
+    all its micro-batches) summed over processes, at least 1.
 
-    `local_count`: tokens (token-mean) or sequences (sequence means) this process contributes to
-    the optimizer step, over all its micro-batches. Returns global_count / (processes x
-    accumulation steps): DDP and DeepSpeed average gradients over processes and `accelerator.
-    backward` divides by the accumulation steps, so dividing each micro-batch's summed loss by this
-    gives exactly the gradient of (sum over the whole global batch) / global_count.
-    Pass it as `num_tokens=` / `num_seqs=` to `rlhf.core.aggregate_loss`.
+    Pass it as `num_tokens=` / `num_seqs=` to `rlhf.core.aggregate_loss` (or a loss built on it):
+    each micro-batch's loss is then its share of the step's mean, for `rlhf.training.backward`.
     """
-    total = reduce_sum(accelerator, local_count)
-    return (total / (accelerator.num_processes * accelerator.gradient_accumulation_steps)).float().clamp_min(1e-8)
+    return reduce_sum(accelerator, local_count).clamp_min(1)
 
 
 def gather_objects(accelerator, objects: list) -> list:
     """Concatenate python lists from every process (in rank order)."""
     if accelerator.num_processes == 1:
         return list(objects)
-    from accelerate.utils import gather_object
-
     return gather_object(list(objects))
 
 
@@ -333,7 +321,9 @@ def consolidated_state_dict(accelerator, model) -> dict[str, torch.Tensor]:
     """
     module = accelerator.unwrap_model(model)
     if not is_zero3(accelerator):
-        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if accelerator.is_main_process else {}
+        if not accelerator.is_main_process:
+            return {}
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
     import deepspeed
 
     out: dict[str, torch.Tensor] = {}

@@ -7,6 +7,8 @@ The loss is the clipped surrogate plus beta times the k3 estimate of KL(pi || pi
 
     L = agg_t [ -min(r_t A_i, clip(r_t, 1 - eps, 1 + eps_high) A_i) + beta * k3_t ],
     r_t = pi(o_t) / pi_old(o_t),   k3_t = pi_ref / pi - log(pi_ref / pi) - 1,
+    eps = `cliprange`, eps_high = `cliprange_high` (PPO's name; TRL's GRPO names, `epsilon` and
+    `epsilon_high`, are accepted too),
 
 aggregated by `loss_type`: grpo = mean over sequences of each one's token mean (the paper),
 bnpo = mean over all tokens, dr_grpo = token sum / max_completion_length, mean over sequences
@@ -33,18 +35,22 @@ from pathlib import Path
 import torch
 
 from rlhf.core import aggregate_loss, group_advantages, group_stats, kl_estimate, masked_mean, ppo_clip_loss
+from rlhf.distributed import gathered_for_generation, loss_normaliser, prepare_frozen, reduce_sum, save_hf_model, unwrap
+from rlhf.models import disable_dropout, load_causal_lm
 from rlhf.rollout import (
     PromptSource, batch_logprobs, decode_completions, evaluate_arithmetic, generate, load_rl_inputs, tokenize_prompts,
 )
-from rlhf.runtime import (
-    Run, RunConfig, Timer, arg, check, fmt_metrics, load_state, loading_checkpoint, progress, save_state, seed_everything,
+from rlhf.runtime import Timer, arg, check, progress, seed_everything
+from rlhf.training import (
+    SCHEDULERS, TrainingConfig, backward, due, end_step, lora, open_run, prepare_training, save_checkpoint,
+    setup_accelerator,
 )
 
 LOSS_MODES = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm"}
 
 
 @dataclasses.dataclass
-class Config(RunConfig):
+class Config(TrainingConfig):
     """GRPO: group-normalised advantages, no critic."""
 
     output_dir: str = arg("runs/grpo", "Run directory.")
@@ -57,7 +63,6 @@ class Config(RunConfig):
     eval_steps: int = arg(0, "Evaluate every this many steps (0: only at the start and the end).")
     max_steps: int = arg(100, "Optimizer steps.")
     per_device_train_batch_size: int = arg(64, "Completions (not prompts) per micro-batch per process.")
-    gradient_accumulation_steps: int = arg(1, "Micro-batches per optimizer step.")
     num_generations: int = arg(8, "G: completions per prompt (one group).")
     max_prompt_length: int = arg(0, "Keep only the last this many tokens of a longer prompt (a leading BOS stays; "
                                     "0: no limit).")
@@ -66,20 +71,21 @@ class Config(RunConfig):
     top_p: float = arg(1.0, "Nucleus sampling mass (1: off). Filtering makes sampling slightly off-policy.")
     top_k: int = arg(0, "Sample from the k most likely tokens (0: off).")
     learning_rate: float = arg(1e-6, "AdamW step size.")
-    lr_scheduler_type: str = arg("constant", "Learning-rate schedule (transformers' get_scheduler).",
-                                 choices=["constant", "linear", "cosine", "constant_with_warmup"])
-    warmup_ratio: float = arg(0.0, "Share of max_steps spent warming the learning rate up.")
-    weight_decay: float = arg(0.0, "AdamW weight decay.")
-    max_grad_norm: float = arg(1.0, "Clip the gradient norm to this (0: no clipping).")
+    lr_scheduler_type: str = arg("constant", "Learning-rate schedule over max_steps (transformers.get_scheduler).",
+                                 choices=SCHEDULERS)
+    warmup_ratio: float = arg(0.0, "Share of max_steps spent warming the learning rate up from 0.")
     beta: float = arg(0.04, "KL coefficient (k3 estimator in the loss). 0 loads no reference model at all.")
-    epsilon: float = arg(0.2, "Clip range of the ratio (lower side; also the upper side unless epsilon_high).")
-    epsilon_high: float | None = arg(None, "Upper clip range (DAPO clip-higher); null: same as epsilon.")
+    cliprange: float = arg(0.2, "Clip range of the ratio (lower side; also the upper side unless cliprange_high).",
+                           aliases=["epsilon"])
+    cliprange_high: float | None = arg(None, "Upper clip range (DAPO clip-higher); null: same as cliprange.",
+                                       aliases=["epsilon_high"])
     num_iterations: int = arg(1, "Optimizer steps per generated batch (mu in the paper).")
     loss_type: str = arg("grpo", "Aggregation: grpo (sequence mean of token means), bnpo (token mean), "
                                  "dr_grpo (token sum / max_completion_length).", choices=list(LOSS_MODES))
     scale_rewards: str = arg("group", "Divide centred rewards by the group std, the batch std, or nothing.",
                              choices=["group", "batch", "none"])
-    reward_funcs: list[str] = arg(["exact_match"], "Reward functions: built-in names (exact_match, format, gold_score), "
+    reward_funcs: list[str] = arg(["exact_match"], "Reward functions: built-in names (exact_match, format, "
+                                                   "gold_score), "
                                                    "module:function or path/to/file.py:function.")
     reward_weights: list[float] = arg([], "One weight per reward function (empty: all 1).")
     reward_model_path: str = arg("", "A learned reward model; its score is added with weight reward_model_weight.")
@@ -88,21 +94,14 @@ class Config(RunConfig):
                                         "stopping: they are left out of their group's mean and std, get advantage 0 "
                                         "and are masked out of the loss.")
     mask_truncated_completions: bool = arg(False, "Leave completions without EOS out of the loss.")
-    bf16: bool = arg(False, "bfloat16 mixed precision.")
-    gradient_checkpointing: bool = arg(False, "Trade compute for memory in the policy's backward pass.")
     share_prompt_prefix: bool = arg(True, "Encode each prompt once per group in the training and reference passes "
                                           "(same values; off with gradient_checkpointing).")
-    use_peft: bool = arg(False, "Train LoRA adapters; the reference is the same model with adapters disabled.")
-    lora_r: int = arg(16, "LoRA rank.")
-    lora_alpha: int = arg(32, "LoRA alpha.")
-    lora_dropout: float = arg(0.0, "LoRA dropout (set to 0 with every other dropout: GRPO switches dropout off).")
-    lora_target_modules: list[str] = arg(["q_proj", "k_proj", "v_proj", "o_proj"], "Modules that get LoRA adapters.")
 
     def __post_init__(self):
+        super().__post_init__()
         check(self.max_steps > 0, "max_steps", "must be positive")
         check(self.num_generations >= 2, "num_generations", "needs at least 2 completions per prompt to form a group")
         check(self.per_device_train_batch_size > 0, "per_device_train_batch_size", "must be positive")
-        check(self.gradient_accumulation_steps > 0, "gradient_accumulation_steps", "must be positive")
         check((self.per_device_train_batch_size * self.gradient_accumulation_steps) % self.num_generations == 0,
               "per_device_train_batch_size",
               f"per_device_train_batch_size x gradient_accumulation_steps "
@@ -112,16 +111,13 @@ class Config(RunConfig):
         check(self.temperature > 0, "temperature", "must be positive")
         check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         check(self.beta >= 0, "beta", "must be >= 0")
-        check(self.epsilon > 0, "epsilon", "must be positive")
-        check(self.epsilon_high is None or self.epsilon_high > 0, "epsilon_high", "must be positive")
+        check(self.cliprange > 0, "cliprange", "must be positive")
+        check(self.cliprange_high is None or self.cliprange_high > 0, "cliprange_high", "must be positive")
         check(self.num_iterations >= 1, "num_iterations", "must be >= 1")
-        check(self.learning_rate > 0, "learning_rate", "must be positive")
-        check(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
         check(bool(self.reward_funcs) or bool(self.reward_model_path), "reward_funcs",
               "give at least one reward function or a reward_model_path")
         check(not self.reward_weights or len(self.reward_weights) == len(self.reward_funcs), "reward_weights",
               f"{len(self.reward_weights)} weights for {len(self.reward_funcs)} reward functions")
-        check(not self.use_peft or self.lora_r > 0, "lora_r", "must be positive")
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,13 +128,10 @@ class Config(RunConfig):
 def load_policy_and_reference(cfg):
     """The trainable policy and the frozen reference (None when beta = 0, or when LoRA is used:
     the reference is then the policy with its adapters disabled — no second copy in memory)."""
-    from rlhf.models import apply_lora, disable_dropout, load_causal_lm
-
     dtype = "float32"  # mixed precision comes from accelerate; master weights stay fp32
     policy = load_causal_lm(cfg.model_name_or_path, dtype=dtype, gradient_checkpointing=cfg.gradient_checkpointing)
-    if cfg.use_peft:
-        policy = apply_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
-    policy = disable_dropout(policy)  # pi_old (the sampler), the training pass and pi_ref must be one function
+    # pi_old (the sampler), the training pass and pi_ref must be one function
+    policy = disable_dropout(lora(policy, cfg))
     if cfg.use_peft or cfg.beta == 0:
         return policy, None
     reference = disable_dropout(load_causal_lm(cfg.model_name_or_path, dtype=dtype)).eval().requires_grad_(False)
@@ -151,8 +144,6 @@ def reference_logprobs(accelerator, policy, reference, input_ids, attention_mask
     if reference is not None:
         with accelerator.autocast():  # the precision the training pass runs in
             return batch_logprobs(reference, input_ids, attention_mask, start, temperature, share)
-    from rlhf.distributed import unwrap
-
     unwrapped = unwrap(accelerator, policy)
     with unwrapped.disable_adapter(), accelerator.autocast():
         return batch_logprobs(unwrapped, input_ids, attention_mask, start, temperature, share)
@@ -174,8 +165,6 @@ def make_batch(cfg, accelerator, model, reference, tokenizer, rows, rewards_fn, 
     Returns tensors over this process's n = per_device_train_batch_size x gradient_accumulation_steps
     completions (prompt-major: the G completions of a prompt are consecutive) plus metrics.
     """
-    from rlhf.distributed import gathered_for_generation
-
     G = cfg.num_generations
     prompts = [row["prompt"] for row in rows for _ in range(G)]
     columns = {k: [row[k] for row in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
@@ -225,7 +214,8 @@ def make_batch(cfg, accelerator, model, reference, tokenizer, rows, rewards_fn, 
         "reward/std": float(valid_rewards.std()) if valid_rewards.numel() > 1 else 0.0,
         "frac_reward_zero_std": float(zero_std),
         "completions/mean_length": float(accelerator.gather(lengths.to(accelerator.device)).mean()),
-        "completions/clipped_ratio": float(accelerator.gather(rollout.is_truncated.float().to(accelerator.device)).mean()),
+        "completions/clipped_ratio":
+            float(accelerator.gather(rollout.is_truncated.float().to(accelerator.device)).mean()),
     }
     if per_function is not None:
         metrics.update(rewards_fn.metrics(per_function))  # this process's completions
@@ -251,7 +241,8 @@ def micro_batch_loss(cfg, logp, batch, sl, num_seqs, num_tokens):
     old_logp = batch["old_logp"][sl] if cfg.num_iterations > 1 else logp.detach()
     agg = dict(mode=LOSS_MODES[cfg.loss_type], max_len=cfg.max_completion_length, num_seqs=num_seqs,
                num_tokens=num_tokens)
-    loss, metrics = ppo_clip_loss(logp, old_logp, batch["advantages"][sl], mask, cfg.epsilon, cfg.epsilon_high, **agg)
+    loss, metrics = ppo_clip_loss(logp, old_logp, batch["advantages"][sl], mask, cfg.cliprange, cfg.cliprange_high,
+                                  **agg)
     metrics["policy/clip_sum"] = (metrics["policy/clipfrac"] * mask.sum()).detach()
     if cfg.beta > 0:
         kl = kl_estimate(logp, batch["ref_logp"][sl], "k3")  # (b, T)
@@ -262,12 +253,12 @@ def micro_batch_loss(cfg, logp, batch, sl, num_seqs, num_tokens):
 
 
 def train_step(cfg, accelerator, model, optimizer, scheduler, batch) -> dict:
-    from rlhf.distributed import reduce_sum
-
-    mb, ga, world = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, accelerator.num_processes
-    num_seqs = mb * ga * world  # every completion of the step counts as a sequence (masked ones add 0)
-    num_tokens = reduce_sum(accelerator, batch["mask"].sum()).item()
-    totals = {"loss": 0.0, "clip": 0.0, "kl": 0.0, "tokens": 0.0, "ratio": 0.0}
+    """One optimizer step on a generated batch, in gradient_accumulation_steps micro-batches."""
+    mb, ga = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
+    # every completion of the step counts as a sequence (masked ones add 0)
+    num_seqs = mb * ga * accelerator.num_processes
+    num_tokens = loss_normaliser(accelerator, batch["mask"].sum())
+    totals, update = {"loss": 0.0, "clip": 0.0, "kl": 0.0, "tokens": 0.0, "ratio": 0.0}, {}
     model.train()
     for i in range(ga):
         sl = slice(i * mb, (i + 1) * mb)
@@ -275,14 +266,7 @@ def train_step(cfg, accelerator, model, optimizer, scheduler, batch) -> dict:
             logp = batch_logprobs(model, batch["input_ids"][sl], batch["attention_mask"][sl], batch["start"],
                                   cfg.temperature, share_prompts(cfg))  # (b, T)
             loss, m = micro_batch_loss(cfg, logp, batch, sl, num_seqs, num_tokens)
-            # accelerate divides by ga and DDP averages over processes; the shares must add up instead.
-            accelerator.backward(loss * ga * world)
-            if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            if accelerator.sync_gradients:
-                scheduler.step()
-            optimizer.zero_grad()
+            update = backward(accelerator, model, optimizer, scheduler, loss, cfg.max_grad_norm)
         totals["loss"] += float(loss.detach())
         totals["ratio"] += float(m["policy/ratio_mean"] * m["tokens"])
         totals["clip"] += float(m["policy/clip_sum"])
@@ -294,12 +278,10 @@ def train_step(cfg, accelerator, model, optimizer, scheduler, batch) -> dict:
         "loss/policy": float(total[0]),
         "policy/clipfrac": float(total[1]) / tokens,
         "policy/ratio_mean": float(total[4]) / tokens,
-        "lr": scheduler.get_last_lr()[0],
+        **update,
     }
     if cfg.beta > 0:
         out["kl/ref"] = float(total[2]) / tokens
-    if cfg.max_grad_norm > 0:
-        out["grad_norm"] = float(grad_norm)
     return out
 
 
@@ -308,42 +290,18 @@ def train_step(cfg, accelerator, model, optimizer, scheduler, batch) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def _save_checkpoint(run, accelerator, step, source, scheduler, batch, extra):
-    from rlhf.distributed import checkpoint
-
-    with checkpoint(accelerator, run, step) as tmp:  # barriers: tmp exists before, everyone done after
-        accelerator.save_state(str(Path(tmp) / "accelerate"))
-        if batch is not None:  # a batch being reused (num_iterations > 1): each process keeps its own
-            torch.save({k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in batch.items()},
-                       Path(tmp) / f"batch_{accelerator.process_index}.pt")
-        if accelerator.is_main_process:
-            save_state(Path(tmp) / "trainer_state.pt", {"step": step, "data_position": source.position,
-                                                        "scheduler": scheduler.state_dict(), **extra})
-
-
 def train(cfg: Config) -> dict:
-    from transformers import get_scheduler
-
-    from rlhf.distributed import make_accelerator, prepare_frozen, save_hf_model
-
-    accelerator = make_accelerator(cfg.gradient_accumulation_steps, bf16=cfg.bf16,
-                                   per_device_train_batch_size=cfg.per_device_train_batch_size,
-                                   max_grad_norm=cfg.max_grad_norm)
+    accelerator = setup_accelerator(cfg)
     world = accelerator.num_processes
     seed_everything(cfg.seed + accelerator.process_index, cfg.deterministic)  # different samples per process
 
     # Everything that can fail on bad input fails here, before the run directory is touched.
     rewards_fn, rm_scorer, resume, tokenizer, rows, eval_prompts = load_rl_inputs(cfg, accelerator.device)
 
-    policy, reference = load_policy_and_reference(cfg)  # a LoRA target that matches nothing fails before the run directory
-    trainable = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                  fused=accelerator.device.type in ("cpu", "cuda"))  # one kernel, not one per tensor
-    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=int(cfg.warmup_ratio * cfg.max_steps),
-                              num_training_steps=cfg.max_steps)
-    # The scheduler stays unprepared: accelerate's wrapper would step it once per process; its state
-    # goes into trainer_state.pt (accelerate's register_for_checkpointing would load it with pickle).
-    model, optimizer = accelerator.prepare(policy, optimizer)
+    # a LoRA target that matches nothing fails before the run directory
+    policy, reference = load_policy_and_reference(cfg)
+    model, optimizer, scheduler = prepare_training(accelerator, policy, cfg, cfg.max_steps,
+                                                   fused=accelerator.device.type in ("cpu", "cuda"))
     if reference is not None:  # sharded evaluation-only engine under ZeRO-3, plain module otherwise
         reference = prepare_frozen(accelerator, reference)
     if rm_scorer is not None:
@@ -351,33 +309,31 @@ def train(cfg: Config) -> dict:
 
     prompts_per_process = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps // cfg.num_generations
     source = PromptSource(rows, cfg.seed)
-    step, batch, kl_history, batch_metrics, summary_start = 0, None, [], {}, {}
-    if resume is not None:
-        with loading_checkpoint(resume):
-            accelerator.load_state(str(resume / "accelerate"))
-            state = load_state(resume / "trainer_state.pt", restore_rng=False)  # accelerate restored each process's RNG
-            scheduler.load_state_dict(state["scheduler"])
-            batch_file = resume / f"batch_{accelerator.process_index}.pt"
-            if batch_file.exists():
-                batch = {k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v
-                         for k, v in torch.load(batch_file, weights_only=True).items()}
-        step, source.position, kl_history = state["step"], state["data_position"], list(state["kl_history"])
-        batch_metrics, summary_start = state["batch_metrics"], state["summary_start"]
-    run = Run(cfg, is_main=accelerator.is_main_process, checkpoint=resume)  # after the checkpoint loaded: a bad one changes nothing
+    fresh = {"step": 0, "data_position": 0, "kl_history": [], "batch_metrics": {}, "summary_start": {}}
+    # batch: this process's generated batch, reused for num_iterations steps (a checkpoint keeps it)
+    state, batch, run = open_run(cfg, accelerator, resume, fresh, scheduler=scheduler)
+    step, source.position, kl_history = state["step"], state["data_position"], list(state["kl_history"])
+    batch_metrics, summary_start = state["batch_metrics"], state["summary_start"]
+
+    def save():
+        save_checkpoint(run, accelerator, step, {"data_position": source.position, "kl_history": kl_history,
+                                                 "batch_metrics": batch_metrics, "summary_start": summary_start},
+                        process_state=batch, scheduler=scheduler)
 
     if eval_prompts and step == 0:
-        summary_start = {f"start/{k}": v for k, v in
-                         evaluate_arithmetic(accelerator, model, tokenizer, eval_prompts, cfg.max_completion_length).items()}
+        summary_start = {
+            f"start/{k}": v
+            for k, v in evaluate_arithmetic(accelerator, model, tokenizer, eval_prompts,
+                                            cfg.max_completion_length).items()
+        }
         run.log(0, summary_start)
 
     timer, bar = Timer(), progress(cfg.max_steps, "grpo", cfg.progress and accelerator.is_main_process, initial=step)
     while step < cfg.max_steps:
         step_timer = Timer()
         if step % cfg.num_iterations == 0 or batch is None:
-            # All processes draw the same global prompts and keep their own slice: data position is global.
-            global_rows = source.take(prompts_per_process * world)
-            my_rows = global_rows[accelerator.process_index * prompts_per_process:][:prompts_per_process]
-            batch = make_batch(cfg, accelerator, model, reference, tokenizer, my_rows, rewards_fn, rm_scorer, step)
+            batch = make_batch(cfg, accelerator, model, reference, tokenizer,
+                               source.take_mine(accelerator, prompts_per_process), rewards_fn, rm_scorer, step)
             batch_metrics = batch.pop("metrics")
         gen_time = step_timer.elapsed()
         metrics = train_step(cfg, accelerator, model, optimizer, scheduler, batch)
@@ -386,28 +342,22 @@ def train(cfg: Config) -> dict:
         elapsed = step_timer.elapsed()
         metrics["time/step_s"] = elapsed
         metrics["time/generation_s"] = gen_time
-        metrics["completions/per_s"] = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world / elapsed
+        metrics["completions/per_s"] = prompts_per_process * cfg.num_generations * world / elapsed
         if "kl/ref" in metrics:
             kl_history = (kl_history + [metrics["kl/ref"]])[-10:]
-        if eval_prompts and cfg.eval_steps and step % cfg.eval_steps == 0 and step < cfg.max_steps:
+        if eval_prompts and due(cfg.eval_steps, step, cfg.max_steps):
             metrics.update(evaluate_arithmetic(accelerator, model, tokenizer, eval_prompts, cfg.max_completion_length))
-        if step % cfg.logging_steps == 0 or step == cfg.max_steps:
-            run.log(step, metrics)
-        bar.update(1)
-        bar.set_postfix(fmt_metrics(metrics, ["reward/mean", "kl/ref", "frac_reward_zero_std", "eval/accuracy"]))
-        if cfg.save_steps and step % cfg.save_steps == 0 and step < cfg.max_steps:
-            _save_checkpoint(run, accelerator, step, source, scheduler, batch, dict(
-                kl_history=kl_history, batch_metrics=batch_metrics, summary_start=summary_start))
+        end_step(run, bar, cfg, step, cfg.max_steps, metrics,
+                 ["reward/mean", "kl/ref", "frac_reward_zero_std", "eval/accuracy"], save)
     bar.close()
 
-    _save_checkpoint(run, accelerator, step, source, scheduler, batch, dict(
-        kl_history=kl_history, batch_metrics=batch_metrics, summary_start=summary_start))
-    summary = {**summary_start, "step": step, "train_time_s": timer.elapsed()}
+    save()
+    summary = {**summary_start, "step": step, "time/train_s": timer.elapsed()}
     if eval_prompts:
         summary.update(evaluate_arithmetic(accelerator, model, tokenizer, eval_prompts, cfg.max_completion_length))
     summary["kl/ref"] = sum(kl_history) / len(kl_history) if kl_history else 0.0
     summary["reward/mean"] = batch_metrics.get("reward/mean", math.nan)
-    save_hf_model(accelerator, model, Path(cfg.output_dir) / "model", tokenizer)
+    save_hf_model(accelerator, model, Path(cfg.output_dir) / "model", tokenizer, merge_lora=not cfg.save_adapter_only)
     if eval_prompts:
         run.log(step, {k: v for k, v in summary.items() if k.startswith("eval/")})
     run.write_summary(summary)

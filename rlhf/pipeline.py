@@ -25,11 +25,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
+from rlhf import grpo, ppo, reward, sft
+from rlhf.models import check_model_path, load_causal_lm, load_tokenizer
+from rlhf.plot import plot_runs
 from rlhf.runtime import (
     ConfigError, RunConfig, arg, atomic_write_text, check, checkpoint_dirs, config_to_dict, load_yaml_config,
-    make_config, seed_everything, to_jsonable, write_json,
+    make_config, parse_config, seed_everything, to_jsonable, write_json,
 )
+from rlhf.tasks import arithmetic
 
 STAGES = ("sft", "rankings", "reward", "ppo", "grpo")
 _CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "rlhf"  # the shipped ones (rlhf/shipped_configs.py)
@@ -69,9 +74,8 @@ class Config(RunConfig):
 
 def cli(argv: list[str], prog: str = "rlhf pipeline") -> None:
     """Like every command, but with configs/rlhf/pipeline_tiny.yaml as the defaults when no --config is given."""
-    from rlhf.runtime import parse_config
-
-    if not any(a == "--config" or a.startswith("--config=") for a in argv) and "-h" not in argv and "--help" not in argv:
+    if not any(a == "--config" or a.startswith("--config=") for a in argv) and "-h" not in argv \
+            and "--help" not in argv:
         argv = ["--config", str(_config_path("configs/rlhf/pipeline_tiny.yaml")), *argv]
     train(parse_config(Config, argv, prog=prog))  # a ConfigError exits 2 in rlhf.cli, as for every command
 
@@ -122,9 +126,6 @@ def collect_rankings(cfg: Config, sft_model_path: str, path: Path) -> dict:
     topped up (when the policy is too sure of itself) with the task's perturbed answers — the
     stand-in for responses from other models that InstructGPT's labellers also ranked.
     """
-    from rlhf.models import load_causal_lm, load_tokenizer
-    from rlhf.tasks import arithmetic
-
     rng = np.random.default_rng(cfg.seed)
     tokenizer = load_tokenizer(sft_model_path)
     model = load_causal_lm(sft_model_path)
@@ -149,17 +150,16 @@ def collect_rankings(cfg: Config, sft_model_path: str, path: Path) -> dict:
 
 
 def train(cfg: Config) -> dict:
-    from rlhf import grpo, ppo, reward, sft
-    from rlhf.models import check_model_path
-
     out = Path(cfg.output_dir)
     sft_model = cfg.sft_model_path or str(out / "sft" / "model")
     reward_model = cfg.reward_model_path or str(out / "reward" / "model")
     rankings_path, eval_path = out / "rankings.jsonl", out / "rankings_eval.jsonl"
-    wired = {"sft": {"model_name_or_path": cfg.model_name_or_path} if cfg.model_name_or_path else {},
-             "reward": dict(model_name_or_path=sft_model, dataset_name=str(rankings_path), eval_dataset_name=str(eval_path)),
-             "ppo": dict(model_name_or_path=sft_model, reward_model_path=reward_model),
-             "grpo": dict(model_name_or_path=sft_model)}
+    wired = {
+        "sft": {"model_name_or_path": cfg.model_name_or_path} if cfg.model_name_or_path else {},
+        "reward": dict(model_name_or_path=sft_model, dataset_name=str(rankings_path), eval_dataset_name=str(eval_path)),
+        "ppo": dict(model_name_or_path=sft_model, reward_model_path=reward_model),
+        "grpo": dict(model_name_or_path=sft_model),
+    }
     # Bad input fails before anything runs or is written: the models and files this run needs but does
     # not make, and every stage's options (a typo in ppo_overrides fails now, not after SFT has trained).
     for option in ("sft_model_path", "reward_model_path"):
@@ -169,7 +169,8 @@ def train(cfg: Config) -> dict:
         _require_model(sft_model, "sft_model_path", "the sft stage")
     if "ppo" in cfg.stages and (cfg.reward_model_path or "reward" not in cfg.stages):
         _require_model(reward_model, "reward_model_path", "the reward stage")
-    if "reward" in cfg.stages and not cfg.reward_model_path and "rankings" not in cfg.stages and not rankings_path.exists():
+    if ("reward" in cfg.stages and not cfg.reward_model_path and "rankings" not in cfg.stages
+            and not rankings_path.exists()):
         raise ConfigError(f"the reward stage needs {rankings_path}: run the rankings stage first")
     given = {"sft": cfg.sft_model_path, "reward": cfg.reward_model_path}  # stages replaced by a given model
     for name, module in (("sft", sft), ("reward", reward), ("ppo", ppo), ("grpo", grpo)):
@@ -177,7 +178,7 @@ def train(cfg: Config) -> dict:
             stage_config(module, cfg, name, **wired[name])
 
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", __import__("yaml").safe_dump(to_jsonable(config_to_dict(cfg)), sort_keys=False))
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(to_jsonable(config_to_dict(cfg)), sort_keys=False))
     seed_everything(cfg.seed)
     timings_path = out / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
@@ -204,8 +205,6 @@ def train(cfg: Config) -> dict:
             raise ConfigError(f"the reward stage needs {rankings_path}: run the rankings stage first")
         # Held-out prompts with candidates ranked by the gold score measure the reward model.
         if not eval_path.exists():
-            from rlhf.tasks import arithmetic
-
             arithmetic.write_rankings(eval_path, arithmetic.make_prompts(500, seed=cfg.seed, split="eval"),
                                       cfg.completions_per_prompt, seed=cfg.seed + 1, noise=0.0)
         results["reward"] = run_stage("reward", reward, stage_config(reward, cfg, "reward", **wired["reward"]), timings)
@@ -270,7 +269,8 @@ def _fmt(v) -> str:
 
 
 def format_table(summary: dict) -> str:
-    cols = ["eval/accuracy", "eval/accuracy_carry", "eval/accuracy_no_carry", "eval/reward_mean", "kl/ref", "time/wall_s"]
+    cols = ["eval/accuracy", "eval/accuracy_carry", "eval/accuracy_no_carry", "eval/reward_mean", "kl/ref",
+            "time/wall_s"]
     lines = ["| policy | held-out accuracy | carry | no carry | gold score | KL to SFT | wall time (s) |",
              "|---|---|---|---|---|---|---|"]
     for stage in ("sft", "ppo", "grpo"):
@@ -280,9 +280,8 @@ def format_table(summary: dict) -> str:
 
 
 def write_report(out: Path, summary: dict) -> None:
-    from rlhf.plot import plot_runs
-
-    parts = ["# RLHF pipeline report", "", f"Run directory: `{out}`", "", "## Policies (held-out prompts, greedy decoding)",
+    parts = ["# RLHF pipeline report", "", f"Run directory: `{out}`", "", "## Policies (held-out prompts, greedy "
+                                                                          "decoding)",
              "", format_table(summary), ""]
     if "reward" in summary:
         parts += ["## Reward model", "", "| metric | value |", "|---|---|"]

@@ -32,21 +32,27 @@ import dataclasses
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForTokenClassification, LlamaForTokenClassification
+from transformers.utils import logging as hf_logging
 
-from rlhf.core import (
-    explained_variance, kl_controller, kl_estimate, masked_whiten, ppo_clip_loss, token_gae, value_loss,
-)
+from rlhf.core import (explained_variance, kl_controller, kl_estimate, masked_whiten, per_token_rewards, ppo_clip_loss,
+                       token_gae, value_loss)
+from rlhf.distributed import gathered_for_generation, loss_normaliser, prepare_frozen, reduce_sum, save_hf_model
+from rlhf.models import BUILTIN_TINY, check_model_path, disable_dropout, load_causal_lm, tiny_config
 from rlhf.rollout import (
     PromptSource, batch_logprobs, decode_completions, evaluate_arithmetic, generate, load_rl_inputs,
     position_ids_from_mask, tokenize_prompts,
 )
-from rlhf.runtime import (
-    Run, RunConfig, Timer, arg, check, fmt_metrics, load_state, loading_checkpoint, progress, save_state, seed_everything,
+from rlhf.runtime import Timer, arg, check, progress, seed_everything
+from rlhf.tasks.arithmetic import gold_score
+from rlhf.training import (
+    SCHEDULERS, TrainingConfig, backward, due, end_step, lora, open_run, prepare_training, save_checkpoint,
+    setup_accelerator,
 )
 
 
 @dataclasses.dataclass
-class Config(RunConfig):
+class Config(TrainingConfig):
     """PPO against a reward model or reward functions, with a KL penalty to a frozen reference."""
 
     output_dir: str = arg("runs/ppo", "Run directory.")
@@ -70,7 +76,6 @@ class Config(RunConfig):
     eval_steps: int = arg(0, "Evaluate every this many steps (0: only at the start and the end).")
     max_steps: int = arg(100, "PPO steps (one rollout batch + its num_ppo_epochs x num_mini_batches optimizer steps).")
     per_device_train_batch_size: int = arg(16, "Completions per micro-batch per process.")
-    gradient_accumulation_steps: int = arg(1, "Micro-batches per optimizer step (one mini-batch).")
     num_mini_batches: int = arg(4, "Mini-batches (optimizer steps) per epoch over one rollout batch.")
     num_ppo_epochs: int = arg(4, "Passes over each rollout batch.")
     rollout_batch_size: int = arg(0, "Completions per no-grad forward pass when a rollout is scored (old log-probs, "
@@ -84,11 +89,10 @@ class Config(RunConfig):
     top_p: float = arg(1.0, "Nucleus sampling mass (1: off).")
     top_k: int = arg(0, "Sample from the k most likely tokens (0: off).")
     learning_rate: float = arg(1e-5, "AdamW step size (policy and value model).")
-    lr_scheduler_type: str = arg("constant", "Learning-rate schedule.", choices=["constant", "linear", "cosine",
-                                                                                "constant_with_warmup"])
-    warmup_ratio: float = arg(0.0, "Share of optimizer steps spent warming the learning rate up.")
-    weight_decay: float = arg(0.0, "AdamW weight decay.")
-    max_grad_norm: float = arg(1.0, "Clip the gradient norm (0: off).")
+    lr_scheduler_type: str = arg("constant", "Learning-rate schedule over the optimizer steps "
+                                             "(transformers.get_scheduler).",
+                                 choices=SCHEDULERS)
+    warmup_ratio: float = arg(0.0, "Share of the optimizer steps spent warming the learning rate up from 0.")
     kl_coef: float = arg(0.05, "beta: weight of the per-token KL penalty in the reward (initial value if adaptive).")
     kl_estimator: str = arg("k1", "KL estimator in the reward.", choices=["k1", "k2", "k3"])
     kl_controller: str = arg("fixed", "fixed beta; adaptive (PPO paper: halve/double around kl_target); "
@@ -96,7 +100,8 @@ class Config(RunConfig):
                              choices=["fixed", "adaptive", "proportional"])
     kl_target: float = arg(0.1, "Target per-token KL for the adaptive / proportional controller.")
     kl_horizon: float = arg(10000, "Horizon (in completions) of the proportional controller.")
-    missing_eos_penalty: float | None = arg(None, "Subtract this from the score of completions without EOS (null: off).")
+    missing_eos_penalty: float | None = arg(None, "Subtract this from the score of completions without EOS (null: "
+                                                  "off).")
     reward_clip: float = arg(0.0, "Clip the score to [-reward_clip, reward_clip] (0: off).")
     score_baseline: str = arg("none", "Subtract a per-prompt baseline from the score: greedy = the score of the "
                                       "policy's greedy completion (ReMax, Li et al. 2023); it removes the reward "
@@ -109,18 +114,11 @@ class Config(RunConfig):
     cliprange: float = arg(0.2, "Policy ratio clip range.")
     cliprange_value: float = arg(0.2, "Value clip range around the old values (0: no clipping).")
     vf_coef: float = arg(0.1, "Weight of the value loss.")
-    bf16: bool = arg(False, "bfloat16 mixed precision.")
-    gradient_checkpointing: bool = arg(False, "Trade compute for memory in the backward pass.")
-    use_peft: bool = arg(False, "Train LoRA adapters on the policy; the reference is the policy with adapters disabled.")
-    lora_r: int = arg(16, "LoRA rank.")
-    lora_alpha: int = arg(32, "LoRA alpha.")
-    lora_dropout: float = arg(0.0, "LoRA dropout (set to 0 with every other dropout: PPO switches dropout off).")
-    lora_target_modules: list[str] = arg(["q_proj", "k_proj", "v_proj", "o_proj"], "Modules that get LoRA adapters.")
 
     def __post_init__(self):
+        super().__post_init__()
         check(self.max_steps > 0, "max_steps", "must be positive")
-        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "num_mini_batches", "num_ppo_epochs",
-                     "max_completion_length"):
+        for name in ("per_device_train_batch_size", "num_mini_batches", "num_ppo_epochs", "max_completion_length"):
             check(getattr(self, name) > 0, name, "must be positive")
         check(self.rollout_batch_size >= 0, "rollout_batch_size", "must be >= 0 (0: per_device_train_batch_size)")
         check(bool(self.reward_model_path) or bool(self.reward_funcs), "reward_model_path",
@@ -136,8 +134,6 @@ class Config(RunConfig):
         check(0 <= self.lam <= 1, "lam", "must be in [0, 1]")
         check(self.cliprange > 0, "cliprange", "must be positive")
         check(self.cliprange_value >= 0, "cliprange_value", "must be >= 0")
-        check(self.learning_rate > 0, "learning_rate", "must be positive")
-        check(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,11 +172,6 @@ def load_value_model(path: str):
     From a reward model directory the body and the `score` weights carry over, so the first values
     are the reward model's per-token scores; from a causal LM the head starts fresh.
     """
-    from transformers import AutoConfig, AutoModelForTokenClassification, LlamaForTokenClassification
-    from transformers.utils import logging as hf_logging
-
-    from rlhf.models import BUILTIN_TINY, check_model_path, tiny_config
-
     check_model_path(path)
     if path == BUILTIN_TINY:
         config = tiny_config()
@@ -199,17 +190,12 @@ def load_value_model(path: str):
 
 
 def load_models(cfg):
-    """(policy + value module, frozen reference or None for LoRA)."""
-    from rlhf.models import apply_lora, disable_dropout, load_causal_lm
-
+    """(policy + value module, frozen reference or None for LoRA: the policy with adapters disabled)."""
     # No dropout anywhere: old log-probs and values, the update's passes and the reference must be one function.
     policy = load_causal_lm(cfg.model_name_or_path, gradient_checkpointing=cfg.gradient_checkpointing)
-    reference = None
-    if cfg.use_peft:
-        policy = apply_lora(policy, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
-    else:
+    policy, reference = disable_dropout(lora(policy, cfg)), None
+    if not cfg.use_peft:
         reference = disable_dropout(load_causal_lm(cfg.model_name_or_path)).eval().requires_grad_(False)
-    policy = disable_dropout(policy)
     from_reward_model = cfg.value_init == "reward_model" and cfg.reward_model_path
     value_model = disable_dropout(load_value_model(cfg.value_model_path or (cfg.reward_model_path if from_reward_model
                                                                             else cfg.model_name_or_path)))
@@ -223,39 +209,10 @@ def load_models(cfg):
 # --------------------------------------------------------------------------------------------
 
 
-def global_whiten(accelerator, x, mask, shift_mean=True):
-    """masked_whiten with the mean and variance of all processes' entries (so 2 x B == 1 x 2B)."""
-    from rlhf.distributed import reduce_sum
-
-    if accelerator.num_processes == 1:
-        return masked_whiten(x, mask, shift_mean=shift_mean)
-    m = mask.to(x.dtype)
-    stats = reduce_sum(accelerator, torch.stack([(x * m).sum(), (x * x * m).sum(), m.sum()]).double())
-    n = stats[2].clamp_min(2)
-    mean = stats[0] / n
-    var = (stats[1] / n - mean**2) * n / (n - 1)
-    out = (x - mean.to(x.dtype)) * torch.rsqrt(var.to(x.dtype) + 1e-8)
-    return (out if shift_mean else out + mean.to(x.dtype)) * m
-
-
-def per_token_rewards(scores, kl, mask, beta):
-    """r_t = -beta * KL_t on every completion token, plus the sequence score on the last one.
-
-    Shapes: scores (B,), kl (B, T), mask (B, T) right-padded; returns (B, T), 0 on padding.
-    """
-    rewards = -beta * kl * mask
-    last = (mask.sum(1) - 1).clamp_min(0)  # (B,) index of the last token: EOS, or where the cut fell
-    has_tokens = (mask.sum(1) > 0).to(rewards.dtype)
-    rewards[torch.arange(len(scores), device=rewards.device), last] += scores * has_tokens
-    return rewards
-
-
 @torch.no_grad()
 def greedy_scores(cfg, accelerator, model, tokenizer, prompts, prompt_ids, prompt_mask, columns, rewards_fn, rm_scorer,
                   batch_index) -> torch.Tensor:
     """Scores (n,) of the policy's greedy completions: a baseline that depends on the prompt only."""
-    from rlhf.distributed import gathered_for_generation
-
     with gathered_for_generation(accelerator, model) as unwrapped, accelerator.autocast():
         rollout = generate(unwrapped.policy, prompt_ids, prompt_mask, cfg.max_completion_length, tokenizer.eos_token_id,
                            tokenizer.pad_token_id, cfg.temperature, greedy=True)
@@ -273,8 +230,6 @@ def greedy_scores(cfg, accelerator, model, tokenizer, prompts, prompt_ids, promp
 @torch.no_grad()
 def make_batch(cfg, accelerator, model, reference, tokenizer, rows, rewards_fn, rm_scorer, beta, batch_index) -> dict:
     """Generate, score and compute advantages for this process's prompts (one completion each)."""
-    from rlhf.distributed import gathered_for_generation
-
     prompts = [row["prompt"] for row in rows]
     columns = {k: [row[k] for row in rows] for k in rows[0] if k != "prompt"}
     prompt_ids, prompt_mask = tokenize_prompts(tokenizer, prompts, accelerator.device, cfg.max_prompt_length or None)
@@ -283,7 +238,8 @@ def make_batch(cfg, accelerator, model, reference, tokenizer, rows, rewards_fn, 
         rollout = generate(unwrapped.policy, prompt_ids, prompt_mask, cfg.max_completion_length, tokenizer.eos_token_id,
                            tokenizer.pad_token_id, cfg.temperature, cfg.top_k, cfg.top_p)
     completions = decode_completions(tokenizer, rollout)
-    input_ids, attention_mask, mask = rollout.input_ids, rollout.attention_mask, rollout.completion_mask  # (n, P + T), (n, T)
+    # (n, P + T), (n, T)
+    input_ids, attention_mask, mask = rollout.input_ids, rollout.attention_mask, rollout.completion_mask
     start, n, mb = prompt_ids.shape[1], len(prompts), cfg.rollout_batch_size or cfg.per_device_train_batch_size
 
     scores = torch.zeros(n)
@@ -322,20 +278,21 @@ def make_batch(cfg, accelerator, model, reference, tokenizer, rows, rewards_fn, 
         else:
             policy = accelerator.unwrap_model(model).policy
             with policy.disable_adapter(), accelerator.autocast():
-                ref_logp.append(batch_logprobs(policy, input_ids[i:i + mb], attention_mask[i:i + mb], start, cfg.temperature))
+                ref_logp.append(
+                    batch_logprobs(policy, input_ids[i : i + mb], attention_mask[i : i + mb], start, cfg.temperature)
+                )
     old_logp, old_values, ref_logp = torch.cat(old_logp), torch.cat(old_values), torch.cat(ref_logp)  # (n, T)
 
     kl = kl_estimate(old_logp, ref_logp, cfg.kl_estimator) * mask  # (n, T)
     rewards = per_token_rewards(scores * valid.to(scores.device), kl, mask, beta)  # (n, T)
+    all_processes = lambda t: reduce_sum(accelerator, t)  # noqa: E731  the statistics of the global batch
     if cfg.whiten_rewards:
-        rewards = global_whiten(accelerator, rewards, mask, shift_mean=False)
+        rewards = masked_whiten(rewards, mask, shift_mean=False, all_reduce=all_processes)
     advantages, returns = token_gae(rewards, old_values, mask, cfg.gamma, cfg.lam)  # (n, T)
     if cfg.whiten_advantages:
-        advantages = global_whiten(accelerator, advantages, mask)
+        advantages = masked_whiten(advantages, mask, all_reduce=all_processes)
 
     k1 = (old_logp - ref_logp) * mask
-    from rlhf.distributed import reduce_sum
-
     gather = accelerator.gather
     valid_scores = gather(raw_scores.to(accelerator.device))[gather(valid.to(accelerator.device).long()).bool()]
     metrics = {
@@ -352,8 +309,6 @@ def make_batch(cfg, accelerator, model, reference, tokenizer, rows, rewards_fn, 
     if per_function is not None:
         metrics.update(rewards_fn.metrics(per_function))
     if not cfg.dataset_name:  # the built-in task: also track the gold score of what was sampled
-        from rlhf.tasks.arithmetic import gold_score
-
         gold = torch.tensor([gold_score(p, c) for p, c in zip(prompts, completions)], device=accelerator.device)
         metrics["reward/gold_mean"] = float(gather(gold).mean())
     return {"input_ids": input_ids, "attention_mask": attention_mask, "start": start, "mask": mask,
@@ -378,32 +333,24 @@ def micro_batch_loss(cfg, logp, values, batch, idx, num_tokens):
 
 
 def update(cfg, accelerator, model, optimizer, scheduler, batch) -> dict:
-    from rlhf.distributed import reduce_sum
-
-    mb, ga, world = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps, accelerator.num_processes
+    """`num_ppo_epochs` passes over the rollout batch in shuffled mini-batches, one optimizer step each."""
+    mb, ga = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
     n = batch["mask"].shape[0]
     keys = ("loss/policy", "loss/value", "policy/clipfrac", "policy/approx_kl", "value/clipfrac")
-    sums = dict.fromkeys(keys, 0.0)
-    sums["tokens"] = 0.0
+    sums, last_update = dict.fromkeys((*keys, "tokens"), 0.0), {}
     model.train()
     for _ in range(cfg.num_ppo_epochs):
         order = torch.randperm(n, device=batch["mask"].device)
         for start in range(0, n, mb * ga):
             mini = order[start:start + mb * ga]
-            num_tokens = reduce_sum(accelerator, batch["mask"][mini].sum()).item()
+            num_tokens = loss_normaliser(accelerator, batch["mask"][mini].sum())
             for i in range(0, len(mini), mb):
                 idx = mini[i:i + mb]
                 with accelerator.accumulate(model):
                     logp, values = model(batch["input_ids"][idx], batch["attention_mask"][idx], batch["start"],
                                          cfg.temperature)
                     loss, m = micro_batch_loss(cfg, logp, values, batch, idx, num_tokens)
-                    accelerator.backward(loss * ga * world)  # shares add up to the mini-batch loss (see grpo.py)
-                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                    optimizer.step()
-                    if accelerator.sync_gradients:
-                        scheduler.step()
-                    optimizer.zero_grad()
+                    last_update.update(backward(accelerator, model, optimizer, scheduler, loss, cfg.max_grad_norm))
                 tokens = float(batch["mask"][idx].sum())
                 sums["loss/policy"] += float(m["loss/policy"])
                 sums["loss/value"] += float(m["loss/value"])
@@ -416,8 +363,7 @@ def update(cfg, accelerator, model, optimizer, scheduler, batch) -> dict:
     out = {"loss/policy": float(total[0]) / n_updates, "loss/value": float(total[1]) / n_updates}
     out.update({k: float(total[j]) / tokens for j, k in enumerate(keys) if j >= 2})
     out["value/explained_var"] = float(explained_variance(batch["old_values"], batch["returns"], batch["mask"]))
-    out["lr"] = scheduler.get_last_lr()[0]
-    return out
+    return {**out, **last_update}  # train/lr and train/grad_norm of the step's last update
 
 
 # --------------------------------------------------------------------------------------------
@@ -425,39 +371,18 @@ def update(cfg, accelerator, model, optimizer, scheduler, batch) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def _save_checkpoint(run, accelerator, step, state):
-    from rlhf.distributed import checkpoint
-
-    with checkpoint(accelerator, run, step) as tmp:  # barriers: tmp exists before, everyone done after
-        accelerator.save_state(str(Path(tmp) / "accelerate"))
-        if accelerator.is_main_process:
-            save_state(Path(tmp) / "trainer_state.pt", state)
-
-
 def train(cfg: Config) -> dict:
-    from transformers import get_scheduler
-
-    from rlhf.distributed import make_accelerator, prepare_frozen, save_hf_model
-
-    accelerator = make_accelerator(cfg.gradient_accumulation_steps, bf16=cfg.bf16,
-                                   per_device_train_batch_size=cfg.per_device_train_batch_size,
-                                   max_grad_norm=cfg.max_grad_norm)
+    accelerator = setup_accelerator(cfg)
     world = accelerator.num_processes
-    seed_everything(cfg.seed + accelerator.process_index, cfg.deterministic)
+    seed_everything(cfg.seed + accelerator.process_index, cfg.deterministic)  # different samples per process
 
     # Bad input fails here, before the run directory is touched.
     rewards_fn, rm_scorer, resume, tokenizer, rows, eval_prompts = load_rl_inputs(cfg, accelerator.device)
 
     model, reference = load_models(cfg)  # a missing value model or LoRA target fails here, before the run directory
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
-                                  weight_decay=cfg.weight_decay,
-                                  fused=accelerator.device.type in ("cpu", "cuda"))  # one kernel, not one per tensor
-    n_optimizer_steps = cfg.max_steps * cfg.num_ppo_epochs * cfg.num_mini_batches
-    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=int(cfg.warmup_ratio * n_optimizer_steps),
-                              num_training_steps=n_optimizer_steps)
-    # The scheduler stays unprepared: accelerate's wrapper would step it once per process; its state
-    # goes into trainer_state.pt (accelerate's register_for_checkpointing would load it with pickle).
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer, scheduler = prepare_training(accelerator, model, cfg,
+                                                   cfg.max_steps * cfg.num_ppo_epochs * cfg.num_mini_batches,
+                                                   fused=accelerator.device.type in ("cpu", "cuda"))
     if reference is not None:  # sharded evaluation-only engine under ZeRO-3, plain module otherwise
         reference = prepare_frozen(accelerator, reference)
     if rm_scorer is not None:
@@ -466,16 +391,15 @@ def train(cfg: Config) -> dict:
 
     prompts_per_process = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * cfg.num_mini_batches
     source = PromptSource(rows, cfg.seed)
-    step, kl_history, summary_start, metrics = 0, [], {}, {}
-    if resume is not None:
-        with loading_checkpoint(resume):
-            accelerator.load_state(str(resume / "accelerate"))
-            state = load_state(resume / "trainer_state.pt", restore_rng=False)  # accelerate restored each process's RNG
-            scheduler.load_state_dict(state["scheduler"])
-            kl_ctl.load_state_dict(state["kl_controller"])
-        step, source.position = state["step"], state["data_position"]
-        kl_history, summary_start, metrics = list(state["kl_history"]), state["summary_start"], state["metrics"]
-    run = Run(cfg, is_main=accelerator.is_main_process, checkpoint=resume)  # after the checkpoint loaded: a bad one changes nothing
+    fresh = {"step": 0, "data_position": 0, "kl_history": [], "summary_start": {}, "metrics": {}}
+    state, _, run = open_run(cfg, accelerator, resume, fresh, scheduler=scheduler, kl_controller=kl_ctl)
+    step, source.position, kl_history = state["step"], state["data_position"], list(state["kl_history"])
+    summary_start, metrics = state["summary_start"], state["metrics"]
+
+    def save():  # metrics: the last step's, for summary.json after a resume from the final checkpoint
+        save_checkpoint(run, accelerator, step, {"data_position": source.position, "kl_history": kl_history,
+                                                 "summary_start": summary_start, "metrics": metrics},
+                        scheduler=scheduler, kl_controller=kl_ctl)
 
     select_policy = lambda m: m.policy  # noqa: E731
     if eval_prompts and step == 0:
@@ -483,18 +407,12 @@ def train(cfg: Config) -> dict:
             accelerator, model, tokenizer, eval_prompts, cfg.max_completion_length, select_policy).items()}
         run.log(0, summary_start)
 
-    def state():  # metrics: the last step's, for summary.json after a resume from the final checkpoint
-        return {"step": step, "data_position": source.position, "scheduler": scheduler.state_dict(),
-                "kl_controller": kl_ctl.state_dict(), "kl_history": kl_history, "summary_start": summary_start,
-                "metrics": metrics}
-
     timer, bar = Timer(), progress(cfg.max_steps, "ppo", cfg.progress and accelerator.is_main_process, initial=step)
     while step < cfg.max_steps:
         step_timer = Timer()
-        global_rows = source.take(prompts_per_process * world)
-        my_rows = global_rows[accelerator.process_index * prompts_per_process:][:prompts_per_process]
         beta = kl_ctl.beta
-        batch = make_batch(cfg, accelerator, model, reference, tokenizer, my_rows, rewards_fn, rm_scorer, beta, step)
+        batch = make_batch(cfg, accelerator, model, reference, tokenizer,
+                           source.take_mine(accelerator, prompts_per_process), rewards_fn, rm_scorer, beta, step)
         metrics = batch.pop("metrics")
         metrics["time/generation_s"] = step_timer.elapsed()
         metrics.update(update(cfg, accelerator, model, optimizer, scheduler, batch))
@@ -504,19 +422,15 @@ def train(cfg: Config) -> dict:
         kl_history = (kl_history + [metrics["kl/ref"]])[-10:]
         metrics["time/step_s"] = step_timer.elapsed()
         metrics["completions/per_s"] = prompts_per_process * world / metrics["time/step_s"]
-        if eval_prompts and cfg.eval_steps and step % cfg.eval_steps == 0 and step < cfg.max_steps:
+        if eval_prompts and due(cfg.eval_steps, step, cfg.max_steps):
             metrics.update(evaluate_arithmetic(accelerator, model, tokenizer, eval_prompts, cfg.max_completion_length,
                                                select_policy))
-        if step % cfg.logging_steps == 0 or step == cfg.max_steps:
-            run.log(step, metrics)
-        bar.update(1)
-        bar.set_postfix(fmt_metrics(metrics, ["reward/score_mean", "kl/ref", "kl/beta", "eval/accuracy"]))
-        if cfg.save_steps and step % cfg.save_steps == 0 and step < cfg.max_steps:
-            _save_checkpoint(run, accelerator, step, state())
+        end_step(run, bar, cfg, step, cfg.max_steps, metrics,
+                 ["reward/score_mean", "kl/ref", "kl/beta", "eval/accuracy"], save)
     bar.close()
 
-    _save_checkpoint(run, accelerator, step, state())
-    summary = {**summary_start, "step": step, "train_time_s": timer.elapsed()}
+    save()
+    summary = {**summary_start, "step": step, "time/train_s": timer.elapsed()}
     if eval_prompts:
         summary.update(evaluate_arithmetic(accelerator, model, tokenizer, eval_prompts, cfg.max_completion_length,
                                            select_policy))
@@ -527,7 +441,8 @@ def train(cfg: Config) -> dict:
         if k in metrics:
             summary[k] = metrics[k]
     unwrapped = accelerator.unwrap_model(model)
-    save_hf_model(accelerator, unwrapped.policy, Path(cfg.output_dir) / "model", tokenizer)
+    save_hf_model(accelerator, unwrapped.policy, Path(cfg.output_dir) / "model", tokenizer,
+                  merge_lora=not cfg.save_adapter_only)
     save_hf_model(accelerator, unwrapped.value_model, Path(cfg.output_dir) / "value_model", tokenizer, merge_lora=False)
     if eval_prompts:
         run.log(step, {k: v for k, v in summary.items() if k.startswith("eval/")})

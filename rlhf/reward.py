@@ -23,17 +23,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
 import torch
 
 from rlhf.core import ranking_loss
-from rlhf.runtime import (ConfigError, Run, Timer, arg, check, command_name, fmt_metrics, parse_config, progress,
-                          resolve_checkpoint, seed_everything)
-from rlhf.sft import (TrainingConfig, global_batch_indices, maybe_lora, micro_batches, optimizer_and_scheduler, resume,
-                      save_checkpoint)
+from rlhf.data import DataError, Locator, collate_rankings, load_rows, tokenize_prompt_completion, tokenize_rankings
+from rlhf.distributed import gathered_for_generation, loss_normaliser, reduce_sum, save_hf_model
+from rlhf.models import check_model_path, load_causal_lm, load_reward_model, load_tokenizer
+from rlhf.runtime import (ConfigError, Timer, arg, check, command_name, parse_config, progress, resolve_checkpoint,
+                          seed_everything)
+from rlhf.tasks import arithmetic
+from rlhf.training import (TrainingConfig, backward, due, end_step, epoch_steps, lora, open_run, prepare_training,
+                           save_checkpoint, setup_accelerator, step_batches)
 
 
 @dataclass
@@ -41,18 +45,26 @@ class Config(TrainingConfig):
     """Train a reward model from pairwise preferences or K-wise rankings."""
 
     output_dir: str = arg("runs/reward", "Run directory; the final model goes to output_dir/model.")
-    model_name_or_path: str = arg("builtin:tiny", "Causal LM (or reward model) to start from: `builtin:tiny`, a hub name or a local directory (e.g. an SFT run's model).")
-    dataset_name: str = arg("", "Hub name or local json/jsonl/parquet/csv file with `prompt`+`chosen`+`rejected` or `prompt`+`completions`+`ranks`; empty: generate built-in arithmetic rankings.")
+    model_name_or_path: str = arg("builtin:tiny", "Causal LM (or reward model) to start from: `builtin:tiny`, a hub "
+                                                  "name or a local directory (e.g. an SFT run's model).")
+    dataset_name: str = arg("", "Hub name or local json/jsonl/parquet/csv file with `prompt`+`chosen`+`rejected` or "
+                                "`prompt`+`completions`+`ranks`; empty: generate built-in arithmetic rankings.")
     dataset_split: str = arg("train", "Split of `dataset_name` (hub datasets and directories).")
-    eval_dataset_name: str = arg("", "Held-out rankings (same formats); the built-in task ranks held-out prompts by the gold score.")
+    eval_dataset_name: str = arg("", "Held-out rankings (same formats); the built-in task ranks held-out prompts by "
+                                     "the gold score.")
     num_train_prompts: int = arg(4000, "Built-in task: prompts to rank.")
     completions_per_prompt: int = arg(4, "Built-in task: K, the candidate answers ranked per prompt.")
-    labeller_noise: float = arg(0.5, "Built-in task: labeller temperature; P(i above j) = sigmoid((gold_i - gold_j) / noise); 0 ranks by the gold score.")
-    sampler_model: str = arg("", "Built-in task: sample the K candidates from this causal LM (temperature 1) instead of the built-in candidate generator.")
-    max_length: int = arg(64, "Longest prompt + response in tokens; a ranking with a longer response is dropped (counted in summary.json).")
+    labeller_noise: float = arg(0.5, "Built-in task: labeller temperature; P(i above j) = sigmoid((gold_i - gold_j) / "
+                                     "noise); 0 ranks by the gold score.")
+    sampler_model: str = arg("", "Built-in task: sample the K candidates from this causal LM (temperature 1) instead "
+                                 "of the built-in candidate generator.")
+    max_length: int = arg(64, "Longest prompt + response in tokens; a ranking with a longer response is dropped "
+                              "(counted in summary.json).")
     margin: float = arg(0.0, "Margin m in -log sigmoid(r_better - r_worse - m) (Llama 2 style; 0: none).")
-    center_rewards_coefficient: float = arg(0.0, "Weight of mean(r^2), which keeps rewards centred at 0 (e.g. 0.01; 0: off).")
+    center_rewards_coefficient: float = arg(0.0, "Weight of mean(r^2), which keeps rewards centred at 0 (e.g. 0.01; 0: "
+                                                 "off).")
     num_train_epochs: float = arg(1.0, "Passes over the rankings (the budget, unless max_steps is smaller).")
+    max_steps: int = arg(-1, "Cap on optimizer steps (-1: no cap).")
     per_device_train_batch_size: int = arg(16, "Prompts (each with its K responses) per micro-batch on each process.")
     use_peft: bool = arg(False, "Train LoRA adapters (and the score head) instead of all weights.")
     eval_steps: int = arg(0, "Evaluate every this many steps (0: only at the end).")
@@ -62,12 +74,16 @@ class Config(TrainingConfig):
     def __post_init__(self):
         check(self.max_length >= 8, "max_length", f"must be at least 8, got {self.max_length}")
         super().__post_init__()
+        check(self.num_train_epochs > 0, "num_train_epochs", "must be positive")
+        check(self.max_steps == -1 or self.max_steps > 0, "max_steps", "must be -1 (no cap) or positive")
+        check(self.per_device_train_batch_size > 0, "per_device_train_batch_size", "must be positive")
         check(self.num_train_prompts > 0, "num_train_prompts", "must be positive")
         check(2 <= self.completions_per_prompt <= 10, "completions_per_prompt", "must be between 2 and 10")
         check(self.labeller_noise >= 0, "labeller_noise", "must be >= 0")
         check(self.margin >= 0, "margin", "must be >= 0")
         check(self.center_rewards_coefficient >= 0, "center_rewards_coefficient", "must be >= 0")
-        check(self.eval_steps >= 0 and self.num_eval_prompts >= 0, "eval_steps", "eval_steps and num_eval_prompts must be >= 0")
+        check(self.eval_steps >= 0 and self.num_eval_prompts >= 0, "eval_steps", "eval_steps and num_eval_prompts must "
+                                                                                 "be >= 0")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,12 +92,8 @@ class Config(TrainingConfig):
 
 
 def builtin_rankings(cfg: Config, prompts: list[str], noise: float, seed: int) -> list[dict]:
-    from rlhf.tasks import arithmetic
-
     completions = None
     if cfg.sampler_model:
-        from rlhf.models import load_causal_lm, load_tokenizer
-
         sampler, sampler_tok = load_causal_lm(cfg.sampler_model), load_tokenizer(cfg.sampler_model)
         k = cfg.completions_per_prompt
         with torch.random.fork_rng(devices=[]):
@@ -95,17 +107,14 @@ def builtin_rankings(cfg: Config, prompts: list[str], noise: float, seed: int) -
 
 def load_groups(cfg: Config, tokenizer):
     """(train groups, eval groups or None, counts of dropped rows), every row checked."""
-    import datasets
-
-    from rlhf.data import load_rows, tokenize_rankings
-    from rlhf.tasks import arithmetic
-
     if cfg.dataset_name:
-        train = tokenize_rankings(load_rows(cfg.dataset_name, cfg.dataset_split), tokenizer, cfg.max_length, cfg.dataset_name)
+        train = tokenize_rankings(load_rows(cfg.dataset_name, cfg.dataset_split), tokenizer, cfg.max_length,
+                                  cfg.dataset_name)
     else:
         prompts = arithmetic.make_prompts(cfg.num_train_prompts, cfg.seed)
         rows = builtin_rankings(cfg, prompts, cfg.labeller_noise, cfg.seed)
-        train = tokenize_rankings(datasets.Dataset.from_list(rows), tokenizer, cfg.max_length, "built-in arithmetic rankings")
+        train = tokenize_rankings(datasets.Dataset.from_list(rows), tokenizer, cfg.max_length, "built-in arithmetic "
+                                                                                               "rankings")
     evaluation = None
     if cfg.eval_dataset_name:
         evaluation = tokenize_rankings(load_rows(cfg.eval_dataset_name, cfg.dataset_split), tokenizer, cfg.max_length,
@@ -113,7 +122,8 @@ def load_groups(cfg: Config, tokenizer):
     elif not cfg.dataset_name and cfg.num_eval_prompts > 0:
         prompts = arithmetic.make_prompts(cfg.num_eval_prompts, cfg.seed, split="eval")
         rows = arithmetic.make_ranking_rows(prompts, cfg.completions_per_prompt, cfg.seed + 1, noise=0.0)  # gold order
-        evaluation = tokenize_rankings(datasets.Dataset.from_list(rows), tokenizer, cfg.max_length, "built-in held-out rankings").examples
+        evaluation = tokenize_rankings(datasets.Dataset.from_list(rows), tokenizer, cfg.max_length, "built-in held-out "
+                                                                                                    "rankings").examples
     return train.examples, evaluation, {"data/dropped_too_long": train.dropped_too_long,
                                         "data/dropped_all_ties": train.dropped_all_ties}
 
@@ -137,11 +147,8 @@ def prompts_with_pairs(ranks: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(acc, model, groups: list[dict] | None, cfg: Config, pad_token_id: int) -> dict:
+def evaluate(accelerator, model, groups: list[dict] | None, cfg: Config, pad_token_id: int) -> dict:
     """Held-out pairwise accuracy (pairs pooled), mean margin r_better - r_worse, and the ranking loss."""
-    from rlhf.data import collate_rankings
-    from rlhf.distributed import gathered_for_generation, reduce_sum
-
     if not groups:
         return {}
     model.eval()
@@ -149,13 +156,14 @@ def evaluate(acc, model, groups: list[dict] | None, cfg: Config, pad_token_id: i
     bs = cfg.per_device_eval_batch_size
     # Processes may get different numbers of batches: under ZeRO-3 forward with the weights gathered
     # once (no per-layer collectives to keep in step).
-    with gathered_for_generation(acc, model) as unwrapped:
+    with gathered_for_generation(accelerator, model) as unwrapped:
         results = [(group_scores(unwrapped, batch), batch["ranks"]) for batch in (
-            {k: v.to(acc.device) for k, v in collate_rankings(groups[i:i + bs], pad_token_id).items()}
-            for i in range(acc.process_index * bs, len(groups), acc.num_processes * bs))]
+            {k: v.to(accelerator.device) for k, v in collate_rankings(groups[i:i + bs], pad_token_id).items()}
+            for i in range(accelerator.process_index * bs, len(groups), accelerator.num_processes * bs))]
     for scores, ranks in results:  # (B, K) each
         valid = ranks >= 0
-        pairs = ((ranks.unsqueeze(2) < ranks.unsqueeze(1)) & valid.unsqueeze(2) & valid.unsqueeze(1)).float()  # (B, K, K)
+        # (B, K, K)
+        pairs = ((ranks.unsqueeze(2) < ranks.unsqueeze(1)) & valid.unsqueeze(2) & valid.unsqueeze(1)).float()
         diff = scores.unsqueeze(2) - scores.unsqueeze(1)  # (B, K, K): r_i - r_j where i is ranked better
         correct += float(((diff > 0).float() * pairs).sum())
         margin += float((diff * pairs).sum())
@@ -165,10 +173,11 @@ def evaluate(acc, model, groups: list[dict] | None, cfg: Config, pad_token_id: i
         loss_sum += float(loss) * k_prompts
         n_prompts += k_prompts
     model.train()
-    n_pairs_all, n_prompts_all = reduce_sum(acc, n_pairs).clamp_min(1), reduce_sum(acc, n_prompts).clamp_min(1)
-    return {"eval/accuracy": float(reduce_sum(acc, correct) / n_pairs_all),
-            "eval/margin": float(reduce_sum(acc, margin) / n_pairs_all),
-            "eval/loss": float(reduce_sum(acc, loss_sum) / n_prompts_all),
+    n_pairs_all, n_prompts_all = (reduce_sum(accelerator, n_pairs).clamp_min(1),
+                                  reduce_sum(accelerator, n_prompts).clamp_min(1))
+    return {"eval/accuracy": float(reduce_sum(accelerator, correct) / n_pairs_all),
+            "eval/margin": float(reduce_sum(accelerator, margin) / n_pairs_all),
+            "eval/loss": float(reduce_sum(accelerator, loss_sum) / n_prompts_all),
             "eval/pairs": float(n_pairs_all)}
 
 
@@ -178,83 +187,63 @@ def evaluate(acc, model, groups: list[dict] | None, cfg: Config, pad_token_id: i
 
 
 def train(cfg: Config) -> dict:
-    from rlhf.data import collate_rankings
-    from rlhf.distributed import make_accelerator, reduce_sum, save_hf_model
-    from rlhf.models import load_reward_model, load_tokenizer
-
-    acc = make_accelerator(cfg.gradient_accumulation_steps, mixed_precision="bf16" if cfg.bf16 else "no",
-                           per_device_train_batch_size=cfg.per_device_train_batch_size, max_grad_norm=cfg.max_grad_norm)
+    accelerator = setup_accelerator(cfg)
     seed_everything(cfg.seed, cfg.deterministic)
     resume_dir = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir, command_name(cfg))
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     groups, eval_groups, dropped = load_groups(cfg, tokenizer)
-
-    global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * acc.num_processes
-    total_steps = math.ceil(cfg.num_train_epochs * len(groups) / global_batch)
-    if cfg.max_steps > 0:
-        total_steps = min(total_steps, cfg.max_steps)
+    global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
+    total_steps = epoch_steps(cfg, len(groups), global_batch)
 
     seed_everything(cfg.seed, cfg.deterministic)  # the new score head starts the same whatever the data step drew
     model = load_reward_model(cfg.model_name_or_path, gradient_checkpointing=cfg.gradient_checkpointing)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    model = maybe_lora(model, cfg)
-    optimizer, scheduler = optimizer_and_scheduler(model, cfg, total_steps)
-    model, optimizer = acc.prepare(model, optimizer)
-    start, metrics = resume(resume_dir, acc, scheduler)
-    run = Run(cfg, is_main=acc.is_main_process, checkpoint=resume_dir)  # after the checkpoint loaded: a bad one changes nothing
+    model = lora(model, cfg)
+    model, optimizer, scheduler = prepare_training(accelerator, model, cfg, total_steps)
+    state, _, run = open_run(cfg, accelerator, resume_dir, {"step": 0, "metrics": {}}, scheduler=scheduler)
+    start, metrics = state["step"], state["metrics"]  # the last step's metrics: summary.json's train/loss_last
+
+    def save(step):
+        save_checkpoint(run, accelerator, step, {"metrics": metrics}, scheduler=scheduler)
+
     timer = Timer()
     model.train()
-    bar = progress(total_steps, "reward", enabled=cfg.progress and acc.is_main_process, initial=start)
+    bar = progress(total_steps, "reward", enabled=cfg.progress and accelerator.is_main_process, initial=start)
     for step in range(start, total_steps):
-        indices = global_batch_indices(step, global_batch, len(groups), cfg.seed)
-        batches = [collate_rankings([groups[i] for i in mb], tokenizer.pad_token_id)
-                   for mb in micro_batches(indices, acc, cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps)]
+        batches = step_batches(accelerator, cfg, step, groups, collate_rankings, tokenizer.pad_token_id)
         # ranking_loss is a mean over the prompts of its batch; re-weight each micro-batch by its share of the
         # prompts of the whole optimizer step so accumulation and processes do not change the loss.
         local_prompts = [prompts_with_pairs(b["ranks"]) for b in batches]
-        n_prompts = reduce_sum(acc, sum(int(n) for n in local_prompts)).clamp_min(1)
-        loss_sum, acc_sum, grad_norm = 0.0, 0.0, None
+        n_prompts = loss_normaliser(accelerator, sum(int(n) for n in local_prompts))
+        loss_sum, acc_sum, update = 0.0, 0.0, {}
         for batch, n_local in zip(batches, local_prompts):
-            batch = {k: v.to(acc.device) for k, v in batch.items()}
-            with acc.accumulate(model):
-                with acc.autocast():
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
                     scores = group_scores(model, batch)  # (B, K)
                 loss, m = ranking_loss(scores, batch["ranks"], margin=cfg.margin or None,
                                        center_coef=cfg.center_rewards_coefficient)
                 share = loss * (float(n_local) / float(n_prompts))
-                # DDP averages over processes and accelerate divides by the accumulation steps: undo both.
-                acc.backward(share * acc.num_processes * cfg.gradient_accumulation_steps)
-                loss_sum += float(share.detach())
-                acc_sum += float(m["reward/accuracy"]) * float(n_local) / float(n_prompts)
-                if acc.sync_gradients and cfg.max_grad_norm > 0:
-                    grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
+                update = backward(accelerator, model, optimizer, scheduler, share, cfg.max_grad_norm)
+            loss_sum += float(share.detach())
+            acc_sum += float(m["reward/accuracy"]) * float(n_local) / float(n_prompts)
         done = step + 1
-        metrics = {"loss/reward": float(reduce_sum(acc, loss_sum)), "reward/accuracy": float(reduce_sum(acc, acc_sum)),
-                   "train/lr": lr, "train/epoch": done * global_batch / len(groups),
+        metrics = {"loss/reward": float(reduce_sum(accelerator, loss_sum)),
+                   "reward/accuracy": float(reduce_sum(accelerator, acc_sum)), **update,
+                   "train/epoch": done * global_batch / len(groups),
                    "time/sps": (done - start) * global_batch / max(timer.elapsed(), 1e-9)}
-        if grad_norm is not None:
-            metrics["train/grad_norm"] = float(grad_norm)
-        if cfg.eval_steps and done % cfg.eval_steps == 0 and done < total_steps:
-            metrics.update(evaluate(acc, model, eval_groups, cfg, tokenizer.pad_token_id))
-        if done % cfg.logging_steps == 0 or done == total_steps or any(k.startswith("eval/") for k in metrics):
-            run.log(done, metrics)
-        bar.update(1)
-        bar.set_postfix(fmt_metrics(metrics, ["loss/reward", "reward/accuracy", "eval/accuracy"]))
-        if cfg.save_steps and done % cfg.save_steps == 0 and done < total_steps:
-            save_checkpoint(run, acc, scheduler, done, metrics)
+        if due(cfg.eval_steps, done, total_steps):
+            metrics.update(evaluate(accelerator, model, eval_groups, cfg, tokenizer.pad_token_id))
+        end_step(run, bar, cfg, done, total_steps, metrics, ["loss/reward", "reward/accuracy", "eval/accuracy"],
+                 lambda: save(done))
     bar.close()
     train_seconds = timer.elapsed()
     if start < total_steps:
-        save_checkpoint(run, acc, scheduler, total_steps, metrics)
+        save(total_steps)
 
-    final = evaluate(acc, model, eval_groups, cfg, tokenizer.pad_token_id)
+    final = evaluate(accelerator, model, eval_groups, cfg, tokenizer.pad_token_id)
     run.log(total_steps, final)
-    save_hf_model(acc, model, Path(cfg.output_dir) / "model", tokenizer, merge_lora=not cfg.save_adapter_only)
+    save_hf_model(accelerator, model, Path(cfg.output_dir) / "model", tokenizer, merge_lora=not cfg.save_adapter_only)
     summary = {**final, "step": total_steps, "train/loss_last": metrics.get("loss/reward"),
                "data/train_rankings": len(groups), **dropped, "time/train_s": train_seconds}
     run.write_summary(summary)
@@ -271,17 +260,16 @@ def train(cfg: Config) -> dict:
 def score_rows(model_dir: str, data: str, batch_size: int = 64, max_length: int = 0) -> list[dict]:
     """Scores of each row of `data`: `prompt`+`completion` -> score; `prompt`+`completions` -> scores;
     `prompt`+`chosen`+`rejected` -> chosen_score, rejected_score."""
-    from rlhf.data import DataError, Locator, load_rows, tokenize_prompt_completion
-    from rlhf.models import check_model_path, load_reward_model, load_tokenizer
-
     rows = load_rows(data)
     cols = set(rows.column_names)
     if "prompt" not in cols:
         raise DataError(f"{data}: missing column `prompt`")
-    keys = ["completion"] if "completion" in cols else ["completions"] if "completions" in cols else ["chosen", "rejected"]
+    keys = (["completion"] if "completion" in cols else ["completions"] if "completions" in cols
+            else ["chosen", "rejected"])
     for k in keys:
         if k not in cols:
-            raise DataError(f"{data}: missing column `{k}` (scoring needs `completion`, `completions`, or `chosen`+`rejected`)")
+            raise DataError(f"{data}: missing column `{k}` (scoring needs `completion`, `completions`, or "
+                            f"`chosen`+`rejected`)")
     where = Locator(data)
     texts = []  # (row, key, index in list or None, prompt, response)
     for i, row in enumerate(rows):
@@ -321,9 +309,12 @@ def score_rows(model_dir: str, data: str, batch_size: int = 64, max_length: int 
 def cli(argv: list[str], prog: str = "rlhf reward") -> None:
     """`rlhf reward [options]` trains; `rlhf reward score ...` scores. A ConfigError exits 2 in rlhf.cli."""
     if argv and argv[0] == "score":
-        parser = argparse.ArgumentParser(prog=f"{prog} score", description="Score responses with a trained reward model; prints JSONL.")
-        parser.add_argument("--model", required=True, help="Reward model directory (e.g. output_dir/model of `rlhf reward`).")
-        parser.add_argument("--data", required=True, help="json/jsonl/parquet/csv with `prompt` and `completion`, `completions`, or `chosen`+`rejected`.")
+        parser = argparse.ArgumentParser(prog=f"{prog} score", description="Score responses with a trained reward "
+                                                                           "model; prints JSONL.")
+        parser.add_argument("--model", required=True, help="Reward model directory (e.g. output_dir/model of `rlhf "
+                                                           "reward`).")
+        parser.add_argument("--data", required=True, help="json/jsonl/parquet/csv with `prompt` and `completion`, "
+                                                          "`completions`, or `chosen`+`rejected`.")
         parser.add_argument("--batch_size", type=int, default=64, help="Responses per forward pass.")
         args = parser.parse_args(argv[1:])
         for row in score_rows(args.model, args.data, args.batch_size):

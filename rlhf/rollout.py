@@ -30,8 +30,15 @@ import inspect
 
 import numpy as np
 import torch
+from transformers import DynamicCache
 
 from rlhf.core import logprobs_from_logits
+from rlhf.data import check_prompts, load_rows
+from rlhf.distributed import gathered_for_generation
+from rlhf.models import disable_dropout, load_tokenizer
+from rlhf.rewards import RewardFunctions, RewardModelScorer
+from rlhf.runtime import command_name, resolve_checkpoint
+from rlhf.tasks.arithmetic import evaluate_policy, make_prompts
 
 
 @dataclasses.dataclass
@@ -117,8 +124,6 @@ def generate(
 
 def _sample(model, prompt_ids, prompt_mask, max_new_tokens, eos_token_id, pad_token_id, temperature, top_k, top_p,
             greedy, generator, num_return_sequences) -> Rollout:
-    from transformers import DynamicCache
-
     was_training = model.training
     model.eval()
     device = prompt_ids.device
@@ -199,8 +204,6 @@ def batch_logprobs(
                     logits_to_keep=n_completion + 1)
         logits = out.logits[:, :-1, :]  # (B, T, V): position t predicts token t + 1
     else:
-        from transformers import DynamicCache
-
         prompt_ids, prompt_mask = input_ids[:, :completion_start], attention_mask[:, :completion_start]
         starts_group = torch.ones(len(input_ids), dtype=torch.bool, device=input_ids.device)  # (B,)
         starts_group[1:] = ((prompt_ids[1:] != prompt_ids[:-1]) | (prompt_mask[1:] != prompt_mask[:-1])).any(1)
@@ -278,18 +281,14 @@ def load_rl_inputs(cfg, device):
     Returns (reward functions or None, reward-model scorer or None, checkpoint to resume from or
     None, left-padding tokenizer, training prompt rows, held-out prompts of the built-in task).
     """
-    from rlhf.models import disable_dropout, load_tokenizer
-    from rlhf.rewards import RewardFunctions, RewardModelScorer
-    from rlhf.runtime import command_name, resolve_checkpoint
-
-    rewards_fn = RewardFunctions(cfg.reward_funcs, cfg.reward_weights, cfg.skip_bad_rewards) if cfg.reward_funcs else None
+    rewards_fn = None
+    if cfg.reward_funcs:
+        rewards_fn = RewardFunctions(cfg.reward_funcs, cfg.reward_weights, cfg.skip_bad_rewards)
     resume = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir, command_name(cfg))
     tokenizer = load_tokenizer(cfg.model_name_or_path, padding_side="left")
     rows = load_prompt_rows(cfg.dataset_name, cfg.dataset_split, cfg.num_train_prompts, cfg.seed)
     eval_prompts = []
     if not cfg.dataset_name and cfg.num_eval_prompts > 0:
-        from rlhf.tasks.arithmetic import make_prompts
-
         eval_prompts = make_prompts(cfg.num_eval_prompts, seed=cfg.seed, split="eval")
     rm_scorer = RewardModelScorer(cfg.reward_model_path, device) if cfg.reward_model_path else None
     if rm_scorer is not None:  # it scores in eval mode; zeroed as well, like every other model of the RL stages
@@ -303,11 +302,7 @@ def load_prompt_rows(dataset_name: str, split: str = "train", num_builtin: int =
     Empty `dataset_name`: the built-in arithmetic task's training prompts (never the held-out ones).
     """
     if not dataset_name:
-        from rlhf.tasks.arithmetic import make_prompts
-
         return [{"prompt": p} for p in make_prompts(num_builtin, seed)]
-    from rlhf.data import check_prompts, load_rows
-
     rows = load_rows(dataset_name, split, required=["prompt"])
     check_prompts(rows, dataset_name)
     return rows.to_list()
@@ -333,14 +328,17 @@ class PromptSource:
             self.position += 1
         return out
 
+    def take_mine(self, accelerator, n: int) -> list[dict]:
+        """This process's `n` rows: every process draws the same n x processes rows (so the position
+        stays global, as a checkpoint records it) and keeps its own slice."""
+        rows = self.take(n * accelerator.num_processes)
+        return rows[accelerator.process_index * n:][:n]
+
 
 def evaluate_arithmetic(accelerator, model, tokenizer, prompts: list[str], max_new_tokens: int, select=None) -> dict:
     """Greedy held-out evaluation on the built-in task (main process; every process must call it,
     because under ZeRO-3 the parameters are gathered collectively). `select` picks the policy out
     of a wrapper module (PPO's policy + value)."""
-    from rlhf.distributed import gathered_for_generation
-    from rlhf.tasks.arithmetic import evaluate_policy
-
     result: dict = {}
     with gathered_for_generation(accelerator, model) as unwrapped:
         if accelerator.is_main_process:

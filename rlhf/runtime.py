@@ -46,9 +46,10 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
-def arg(default: Any, help: str, choices: typing.Sequence | None = None) -> Any:
-    """Declare a config field with its default and help text (written once, shown by --help)."""
-    meta = {"help": help, "choices": tuple(choices) if choices is not None else None}
+def arg(default: Any, help: str, choices: typing.Sequence | None = None, aliases: typing.Sequence[str] = ()) -> Any:
+    """Declare a config field with its default and help text (written once, shown by --help); `aliases`:
+    other names accepted for it on the command line, in YAML and by `make_config` (another library's name)."""
+    meta = {"help": help, "choices": tuple(choices) if choices is not None else None, "aliases": tuple(aliases)}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -61,12 +62,14 @@ class RunConfig:
     output_dir: str = arg("runs/default", "Run directory: config.yaml, metrics.jsonl, summary.json, checkpoints/.")
     seed: int = arg(1, "Random seed (python, numpy, torch, environments).")
     overwrite: bool = arg(False, "Allow writing into an output_dir that already holds a finished run.")
-    resume_from_checkpoint: str = arg("", "Checkpoint directory to resume from, or `latest` for the newest one in output_dir/checkpoints.")
+    resume_from_checkpoint: str = arg("", "Checkpoint directory to resume from, or `latest` for the newest one in "
+                                          "output_dir/checkpoints.")
     save_steps: int = arg(0, "Save a resumable checkpoint every this many steps (0: only at the end).")
     save_total_limit: int = arg(2, "Keep at most this many checkpoints (oldest are deleted).")
     logging_steps: int = arg(1, "Log metrics every this many steps.")
     deterministic: bool = arg(False, "Use deterministic torch algorithms (slower, bitwise repeatable).")
-    report_to: str = arg("tensorboard", "Where to log besides metrics.jsonl: tensorboard, wandb, none (comma-separated).")
+    report_to: str = arg("tensorboard", "Where to log besides metrics.jsonl: tensorboard, wandb, none "
+                                        "(comma-separated).")
     progress: bool = arg(True, "Show a progress bar.")
 
 
@@ -147,6 +150,10 @@ def config_fields(cls) -> dict[str, dataclasses.Field]:
     return out
 
 
+def _alias_names(cls) -> dict[str, str]:
+    return {a: name for name, f in config_fields(cls).items() for a in f.metadata.get("aliases", ())}
+
+
 def _default_of(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
@@ -166,12 +173,15 @@ def load_yaml_config(path: str | os.PathLike, cls) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of option: value at the top level")
-    fields = config_fields(cls)
-    out = {}
+    fields, alias_of = config_fields(cls), _alias_names(cls)
+    out, given_as = {}, {}
     for key, value in data.items():
-        if key not in fields:
+        name = alias_of.get(key, key)
+        if name not in fields:
             raise ConfigError(f"{path}: unknown key `{key}` for `{cls.__name__}`{_suggest(key, fields)}")
-        out[key] = _convert(key, value, fields[key].type, str(path))
+        if name in out:
+            raise ConfigError(f"{path}: `{given_as[name]}` and `{key}` are one option (`{name}`); give one of them")
+        out[name], given_as[name] = _convert(name, value, fields[name].type, str(path)), key
     return out
 
 
@@ -194,7 +204,8 @@ def build_parser(cls, prog: str | None = None, description: str | None = None) -
         help_text = f.metadata.get("help", "")
         if f.metadata.get("choices"):
             help_text += f" One of: {', '.join(map(str, f.metadata['choices']))}."
-        parser.add_argument(f"--{name}", dest=name, default=_default_of(f), metavar=metavar, help=help_text)
+        flags = [f"--{n}" for n in (name, *f.metadata.get("aliases", ()))]
+        parser.add_argument(*flags, dest=name, default=_default_of(f), metavar=metavar, help=help_text)
     return parser
 
 
@@ -206,7 +217,8 @@ def parse_config(cls, argv: list[str] | None = None, prog: str | None = None):
         fields = config_fields(cls)
         bad = next((u for u in unknown if u.startswith("--")), unknown[0])
         parser.error(f"unknown option {bad}{_suggest(bad.lstrip('-').split('=')[0], fields)}")
-    explicit = _explicit_options(argv if argv is not None else sys.argv[1:])
+    alias_of = _alias_names(cls)
+    explicit = [alias_of.get(n, n) for n in _explicit_options(argv if argv is not None else sys.argv[1:])]
     values = {name: _default_of(f) for name, f in config_fields(cls).items()}
     if ns.config:
         values.update(load_yaml_config(ns.config, cls))
@@ -223,7 +235,8 @@ def _explicit_options(argv: list[str]) -> list[str]:
 
 def make_config(cls, values: dict[str, Any]):
     """Build `cls` from a dict, checking choices; `__post_init__` errors become ConfigErrors."""
-    fields = config_fields(cls)
+    fields, alias_of = config_fields(cls), _alias_names(cls)
+    values = {alias_of.get(k, k): v for k, v in values.items()}  # an alias given after its field wins, as in a dict
     for name, value in values.items():
         if name not in fields:
             raise ConfigError(f"unknown option `{name}` for `{cls.__name__}`{_suggest(name, fields)}")
@@ -307,7 +320,8 @@ def check_device(device: str, option: str = "device") -> None:
         raise ConfigError(f"`{option}`: unknown device {device!r}; use cpu, cuda, cuda:N or mps")
     if dev.type == "cpu":
         return
-    check(backend.is_available(), option, f"{device!r} asked for, but torch finds no {dev.type} device on this machine; use cpu")
+    check(backend.is_available(), option, f"{device!r} asked for, but torch finds no {dev.type} device on this "
+                                          f"machine; use cpu")
     if dev.index is not None and hasattr(backend, "device_count"):
         check(dev.index < backend.device_count(), option,
               f"{device!r} asked for, but this machine has {backend.device_count()} {dev.type} device(s)")
@@ -433,12 +447,13 @@ def checkpoint_info(path: Path, command: str | None = None) -> dict[str, Any]:
         if not f.is_file():
             raise ConfigError(f"{where}: {f} is missing from the checkpoint")
         if f.stat().st_size != size:
-            raise ConfigError(f"{where}: {f} has {f.stat().st_size} bytes, {size} when it was written (truncated or damaged)")
+            raise ConfigError(f"{where}: {f} has {f.stat().st_size} bytes, {size} when it was written (truncated or "
+                              f"damaged)")
     return info
 
 
 def resolve_checkpoint(resume: str, output_dir: str | os.PathLike, command: str | None = None) -> Path | None:
-    """`resume_from_checkpoint` -> a complete checkpoint directory (see `checkpoint_info`), or None when not resuming."""
+    """`resume_from_checkpoint` -> a complete checkpoint directory (see `checkpoint_info`); None when not resuming."""
     if not resume:
         return None
     if resume == "latest":
@@ -504,7 +519,9 @@ class CheckpointWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None or not self.is_main:
             return
-        files = {p.relative_to(self.tmp).as_posix(): p.stat().st_size for p in sorted(self.tmp.rglob("*")) if p.is_file()}
+        files = {
+            p.relative_to(self.tmp).as_posix(): p.stat().st_size for p in sorted(self.tmp.rglob("*")) if p.is_file()
+        }
         write_json(self.tmp / MANIFEST, {"step": self.step, **self.info, "files": files})
         aside = self.final.with_name(f".old-{self.final.name}")
         if self.final.exists():  # replacing step-N: never delete it in place
@@ -616,7 +633,8 @@ class Run:
             if self._tb is None:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(log_dir=str(self.dir / "tensorboard"), purge_step=step if self.resuming else None)
+                self._tb = SummaryWriter(log_dir=str(self.dir / "tensorboard"),
+                                         purge_step=step if self.resuming else None)
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
                     self._tb.add_scalar(k, v, step)

@@ -3,7 +3,7 @@
 Imports nothing but torch, numpy and the standard library.
 """
 
-from .advantages import discounted_returns, gae, group_advantages, group_stats, token_gae
+from .advantages import discounted_returns, gae, group_advantages, group_stats, per_token_rewards, token_gae
 from .kl import (
     AdaptiveKLController,
     FixedKLController,
@@ -75,6 +75,7 @@ __all__ = [
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "per_token_rewards",
     "policy_gradient_loss",
     "ppo_clip_loss",
     "ranking_loss",

@@ -6,6 +6,8 @@ References:
 - Truncation vs termination: a time-limit truncation is not a terminal state, so it bootstraps
   from the value of the final observation (Pardo et al. 2018, "Time Limits in RL";
   Stable-Baselines3 issue #633).
+- Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences": the KL-penalised
+  per-token reward.
 - Shao et al. 2024, "DeepSeekMath" (GRPO), section 4.1.2: outcome supervision advantages;
   Liu et al. 2025 (Dr. GRPO): no std normalisation.
 """
@@ -83,6 +85,21 @@ def token_gae(
     adv, _ = gae((rewards * m).T, values.T, next_values.T, done.T, done.T, gamma, lam)
     adv = adv.T * m  # (B, T)
     return adv, (adv + values) * m
+
+
+def per_token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-token rewards of a completion: r_t = -beta * KL_t, plus the sequence score on its last token.
+
+    The KL-penalised reward of Ziegler et al. 2019 (eq. 2; Stiennon et al. 2020, eq. 1) spread over
+    the tokens, as the input of :func:`token_gae`. A row without tokens gets no score.
+
+    Shapes: scores (B,), kl (B, T), mask (B, T) right-padded; returns (B, T), 0 on padding.
+    """
+    rewards = -beta * kl * mask
+    last = (mask.sum(1) - 1).clamp_min(0)  # (B,) index of the last token: EOS, or where the cut fell
+    has_tokens = (mask.sum(1) > 0).to(rewards.dtype)
+    rewards[torch.arange(len(scores), device=rewards.device), last] += scores * has_tokens
+    return rewards
 
 
 def discounted_returns(

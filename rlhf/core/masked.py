@@ -19,7 +19,8 @@ AGGREGATION_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-no
 def _mask_like(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if mask is None:
         return torch.ones_like(x)
-    if mask.dtype == x.dtype and mask.shape == x.shape:  # common case: skip two no-op dispatches (callers never write to it)
+    # common case: skip two no-op dispatches (callers never write to it)
+    if mask.dtype == x.dtype and mask.shape == x.shape:
         return mask
     return torch.broadcast_to(mask.to(x.dtype), x.shape)
 
@@ -61,29 +62,36 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor | None, unbiased: bool = True
     return _masked_moments(x, _mask_like(x, mask), unbiased)[1]
 
 
-def _masked_moments(x: torch.Tensor, m: torch.Tensor, unbiased: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _masked_moments(x: torch.Tensor, m: torch.Tensor, unbiased: bool, all_reduce=None):
     # (mean, variance, x - mean), shared by masked_var and masked_whiten so neither computes a moment twice.
-    mean = masked_mean(x, m)
+    # Two passes (the variance around the mean, not E[x^2] - E[x]^2); `all_reduce` sums each over shards.
+    total = (lambda t: t) if all_reduce is None else (lambda t: all_reduce(t).to(t.dtype))
+    n = total(m.sum())
+    mean = _safe_div(total((x * m).sum()), n)
     centered = x - mean
-    var = masked_mean(centered**2, m)
+    var = _safe_div(total((centered**2 * m).sum()), n)
     if unbiased:
-        n = m.sum()
         var = var * _safe_div(n, (n - 1).clamp_min(1))
     return mean, var, centered
 
 
-def masked_whiten(
-    x: torch.Tensor, mask: torch.Tensor | None, shift_mean: bool = True, eps: float = 1e-8
-) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor | None, shift_mean: bool = True, eps: float = 1e-8,
+                  all_reduce=None) -> torch.Tensor:
     """Normalise ``x`` to unit variance (and zero mean if ``shift_mean``) over the masked positions.
 
+    (x - mean) / sqrt(var + eps) with the unbiased variance, as the advantage whitening of PPO
+    implementations for language models (Ziegler et al. 2019; TRL, OpenRLHF ``masked_whiten``).
     Statistics are taken over all masked entries of the batch; padding positions come back as 0.
-    ``shift_mean=False`` keeps the original mean (as TRL does for advantages in PPO).
+    ``shift_mean=False`` keeps the original mean (as TRL does for per-token rewards in PPO).
+    ``all_reduce``: a function summing a tensor over every shard of the batch (e.g. over processes:
+    ``lambda t: rlhf.distributed.reduce_sum(accelerator, t)``); the statistics are then those of all
+    shards' entries together, so W shards of B whiten as one batch of W x B. Without it (or with the
+    identity) the result is the same, bit for bit, as for one shard.
 
     Shapes: x (B, T) or any shape, mask broadcastable to x; returns x.shape.
     """
     m = _mask_like(x, mask)
-    mean, var, centered = _masked_moments(x, m, unbiased=True)
+    mean, var, centered = _masked_moments(x, m, unbiased=True, all_reduce=all_reduce)
     out = centered * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
@@ -135,7 +143,8 @@ def aggregate_loss(
     """
     m = _mask_like(per_token, mask)
     if mode == "token-mean":
-        den = m.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=per_token.dtype, device=per_token.device)
+        den = m.sum() if num_tokens is None else torch.as_tensor(num_tokens, dtype=per_token.dtype,
+                                                                 device=per_token.device)
         return _safe_div((per_token * m).sum(), den)
     if mode == "seq-mean-token-mean":
         per_seq = masked_mean(per_token, m, dim=-1)  # (B,)

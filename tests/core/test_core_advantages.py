@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from rlhf.core import discounted_returns, gae, group_advantages, group_stats, token_gae
+from rlhf.core import discounted_returns, gae, group_advantages, group_stats, per_token_rewards, token_gae
 
 torch.set_num_threads(1)
 
@@ -41,7 +41,8 @@ def test_gae_vectorised_envs_match_loop():
     adv, ret = gae(r, v, nv, term, end, gamma=0.99, lam=0.95)
     assert adv.shape == ret.shape == (T, N)
     for n in range(N):
-        ref = ref_gae(r[:, n].tolist(), v[:, n].tolist(), nv[:, n].tolist(), term[:, n].tolist(), end[:, n].tolist(), 0.99, 0.95)
+        ref = ref_gae(r[:, n].tolist(), v[:, n].tolist(), nv[:, n].tolist(), term[:, n].tolist(), end[:, n].tolist(),
+                      0.99, 0.95)
         assert adv[:, n].tolist() == pytest.approx(ref, abs=1e-5)
     assert torch.allclose(ret, adv + v)
 
@@ -81,6 +82,23 @@ def test_token_gae_matches_per_row_loop_and_zeroes_padding():
         assert adv[b, :L].tolist() == pytest.approx(ref, abs=1e-12)
         assert ret[b, :L].tolist() == pytest.approx([a + x for a, x in zip(ref, vals)], abs=1e-12)
     assert torch.all(adv[mask == 0] == 0) and torch.all(ret[mask == 0] == 0)
+
+
+def test_per_token_rewards_match_a_loop():
+    """r_t = -beta KL_t on every completion token, the score added on the last one; padding and empty rows get 0."""
+    torch.manual_seed(0)
+    kl = torch.randn(4, 5)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0]])
+    scores, beta = torch.tensor([2.0, -1.0, 0.5, 3.0]), 0.3
+    expected = torch.zeros(4, 5)
+    for b in range(4):
+        length = int(mask[b].sum())
+        for t in range(length):
+            expected[b, t] = -beta * kl[b, t] + (scores[b] if t == length - 1 else 0.0)
+    assert torch.allclose(per_token_rewards(scores, kl, mask, beta), expected, atol=1e-6)
+    hand = per_token_rewards(torch.tensor([2.0, -1.0]), torch.tensor([[0.1, 0.2, 0.3], [0.5, -0.1, 9.0]]),
+                             torch.tensor([[1, 1, 1], [1, 1, 0]]), beta=0.5)
+    assert torch.allclose(hand, torch.tensor([[-0.05, -0.1, -0.15 + 2.0], [-0.25, 0.05 - 1.0, 0.0]]))
 
 
 def test_group_advantages_vs_loop():

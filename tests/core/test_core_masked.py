@@ -1,5 +1,7 @@
-import torch
+import threading
+
 import pytest
+import torch
 
 from rlhf.core import aggregate_loss, explained_variance, masked_mean, masked_sum, masked_var, masked_whiten
 
@@ -32,6 +34,53 @@ def test_masked_whiten():
     assert torch.all(w[~m.bool()] == 0)
     w2 = masked_whiten(x, m, shift_mean=False)
     assert w2[m.bool()].mean().item() == pytest.approx(x[m.bool()].mean().item(), rel=1e-9)
+
+
+def naive_whiten(x, m, shift_mean=True, eps=1e-8):
+    """A Python loop over the masked entries: mean, unbiased variance, then (x - mean) / sqrt(var + eps)."""
+    vals = [float(v) for v, keep in zip(x.flatten(), m.flatten()) if keep]
+    mean = sum(vals) / len(vals)
+    var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)
+    out = [((float(v) - mean) / (var + eps) ** 0.5 + (0 if shift_mean else mean)) * float(keep)
+           for v, keep in zip(x.flatten(), m.flatten())]
+    return torch.tensor(out, dtype=torch.float64).view(x.shape)
+
+
+def on_shards(fn, shards):
+    """Run fn(*shard, all_reduce) on every shard at once (a thread each), all_reduce summing over the shards,
+    as `rlhf.distributed.reduce_sum` does over processes."""
+    barrier, slots, results = threading.Barrier(len(shards)), [None] * len(shards), [None] * len(shards)
+
+    def run(i):
+        def all_reduce(t):
+            slots[i] = t
+            barrier.wait()
+            total = sum(slots)
+            barrier.wait()  # everyone has read the slots before they are reused
+            return total
+        results[i] = fn(*shards[i], all_reduce)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(shards))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+@pytest.mark.parametrize("shift_mean", [True, False])
+def test_masked_whiten_across_shards_matches_the_whole_batch(shift_mean):
+    """With all_reduce the statistics are those of all shards: 2 shards of B whiten as 1 batch of 2B."""
+    torch.manual_seed(1)
+    x = torch.randn(6, 5) * 2 + 0.5  # float32, as in training
+    m = (torch.rand(6, 5) > 0.3).long()
+    whole = masked_whiten(x, m, shift_mean=shift_mean)
+    assert torch.allclose(whole.double(), naive_whiten(x, m, shift_mean), atol=1e-5)
+    # the identity reduction is one shard: the same bits as no reduction
+    assert torch.equal(masked_whiten(x, m, shift_mean=shift_mean, all_reduce=lambda t: t), whole)
+    shards = [(x[:2], m[:2]), (x[2:], m[2:])]
+    parts = on_shards(lambda xs, ms, reduce: masked_whiten(xs, ms, shift_mean=shift_mean, all_reduce=reduce), shards)
+    assert torch.allclose(torch.cat(parts), whole, atol=1e-6)
 
 
 def test_explained_variance():

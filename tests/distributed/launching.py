@@ -45,7 +45,8 @@ def launch(args: list[str], config: str | None = None, num_processes: int = 2, t
     except subprocess.TimeoutExpired as e:
         out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
         err = (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
-        pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n--- stdout ---\n{out[-6000:]}\n--- stderr ---\n{err[-6000:]}")
+        pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n--- stdout ---\n{out[-6000:]}\n--- stderr "
+                    f"---\n{err[-6000:]}")
     if expect_ok and proc.returncode != 0:
         pytest.fail(f"exit {proc.returncode}: {' '.join(cmd)}\n--- stdout ---\n{proc.stdout[-6000:]}\n"
                     f"--- stderr ---\n{proc.stderr[-10000:]}")

@@ -69,11 +69,20 @@ def main() -> None:
         resumed_summary = module.train(make_config(module.Config, dict(values, output_dir=str(out),
                                                                        resume_from_checkpoint=str(ckpt))))
         if is_main:
-            (out / "result.json").write_text(json.dumps({
-                "world": PartialState().num_processes, "straight": straight, "resumed": read_jsonl(out / "metrics.jsonl"),
-                "summary": summary, "resumed_summary": resumed_summary,
-                "model_straight": str(root / f"{name}_model_straight"), "model_resumed": str(out / "model"),
-            }, default=str))
+            (out / "result.json").write_text(
+                json.dumps(
+                    {
+                        "world": PartialState().num_processes,
+                        "straight": straight,
+                        "resumed": read_jsonl(out / "metrics.jsonl"),
+                        "summary": summary,
+                        "resumed_summary": resumed_summary,
+                        "model_straight": str(root / f"{name}_model_straight"),
+                        "model_resumed": str(out / "model"),
+                    },
+                    default=str,
+                )
+            )
         PartialState().wait_for_everyone()
 
 

@@ -60,8 +60,13 @@ def training_rows(rows):
 
 
 def comparable(row):
-    return {k: v for k, v in row.items() if isinstance(v, (int, float)) and not k.startswith(("time/", "train/tokens_per_s"))
-            and k not in ("completions/per_s", "step")}
+    return {
+        k: v
+        for k, v in row.items()
+        if isinstance(v, (int, float))
+        and not k.startswith(("time/", "train/tokens_per_s"))
+        and k not in ("completions/per_s", "step")
+    }
 
 
 def load_model(stage, path):

@@ -101,15 +101,19 @@ def test_batch_config_fills_auto_values():
     ds = json.loads((HERE.parents[1] / "configs/deepspeed/zero3.json").read_text())
     check_batch_config(fake_accelerator(ds, 2, 4), per_device_train_batch_size=8, gradient_accumulation_steps=4,
                        max_grad_norm=1.5)
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (8, 4, 64)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (8, 4,
+                                                                                                                 64)
     assert ds["gradient_clipping"] == 1.5
     assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("train_micro_batch_size_per_gpu", 16, "`train_micro_batch_size_per_gpu`=16 conflicts with the stage's `per_device_train_batch_size` = 8"),
-    ("gradient_accumulation_steps", 1, "`gradient_accumulation_steps`=1 conflicts with the stage's `gradient_accumulation_steps` = 4"),
-    ("train_batch_size", 32, "`train_batch_size`=32 conflicts with the stage's `per_device_train_batch_size` x `gradient_accumulation_steps` x 2 processes = 8 x 4 x 2 = 64"),
+    ("train_micro_batch_size_per_gpu", 16, "`train_micro_batch_size_per_gpu`=16 conflicts with the stage's "
+                                           "`per_device_train_batch_size` = 8"),
+    ("gradient_accumulation_steps", 1, "`gradient_accumulation_steps`=1 conflicts with the stage's "
+                                       "`gradient_accumulation_steps` = 4"),
+    ("train_batch_size", 32, "`train_batch_size`=32 conflicts with the stage's `per_device_train_batch_size` x "
+                             "`gradient_accumulation_steps` x 2 processes = 8 x 4 x 2 = 64"),
     ("gradient_clipping", 1.0, "`gradient_clipping`=1.0 conflicts with the stage's `max_grad_norm`=0.5"),
 ])
 def test_batch_config_conflict_is_a_clear_error(key, value, message):
@@ -122,11 +126,13 @@ def test_batch_config_conflict_is_a_clear_error(key, value, message):
 
 def test_accelerate_accumulation_conflict_is_a_clear_error():
     acc = types.SimpleNamespace(state=types.SimpleNamespace(), num_processes=1, gradient_accumulation_steps=2)
-    with pytest.raises(ConfigError, match="gradient_accumulation_steps=2 .* conflicts with the stage's `gradient_accumulation_steps`=4"):
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps=2 .* conflicts with the stage's "
+                                          "`gradient_accumulation_steps`=4"):
         check_batch_config(acc, 8, 4)
 
 
 def test_matching_fixed_values_pass():
     ds = json.loads((HERE.parents[1] / "configs/deepspeed/zero2.json").read_text())
-    ds.update(train_micro_batch_size_per_gpu=8, gradient_accumulation_steps=4, train_batch_size=64, gradient_clipping=1.0)
+    ds.update(train_micro_batch_size_per_gpu=8, gradient_accumulation_steps=4, train_batch_size=64,
+              gradient_clipping=1.0)
     check_batch_config(fake_accelerator(ds, 2, 4), 8, 4, max_grad_norm=1.0)

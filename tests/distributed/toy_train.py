@@ -1,10 +1,11 @@
 """A small stand-alone training loop launched by the distributed tests (`accelerate launch ... toy_train.py`).
 
 It exercises every piece of `rlhf.distributed` the stages use, on a tiny random-init Llama:
-token-mean loss normalised by the global token count of each optimizer step, gradient
-accumulation, checkpoints with `save_state` + resume with `load_state`, consolidated Hugging Face
-saving (optionally LoRA merged), and greedy generation inside `gathered_for_generation` with a
-count of the ZeRO-3 all-gathers it triggers. Results go to OUT/result.json (main process).
+token-mean loss normalised by the global token count of each optimizer step (`loss_normaliser`),
+gradient accumulation (`rlhf.training.backward`), checkpoints with `save_state` + resume with
+`load_state`, consolidated Hugging Face saving (optionally LoRA merged), and greedy generation
+inside `gathered_for_generation` with a count of the ZeRO-3 all-gathers it triggers. Results go to
+OUT/result.json (main process).
 
 The global batch of optimizer step s is the same rows whatever the layout (processes x
 micro-batches x per-device batch), so runs with equal global batches must give equal parameters.
@@ -22,6 +23,7 @@ from rlhf.core import aggregate_loss, logprobs_from_logits
 from rlhf.distributed import (checkpoint, consolidated_state_dict, gathered_for_generation, is_zero3, loss_normaliser,
                               make_accelerator, reduce_sum, save_hf_model)
 from rlhf.runtime import Run, RunConfig, checkpoint_dirs, load_state, read_jsonl, save_state, seed_everything
+from rlhf.training import backward
 
 VOCAB, SEQ = 48, 12
 
@@ -81,7 +83,8 @@ def main(argv=None) -> None:
     p.add_argument("--lora", action="store_true")
     p.add_argument("--save_steps", type=int, default=0)
     p.add_argument("--resume", default="")
-    p.add_argument("--check_resume", action="store_true", help="after training, resume from the last checkpoint and compare")
+    p.add_argument("--check_resume", action="store_true", help="after training, resume from the last checkpoint and "
+                                                               "compare")
     p.add_argument("--generate", type=int, default=0, help="new tokens to generate greedily at the end")
     args = p.parse_args(argv)
 
@@ -97,8 +100,10 @@ def main(argv=None) -> None:
 
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
                                                  target_modules=["q_proj", "v_proj"]))
-    # SGD (with momentum: optimizer state to resume): unlike Adam it is not invariant to the loss scale, so a wrong normaliser shows up
+    # SGD (with momentum: optimizer state to resume): unlike Adam it is not invariant to the loss scale,
+    # so a wrong normaliser shows up
     opt = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=args.lr, momentum=0.9)
+    constant = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)  # the stages' hand-stepped schedule, here flat
     model, opt = acc.prepare(model, opt)
 
     world, per, gas = acc.num_processes, args.per_device, args.gas
@@ -120,9 +125,7 @@ def main(argv=None) -> None:
                     logits = model(input_ids=ids[s].to(acc.device), attention_mask=mask[s].to(acc.device)).logits
                     logp = logprobs_from_logits(logits[:, :-1].float(), ids[s, 1:].to(acc.device))  # (B, SEQ-1)
                     loss = aggregate_loss(-logp, target_mask[s].to(acc.device), "token-mean", num_tokens=norm)
-                    acc.backward(loss)
-                    opt.step()
-                    opt.zero_grad()
+                    backward(acc, model, opt, constant, loss, max_grad_norm=0.0)
                     loss_sum += (-logp * target_mask[s].to(acc.device)).sum().detach().double().cpu()
             global_loss = (reduce_sum(acc, loss_sum) / reduce_sum(acc, local_tokens)).item()
             run.log(step + 1, {"loss/sft": global_loss})
@@ -159,15 +162,16 @@ def main(argv=None) -> None:
 
         counter = ZeroGatherCounter() if is_zero3(acc) else contextlib.nullcontext()
         with counter, torch.no_grad(), gathered_for_generation(acc, model) as unwrapped:
-            out = unwrapped.generate(prompt, max_new_tokens=args.generate, do_sample=False, min_new_tokens=args.generate,
-                                     pad_token_id=0)
+            out = unwrapped.generate(prompt, max_new_tokens=args.generate, do_sample=False,
+                                     min_new_tokens=args.generate, pad_token_id=0)
         result["generated"] = out[0].tolist()
         result["gathers_during_generate"] = getattr(counter, "count", None)
         # the same model with DeepSpeed's per-layer hooks left in place: one gather per layer per token
         if is_zero3(acc):
             with ZeroGatherCounter() as naive, torch.no_grad():
                 out2 = acc.unwrap_model(model).generate(prompt, max_new_tokens=args.generate, do_sample=False,
-                                                        min_new_tokens=args.generate, pad_token_id=0, synced_gpus=world > 1)
+                                                        min_new_tokens=args.generate, pad_token_id=0,
+                                                        synced_gpus=world > 1)
             result["gathers_naive"] = naive.count
             result["generated_naive"] = out2[0].tolist()
     save_hf_model(acc, model, Path(args.out) / "model")

@@ -59,7 +59,8 @@ def test_bad_model_paths_name_the_path(tmp_path, capsys, kind):
         "file": (str(tmp_path / "weights.bin"), "is a file"),
         "bad_builtin": ("builtin:tinyy", "unknown built-in model"),
     }[kind]
-    msg = fails(capsys, ["sft", "--model_name_or_path", name, "--output_dir", str(tmp_path / "run"), *QUIET, *SFT_SMALL])
+    msg = fails(capsys,
+                ["sft", "--model_name_or_path", name, "--output_dir", str(tmp_path / "run"), *QUIET, *SFT_SMALL])
     assert needle in msg
     assert not (tmp_path / "run").exists()
 
@@ -100,7 +101,8 @@ def test_general_options_fail_before_any_work(tmp_path, capsys, monkeypatch, arg
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
-    assert needle in fails(capsys, ["sft", "--output_dir", str(tmp_path / "run"), "--progress", "false", *SFT_SMALL, *argv])
+    assert needle in fails(capsys,
+                           ["sft", "--output_dir", str(tmp_path / "run"), "--progress", "false", *SFT_SMALL, *argv])
     assert not (tmp_path / "run").exists()
 
 
@@ -154,7 +156,8 @@ def test_a_causal_lm_is_not_a_reward_model(tmp_path, capsys, tiny_model_dir):
     data = _jsonl(tmp_path / "s.jsonl", [{"prompt": "1+2=", "completion": "3"}])
     msg = fails(capsys, ["reward", "score", "--model", str(tiny_model_dir), "--data", data])
     assert "`--model`" in msg and "not a trained reward model" in msg
-    assert "no such model directory" in fails(capsys, ["reward", "score", "--model", str(tmp_path / "rm"), "--data", data])
+    assert "no such model directory" in fails(capsys,
+                                              ["reward", "score", "--model", str(tmp_path / "rm"), "--data", data])
 
 
 def test_a_saved_reward_model_passes_the_head_check(tmp_path):
@@ -209,8 +212,10 @@ def test_type_change_on_line_3_is_blamed_on_line_3(tmp_path, capsys):
 def test_pipeline_usage_errors_exit_2_before_anything_is_written(tmp_path, capsys):
     out = tmp_path / "demo"
     # a bad option of a later stage fails before the first stage trains
-    assert "`learning_rate`" in fails(capsys, ["pipeline", "--output_dir", str(out), "--ppo_overrides", "{learning_rate: -1}"])
-    assert "`grpo_config`: no such file" in fails(capsys, ["pipeline", "--output_dir", str(out), "--grpo_config", "nope.yaml"])
+    assert "`learning_rate`" in fails(capsys,
+                                      ["pipeline", "--output_dir", str(out), "--ppo_overrides", "{learning_rate: -1}"])
+    assert "`grpo_config`: no such file" in fails(capsys,
+                                                  ["pipeline", "--output_dir", str(out), "--grpo_config", "nope.yaml"])
     assert "`sft_model_path`: no such model directory" in fails(
         capsys, ["pipeline", "--output_dir", str(out), "--sft_model_path", str(tmp_path / "nope")])
     assert "run the sft stage first" in fails(capsys, ["pipeline", "--output_dir", str(out), "--stages", "ppo"])

@@ -66,7 +66,7 @@ def test_clipping_with_stored_old_logprobs_matches_hand_numbers(tmp_path):
     loss, m = grpo.micro_batch_loss(cfg, logp, batch, slice(0, 2), num_seqs=2, num_tokens=5)
     assert float(loss) == pytest.approx((2 * -1.2 + 3 * 0.5 * math.exp(0.5)) / 5, abs=1e-6)
     assert float(m["policy/clipfrac"]) == pytest.approx(2 / 5)
-    cfg = cfg_for(tmp_path, loss_type="bnpo", beta=0.0, num_iterations=2, epsilon_high=0.28)
+    cfg = cfg_for(tmp_path, loss_type="bnpo", beta=0.0, num_iterations=2, cliprange_high=0.28)
     loss, _ = grpo.micro_batch_loss(cfg, logp, batch, slice(0, 2), num_seqs=2, num_tokens=5)
     assert float(loss) == pytest.approx((2 * -1.28 + 3 * 0.5 * math.exp(0.5)) / 5, abs=1e-6)
 
@@ -90,7 +90,7 @@ class _SGD(torch.optim.SGD):
     """AdamW's first step is ~lr * sign(g), which turns fp noise on tiny gradients into lr-sized
     differences; plain SGD makes parameter differences proportional to gradient differences."""
 
-    def __init__(self, params, lr, weight_decay=0.0, fused=None):
+    def __init__(self, params, lr, **adam_options):
         super().__init__(params, lr=lr)
 
 
@@ -173,11 +173,9 @@ def test_resume_continues_exactly(tmp_path):
 
 
 def test_lora_reference_is_the_policy_with_adapters_disabled(tmp_path, monkeypatch):
-    import rlhf.models
-
     calls = []
-    real = rlhf.models.load_causal_lm
-    monkeypatch.setattr(rlhf.models, "load_causal_lm", lambda *a, **k: calls.append(a) or real(*a, **k))
+    real = grpo.load_causal_lm
+    monkeypatch.setattr(grpo, "load_causal_lm", lambda *a, **k: calls.append(a) or real(*a, **k))
     cfg = cfg_for(tmp_path, use_peft=True, lora_r=4, beta=0.1, max_steps=1, num_iterations=2)
     policy, reference = grpo.load_policy_and_reference(cfg)
     assert reference is None and len(calls) == 1  # no second copy
@@ -193,13 +191,25 @@ def test_lora_reference_is_the_policy_with_adapters_disabled(tmp_path, monkeypat
 
 
 def test_beta_zero_loads_no_reference(monkeypatch, tmp_path):
-    import rlhf.models
-
     calls = []
-    real = rlhf.models.load_causal_lm
-    monkeypatch.setattr(rlhf.models, "load_causal_lm", lambda *a, **k: calls.append(a) or real(*a, **k))
+    real = grpo.load_causal_lm
+    monkeypatch.setattr(grpo, "load_causal_lm", lambda *a, **k: calls.append(a) or real(*a, **k))
     _, reference = grpo.load_policy_and_reference(cfg_for(tmp_path, beta=0.0))
     assert reference is None and len(calls) == 1
+
+
+def test_trl_clip_names_are_aliases_of_cliprange(tmp_path):
+    """TRL's GRPOConfig calls the clip range epsilon / epsilon_high; ours is cliprange / cliprange_high, as in PPO."""
+    from rlhf.runtime import parse_config
+
+    assert cfg_for(tmp_path, epsilon=0.3, epsilon_high=0.28).cliprange == 0.3
+    (tmp_path / "c.yaml").write_text("epsilon: 0.1\nepsilon_high: 0.4\n")
+    cfg = parse_config(grpo.Config, ["--config", str(tmp_path / "c.yaml"), "--epsilon_high", "0.5"])
+    assert (cfg.cliprange, cfg.cliprange_high) == (0.1, 0.5)
+    assert parse_config(grpo.Config, ["--cliprange_high", "0.3"]).cliprange_high == 0.3
+    (tmp_path / "both.yaml").write_text("epsilon: 0.1\ncliprange: 0.2\n")
+    with pytest.raises(ConfigError, match="`epsilon` and `cliprange` are one option"):
+        parse_config(grpo.Config, ["--config", str(tmp_path / "both.yaml")])
 
 
 def test_bad_options_fail_before_anything_is_written(tmp_path):

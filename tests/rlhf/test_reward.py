@@ -23,7 +23,10 @@ def _jsonl(path, rows):
     return str(path)
 
 
-PAIRS = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 10)} for a, b in [(1, 2), (17, 25), (40, 9), (8, 8)]]
+PAIRS = [
+    {"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 10)}
+    for a, b in [(1, 2), (17, 25), (40, 9), (8, 8)]
+]
 
 
 def test_k2_rankings_equal_bradley_terry_through_the_data_path(tmp_path, tiny_tokenizer):
@@ -49,7 +52,8 @@ def test_k2_rankings_equal_bradley_terry_through_the_data_path(tmp_path, tiny_to
 
 def test_pairwise_and_k2_training_are_identical(tmp_path):
     pw = _jsonl(tmp_path / "p.jsonl", PAIRS)
-    kw = _jsonl(tmp_path / "k.jsonl", [{"prompt": r["prompt"], "completions": [r["chosen"], r["rejected"]], "ranks": [0, 1]} for r in PAIRS])
+    kw = _jsonl(tmp_path / "k.jsonl",
+                [{"prompt": r["prompt"], "completions": [r["chosen"], r["rejected"]], "ranks": [0, 1]} for r in PAIRS])
     _, a = _train(tmp_path, "pw", dataset_name=pw, max_steps=2, per_device_train_batch_size=2)
     _, b = _train(tmp_path, "kw", dataset_name=kw, max_steps=2, per_device_train_batch_size=2)
     for k in a:
@@ -117,7 +121,8 @@ def test_score_command_prints_model_scores(tmp_path, capsys):
     from rlhf.cli import main
 
     _train(tmp_path, "rm", max_steps=1, per_device_train_batch_size=4)
-    data = _jsonl(tmp_path / "s.jsonl", [{"prompt": "1+2=", "completions": ["3", "4"]}, {"prompt": "5+5=", "completions": ["10", "?"]}])
+    data = _jsonl(tmp_path / "s.jsonl",
+                  [{"prompt": "1+2=", "completions": ["3", "4"]}, {"prompt": "5+5=", "completions": ["10", "?"]}])
     capsys.readouterr()
     main(["reward", "score", "--model", str(tmp_path / "rm" / "model"), "--data", data])
     out = capsys.readouterr().out

@@ -11,9 +11,9 @@ PAD, BOS, EOS = 0, 1, 2
 
 def tiny_lm(seed=0, vocab=40):
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64, pad_token_id=PAD, bos_token_id=BOS,
-                      eos_token_id=EOS)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=PAD,
+                      bos_token_id=BOS, eos_token_id=EOS)
     return LlamaForCausalLM(cfg).eval()
 
 

@@ -35,8 +35,10 @@ def test_token_losses_match_transformers_loss(tiny_tokenizer):
 def test_gradient_accumulation_1x8_equals_8x1(tmp_path):
     # adam_epsilon=1 makes the update ~ lr * gradient, so float noise in tiny gradients is not blown up to +-lr
     sgd_like = dict(adam_epsilon=1.0, learning_rate=1.0)
-    _, one_by_eight = _train(tmp_path, "a", max_steps=2, per_device_train_batch_size=8, gradient_accumulation_steps=1, **sgd_like)
-    _, eight_by_one = _train(tmp_path, "b", max_steps=2, per_device_train_batch_size=1, gradient_accumulation_steps=8, **sgd_like)
+    _, one_by_eight = _train(tmp_path, "a", max_steps=2, per_device_train_batch_size=8, gradient_accumulation_steps=1,
+                             **sgd_like)
+    _, eight_by_one = _train(tmp_path, "b", max_steps=2, per_device_train_batch_size=1, gradient_accumulation_steps=8,
+                             **sgd_like)
     for k in one_by_eight:
         assert torch.allclose(one_by_eight[k], eight_by_one[k], atol=1e-6), k
 
@@ -59,11 +61,13 @@ def test_resume_continues_exactly(tmp_path):
         assert torch.equal(straight[k], resumed[k]), k
 
 
-def test_a_kill_in_the_final_phase_then_resume_gives_the_run_an_uninterrupted_one_does(tmp_path, kill_in_final_phase, untimed):
+def test_a_kill_in_the_final_phase_then_resume_gives_the_run_an_uninterrupted_one_does(tmp_path, kill_in_final_phase,
+                                                                                       untimed):
     kw = dict(max_steps=3, per_device_train_batch_size=4, num_eval_examples=16)
     straight, _ = _train(tmp_path, "a", **kw)
-    resumed = kill_in_final_phase(sft.train, lambda **more: make_config(sft.Config, {**QUICK, "output_dir": str(tmp_path / "b"),
-                                                                                     **kw, **more}))
+    resumed = kill_in_final_phase(
+        sft.train, lambda **more: make_config(sft.Config, {**QUICK, "output_dir": str(tmp_path / "b"), **kw, **more})
+    )
     assert untimed([resumed]) == untimed([straight]) and resumed["train/loss_last"] is not None
     a, b = (read_jsonl(tmp_path / d / "metrics.jsonl") for d in "ab")
     assert untimed(b) == untimed(a) and sum("eval/loss" in r for r in b) == 1
@@ -81,7 +85,8 @@ def test_a_bad_checkpoint_is_a_clear_error_and_changes_nothing(tmp_path, dir_fil
     ckpt = run / "checkpoints" / "step-00000001"
     (run / "summary.json").unlink()
     if how == "truncated model.safetensors":
-        (ckpt / "model.safetensors").write_bytes((ckpt / "model.safetensors").read_bytes()[:-100])
+        weights = ckpt / "accelerate" / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-100])
     elif how == "garbled trainer_state.pt":  # same size, so only loading it can tell
         data = bytearray((ckpt / "trainer_state.pt").read_bytes())
         data[len(data) // 2:] = bytes(len(data) - len(data) // 2)
@@ -89,8 +94,18 @@ def test_a_bad_checkpoint_is_a_clear_error_and_changes_nothing(tmp_path, dir_fil
     module, options = (reward, dict(progress=False, report_to="none")) if how == "reward's" else (sft, QUICK)
     before = dir_files(run)
     with pytest.raises(ConfigError, match=message):
-        module.train(make_config(module.Config, {**options, "output_dir": str(run), "max_steps": 2, "per_device_train_batch_size": 4,
-                                                 "resume_from_checkpoint": str(run if how == "run directory" else ckpt)}))
+        module.train(
+            make_config(
+                module.Config,
+                {
+                    **options,
+                    "output_dir": str(run),
+                    "max_steps": 2,
+                    "per_device_train_batch_size": 4,
+                    "resume_from_checkpoint": str(run if how == "run directory" else ckpt),
+                },
+            )
+        )
     assert dir_files(run) == before  # config.yaml not rewritten, nothing else touched
 
 
@@ -118,8 +133,15 @@ def test_lora_adapter_and_merged_save(tmp_path):
 
 def test_chat_messages_and_packing_run(tmp_path):
     path = tmp_path / "chat.jsonl"
-    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{i}+1="},
-                                                      {"role": "assistant", "content": str(i + 1)}]}) + "\n" for i in range(20)))
+    path.write_text(
+        "".join(
+            json.dumps(
+                {"messages": [{"role": "user", "content": f"{i}+1="}, {"role": "assistant", "content": str(i + 1)}]}
+            )
+            + "\n"
+            for i in range(20)
+        )
+    )
     summary, _ = _train(tmp_path, "chat", dataset_name=str(path), max_steps=2, per_device_train_batch_size=4)
     assert summary["data/train_examples"] == 20 and summary["step"] == 2
     text = tmp_path / "text.jsonl"
@@ -136,7 +158,12 @@ def test_bad_input_fails_before_writing(tmp_path):
         _train(tmp_path, "out", dataset_name=str(path), max_steps=1)
     assert not (tmp_path / "out").exists()
     long = tmp_path / "long.jsonl"
-    long.write_text(json.dumps({"prompt": "1+2=", "completion": "3"}) + "\n" + json.dumps({"prompt": "9" * 70 + "+1=", "completion": "1"}) + "\n")
+    long.write_text(
+        json.dumps({"prompt": "1+2=", "completion": "3"})
+        + "\n"
+        + json.dumps({"prompt": "9" * 70 + "+1=", "completion": "1"})
+        + "\n"
+    )
     summary, _ = _train(tmp_path, "long", dataset_name=str(long), max_steps=1, per_device_train_batch_size=1)
     assert summary["data/dropped_too_long"] == 1 and summary["data/train_examples"] == 1
     with pytest.raises(ConfigError, match="save_adapter_only"):

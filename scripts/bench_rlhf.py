@@ -1,7 +1,7 @@
-"""Throughput of our GRPO against TRL's GRPOTrainer on the same model, prompts and batch shape.
+"""Throughput of our GRPO and PPO against TRL's GRPOTrainer and PPOTrainer on the same model, prompts and batch shape.
 
     pip install -e .[bench]          # TRL is a benchmark-only dependency
-    python scripts/bench_grpo.py --steps 12 --repeats 2
+    python scripts/bench_rlhf.py --steps 12 --repeats 2
 
 Both trainers get: the built-in tiny Llama saved to a local directory (TRL cannot download), the
 arithmetic task's training prompts, G completions per prompt, the same number of completions per
@@ -11,8 +11,9 @@ shows TRL so), one thread each, no evaluation and no checkpoints inside the time
 The first `--warmup` steps of every run are not timed. Completions/s and tokens/s are taken over
 the timed steps, per wall-clock second and per CPU second of the process (read the latter on a
 shared, loaded machine: other processes' load counts against neither side); tokens are the
-completion tokens actually generated (each trainer's own `completions/mean_length`). Runs alternate ours / TRL `--repeats` times and the table shows the
-median, so a noisy shared machine hurts both sides alike. The last two columns split a step's CPU time:
+completion tokens actually generated (each trainer's own `completions/mean_length`). Runs alternate
+ours / TRL `--repeats` times and the table shows the median, so a noisy shared machine hurts both
+sides alike. The last two columns split a step's CPU time:
 all of it, and the part spent inside the transformers models' forward calls (every decode step
 included) and backward passes, the work neither trainer can skip; once ours alone exceeds half
 of TRL's whole step, 2x TRL is out of reach without making the model itself cheaper.
@@ -23,7 +24,7 @@ reward model; it takes its own process's CPU clock, one step = one rollout batch
 
     python -m venv .venv-trl-ppo
     .venv-trl-ppo/bin/pip install torch==2.13.0 trl==0.19.1 transformers==4.53.3 "accelerate<1.9" datasets
-    python scripts/bench_grpo.py --ppo --trl_ppo_python .venv-trl-ppo/bin/python --steps 12 --repeats 2
+    python scripts/bench_rlhf.py --ppo --trl_ppo_python .venv-trl-ppo/bin/python --steps 12 --repeats 2
 
 `--ppo` without `--trl_ppo_python` times our PPO alone.
 """
@@ -81,12 +82,18 @@ def model_clock():
         torch.autograd.backward = backward
 
 
+# The first and last call of one training step of each stage, patched by name by `cpu_per_step`
+# (tests/rlhf/test_bench_rlhf.py checks that they still are what train() calls once per step).
+TIMED_CALLS = {"grpo": ("make_batch", "train_step"), "ppo": ("make_batch", "update")}
+
+
 @contextlib.contextmanager
 def cpu_per_step(module, first: str, last: str):
     """Patch `module.first` and `module.last` (the first and last call of a training step) to record the
     process CPU seconds of each step, from the start of `first` to the end of `last`, and how much of it
-    was model work (MODEL_CPU); yields the list of (cpu, model_cpu) per step."""
-    steps, begin, end = [], getattr(module, first), getattr(module, last)
+    was model work (MODEL_CPU); yields the list of (cpu, model_cpu) per step. A run in which they were
+    not called as a pair per step (renamed, or no longer called by train()) is an error, not a 0 s step."""
+    steps, begin, end, done = [], getattr(module, first), getattr(module, last), [0]
 
     def timed_begin(*a, **k):
         steps.append((time.process_time(), MODEL_CPU[0]))
@@ -95,6 +102,7 @@ def cpu_per_step(module, first: str, last: str):
     def timed_end(*a, **k):
         result = end(*a, **k)
         steps[-1] = (time.process_time() - steps[-1][0], MODEL_CPU[0] - steps[-1][1])
+        done[0] += 1
         return result
 
     setattr(module, first, timed_begin)
@@ -105,6 +113,9 @@ def cpu_per_step(module, first: str, last: str):
     finally:
         setattr(module, first, begin)
         setattr(module, last, end)
+    if not steps or done[0] != len(steps):
+        raise RuntimeError(f"{module.__name__}.{first} / {last} timed {done[0]} of {len(steps)} steps: "
+                           f"renamed, or no longer called once per step by train()? (TIMED_CALLS)")
 
 
 def run_ours(args, model_dir: str, out: Path) -> dict:
@@ -116,7 +127,7 @@ def run_ours(args, model_dir: str, out: Path) -> dict:
         per_device_train_batch_size=args.completions, max_completion_length=args.max_completion_length,
         beta=args.beta, loss_type="grpo", learning_rate=1e-5, reward_funcs=["exact_match", "format"],
         num_eval_prompts=0, progress=False, report_to="none", seed=args.seed))
-    with cpu_per_step(grpo, "make_batch", "train_step") as steps:  # generation to the end of the update
+    with cpu_per_step(grpo, *TIMED_CALLS["grpo"]) as steps:  # generation to the end of the update
         grpo.train(cfg)
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if "time/step_s" in r][args.warmup:]
     seconds = sum(r["time/step_s"] for r in rows)
@@ -153,12 +164,11 @@ def run_trl(args, model_dir: str, out: Path, gradient_checkpointing: bool = Fals
     timer = StepTimer()
     n_prompts = args.steps * args.completions // args.num_generations
     dataset = Dataset.from_dict({"prompt": make_prompts(n_prompts * 2, args.seed)})
-    config = GRPOConfig(
-        output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=args.completions,
-        num_generations=args.num_generations, max_completion_length=args.max_completion_length, beta=args.beta,
-        loss_type="grpo", learning_rate=1e-5, logging_steps=1, report_to="none", use_cpu=True, save_strategy="no",
-        seed=args.seed, disable_tqdm=True, bf16=False, gradient_checkpointing=gradient_checkpointing,
-    )
+    config = GRPOConfig(output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=args.completions,
+                        num_generations=args.num_generations, max_completion_length=args.max_completion_length,
+                        beta=args.beta, loss_type="grpo", learning_rate=1e-5, logging_steps=1, report_to="none",
+                        use_cpu=True, save_strategy="no", seed=args.seed, disable_tqdm=True, bf16=False,
+                        gradient_checkpointing=gradient_checkpointing)
     trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir),
                           processing_class=AutoTokenizer.from_pretrained(model_dir),
                           reward_funcs=[exact_match_reward, format_reward], args=config, train_dataset=dataset,
@@ -190,7 +200,7 @@ def run_ppo(args, model_dir: str, rm_dir: str, out: Path) -> dict:
         per_device_train_batch_size=PPO_BATCH // PPO_MINI_BATCHES, num_mini_batches=PPO_MINI_BATCHES,
         num_ppo_epochs=PPO_EPOCHS, rollout_batch_size=PPO_BATCH, max_completion_length=args.max_completion_length,
         learning_rate=1e-5, kl_coef=0.05, num_eval_prompts=0, progress=False, report_to="none", seed=args.seed))
-    with cpu_per_step(ppo, "make_batch", "update") as steps:  # generation to the end of the update
+    with cpu_per_step(ppo, *TIMED_CALLS["ppo"]) as steps:  # generation to the end of the update
         ppo.train(cfg)
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if "time/step_s" in r][args.warmup:]
     return {"seconds": sum(r["time/step_s"] for r in rows), "cpu_seconds": sum(c for c, _ in steps[args.warmup:]),
@@ -255,7 +265,8 @@ def run_trl_ppo(args, model_dir: str, rm_dir: str, out: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model_dir", default="", help="A causal LM directory (default: builtin:tiny saved to a temp dir).")
+    parser.add_argument("--model_dir", default="", help="A causal LM directory (default: builtin:tiny saved to a temp "
+                                                        "dir).")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
@@ -265,9 +276,11 @@ def main() -> None:
     parser.add_argument("--beta", type=float, default=0.04)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--ppo", action="store_true", help="Also time our PPO (against TRL's PPOTrainer with --trl_ppo_python).")
+    parser.add_argument("--ppo", action="store_true", help="Also time our PPO (against TRL's PPOTrainer with "
+                                                           "--trl_ppo_python).")
     parser.add_argument("--trl_ppo_python", default="", help="A Python whose environment has a TRL with PPOTrainer "
-                                                             "(TRL <= 0.19; see the docstring) to compare our PPO with.")
+                                                             "(TRL <= 0.19; see the docstring) to compare our PPO "
+                                                             "with.")
     parser.add_argument("--json", default="", help="Also write the results to this JSON file.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -297,7 +310,11 @@ def main() -> None:
                 results[name].append(fn(args, model_dir, tmp / f"run{i}_{r}"))
 
     def median_rate(runs, key, per="seconds"):
-        return statistics.median(run[key] / run[per] for run in runs) if all(key in run and per in run for run in runs) else float("nan")
+        return (
+            statistics.median(run[key] / run[per] for run in runs)
+            if all(key in run and per in run for run in runs)
+            else float("nan")
+        )
 
     print(f"\nGRPO throughput: {args.completions} completions/step (G={args.num_generations}), "
           f"max_completion_length={args.max_completion_length}, beta={args.beta}, {args.threads} thread(s), "
@@ -317,7 +334,8 @@ def main() -> None:
                        "completions_per_cpu_s": cpu_cps, "tokens_per_cpu_s": cpu_tps, "cpu_ms_per_step": cpu_ms,
                        "model_cpu_ms_per_step": model_ms}
         if name == "ours (rlhf ppo)":
-            print(f"\nPPO throughput: {PPO_BATCH} completions/step in {PPO_MINI_BATCHES} mini-batches, {PPO_EPOCHS} epochs, "
+            print(f"\nPPO throughput: {PPO_BATCH} completions/step in {PPO_MINI_BATCHES} mini-batches, {PPO_EPOCHS} "
+                  f"epochs, "
                   f"same reward model and settings (see PPO_BATCH in the script); TRL reports no token counts\n")
         if name in ("ours (rlhf grpo)", "ours (rlhf ppo)"):
             print(header + "\n" + rule)
@@ -325,16 +343,23 @@ def main() -> None:
               f"| {cpu_cps:>17.1f} | {cpu_tps:>12.1f} | {cpu_ms:>11.1f} | {model_ms:>14.1f} |")
         if name == TRL_DEFAULTS:
             ours = table["ours (rlhf grpo)"]
-            trl_ms, trl_model_ms = table["TRL GRPOTrainer"]["cpu_ms_per_step"], table["TRL GRPOTrainer"]["model_cpu_ms_per_step"]
+            trl_ms, trl_model_ms = (table["TRL GRPOTrainer"]["cpu_ms_per_step"],
+                                    table["TRL GRPOTrainer"]["model_cpu_ms_per_step"])
             for label, trl in (("TRL", table["TRL GRPOTrainer"]), ("TRL with its default checkpointing", table[name])):
-                print(f"\nratio ours / {label}: completions/s x{ours['completions_per_s'] / trl['completions_per_s']:.2f} "
-                      f"(wall), x{ours['completions_per_cpu_s'] / trl['completions_per_cpu_s']:.2f} (CPU: robust on a "
-                      f"shared machine); tokens/s x{ours['tokens_per_s'] / trl['tokens_per_s']:.2f} (wall)", end="")
-            print(f"\n2x TRL would take <= {trl_ms / 2:.1f} CPU ms per step; ours spends {ours['model_cpu_ms_per_step']:.1f} "
+                print(
+                    f"\nratio ours / {label}: completions/s "
+                    f"x{ours['completions_per_s'] / trl['completions_per_s']:.2f} (wall), "
+                    f"x{ours['completions_per_cpu_s'] / trl['completions_per_cpu_s']:.2f} (CPU: robust on a "
+                    f"shared machine); tokens/s x{ours['tokens_per_s'] / trl['tokens_per_s']:.2f} (wall)",
+                    end="",
+                )
+            print(f"\n2x TRL would take <= {trl_ms / 2:.1f} CPU ms per step; ours spends "
+                  f"{ours['model_cpu_ms_per_step']:.1f} "
                   f"of its {ours['cpu_ms_per_step']:.1f} in model calls alone (TRL {trl_model_ms:.1f} of {trl_ms:.1f})")
         if name == "TRL PPOTrainer":
             ours, trl = table["ours (rlhf ppo)"], table["TRL PPOTrainer"]
-            print(f"\nratio ours / TRL PPO: completions/s x{ours['completions_per_s'] / trl['completions_per_s']:.2f} (wall), "
+            print(f"\nratio ours / TRL PPO: completions/s x{ours['completions_per_s'] / trl['completions_per_s']:.2f} "
+                  f"(wall), "
                   f"x{ours['completions_per_cpu_s'] / trl['completions_per_cpu_s']:.2f} (CPU)")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": table, "runs": results}, indent=2))
