@@ -64,15 +64,13 @@ class Config(TrainingConfig):
     max_steps: int = arg(100, "Optimizer steps.")
     per_device_train_batch_size: int = arg(64, "Completions (not prompts) per micro-batch per process.")
     num_generations: int = arg(8, "G: completions per prompt (one group).")
-    max_prompt_length: int = arg(0, "Keep only the last this many tokens of a longer prompt (a leading BOS stays; "
-                                    "0: no limit).")
+    max_prompt_length: int = arg(0, "Keep the last this many tokens of a longer prompt (a leading BOS stays; 0: all).")
     max_completion_length: int = arg(8, "Maximum new tokens per completion.")
     temperature: float = arg(1.0, "Sampling temperature (the log-probs in the loss use the same one).")
     top_p: float = arg(1.0, "Nucleus sampling mass (1: off). Filtering makes sampling slightly off-policy.")
     top_k: int = arg(0, "Sample from the k most likely tokens (0: off).")
     learning_rate: float = arg(1e-6, "AdamW step size.")
-    lr_scheduler_type: str = arg("constant", "Learning-rate schedule over max_steps (transformers.get_scheduler).",
-                                 choices=SCHEDULERS)
+    lr_scheduler_type: str = arg("constant", "Learning-rate schedule over max_steps.", choices=SCHEDULERS)
     warmup_ratio: float = arg(0.0, "Share of max_steps spent warming the learning rate up from 0.")
     beta: float = arg(0.04, "KL coefficient (k3 estimator in the loss). 0 loads no reference model at all.")
     cliprange: float = arg(0.2, "Clip range of the ratio (lower side; also the upper side unless cliprange_high).",
@@ -300,8 +298,7 @@ def train(cfg: Config) -> dict:
 
     # a LoRA target that matches nothing fails before the run directory
     policy, reference = load_policy_and_reference(cfg)
-    model, optimizer, scheduler = prepare_training(accelerator, policy, cfg, cfg.max_steps,
-                                                   fused=accelerator.device.type in ("cpu", "cuda"))
+    model, optimizer, scheduler = prepare_training(accelerator, policy, cfg, cfg.max_steps)
     if reference is not None:  # sharded evaluation-only engine under ZeRO-3, plain module otherwise
         reference = prepare_frozen(accelerator, reference)
     if rm_scorer is not None:

@@ -82,16 +82,13 @@ class Config(TrainingConfig):
                                      "values, reference; TRL's local_rollout_forward_batch_size). 0: "
                                      "per_device_train_batch_size, which makes the first PPO ratio exactly 1; "
                                      "larger is faster and matches it to float rounding.")
-    max_prompt_length: int = arg(0, "Keep only the last this many tokens of a longer prompt (a leading BOS stays; "
-                                    "0: no limit).")
+    max_prompt_length: int = arg(0, "Keep the last this many tokens of a longer prompt (a leading BOS stays; 0: all).")
     max_completion_length: int = arg(8, "Maximum new tokens per completion.")
     temperature: float = arg(1.0, "Sampling temperature (the log-probs in the loss use the same one).")
     top_p: float = arg(1.0, "Nucleus sampling mass (1: off).")
     top_k: int = arg(0, "Sample from the k most likely tokens (0: off).")
     learning_rate: float = arg(1e-5, "AdamW step size (policy and value model).")
-    lr_scheduler_type: str = arg("constant", "Learning-rate schedule over the optimizer steps "
-                                             "(transformers.get_scheduler).",
-                                 choices=SCHEDULERS)
+    lr_scheduler_type: str = arg("constant", "Learning-rate schedule over the optimizer steps.", choices=SCHEDULERS)
     warmup_ratio: float = arg(0.0, "Share of the optimizer steps spent warming the learning rate up from 0.")
     kl_coef: float = arg(0.05, "beta: weight of the per-token KL penalty in the reward (initial value if adaptive).")
     kl_estimator: str = arg("k1", "KL estimator in the reward.", choices=["k1", "k2", "k3"])
@@ -100,8 +97,7 @@ class Config(TrainingConfig):
                              choices=["fixed", "adaptive", "proportional"])
     kl_target: float = arg(0.1, "Target per-token KL for the adaptive / proportional controller.")
     kl_horizon: float = arg(10000, "Horizon (in completions) of the proportional controller.")
-    missing_eos_penalty: float | None = arg(None, "Subtract this from the score of completions without EOS (null: "
-                                                  "off).")
+    missing_eos_penalty: float | None = arg(None, "Subtracted from the score of a completion without EOS (null: off).")
     reward_clip: float = arg(0.0, "Clip the score to [-reward_clip, reward_clip] (0: off).")
     score_baseline: str = arg("none", "Subtract a per-prompt baseline from the score: greedy = the score of the "
                                       "policy's greedy completion (ReMax, Li et al. 2023); it removes the reward "
@@ -380,9 +376,8 @@ def train(cfg: Config) -> dict:
     rewards_fn, rm_scorer, resume, tokenizer, rows, eval_prompts = load_rl_inputs(cfg, accelerator.device)
 
     model, reference = load_models(cfg)  # a missing value model or LoRA target fails here, before the run directory
-    model, optimizer, scheduler = prepare_training(accelerator, model, cfg,
-                                                   cfg.max_steps * cfg.num_ppo_epochs * cfg.num_mini_batches,
-                                                   fused=accelerator.device.type in ("cpu", "cuda"))
+    n_updates = cfg.max_steps * cfg.num_ppo_epochs * cfg.num_mini_batches
+    model, optimizer, scheduler = prepare_training(accelerator, model, cfg, n_updates)
     if reference is not None:  # sharded evaluation-only engine under ZeRO-3, plain module otherwise
         reference = prepare_frozen(accelerator, reference)
     if rm_scorer is not None:

@@ -50,16 +50,14 @@ class Config(TrainingConfig):
     dataset_name: str = arg("", "Hub name or local json/jsonl/parquet/csv file with `prompt`+`chosen`+`rejected` or "
                                 "`prompt`+`completions`+`ranks`; empty: generate built-in arithmetic rankings.")
     dataset_split: str = arg("train", "Split of `dataset_name` (hub datasets and directories).")
-    eval_dataset_name: str = arg("", "Held-out rankings (same formats); the built-in task ranks held-out prompts by "
-                                     "the gold score.")
+    eval_dataset_name: str = arg("", "Held-out rankings (same formats); built-in task: held-out prompts by gold score.")
     num_train_prompts: int = arg(4000, "Built-in task: prompts to rank.")
     completions_per_prompt: int = arg(4, "Built-in task: K, the candidate answers ranked per prompt.")
     labeller_noise: float = arg(0.5, "Built-in task: labeller temperature; P(i above j) = sigmoid((gold_i - gold_j) / "
                                      "noise); 0 ranks by the gold score.")
     sampler_model: str = arg("", "Built-in task: sample the K candidates from this causal LM (temperature 1) instead "
                                  "of the built-in candidate generator.")
-    max_length: int = arg(64, "Longest prompt + response in tokens; a ranking with a longer response is dropped "
-                              "(counted in summary.json).")
+    max_length: int = arg(64, "Longest prompt + response in tokens; longer rankings are dropped (in summary.json).")
     margin: float = arg(0.0, "Margin m in -log sigmoid(r_better - r_worse - m) (Llama 2 style; 0: none).")
     center_rewards_coefficient: float = arg(0.0, "Weight of mean(r^2), which keeps rewards centred at 0 (e.g. 0.01; 0: "
                                                  "off).")

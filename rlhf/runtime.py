@@ -62,8 +62,7 @@ class RunConfig:
     output_dir: str = arg("runs/default", "Run directory: config.yaml, metrics.jsonl, summary.json, checkpoints/.")
     seed: int = arg(1, "Random seed (python, numpy, torch, environments).")
     overwrite: bool = arg(False, "Allow writing into an output_dir that already holds a finished run.")
-    resume_from_checkpoint: str = arg("", "Checkpoint directory to resume from, or `latest` for the newest one in "
-                                          "output_dir/checkpoints.")
+    resume_from_checkpoint: str = arg("", "Checkpoint directory to resume from, or `latest` (newest in output_dir).")
     save_steps: int = arg(0, "Save a resumable checkpoint every this many steps (0: only at the end).")
     save_total_limit: int = arg(2, "Keep at most this many checkpoints (oldest are deleted).")
     logging_steps: int = arg(1, "Log metrics every this many steps.")

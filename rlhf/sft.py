@@ -40,19 +40,15 @@ class Config(TrainingConfig):
     num_train_epochs: float = arg(1.0, "Passes over the training data (the budget, unless max_steps is smaller).")
     max_steps: int = arg(-1, "Cap on optimizer steps (-1: no cap).")
     per_device_train_batch_size: int = arg(32, "Examples per micro-batch on each process.")
-    model_name_or_path: str = arg("builtin:tiny", "Model to fine-tune: `builtin:tiny`, a hub name or a local "
-                                                  "directory.")
+    model_name_or_path: str = arg("builtin:tiny", "Model to fine-tune: `builtin:tiny`, a hub name or a local dir.")
     dataset_name: str = arg("", "Hub name or local json/jsonl/parquet/csv file or directory; empty: generate the "
                                 "built-in arithmetic task's demonstrations.")
     dataset_split: str = arg("train", "Split of `dataset_name` to train on (hub datasets and directories).")
-    eval_dataset_name: str = arg("", "Optional data (same format) for the eval loss; the built-in task uses held-out "
-                                     "demonstrations.")
+    eval_dataset_name: str = arg("", "Data (same format) for eval/loss; the built-in task has held-out demonstrations.")
     num_train_examples: int = arg(20000, "Built-in task: number of demonstrations to generate.")
     carry_error_rate: float = arg(0.6, "Built-in task: share of carry prompts whose demonstration drops the carry.")
-    max_length: int = arg(64, "Longest example in tokens; longer examples are dropped (counted in summary.json), never "
-                              "truncated.")
-    completion_only_loss: bool = arg(True, "Loss on completion tokens only (prompt tokens get label -100); false: on "
-                                           "every token.")
+    max_length: int = arg(64, "Longest example in tokens; longer ones are dropped (counted in summary.json), not cut.")
+    completion_only_loss: bool = arg(True, "Loss on completion tokens only (prompt labels -100); false: every token.")
     packing: bool = arg(False, "Concatenate examples into blocks of max_length tokens (no padding; attention crosses "
                                "example boundaries).")
     eval_steps: int = arg(0, "Evaluate every this many steps (0: only at the end).")

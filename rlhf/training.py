@@ -51,8 +51,7 @@ class TrainingConfig(RunConfig):
     lora_dropout: float = arg(0.05, "Dropout on the LoRA input (PPO and GRPO switch every dropout off, this one too).")
     lora_target_modules: list[str] = arg(["q_proj", "k_proj", "v_proj", "o_proj"],
                                          "Module names that get LoRA adapters (comma-separated on the command line).")
-    save_adapter_only: bool = arg(False, "With use_peft: save only the adapter in output_dir/model (else the merged "
-                                         "weights).")
+    save_adapter_only: bool = arg(False, "With use_peft: save the adapter alone in output_dir/model (not merged).")
 
     def __post_init__(self):
         check(self.gradient_accumulation_steps > 0, "gradient_accumulation_steps", "must be positive")
@@ -87,10 +86,11 @@ def lora(model, cfg: TrainingConfig):
     return apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
 
 
-def prepare_training(accelerator, model, cfg: TrainingConfig, total_steps: int, fused: bool | None = None):
+def prepare_training(accelerator, model, cfg: TrainingConfig, total_steps: int):
     """(model, optimizer, scheduler): AdamW over the trainable parameters and the learning-rate schedule over
     `total_steps` optimizer steps, the model and the optimizer prepared by accelerate (DDP / DeepSpeed)."""
     params = [p for p in model.parameters() if p.requires_grad]
+    fused = accelerator.device.type in ("cpu", "cuda")  # one kernel for all tensors, not one per tensor
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay, fused=fused)
     min_lr = {"min_lr_rate": 0.1} if cfg.lr_scheduler_type == "cosine_with_min_lr" else None
