@@ -67,8 +67,9 @@ def make_accelerator(gradient_accumulation_steps: int = 1, mixed_precision: str 
         else:
             cpu = True
             PartialState(cpu=True)
-    acc = Accelerator(gradient_accumulation_steps=gradient_accumulation_steps, mixed_precision=mixed_precision, cpu=cpu)
-    ds = deepspeed_config(acc)
+    accelerator = Accelerator(gradient_accumulation_steps=gradient_accumulation_steps, mixed_precision=mixed_precision,
+                              cpu=cpu)
+    ds = deepspeed_config(accelerator)
     if ds is not None:
         # The DeepSpeed config lives in accelerate's process-wide state and is filled in place for
         # the stage that prepares it; a later stage in the same process (`rlhf pipeline`) starts
@@ -80,8 +81,8 @@ def make_accelerator(gradient_accumulation_steps: int = 1, mixed_precision: str 
             ds.clear()
             ds.update(copy.deepcopy(_PRISTINE_DS_CONFIG))
     if per_device_train_batch_size is not None:
-        check_batch_config(acc, per_device_train_batch_size, gradient_accumulation_steps, max_grad_norm)
-    return acc
+        check_batch_config(accelerator, per_device_train_batch_size, gradient_accumulation_steps, max_grad_norm)
+    return accelerator
 
 
 def deepspeed_config(accelerator) -> dict | None:

@@ -125,10 +125,10 @@ def test_batch_config_conflict_is_a_clear_error(key, value, message):
 
 
 def test_accelerate_accumulation_conflict_is_a_clear_error():
-    acc = types.SimpleNamespace(state=types.SimpleNamespace(), num_processes=1, gradient_accumulation_steps=2)
+    accelerator = types.SimpleNamespace(state=types.SimpleNamespace(), num_processes=1, gradient_accumulation_steps=2)
     with pytest.raises(ConfigError, match="gradient_accumulation_steps=2 .* conflicts with the stage's "
                                           "`gradient_accumulation_steps`=4"):
-        check_batch_config(acc, 8, 4)
+        check_batch_config(accelerator, 8, 4)
 
 
 def test_matching_fixed_values_pass():

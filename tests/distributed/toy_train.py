@@ -88,12 +88,12 @@ def main(argv=None) -> None:
     p.add_argument("--generate", type=int, default=0, help="new tokens to generate greedily at the end")
     args = p.parse_args(argv)
 
-    acc = make_accelerator(gradient_accumulation_steps=args.gas, per_device_train_batch_size=args.per_device,
+    accelerator = make_accelerator(gradient_accumulation_steps=args.gas, per_device_train_batch_size=args.per_device,
                            max_grad_norm=None)
     seed_everything(1)
     cfg = RunConfig(output_dir=args.out, resume_from_checkpoint=args.resume, overwrite=True, report_to="none",
                     save_total_limit=0)
-    run = Run(cfg, is_main=acc.is_main_process)
+    run = Run(cfg, is_main=accelerator.is_main_process)
     model = tiny_llama()
     if args.lora:
         from peft import LoraConfig, get_peft_model
@@ -104,9 +104,9 @@ def main(argv=None) -> None:
     # so a wrong normaliser shows up
     opt = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=args.lr, momentum=0.9)
     constant = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)  # the stages' hand-stepped schedule, here flat
-    model, opt = acc.prepare(model, opt)
+    model, opt = accelerator.prepare(model, opt)
 
-    world, per, gas = acc.num_processes, args.per_device, args.gas
+    world, per, gas = accelerator.num_processes, args.per_device, args.gas
     global_batch = per * gas * world
 
     def train_steps(first: int, last: int) -> None:
@@ -114,71 +114,72 @@ def main(argv=None) -> None:
         for step in range(first, last):
             ids, mask = global_rows(step, global_batch)  # (G, SEQ)
             # micro-batch m of process r: rows [(m * world + r) * per, ... + per)
-            mine = [slice((m * world + acc.process_index) * per, (m * world + acc.process_index + 1) * per)
-                    for m in range(gas)]
+            rank = accelerator.process_index
+            mine = [slice((m * world + rank) * per, (m * world + rank + 1) * per) for m in range(gas)]
             target_mask = mask[:, 1:]  # (G, SEQ-1) the predicted tokens
             local_tokens = sum(target_mask[s].sum() for s in mine)
-            norm = loss_normaliser(acc, local_tokens)
+            norm = loss_normaliser(accelerator, local_tokens)
             loss_sum = torch.zeros((), dtype=torch.float64)
             for s in mine:
-                with acc.accumulate(model):
-                    logits = model(input_ids=ids[s].to(acc.device), attention_mask=mask[s].to(acc.device)).logits
-                    logp = logprobs_from_logits(logits[:, :-1].float(), ids[s, 1:].to(acc.device))  # (B, SEQ-1)
-                    loss = aggregate_loss(-logp, target_mask[s].to(acc.device), "token-mean", num_tokens=norm)
-                    backward(acc, model, opt, constant, loss, max_grad_norm=0.0)
-                    loss_sum += (-logp * target_mask[s].to(acc.device)).sum().detach().double().cpu()
-            global_loss = (reduce_sum(acc, loss_sum) / reduce_sum(acc, local_tokens)).item()
+                with accelerator.accumulate(model):
+                    logits = model(input_ids=ids[s].to(accelerator.device),
+                                   attention_mask=mask[s].to(accelerator.device)).logits
+                    logp = logprobs_from_logits(logits[:, :-1].float(), ids[s, 1:].to(accelerator.device))  # (B, SEQ-1)
+                    loss = aggregate_loss(-logp, target_mask[s].to(accelerator.device), "token-mean", num_tokens=norm)
+                    backward(accelerator, model, opt, constant, loss, max_grad_norm=0.0)
+                    loss_sum += (-logp * target_mask[s].to(accelerator.device)).sum().detach().double().cpu()
+            global_loss = (reduce_sum(accelerator, loss_sum) / reduce_sum(accelerator, local_tokens)).item()
             run.log(step + 1, {"loss/sft": global_loss})
             if args.save_steps and (step + 1) % args.save_steps == 0 and step + 1 < args.steps:
-                with checkpoint(acc, run, step + 1) as d:
-                    acc.save_state(str(d))
-                    save_state(Path(d) / f"toy_state_{acc.process_index}.pt", {"step": step + 1})
+                with checkpoint(accelerator, run, step + 1) as d:
+                    accelerator.save_state(str(d))
+                    save_state(Path(d) / f"toy_state_{accelerator.process_index}.pt", {"step": step + 1})
 
     def resume(path) -> int:
         run.close()  # the metrics file is rewritten by truncate_metrics; reopen it afterwards
-        acc.load_state(str(path))
-        first = load_state(Path(path) / f"toy_state_{acc.process_index}.pt")["step"]
+        accelerator.load_state(str(path))
+        first = load_state(Path(path) / f"toy_state_{accelerator.process_index}.pt")["step"]
         run.truncate_metrics(Path(path))
         return first
 
     train_steps(resume(run.resume_path()) if run.resume_path() else 0, args.steps)
     result = {"world": world, "losses": [r["loss/sft"] for r in read_jsonl(Path(args.out) / "metrics.jsonl")]
-              if acc.is_main_process else []}
+              if accelerator.is_main_process else []}
     if args.check_resume:
         # load the mid-run checkpoint into the live engine and redo the rest: must land on the same weights
-        straight = consolidated_state_dict(acc, model)
+        straight = consolidated_state_dict(accelerator, model)
         ckpt = checkpoint_dirs(args.out)[-1]
-        acc.wait_for_everyone()
+        accelerator.wait_for_everyone()
         train_steps(resume(ckpt), args.steps)
-        resumed = consolidated_state_dict(acc, model)
-        if acc.is_main_process:
+        resumed = consolidated_state_dict(accelerator, model)
+        if accelerator.is_main_process:
             result["resumed_from"] = ckpt.name
             result["resume_max_abs_diff"] = max((straight[k] - resumed[k]).abs().max().item() for k in straight)
             result["losses_resumed"] = [r["loss/sft"] for r in read_jsonl(Path(args.out) / "metrics.jsonl")]
     if args.generate:
         model.eval()
-        prompt = torch.tensor([[1, 5, 9, 13]], device=acc.device)
+        prompt = torch.tensor([[1, 5, 9, 13]], device=accelerator.device)
         import contextlib
 
-        counter = ZeroGatherCounter() if is_zero3(acc) else contextlib.nullcontext()
-        with counter, torch.no_grad(), gathered_for_generation(acc, model) as unwrapped:
+        counter = ZeroGatherCounter() if is_zero3(accelerator) else contextlib.nullcontext()
+        with counter, torch.no_grad(), gathered_for_generation(accelerator, model) as unwrapped:
             out = unwrapped.generate(prompt, max_new_tokens=args.generate, do_sample=False,
                                      min_new_tokens=args.generate, pad_token_id=0)
         result["generated"] = out[0].tolist()
         result["gathers_during_generate"] = getattr(counter, "count", None)
         # the same model with DeepSpeed's per-layer hooks left in place: one gather per layer per token
-        if is_zero3(acc):
+        if is_zero3(accelerator):
             with ZeroGatherCounter() as naive, torch.no_grad():
-                out2 = acc.unwrap_model(model).generate(prompt, max_new_tokens=args.generate, do_sample=False,
+                out2 = accelerator.unwrap_model(model).generate(prompt, max_new_tokens=args.generate, do_sample=False,
                                                         min_new_tokens=args.generate, pad_token_id=0,
                                                         synced_gpus=world > 1)
             result["gathers_naive"] = naive.count
             result["generated_naive"] = out2[0].tolist()
-    save_hf_model(acc, model, Path(args.out) / "model")
-    if acc.is_main_process:
+    save_hf_model(accelerator, model, Path(args.out) / "model")
+    if accelerator.is_main_process:
         (Path(args.out) / "result.json").write_text(json.dumps(result))
     run.close()
-    acc.wait_for_everyone()
+    accelerator.wait_for_everyone()
 
 
 if __name__ == "__main__":
