@@ -34,6 +34,7 @@ from .masked import (
     masked_var,
     masked_whiten,
 )
+from .preference import dpo_loss, pair_losses, plackett_luce_nll, ranked_pairs
 from .trust_region import (
     backtracking_line_search,
     conjugate_gradient,
@@ -56,6 +57,7 @@ __all__ = [
     "clip_fraction",
     "conjugate_gradient",
     "discounted_returns",
+    "dpo_loss",
     "dqn_target",
     "dueling_q",
     "entropy_from_logits",
@@ -75,9 +77,12 @@ __all__ = [
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "pair_losses",
     "per_token_rewards",
+    "plackett_luce_nll",
     "policy_gradient_loss",
     "ppo_clip_loss",
+    "ranked_pairs",
     "ranking_loss",
     "set_flat_params",
     "td_loss",

@@ -1,0 +1,131 @@
+"""Direct preference losses: DPO and its variants on pairwise preferences or K-wise rankings.
+
+Every loss works on sequence log-probabilities of K responses per prompt and their ranks (0 = best,
+ties allowed, rank < 0 marks padding), as :func:`rlhf.core.ranking_loss` does: pairwise data is
+K = 2. The implicit reward of a response is r = beta * (logp - ref_logp) (beta * logp without a
+reference); a pair (i, j) with rank_i < rank_j has margin d = r_i - r_j. Pair losses are averaged
+over the ordered pairs of a prompt (ties skipped), then over the prompts that have a pair: every
+prompt weighs the same, whatever its K.
+
+References:
+- Rafailov et al. 2023, "Direct Preference Optimization" (DPO, eq. 7; Plackett-Luce, appendix A.3 eq. 20).
+- Mitchell 2023, "A note on DPO with noisy preferences" (cDPO: label smoothing);
+  Chowdhury et al. 2024, "Provably Robust DPO" (eq. 9: the unbiased loss under label flips).
+- Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human Preferences" (IPO, eq. 17).
+- Zhao et al. 2023, "SLiC-HF" (hinge loss); Meng et al. 2024, "SimPO" (eq. 6: length-normalised,
+  reference-free, target margin gamma).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+PAIR_LOSSES = ("sigmoid", "robust", "ipo", "hinge", "simpo")
+LOSS_TYPES = PAIR_LOSSES + ("plackett_luce",)
+
+
+def _d(x: torch.Tensor) -> torch.Tensor:
+    return x.detach()
+
+
+def ranked_pairs(ranks: torch.Tensor) -> torch.Tensor:
+    """Ordered pairs (i, j) of each prompt with i ranked strictly better than j, both real responses.
+
+    Shapes: ranks (B, K) int, 0 = best, < 0 padding; returns (B, K, K) bool.
+    """
+    valid = ranks >= 0
+    return (ranks.unsqueeze(2) < ranks.unsqueeze(1)) & valid.unsqueeze(2) & valid.unsqueeze(1)
+
+
+def pair_losses(margins: torch.Tensor, loss_type: str = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0,
+                simpo_gamma: float = 0.5) -> torch.Tensor:
+    """Loss of each preferred-over-dispreferred pair from its reward margin d = r_better - r_worse.
+
+    sigmoid (DPO eq. 7, cDPO with label smoothing eps): -(1 - eps) log sigma(d) - eps log sigma(-d);
+    robust (rDPO eq. 9): ((1 - eps) (-log sigma(d)) - eps (-log sigma(-d))) / (1 - 2 eps);
+    ipo (IPO eq. 17, h = d / beta the log-ratio difference): (h - 1 / (2 beta))^2;
+    hinge (SLiC): max(0, 1 - d); simpo (SimPO eq. 6, with cDPO's smoothing): sigmoid on d - gamma.
+
+    Shapes: margins (...) float; returns (...) float.
+    """
+    eps = label_smoothing
+    if loss_type == "sigmoid":
+        return -(1 - eps) * F.logsigmoid(margins) - eps * F.logsigmoid(-margins)
+    if loss_type == "robust":
+        return (-(1 - eps) * F.logsigmoid(margins) + eps * F.logsigmoid(-margins)) / (1 - 2 * eps)
+    if loss_type == "ipo":
+        return (margins / beta - 1 / (2 * beta)) ** 2
+    if loss_type == "hinge":
+        return torch.relu(1 - margins)
+    if loss_type == "simpo":
+        m = margins - simpo_gamma
+        return -(1 - eps) * F.logsigmoid(m) - eps * F.logsigmoid(-m)
+    raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
+
+
+def plackett_luce_nll(rewards: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of each prompt's ranking under Plackett-Luce with weights exp(reward).
+
+    DPO appendix A.3, eq. 20: -sum_k log(exp(r_(k)) / sum_{l >= k} exp(r_(l))), responses in rank order.
+    Ties use Breslow's rule (each tied response competes against every response ranked at or below
+    it); the responses of the worst rank choose nothing and add no term. With K = 2 and no tie it
+    is -log sigma(r_0 - r_1), the DPO loss.
+
+    Shapes: rewards (B, K) float, ranks (B, K) int (0 = best, < 0 padding); returns (B,) float.
+    """
+    valid = ranks >= 0  # (B, K)
+    at_or_below = (ranks.unsqueeze(1) >= ranks.unsqueeze(2)) & valid.unsqueeze(1)  # (B, K, K): [i, j] rank_j >= rank_i
+    denom = torch.logsumexp(rewards.unsqueeze(1).masked_fill(~at_or_below, float("-inf")), dim=2)  # (B, K)
+    worst = ranks.masked_fill(~valid, -1).max(dim=1, keepdim=True).values  # (B, 1)
+    chooses = valid & (ranks < worst)  # (B, K)
+    return torch.where(chooses, denom - rewards, torch.zeros_like(rewards)).sum(dim=1)
+
+
+def dpo_loss(
+    logps: torch.Tensor,
+    ref_logps: torch.Tensor | None,
+    ranks: torch.Tensor,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.5,
+) -> tuple[torch.Tensor, dict]:
+    """DPO-family loss of K ranked responses per prompt: mean over prompts of the mean pair loss
+    (or of the Plackett-Luce negative log-likelihood with ``loss_type="plackett_luce"``).
+
+    Rewards r = beta * (logps - ref_logps), or beta * logps when ``ref_logps`` is None (reference-free,
+    SimPO). The caller picks the sequence log-prob: the sum over completion tokens (DPO), or their
+    mean (IPO, SimPO). Pair losses: :func:`pair_losses`; K-wise: every ordered pair with
+    rank_i < rank_j (ties skipped), as InstructGPT's reward model (Ouyang et al. 2022, eq. 1).
+    Metrics (TRL's names), per-prompt pair means averaged over prompts: ``rewards/chosen`` and
+    ``rewards/rejected`` (r of the better / worse response), ``rewards/margins``,
+    ``rewards/accuracies`` (share of pairs with r_better > r_worse), ``logps/chosen``, ``logps/rejected``.
+
+    Shapes: logps, ref_logps (B, K) float, ranks (B, K) int (0 = best, < 0 padding); returns (loss, metrics).
+    """
+    rewards = beta * (logps - ref_logps) if ref_logps is not None else beta * logps  # (B, K)
+    pairs = ranked_pairs(ranks).to(logps.dtype)  # (B, K, K)
+    n_pairs = pairs.sum(dim=(1, 2))  # (B,)
+    has_pairs = (n_pairs > 0).to(logps.dtype)  # (B,)
+    n_prompts = has_pairs.sum().clamp_min(1)
+    margins = rewards.unsqueeze(2) - rewards.unsqueeze(1)  # (B, K, K): r_i - r_j
+
+    def per_prompt_mean(x):  # (B, K, K) over each prompt's pairs -> mean over prompts
+        return ((x * pairs).sum(dim=(1, 2)) / n_pairs.clamp_min(1)).sum() / n_prompts
+
+    if loss_type == "plackett_luce":
+        loss = (plackett_luce_nll(rewards, ranks) * has_pairs).sum() / n_prompts
+    else:
+        loss = per_prompt_mean(pair_losses(margins, loss_type, beta, label_smoothing, simpo_gamma))
+    better, worse = rewards.unsqueeze(2).expand_as(margins), rewards.unsqueeze(1).expand_as(margins)
+    metrics = {
+        "loss/dpo": _d(loss),
+        "rewards/chosen": _d(per_prompt_mean(better)),
+        "rewards/rejected": _d(per_prompt_mean(worse)),
+        "rewards/margins": _d(per_prompt_mean(margins)),
+        "rewards/accuracies": _d(per_prompt_mean((margins > 0).to(logps.dtype))),
+        "logps/chosen": _d(per_prompt_mean(logps.unsqueeze(2).expand_as(margins))),
+        "logps/rejected": _d(per_prompt_mean(logps.unsqueeze(1).expand_as(margins))),
+    }
+    return loss, metrics

@@ -1,0 +1,130 @@
+"""DPO-family losses against naive references: Python loops over prompts and pairs, math.* closed forms."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from rlhf.core import dpo_loss, pair_losses, plackett_luce_nll, ranked_pairs
+
+torch.set_num_threads(1)
+
+
+def _logsig(x):
+    return -math.log1p(math.exp(-x)) if x > 0 else x - math.log1p(math.exp(x))
+
+
+def naive_pair_loss(d, loss_type, beta, eps, gamma):
+    if loss_type == "sigmoid":
+        return -(1 - eps) * _logsig(d) - eps * _logsig(-d)
+    if loss_type == "robust":
+        return ((1 - eps) * -_logsig(d) - eps * -_logsig(-d)) / (1 - 2 * eps)
+    if loss_type == "ipo":
+        return (d / beta - 1 / (2 * beta)) ** 2
+    if loss_type == "hinge":
+        return max(0.0, 1 - d)
+    if loss_type == "simpo":
+        return -(1 - eps) * _logsig(d - gamma) - eps * _logsig(gamma - d)
+    raise AssertionError(loss_type)
+
+
+def naive_dpo(logps, ref_logps, ranks, beta, loss_type, eps=0.0, gamma=0.5):
+    """Loop: per prompt, mean over pairs (i better than j) of the pair loss; mean over prompts with a pair."""
+    per_prompt, acc = [], []
+    for b in range(len(ranks)):
+        losses, right = [], []
+        for i, j in itertools.permutations(range(len(ranks[b])), 2):
+            if ranks[b][i] < 0 or ranks[b][j] < 0 or not ranks[b][i] < ranks[b][j]:
+                continue
+            ri = beta * (logps[b][i] - (ref_logps[b][i] if ref_logps is not None else 0.0))
+            rj = beta * (logps[b][j] - (ref_logps[b][j] if ref_logps is not None else 0.0))
+            losses.append(naive_pair_loss(ri - rj, loss_type, beta, eps, gamma))
+            right.append(float(ri > rj))
+        if losses:
+            per_prompt.append(sum(losses) / len(losses))
+            acc.append(sum(right) / len(right))
+    return sum(per_prompt) / len(per_prompt), sum(acc) / len(acc)
+
+
+def naive_plackett_luce(rewards, order):
+    """-log P(order) for a strict order (best first): the product of successive softmax choices."""
+    nll = 0.0
+    for k in range(len(order)):
+        rest = [rewards[j] for j in order[k:]]
+        nll -= rewards[order[k]] - math.log(sum(math.exp(r) for r in rest))
+    return nll
+
+
+RANKS = [[0, 1, 2, -1], [2, 0, 1, 1], [0, 0, 1, 3], [1, 1, 1, 1]]  # padding, a tie, K = 3 / 4, all tied
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "robust", "ipo", "hinge", "simpo"])
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+@pytest.mark.parametrize("reference_free", [False, True])
+def test_dpo_loss_matches_loops(loss_type, eps, reference_free):
+    g = torch.Generator().manual_seed(0)
+    logps = -5 * torch.rand(4, 4, generator=g, dtype=torch.float64)
+    ref = None if reference_free else -5 * torch.rand(4, 4, generator=g, dtype=torch.float64)
+    ranks = torch.tensor(RANKS)
+    loss, m = dpo_loss(logps, ref, ranks, beta=0.7, loss_type=loss_type, label_smoothing=eps, simpo_gamma=0.3)
+    want, want_acc = naive_dpo(logps.tolist(), None if ref is None else ref.tolist(), RANKS, 0.7, loss_type, eps, 0.3)
+    assert math.isclose(float(loss), want, rel_tol=1e-10)
+    assert math.isclose(float(m["rewards/accuracies"]), want_acc, rel_tol=1e-10)
+
+
+def test_pairwise_dpo_is_the_paper_loss_and_metrics():
+    """K = 2: -log sigma(beta * ((pi_c - ref_c) - (pi_r - ref_r))), averaged over pairs; TRL's metrics."""
+    pc, pr = torch.tensor([-3.0, -2.0, -7.0]), torch.tensor([-4.0, -1.0, -6.5])
+    rc, rr = torch.tensor([-3.5, -2.5, -6.0]), torch.tensor([-3.0, -1.5, -6.0])
+    beta = 0.5
+    loss, m = dpo_loss(torch.stack([pc, pr], 1), torch.stack([rc, rr], 1), torch.tensor([[0, 1]] * 3), beta=beta)
+    h = (pc - rc) - (pr - rr)
+    assert torch.allclose(loss, -torch.nn.functional.logsigmoid(beta * h).mean())
+    assert torch.allclose(m["rewards/chosen"], (beta * (pc - rc)).mean())
+    assert torch.allclose(m["rewards/rejected"], (beta * (pr - rr)).mean())
+    assert torch.allclose(m["rewards/margins"], (beta * h).mean())
+    assert torch.allclose(m["rewards/accuracies"], (h > 0).float().mean())
+    assert torch.allclose(m["logps/chosen"], pc.mean()) and torch.allclose(m["logps/rejected"], pr.mean())
+
+
+def test_robust_without_smoothing_is_sigmoid_and_ipo_is_minimal_at_its_target():
+    d = torch.linspace(-3, 3, 7)
+    assert torch.allclose(pair_losses(d, "robust"), pair_losses(d, "sigmoid"))
+    beta = 0.25
+    assert float(pair_losses(torch.tensor(0.5), "ipo", beta=beta)) == 0.0  # h = d / beta = 1 / (2 beta)
+    with pytest.raises(ValueError, match="loss_type"):
+        pair_losses(d, "nope")
+
+
+def test_plackett_luce_strict_orders_match_the_product_formula():
+    g = torch.Generator().manual_seed(1)
+    rewards = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    ranks = torch.stack([torch.randperm(4, generator=g) for _ in range(6)])
+    got = plackett_luce_nll(rewards, ranks)
+    for b in range(6):
+        order = sorted(range(4), key=lambda i: int(ranks[b, i]))
+        assert math.isclose(float(got[b]), naive_plackett_luce(rewards[b].tolist(), order), rel_tol=1e-10)
+
+
+def test_plackett_luce_ties_padding_and_k2():
+    r = [0.3, -1.0, 2.0, 0.5]
+    # ranks 0, 1, 1, 2: the tied pair each competes against {1, 2, 3}; the worst adds nothing (Breslow)
+    ex = lambda i, js: math.log(sum(math.exp(r[j]) for j in js)) - r[i]  # noqa: E731
+    want = ex(0, [0, 1, 2, 3]) + ex(1, [1, 2, 3]) + ex(2, [1, 2, 3])
+    got = plackett_luce_nll(torch.tensor([r], dtype=torch.float64), torch.tensor([[0, 1, 1, 2]]))
+    assert math.isclose(float(got[0]), want, rel_tol=1e-10)
+    # padding (rank -1) is ignored: the same as the 3-response prompt
+    pad = plackett_luce_nll(torch.tensor([[0.3, 7.0, -1.0, 2.0]], dtype=torch.float64), torch.tensor([[0, -1, 1, 2]]))
+    strict = plackett_luce_nll(torch.tensor([[0.3, -1.0, 2.0]], dtype=torch.float64), torch.tensor([[0, 1, 2]]))
+    assert torch.allclose(pad, strict)
+    # K = 2: the DPO (sigmoid) loss
+    logps, ref, ranks = torch.tensor([[-1.0, -2.0], [-3.0, -1.5]]), torch.zeros(2, 2), torch.tensor([[0, 1], [1, 0]])
+    pl, _ = dpo_loss(logps, ref, ranks, beta=0.3, loss_type="plackett_luce")
+    sig, _ = dpo_loss(logps, ref, ranks, beta=0.3, loss_type="sigmoid")
+    assert torch.allclose(pl, sig)
+
+
+def test_ranked_pairs_skip_ties_and_padding():
+    pairs = ranked_pairs(torch.tensor([[0, 1, 1, -1]]))[0]
+    assert sorted(map(tuple, pairs.nonzero().tolist())) == [(0, 1), (0, 2)]
