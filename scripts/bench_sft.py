@@ -25,7 +25,8 @@ def run_ours(steps: int, batch: int, seed: int, out: Path) -> tuple[float, float
     from rlhf.runtime import make_config
 
     cfg = make_config(sft.Config, dict(output_dir=str(out), max_steps=steps, per_device_train_batch_size=batch,
-                                       num_train_examples=steps * batch, learning_rate=3e-3, lr_scheduler_type="constant",
+                                       num_train_examples=steps * batch, learning_rate=3e-3,
+                                       lr_scheduler_type="constant",
                                        warmup_ratio=0.0, num_eval_prompts=0, num_eval_examples=0, eval_pass_at_k=0,
                                        progress=False, report_to="none", seed=seed, overwrite=True))
     t0 = time.perf_counter()

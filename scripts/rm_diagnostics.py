@@ -37,10 +37,12 @@ def pair_rows(num_prompts: int, seed: int) -> dict[str, list[dict]]:
         right = arithmetic.gold_answer(p)
         s = int(right)
         if arithmetic.has_carry(p):
-            rows["right > dropped carry"].append({"prompt": p, "chosen": right, "rejected": arithmetic.dropped_carry_answer(p)})
+            dropped = arithmetic.dropped_carry_answer(p)
+            rows["right > dropped carry"].append({"prompt": p, "chosen": right, "rejected": dropped})
         else:
             rows["right > added carry"].append({"prompt": p, "chosen": right, "rejected": str(s + 10)})
-        rows["right > off by one"].append({"prompt": p, "chosen": right, "rejected": str(s + 1 if rng.random() < 0.5 or s == 0 else s - 1)})
+        off_by_one = s + 1 if rng.random() < 0.5 or s == 0 else s - 1
+        rows["right > off by one"].append({"prompt": p, "chosen": right, "rejected": str(off_by_one)})
         far = s
         while abs(far - s) <= 10:
             far = int(rng.integers(0, 199))
@@ -82,7 +84,8 @@ def main() -> None:
     print("|---|" + "---|" * (len(names) + 1))
     for m in args.models:
         d = diagnose(m, rows)
-        print(f"| {m} | " + " | ".join(f"{100 * d[n]:.1f}%" for n in names) + f" | {d['right > dropped carry margin']:.3f} |")
+        shares = " | ".join(f"{100 * d[n]:.1f}%" for n in names)
+        print(f"| {m} | {shares} | {d['right > dropped carry margin']:.3f} |")
 
 
 if __name__ == "__main__":

@@ -42,8 +42,10 @@ def dir_files():
 @pytest.fixture
 def untimed():
     """`untimed(rows)`: metric rows (or summaries) without their timings, which differ between any two runs."""
-    return lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/") and not k.endswith(("per_s", "time_s"))}
-                         for r in rows]
+    def timed(key):
+        return key.startswith("time/") or key.endswith(("per_s", "time_s"))
+
+    return lambda rows: [{k: v for k, v in r.items() if not timed(k)} for r in rows]
 
 
 @pytest.fixture

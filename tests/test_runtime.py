@@ -36,7 +36,8 @@ def test_defaults_yaml_cli_precedence(tmp_path):
     assert cfg.dueling == "mean"  # command line over YAML
     assert cfg.double_q is True and cfg.total_timesteps == 5000
     assert cfg.lora_target_modules == ["q_proj", "v_proj"]
-    assert parse_config(DemoConfig, ["--lora_target_modules", "a,b", "--total_timesteps", "1e5"]).lora_target_modules == ["a", "b"]
+    cfg = parse_config(DemoConfig, ["--lora_target_modules", "a,b", "--total_timesteps", "1e5"])
+    assert cfg.lora_target_modules == ["a", "b"]
     assert parse_config(DemoConfig, ["--total_timesteps", "1e5"]).total_timesteps == 100000
 
 
@@ -169,7 +170,8 @@ def test_replacing_a_checkpoint_is_crash_safe(tmp_path, monkeypatch):
     assert (latest / "extra.bin").read_bytes() == b"y" * 100
     with CheckpointWriter(tmp_path, 30, keep=0) as d:  # the next checkpoint clears what the crash left
         save_state(d / "state.pt", {"value": "next"})
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000010", "step-00000020", "step-00000030"]
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step-00000010", "step-00000020", "step-00000030"]
 
 
 def test_only_complete_checkpoints_are_accepted(tmp_path):

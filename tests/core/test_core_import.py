@@ -8,7 +8,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_import_is_light():
     code = (
         "import sys, rlhf.core; "
-        "heavy = [m for m in ('transformers', 'gymnasium', 'accelerate', 'datasets', 'deepspeed') if m in sys.modules]; "
+        "heavy = [m for m in ('transformers', 'gymnasium', 'accelerate', 'datasets', 'deepspeed') "
+        "if m in sys.modules]; "
         "print(heavy); sys.exit(1 if heavy else 0)"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
