@@ -1,4 +1,4 @@
-"""`rlhf sft|reward|ppo|grpo|pipeline|plot|configs ...` — one sub-command per stage.
+"""`rlhf sft|reward|dpo|ppo|grpo|pipeline|plot|configs ...` — one sub-command per stage.
 
 Each stage module exposes a `Config` dataclass and `train(cfg) -> summary dict`; this file only
 parses the command line into that config (defaults < --config YAML < --field value).
@@ -15,6 +15,8 @@ COMMANDS = {
     "sft": ("rlhf.sft", "Supervised fine-tuning on demonstrations."),
     "reward": ("rlhf.reward", "Train a reward model from pairwise preferences or K-wise rankings "
                "(`rlhf reward score ...` scores a file)."),
+    "dpo": ("rlhf.dpo", "DPO (and IPO, SimPO, Plackett-Luce...) on pairwise preferences or K-wise rankings: no reward "
+            "model, no generation."),
     "ppo": ("rlhf.ppo", "PPO against a reward model or reward functions, with a KL penalty to a frozen reference."),
     "grpo": ("rlhf.grpo", "GRPO: group-normalised advantages, no critic."),
     "pipeline": ("rlhf.pipeline", "SFT -> rankings -> reward model -> PPO and GRPO, with a report."),

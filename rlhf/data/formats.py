@@ -182,7 +182,8 @@ def ranking_group(row: dict, fmt: str, where: str) -> tuple[str, list[str], list
 
 
 def tokenize_rankings(rows, tokenizer, max_length: int, source: str = "data") -> Tokenized:
-    """Each row -> {"input_ids": K lists, "ranks": K ints}; a group with any response over `max_length` is dropped."""
+    """Each row -> {"input_ids": K lists, "ranks": K ints, "prompt_len": tokens of the prompt (the same in each)};
+    a group with any response over `max_length` is dropped."""
     fmt = ranking_format(rows.column_names, source)
     where = Locator(source)
     examples, dropped, ties = [], 0, 0
@@ -191,11 +192,12 @@ def tokenize_rankings(rows, tokenizer, max_length: int, source: str = "data") ->
         if len(set(ranks)) == 1:  # ties are skipped by the loss: such a row would only dilute the batch
             ties += 1
             continue
-        seqs = [tokenize_prompt_completion(tokenizer, prompt, c, chat=False)[0] for c in completions]
+        tokenized = [tokenize_prompt_completion(tokenizer, prompt, c, chat=False) for c in completions]
+        seqs = [ids for ids, _ in tokenized]
         if max(map(len, seqs)) > max_length:
             dropped += 1
             continue
-        examples.append({"input_ids": seqs, "ranks": ranks})
+        examples.append({"input_ids": seqs, "ranks": ranks, "prompt_len": tokenized[0][1]})
     if not examples:
         raise DataError(f"{source}: no usable ranking ({dropped} longer than max_length={max_length} tokens, "
                         f"{ties} with all responses tied)")

@@ -1,0 +1,297 @@
+"""`rlhf dpo`: Direct Preference Optimization of a causal LM on pairwise preferences or K-wise rankings.
+
+No reward model and no generation: the policy pi is trained so that its implicit reward
+r = beta * (log pi(y|x) - log pi_ref(y|x)) orders the responses as the data does (Rafailov et al.
+2023, eq. 7), pi_ref being the starting model (usually the SFT model). log pi(y|x) is the sum of
+the response tokens' log-probabilities (the mean for `ipo` and `simpo`, as TRL does).
+
+Data: the formats `rlhf reward` reads - `prompt` + `chosen` + `rejected`, or `prompt` + `completions` +
+`ranks` (0 = best, ties allowed) - checked the same way; without `--dataset_name` the built-in arithmetic
+rankings. A prompt's K responses go through the model once, in one (B*K, T) batch; the loss
+(`rlhf.core.dpo_loss`) averages over all C(K, 2) ordered pairs of each prompt (ties skipped), each
+prompt weighing the same, or is the Plackett-Luce listwise loss of the ranking (`loss_type:
+plackett_luce`, DPO appendix A.3). Pairwise data is K = 2, where every loss type is TRL's.
+
+Reference log-probs are computed once before training (`precompute_ref_log_probs`, one forward pass
+over the data) or per batch; with LoRA the reference is the model with its adapters disabled, without
+it a frozen copy (only when computed per batch: before training the policy is the reference).
+SimPO and `reference_free` use no reference at all.
+
+Order of work: config -> tokenizer, data (all checks) -> model -> reference log-probs -> run
+directory (a checkpoint is loaded only now, after the reference pass). Evaluation: held-out
+preference accuracy (share of pairs the implicit reward orders as the held-out ranking does; on
+the built-in task, gold-ranked candidates of held-out prompts) and, on the built-in arithmetic task,
+greedy accuracy on held-out prompts (`eval/accuracy`, as SFT, PPO and GRPO report it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlhf.core import dpo_loss, logprobs_from_logits, ranked_pairs
+from rlhf.core.preference import LOSS_TYPES
+from rlhf.data import collate_rankings
+from rlhf.distributed import (gather_objects, gathered_for_generation, loss_normaliser, prepare_frozen, reduce_sum,
+                              save_hf_model, unwrap)
+from rlhf.models import disable_dropout, load_causal_lm, load_tokenizer
+from rlhf.reward import load_groups, prompts_with_pairs  # the rankings `rlhf reward` trains on, read the same way
+from rlhf.runtime import Timer, arg, check, command_name, progress, resolve_checkpoint, seed_everything
+from rlhf.tasks import arithmetic
+from rlhf.training import (TrainingConfig, backward, due, end_step, epoch_steps, lora, open_run, prepare_training,
+                           save_checkpoint, setup_accelerator, step_batches)
+
+
+@dataclass
+class Config(TrainingConfig):
+    """Direct Preference Optimization (DPO and variants) on pairwise preferences or K-wise rankings."""
+
+    output_dir: str = arg("runs/dpo", "Run directory; the final model goes to output_dir/model.")
+    model_name_or_path: str = arg("builtin:tiny", "Causal LM to train, usually the SFT model; also the reference.")
+    dataset_name: str = arg("", "Hub name or local json/jsonl/parquet/csv file with `prompt`+`chosen`+`rejected` or "
+                                "`prompt`+`completions`+`ranks`; empty: generate built-in arithmetic rankings.")
+    dataset_split: str = arg("train", "Split of `dataset_name` (hub datasets and directories).")
+    eval_dataset_name: str = arg("", "Held-out rankings (same formats); built-in task: held-out prompts by gold score.")
+    num_train_prompts: int = arg(4000, "Built-in task: prompts to rank.")
+    completions_per_prompt: int = arg(4, "Built-in task: K, the candidate answers ranked per prompt.")
+    labeller_noise: float = arg(0.5, "Built-in task: labeller temperature (see `rlhf reward`); 0 ranks by gold score.")
+    sampler_model: str = arg("", "Built-in task: sample the K candidates from this causal LM instead.")
+    max_length: int = arg(64, "Longest prompt + response in tokens; longer rankings are dropped (in summary.json).")
+    loss_type: str = arg("sigmoid", "sigmoid (DPO; cDPO with label_smoothing), robust (rDPO), ipo, hinge (SLiC), "
+                                    "simpo (reference-free, length-normalised), plackett_luce (listwise "
+                                    "rankings).", choices=LOSS_TYPES)
+    beta: float = arg(0.1, "Scale of the implicit reward beta * (log pi - log pi_ref) (IPO: its tau).")
+    label_smoothing: float = arg(0.0, "Assumed share of flipped labels eps (sigmoid: cDPO, robust: rDPO, simpo).")
+    simpo_gamma: float = arg(0.5, "SimPO's target reward margin gamma.")
+    reference_free: bool = arg(False, "No reference: rewards beta * log pi (simpo always is).")
+    precompute_ref_log_probs: bool = arg(True, "Reference log-probs once before training (one pass over the data); "
+                                               "false: per batch (a frozen copy, or LoRA adapters off).")
+    num_train_epochs: float = arg(1.0, "Passes over the rankings (the budget, unless max_steps is smaller).")
+    max_steps: int = arg(-1, "Cap on optimizer steps (-1: no cap).")
+    per_device_train_batch_size: int = arg(16, "Prompts (each with its K responses) per micro-batch on each process.")
+    learning_rate: float = arg(1e-4, "Peak learning rate (AdamW).")
+    eval_steps: int = arg(0, "Evaluate every this many steps (0: only at the end).")
+    num_eval_prompts: int = arg(500, "Built-in task: held-out prompts whose candidates are ranked by the gold score.")
+    num_greedy_eval_prompts: int = arg(500, "Held-out arithmetic prompts answered greedily for eval/accuracy (the "
+                                            "built-in task's data, as the pipeline's; 0: skip, e.g. for other data).")
+    per_device_eval_batch_size: int = arg(64, "Prompts per evaluation batch.")
+
+    def __post_init__(self):
+        check(self.max_length >= 8, "max_length", f"must be at least 8, got {self.max_length}")
+        super().__post_init__()
+        check(self.beta > 0, "beta", "must be positive")
+        check(0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
+        check(self.label_smoothing == 0 or self.loss_type in ("sigmoid", "robust", "simpo"), "label_smoothing",
+              f"applies to loss_type sigmoid, robust or simpo, not {self.loss_type}")
+        check(self.num_train_epochs > 0, "num_train_epochs", "must be positive")
+        check(self.max_steps == -1 or self.max_steps > 0, "max_steps", "must be -1 (no cap) or positive")
+        check(self.per_device_train_batch_size > 0, "per_device_train_batch_size", "must be positive")
+        check(self.num_train_prompts > 0, "num_train_prompts", "must be positive")
+        check(2 <= self.completions_per_prompt <= 10, "completions_per_prompt", "must be between 2 and 10")
+        check(self.labeller_noise >= 0, "labeller_noise", "must be >= 0")
+        check(min(self.eval_steps, self.num_eval_prompts, self.num_greedy_eval_prompts) >= 0, "eval_steps",
+              "eval_steps, num_eval_prompts and num_greedy_eval_prompts must be >= 0")
+
+    @property
+    def uses_reference(self) -> bool:
+        return not (self.reference_free or self.loss_type == "simpo")
+
+    @property
+    def length_normalised(self) -> bool:
+        return self.loss_type in ("ipo", "simpo")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: rankings as `rlhf reward` reads them, plus each response's reference log-prob
+# ---------------------------------------------------------------------------------------------
+
+
+def collate(groups: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """`collate_rankings`, with the groups' precomputed reference log-probs as ref_logps (B, K) when they have them."""
+    batch = collate_rankings(groups, pad_token_id)
+    if "ref_logps" in groups[0]:
+        ref = torch.zeros(batch["ranks"].shape, dtype=torch.float32)  # (B, K)
+        for b, g in enumerate(groups):
+            ref[b, :len(g["ref_logps"])] = torch.tensor(g["ref_logps"])
+        batch["ref_logps"] = ref
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Log-probs, the reference
+# ---------------------------------------------------------------------------------------------
+
+
+def response_logps(model, batch: dict, mean: bool) -> torch.Tensor:
+    """Log-prob (B, K) of each response given its prompt: the sum over its tokens (EOS included), or the mean."""
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]  # (B*K, T)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B*K, T, V)
+    token_logp = logprobs_from_logits(logits[:, :-1], input_ids[:, 1:])  # (B*K, T-1): token t+1 given tokens <= t
+    position = torch.arange(1, input_ids.shape[1], device=input_ids.device)  # (T-1,): the predicted token's index
+    mask = (position >= batch["prompt_lens"].unsqueeze(1)) & attention_mask[:, 1:].bool()  # (B*K, T-1)
+    total = (token_logp * mask).sum(dim=1)  # (B*K,)
+    if mean:
+        total = total / mask.sum(dim=1).clamp_min(1)
+    return total.view(batch["ranks"].shape)  # (B, K)
+
+
+def load_reference(cfg: Config):
+    """A frozen copy of the starting model, only where one is needed: reference log-probs per batch without LoRA."""
+    if not cfg.uses_reference or cfg.precompute_ref_log_probs or cfg.use_peft:
+        return None
+    return disable_dropout(load_causal_lm(cfg.model_name_or_path)).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def reference_logps(accelerator, model, reference, batch: dict, cfg: Config) -> torch.Tensor:
+    """log pi_ref (B, K): the frozen copy, or the policy with LoRA adapters off, or (before training) the policy."""
+    if reference is not None:
+        with accelerator.autocast():
+            return response_logps(reference, batch, cfg.length_normalised)
+    unwrapped = unwrap(accelerator, model)
+    off = unwrapped.disable_adapter() if cfg.use_peft else contextlib.nullcontext()
+    with off, accelerator.autocast():
+        return response_logps(unwrapped, batch, cfg.length_normalised)
+
+
+def add_reference_logps(accelerator, model, groups: list[dict], cfg: Config, pad_token_id: int) -> None:
+    """Store each group's reference log-probs (`ref_logps`, K floats) in place; call before the first update,
+    while the policy is still the reference.
+
+    Batches are fixed slices of `groups`, dealt to processes in turn, so the numbers do not depend on
+    the number of processes; under ZeRO-3 with the weights gathered once (processes may get different
+    numbers of batches).
+    """
+    bs = cfg.per_device_eval_batch_size
+    mine = []
+    was_training = model.training
+    model.eval()
+    with gathered_for_generation(accelerator, model) as unwrapped:
+        for start in range(accelerator.process_index * bs, len(groups), accelerator.num_processes * bs):
+            batch = {k: v.to(accelerator.device) for k, v in collate_rankings(groups[start:start + bs],
+                                                                               pad_token_id).items()}
+            ref = reference_logps(accelerator, unwrapped, None, batch, cfg)  # (B, K)
+            mine += [(start + b, ref[b, :len(groups[start + b]["ranks"])].tolist()) for b in range(ref.shape[0])]
+    model.train(was_training)
+    for i, ref in gather_objects(accelerator, mine):
+        groups[i]["ref_logps"] = ref
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss and evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+def batch_loss(accelerator, model, reference, batch: dict, cfg: Config) -> tuple[torch.Tensor, dict]:
+    with accelerator.autocast():
+        logps = response_logps(model, batch, cfg.length_normalised)  # (B, K)
+    ref = None
+    if cfg.uses_reference:
+        ref = batch["ref_logps"] if "ref_logps" in batch else reference_logps(accelerator, model, reference, batch,
+                                                                                cfg)
+    return dpo_loss(logps.float(), ref, batch["ranks"], beta=cfg.beta, loss_type=cfg.loss_type,
+                    label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma)
+
+
+@torch.no_grad()
+def evaluate(accelerator, model, tokenizer, eval_groups: list[dict] | None, cfg: Config) -> dict:
+    """Held-out preference accuracy and mean reward margin (pairs pooled), and greedy accuracy on the built-in task."""
+    metrics = {}
+    model.eval()
+    with gathered_for_generation(accelerator, model) as unwrapped:
+        if eval_groups:
+            correct = margin = n_pairs = 0.0
+            bs = cfg.per_device_eval_batch_size
+            for start in range(accelerator.process_index * bs, len(eval_groups), accelerator.num_processes * bs):
+                batch = {k: v.to(accelerator.device) for k, v in collate(eval_groups[start:start + bs],
+                                                                         tokenizer.pad_token_id).items()}
+                with accelerator.autocast():
+                    logps = response_logps(unwrapped, batch, cfg.length_normalised).float()  # (B, K)
+                rewards = cfg.beta * (logps - batch["ref_logps"] if cfg.uses_reference else logps)  # (B, K)
+                pairs = ranked_pairs(batch["ranks"]).float()  # (B, K, K)
+                diff = rewards.unsqueeze(2) - rewards.unsqueeze(1)  # (B, K, K): r_better - r_worse on pairs
+                correct += float(((diff > 0).float() * pairs).sum())
+                margin += float((diff * pairs).sum())
+                n_pairs += float(pairs.sum())
+            total = reduce_sum(accelerator, n_pairs).clamp_min(1)
+            metrics["eval/preference_accuracy"] = float(reduce_sum(accelerator, correct) / total)
+            metrics["eval/rewards/margins"] = float(reduce_sum(accelerator, margin) / total)
+        if cfg.num_greedy_eval_prompts > 0:
+            prompts = arithmetic.make_prompts(cfg.num_greedy_eval_prompts, cfg.seed, split="eval")
+            metrics.update(arithmetic.evaluate_policy(unwrapped, tokenizer, prompts, cfg.per_device_eval_batch_size))
+    model.train()
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def train(cfg: Config) -> dict:
+    accelerator = setup_accelerator(cfg)
+    seed_everything(cfg.seed, cfg.deterministic)
+    resume_dir = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir, command_name(cfg))
+    tokenizer = load_tokenizer(cfg.model_name_or_path)
+    groups, eval_groups, dropped = load_groups(cfg, tokenizer)
+    global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
+    total_steps = epoch_steps(cfg, len(groups), global_batch)
+
+    # TRL switches dropout off too: the policy and the reference then score a response the same way.
+    model = disable_dropout(lora(load_causal_lm(cfg.model_name_or_path,
+                                                gradient_checkpointing=cfg.gradient_checkpointing), cfg))
+    reference = load_reference(cfg)
+    model, optimizer, scheduler = prepare_training(accelerator, model, cfg, total_steps)
+    if reference is not None:
+        reference = prepare_frozen(accelerator, reference)
+    if cfg.uses_reference:  # the policy has not moved yet (a checkpoint loads below): it is the reference here
+        for data in ([groups] if cfg.precompute_ref_log_probs else []) + ([eval_groups] if eval_groups else []):
+            add_reference_logps(accelerator, model, data, cfg, tokenizer.pad_token_id)
+    state, _, run = open_run(cfg, accelerator, resume_dir, {"step": 0, "metrics": {}}, scheduler=scheduler)
+    start, metrics = state["step"], state["metrics"]  # the last step's metrics: summary.json's train/loss_last
+
+    def save(step):
+        save_checkpoint(run, accelerator, step, {"metrics": metrics}, scheduler=scheduler)
+
+    timer = Timer()
+    model.train()
+    bar = progress(total_steps, "dpo", enabled=cfg.progress and accelerator.is_main_process, initial=start)
+    for step in range(start, total_steps):
+        batches = step_batches(accelerator, cfg, step, groups, collate, tokenizer.pad_token_id)
+        # dpo_loss is a mean over the prompts of its batch; each micro-batch weighs its share of the prompts
+        # of the whole optimizer step, so accumulation and processes do not change the update.
+        local_prompts = [float(prompts_with_pairs(b["ranks"])) for b in batches]
+        n_prompts = float(loss_normaliser(accelerator, sum(local_prompts)))
+        sums, update = {}, {}
+        for batch, n_local in zip(batches, local_prompts):
+            with accelerator.accumulate(model):
+                loss, m = batch_loss(accelerator, model, reference, batch, cfg)
+                update = backward(accelerator, model, optimizer, scheduler, loss * (n_local / n_prompts),
+                                  cfg.max_grad_norm)
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * n_local / n_prompts
+        done = step + 1
+        metrics = {**{k: float(reduce_sum(accelerator, v)) for k, v in sums.items()}, **update,
+                   "train/epoch": done * global_batch / len(groups),
+                   "time/sps": (done - start) * global_batch / max(timer.elapsed(), 1e-9)}
+        if due(cfg.eval_steps, done, total_steps):
+            metrics.update(evaluate(accelerator, model, tokenizer, eval_groups, cfg))
+        end_step(run, bar, cfg, done, total_steps, metrics,
+                 ["loss/dpo", "rewards/accuracies", "eval/preference_accuracy", "eval/accuracy"], lambda: save(done))
+    bar.close()
+    train_seconds = timer.elapsed()
+    if start < total_steps:
+        save(total_steps)
+
+    final = evaluate(accelerator, model, tokenizer, eval_groups, cfg)
+    run.log(total_steps, final)
+    save_hf_model(accelerator, model, Path(cfg.output_dir) / "model", tokenizer, merge_lora=not cfg.save_adapter_only)
+    summary = {**final, "step": total_steps, "train/loss_last": metrics.get("loss/dpo"),
+               "train/rewards_accuracies_last": metrics.get("rewards/accuracies"),
+               "data/train_rankings": len(groups), **dropped, "time/train_s": train_seconds}
+    run.write_summary(summary)
+    run.close()
+    return summary

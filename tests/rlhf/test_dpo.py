@@ -1,0 +1,175 @@
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from rlhf import dpo
+from rlhf.core import dpo_loss
+from rlhf.runtime import ConfigError, make_config
+
+torch.set_num_threads(1)
+
+QUICK = dict(num_train_prompts=64, num_eval_prompts=0, num_greedy_eval_prompts=0, progress=False, report_to="none",
+             lr_scheduler_type="constant", warmup_ratio=0.0, learning_rate=3e-3)
+PAIRS = [{"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(a + b + 10)}
+         for a, b in [(1, 2), (17, 25), (40, 9), (8, 8)]]
+
+
+def _train(tmp_path, name, **kw):
+    cfg = make_config(dpo.Config, {**QUICK, "output_dir": str(tmp_path / name), **kw})
+    return dpo.train(cfg), load_file(tmp_path / name / "model" / "model.safetensors")
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_response_logps_and_loss_match_one_response_at_a_time(tmp_path, tiny_tokenizer):
+    """Batched K-wise log-probs (sum over the response's tokens and EOS) equal each response scored alone with
+    log_softmax; the loss then equals the paper's formula on those numbers."""
+    from rlhf.data import load_rows, tokenize_rankings
+    from rlhf.models import BUILTIN_TINY, load_causal_lm
+
+    torch.manual_seed(0)
+    model = load_causal_lm(BUILTIN_TINY).eval()
+    rows = [{"prompt": "12+30=", "completions": ["42", "4", "52"], "ranks": [0, 2, 1]},
+            {"prompt": "1+1=", "completions": ["2", "11"], "ranks": [0, 1]}]
+    groups = tokenize_rankings(load_rows(_jsonl(tmp_path / "k.jsonl", rows)), tiny_tokenizer, 64).examples
+    batch = dpo.collate(groups, tiny_tokenizer.pad_token_id)
+    with torch.no_grad():
+        got = dpo.response_logps(model, batch, mean=False)  # (2, 3)
+        got_mean = dpo.response_logps(model, batch, mean=True)
+    for b, row in enumerate(rows):
+        prompt_ids = tiny_tokenizer(row["prompt"])["input_ids"]
+        for k, c in enumerate(row["completions"]):
+            ids = prompt_ids + tiny_tokenizer(c, add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]
+            with torch.no_grad():
+                logp = F.log_softmax(model(input_ids=torch.tensor([ids])).logits[0], dim=-1)
+            terms = [float(logp[t - 1, ids[t]]) for t in range(len(prompt_ids), len(ids))]
+            assert float(got[b, k]) == pytest.approx(sum(terms), abs=1e-4)
+            assert float(got_mean[b, k]) == pytest.approx(sum(terms) / len(terms), abs=1e-5)
+    assert got[1, 2] == 0 and batch["ranks"][1, 2] == -1  # padding response
+    ref = got.detach() - torch.tensor([[0.5, -0.2, 0.1], [0.3, 0.0, 0.0]])  # logps - ref_logps
+    loss, _ = dpo_loss(got, got - (got - ref), batch["ranks"], beta=0.5)
+    r = 0.5 * (got - ref)
+    want = ((-F.logsigmoid(r[0, 0] - r[0, 2]) - F.logsigmoid(r[0, 0] - r[0, 1]) - F.logsigmoid(r[0, 2] - r[0, 1])) / 3
+            - F.logsigmoid(r[1, 0] - r[1, 1])) / 2
+    assert torch.allclose(loss, want, atol=1e-6)
+
+
+def test_each_response_goes_through_the_model_once_per_step(tmp_path, monkeypatch):
+    calls = []
+    original = dpo.response_logps
+
+    def counting(model, batch, mean):
+        calls.append(batch["input_ids"].shape[0])
+        return original(model, batch, mean)
+
+    monkeypatch.setattr(dpo, "response_logps", counting)
+    _train(tmp_path, "k4", max_steps=2, per_device_train_batch_size=4, completions_per_prompt=4, num_train_prompts=8)
+    assert calls == [32, 16, 16]  # the reference pass over the 8 rankings once, then 4 prompts x 4 responses per step
+    calls.clear()
+    _train(tmp_path, "fly", max_steps=2, per_device_train_batch_size=4, completions_per_prompt=4, num_train_prompts=8,
+           precompute_ref_log_probs=False)
+    assert calls == [16, 16, 16, 16]  # per step: the policy and the frozen reference
+
+
+def test_pairwise_and_k2_training_are_identical(tmp_path):
+    pw = _jsonl(tmp_path / "p.jsonl", PAIRS)
+    kw = _jsonl(tmp_path / "k.jsonl",
+                [{"prompt": r["prompt"], "completions": [r["chosen"], r["rejected"]], "ranks": [0, 1]} for r in PAIRS])
+    swapped = _jsonl(tmp_path / "s.jsonl",
+                     [{"prompt": r["prompt"], "completions": [r["rejected"], r["chosen"]], "ranks": [1, 0]} for r in PAIRS])
+    kw_ = dict(max_steps=2, per_device_train_batch_size=2, adam_epsilon=1.0, learning_rate=1.0)  # update ~ gradient
+    _, a = _train(tmp_path, "pw", dataset_name=pw, **kw_)
+    _, b = _train(tmp_path, "kw", dataset_name=kw, **kw_)
+    _, c = _train(tmp_path, "sw", dataset_name=swapped, **kw_)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+        assert torch.allclose(a[k], c[k], atol=1e-6), k  # the order of the responses does not matter
+
+
+@pytest.mark.parametrize("precompute", [True, False])
+def test_gradient_accumulation_1x8_equals_8x1(tmp_path, precompute):
+    # adam_epsilon=1 makes the update ~ lr * gradient, so float noise in tiny gradients is not blown up to +-lr
+    kw = dict(adam_epsilon=1.0, learning_rate=1.0, max_steps=2, precompute_ref_log_probs=precompute, beta=1.0)
+    _, a = _train(tmp_path, "a", per_device_train_batch_size=8, gradient_accumulation_steps=1, **kw)
+    _, b = _train(tmp_path, "b", per_device_train_batch_size=1, gradient_accumulation_steps=8, **kw)
+    _, c = _train(tmp_path, "c", per_device_train_batch_size=4, gradient_accumulation_steps=1, **{**kw, "max_steps": 4})
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    assert any(not torch.allclose(a[k], c[k], atol=1e-4) for k in a)  # the check can tell different updates apart
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "plackett_luce"])
+def test_resume_continues_exactly(tmp_path, loss_type):
+    kw = dict(max_steps=6, per_device_train_batch_size=4, save_steps=3, lr_scheduler_type="cosine", warmup_ratio=0.2,
+              loss_type=loss_type, beta=0.5)
+    _train(tmp_path, "run", **kw)
+    run = tmp_path / "run"
+    straight = load_file(run / "model" / "model.safetensors")
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    (run / "summary.json").unlink()
+    _, resumed = _train(tmp_path, "run", resume_from_checkpoint=str(run / "checkpoints" / "step-00000003"), **kw)
+    resumed_rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert [r["step"] for r in resumed_rows] == [r["step"] for r in rows]
+    for a, b in zip(rows, resumed_rows):
+        assert a.get("loss/dpo") == b.get("loss/dpo") and a.get("rewards/margins") == b.get("rewards/margins")
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k
+
+
+def test_lora_reference_is_the_model_with_adapters_off(tmp_path):
+    """With LoRA no reference copy is loaded; per-batch reference log-probs (adapters off) train as precomputed ones."""
+    kw = dict(use_peft=True, lora_dropout=0.0, max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2)
+    cfg = make_config(dpo.Config, {**QUICK, **kw, "precompute_ref_log_probs": False, "output_dir": str(tmp_path)})
+    assert dpo.load_reference(cfg) is None
+    a, wa = _train(tmp_path, "pre", **kw)
+    b, wb = _train(tmp_path, "fly", precompute_ref_log_probs=False, **kw)
+    assert a["train/loss_last"] == pytest.approx(b["train/loss_last"], abs=1e-5)
+    assert a["train/loss_last"] != pytest.approx(0.6931, abs=1e-4)  # the policy moved away from the reference
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+
+
+@pytest.mark.parametrize("loss_type", ["robust", "ipo", "hinge", "simpo"])
+def test_every_loss_type_trains_and_logs_trl_metrics(tmp_path, loss_type):
+    eps = {"robust": 0.1, "simpo": 0.1}.get(loss_type, 0.0)
+    summary, _ = _train(tmp_path, loss_type, loss_type=loss_type, label_smoothing=eps, max_steps=2,
+                        per_device_train_batch_size=4, num_eval_prompts=8)
+    rows = [json.loads(line) for line in open(tmp_path / loss_type / "metrics.jsonl")]
+    for key in ("loss/dpo", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected"):
+        assert key in rows[0], key
+    assert 0 <= summary["eval/preference_accuracy"] <= 1
+
+
+def test_dpo_on_builtin_rankings_orders_held_out_pairs(tmp_path, sft_model_dir):
+    summary, _ = _train(tmp_path, "learn", model_name_or_path=str(sft_model_dir), num_train_prompts=256,
+                        num_eval_prompts=100, num_greedy_eval_prompts=32, max_steps=30, per_device_train_batch_size=16,
+                        learning_rate=1e-3, beta=0.1)
+    # the reference orders no pair (every implicit reward is 0): accuracy starts at 0
+    assert summary["eval/preference_accuracy"] >= 0.6 and summary["eval/rewards/margins"] > 0
+    assert "eval/accuracy" in summary
+
+
+def test_bad_input_names_file_and_line_and_writes_nothing(tmp_path):
+    cases = [
+        ([{"prompt": "1+2=", "completions": ["3", "4"], "ranks": [0, 1]},
+          {"prompt": "1+2=", "completions": ["3", "4", "5"], "ranks": [0, 1]}], r"r\.jsonl: line 2: `ranks` must be"),
+        ([{"prompt": "1+2=", "chosen": "3"}], r"r\.jsonl: missing column `rejected`"),
+        ([{"prompt": "1+2=", "chosen": "3", "rejected": "4"}, {"prompt": "1+2=", "chosen": " ", "rejected": "4"}],
+         r"r\.jsonl: line 2: empty"),
+        ([{"prompt": "", "completions": ["3", "4"], "ranks": [0, 1]}], r"r\.jsonl: line 1: empty or non-string `prompt`"),
+    ]
+    for rows, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            _train(tmp_path, "out", dataset_name=_jsonl(tmp_path / "r.jsonl", rows))
+        assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match="label_smoothing"):
+        make_config(dpo.Config, {"loss_type": "ipo", "label_smoothing": 0.1})
+    with pytest.raises(ConfigError, match="loss_type"):
+        make_config(dpo.Config, {"loss_type": "kto"})
