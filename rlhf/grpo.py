@@ -34,7 +34,8 @@ from pathlib import Path
 
 import torch
 
-from rlhf.core import aggregate_loss, group_advantages, group_stats, kl_estimate, masked_mean, ppo_clip_loss
+from rlhf.core import (aggregate_loss, group_advantages, group_stats, kl_estimate, masked_mean, ppo_clip_loss,
+                       truncated_importance_weights)
 from rlhf.distributed import gathered_for_generation, loss_normaliser, prepare_frozen, reduce_sum, save_hf_model, unwrap
 from rlhf.models import disable_dropout, load_causal_lm
 from rlhf.rollout import (
@@ -45,12 +46,13 @@ from rlhf.training import (
     SCHEDULERS, TrainingConfig, backward, due, end_step, lora, open_run, prepare_training, save_checkpoint,
     setup_accelerator,
 )
+from rlhf.vllm_engine import VLLMOptions, mismatch_metrics, start_engine
 
 LOSS_MODES = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm"}
 
 
 @dataclasses.dataclass
-class Config(TrainingConfig):
+class Config(VLLMOptions, TrainingConfig):
     """GRPO: group-normalised advantages, no critic."""
 
     output_dir: str = arg("runs/grpo", "Run directory.")
@@ -157,7 +159,8 @@ def share_prompts(cfg) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def make_batch(cfg, accelerator, model, reference, tokenizer, rows, rewards_fn, rm_scorer, batch_index) -> dict:
+def make_batch(cfg, accelerator, model, reference, tokenizer, rows, rewards_fn, rm_scorer, batch_index,
+               engine=None) -> dict:
     """Generate G completions for each of this process's prompts and score them.
 
     Returns tensors over this process's n = per_device_train_batch_size x gradient_accumulation_steps
@@ -168,10 +171,13 @@ def make_batch(cfg, accelerator, model, reference, tokenizer, rows, rewards_fn, 
     columns = {k: [row[k] for row in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
     prompt_ids, prompt_mask = tokenize_prompts(tokenizer, [row["prompt"] for row in rows], accelerator.device,
                                                cfg.max_prompt_length or None)
-    # each prompt encoded once, sampled G times; autocast: the same precision as the training pass
-    with gathered_for_generation(accelerator, model) as unwrapped, accelerator.autocast():
-        rollout = generate(unwrapped, prompt_ids, prompt_mask, cfg.max_completion_length, tokenizer.eos_token_id,
-                           tokenizer.pad_token_id, cfg.temperature, cfg.top_k, cfg.top_p, num_return_sequences=G)
+    if engine is not None:  # use_vllm: the same Rollout, from the vLLM engine (synced with the policy)
+        rollout = engine.generate(prompt_ids, prompt_mask, cfg.max_completion_length, tokenizer.eos_token_id,
+                                  tokenizer.pad_token_id, cfg.temperature, cfg.top_k, cfg.top_p, num_return_sequences=G)
+    else:  # each prompt encoded once, sampled G times; autocast: the same precision as the training pass
+        with gathered_for_generation(accelerator, model) as unwrapped, accelerator.autocast():
+            rollout = generate(unwrapped, prompt_ids, prompt_mask, cfg.max_completion_length, tokenizer.eos_token_id,
+                               tokenizer.pad_token_id, cfg.temperature, cfg.top_k, cfg.top_p, num_return_sequences=G)
     completions = decode_completions(tokenizer, rollout)
 
     per_function, valid = None, torch.ones(len(completions), dtype=torch.bool)
@@ -206,6 +212,15 @@ def make_batch(cfg, accelerator, model, reference, tokenizer, rows, rewards_fn, 
             for i in range(0, n, mb)
         ])  # (n, T)
 
+    old_logp = rollout.logprobs
+    if engine is not None and cfg.num_iterations > 1:
+        # pi_old is the policy that sampled, as the TRAINER computes it (vLLM's log-probs differ slightly): the
+        # training pass at the micro-batch size, so the ratio of the first iteration is exactly 1
+        mb = cfg.per_device_train_batch_size
+        with torch.no_grad():
+            old_logp = torch.cat([batch_logprobs(model, input_ids[i:i + mb], attention_mask[i:i + mb], start,
+                                                 cfg.temperature, share_prompts(cfg)) for i in range(0, n, mb)])
+
     lengths = rollout.completion_mask.sum(1).float()
     metrics = {
         "reward/mean": float(valid_rewards.mean()) if valid_rewards.numel() else math.nan,
@@ -219,8 +234,8 @@ def make_batch(cfg, accelerator, model, reference, tokenizer, rows, rewards_fn, 
         metrics.update(rewards_fn.metrics(per_function))  # this process's completions
     return {
         "input_ids": input_ids, "attention_mask": attention_mask, "start": start, "mask": mask,
-        "advantages": advantages.to(accelerator.device), "old_logp": rollout.logprobs, "ref_logp": ref_logp,
-        "metrics": metrics,
+        "advantages": advantages.to(accelerator.device), "old_logp": old_logp, "ref_logp": ref_logp,
+        "sampler_logp": rollout.sampler_logprobs, "metrics": metrics,
     }
 
 
@@ -239,8 +254,15 @@ def micro_batch_loss(cfg, logp, batch, sl, num_seqs, num_tokens):
     old_logp = batch["old_logp"][sl] if cfg.num_iterations > 1 else logp.detach()
     agg = dict(mode=LOSS_MODES[cfg.loss_type], max_len=cfg.max_completion_length, num_seqs=num_seqs,
                num_tokens=num_tokens)
-    loss, metrics = ppo_clip_loss(logp, old_logp, batch["advantages"][sl], mask, cfg.cliprange, cfg.cliprange_high,
-                                  **agg)
+    advantages, sampler_logp = batch["advantages"][sl], batch.get("sampler_logp")
+    if sampler_logp is not None and cfg.vllm_importance_sampling_correction:
+        # truncated IS (w > 0 and constant, so w * A in the clipped surrogate is w times each token's term)
+        weights = truncated_importance_weights(old_logp, sampler_logp[sl], mask, cfg.vllm_importance_sampling_cap,
+                                               cfg.vllm_importance_sampling_level)  # (b, T)
+        advantages = advantages[:, None] * weights
+    loss, metrics = ppo_clip_loss(logp, old_logp, advantages, mask, cfg.cliprange, cfg.cliprange_high, **agg)
+    if sampler_logp is not None:  # pi_old as the trainer computes it vs as vLLM did, on the sampled tokens
+        metrics["sampler_logp"] = (old_logp, sampler_logp[sl])
     metrics["policy/clip_sum"] = (metrics["policy/clipfrac"] * mask.sum()).detach()
     if cfg.beta > 0:
         kl = kl_estimate(logp, batch["ref_logp"][sl], "k3")  # (b, T)
@@ -256,7 +278,7 @@ def train_step(cfg, accelerator, model, optimizer, scheduler, batch) -> dict:
     # every completion of the step counts as a sequence (masked ones add 0)
     num_seqs = mb * ga * accelerator.num_processes
     num_tokens = loss_normaliser(accelerator, batch["mask"].sum())
-    totals, update = {"loss": 0.0, "clip": 0.0, "kl": 0.0, "tokens": 0.0, "ratio": 0.0}, {}
+    totals, update, pairs = {"loss": 0.0, "clip": 0.0, "kl": 0.0, "tokens": 0.0, "ratio": 0.0}, {}, []
     model.train()
     for i in range(ga):
         sl = slice(i * mb, (i + 1) * mb)
@@ -270,6 +292,8 @@ def train_step(cfg, accelerator, model, optimizer, scheduler, batch) -> dict:
         totals["clip"] += float(m["policy/clip_sum"])
         totals["kl"] += float(m.get("kl_sum", 0.0))
         totals["tokens"] += float(m["tokens"])
+        if "sampler_logp" in m:
+            pairs.append((*m["sampler_logp"], batch["mask"][sl]))
     total = reduce_sum(accelerator, torch.tensor([totals[k] for k in ("loss", "clip", "kl", "tokens", "ratio")]))
     tokens = max(float(total[3]), 1.0)
     out = {
@@ -280,6 +304,8 @@ def train_step(cfg, accelerator, model, optimizer, scheduler, batch) -> dict:
     }
     if cfg.beta > 0:
         out["kl/ref"] = float(total[2]) / tokens
+    if pairs:  # this process's rollout (use_vllm)
+        out.update(mismatch_metrics(*(torch.cat(t) for t in zip(*pairs))))
     return out
 
 
@@ -305,6 +331,8 @@ def train(cfg: Config) -> dict:
         rm_scorer.model = prepare_frozen(accelerator, rm_scorer.model)
 
     prompts_per_process = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps // cfg.num_generations
+    # use_vllm: this process's engine (a missing package or a model vLLM cannot serve fails here, before the run dir)
+    engine = start_engine(cfg, accelerator, model, tokenizer, max_num_seqs=prompts_per_process * cfg.num_generations)
     source = PromptSource(rows, cfg.seed)
     fresh = {"step": 0, "data_position": 0, "kl_history": [], "batch_metrics": {}, "summary_start": {}}
     # batch: this process's generated batch, reused for num_iterations steps (a checkpoint keeps it)
@@ -328,14 +356,23 @@ def train(cfg: Config) -> dict:
     timer, bar = Timer(), progress(cfg.max_steps, "grpo", cfg.progress and accelerator.is_main_process, initial=step)
     while step < cfg.max_steps:
         step_timer = Timer()
+        sync_time = None
         if step % cfg.num_iterations == 0 or batch is None:
+            if engine is not None:  # the policy's current weights into the engine, in place (after an update)
+                sync_time = engine.sync_if_stale(model)
             batch = make_batch(cfg, accelerator, model, reference, tokenizer,
-                               source.take_mine(accelerator, prompts_per_process), rewards_fn, rm_scorer, step)
+                               source.take_mine(accelerator, prompts_per_process), rewards_fn, rm_scorer, step, engine)
             batch_metrics = batch.pop("metrics")
+            if engine is not None:
+                engine.release()
         gen_time = step_timer.elapsed()
         metrics = train_step(cfg, accelerator, model, optimizer, scheduler, batch)
         step += 1
+        if engine is not None:
+            engine.stale = True  # the step changed the policy
         metrics.update(batch_metrics)
+        if sync_time is not None:
+            metrics["time/weight_sync_s"] = sync_time
         elapsed = step_timer.elapsed()
         metrics["time/step_s"] = elapsed
         metrics["time/generation_s"] = gen_time

@@ -36,8 +36,8 @@ from transformers import AutoConfig, AutoModelForTokenClassification, LlamaForTo
 from transformers.utils import logging as hf_logging
 
 from rlhf.core import (explained_variance, kl_controller, kl_estimate, masked_whiten, per_token_rewards, ppo_clip_loss,
-                       token_gae, value_loss)
-from rlhf.distributed import gathered_for_generation, loss_normaliser, prepare_frozen, reduce_sum, save_hf_model
+                       token_gae, truncated_importance_weights, value_loss)
+from rlhf.distributed import gathered_for_generation, loss_normaliser, prepare_frozen, reduce_sum, save_hf_model, unwrap
 from rlhf.models import BUILTIN_TINY, check_model_path, disable_dropout, load_causal_lm, tiny_config
 from rlhf.rollout import (
     PromptSource, batch_logprobs, decode_completions, evaluate_arithmetic, generate, load_rl_inputs,
@@ -49,10 +49,11 @@ from rlhf.training import (
     SCHEDULERS, TrainingConfig, backward, due, end_step, lora, open_run, prepare_training, save_checkpoint,
     setup_accelerator,
 )
+from rlhf.vllm_engine import VLLMOptions, mismatch_metrics, start_engine
 
 
 @dataclasses.dataclass
-class Config(TrainingConfig):
+class Config(VLLMOptions, TrainingConfig):
     """PPO against a reward model or reward functions, with a KL penalty to a frozen reference."""
 
     output_dir: str = arg("runs/ppo", "Run directory.")
@@ -207,11 +208,15 @@ def load_models(cfg):
 
 @torch.no_grad()
 def greedy_scores(cfg, accelerator, model, tokenizer, prompts, prompt_ids, prompt_mask, columns, rewards_fn, rm_scorer,
-                  batch_index) -> torch.Tensor:
+                  batch_index, engine=None) -> torch.Tensor:
     """Scores (n,) of the policy's greedy completions: a baseline that depends on the prompt only."""
-    with gathered_for_generation(accelerator, model) as unwrapped, accelerator.autocast():
-        rollout = generate(unwrapped.policy, prompt_ids, prompt_mask, cfg.max_completion_length, tokenizer.eos_token_id,
-                           tokenizer.pad_token_id, cfg.temperature, greedy=True)
+    if engine is not None:
+        rollout = engine.generate(prompt_ids, prompt_mask, cfg.max_completion_length, tokenizer.eos_token_id,
+                                  tokenizer.pad_token_id, cfg.temperature, greedy=True)
+    else:
+        with gathered_for_generation(accelerator, model) as unwrapped, accelerator.autocast():
+            rollout = generate(unwrapped.policy, prompt_ids, prompt_mask, cfg.max_completion_length,
+                               tokenizer.eos_token_id, tokenizer.pad_token_id, cfg.temperature, greedy=True)
     completions = decode_completions(tokenizer, rollout)
     scores = torch.zeros(len(prompts))
     if rm_scorer is not None:
@@ -224,15 +229,19 @@ def greedy_scores(cfg, accelerator, model, tokenizer, prompts, prompt_ids, promp
 
 
 @torch.no_grad()
-def make_batch(cfg, accelerator, model, reference, tokenizer, rows, rewards_fn, rm_scorer, beta, batch_index) -> dict:
+def make_batch(cfg, accelerator, model, reference, tokenizer, rows, rewards_fn, rm_scorer, beta, batch_index,
+               engine=None) -> dict:
     """Generate, score and compute advantages for this process's prompts (one completion each)."""
     prompts = [row["prompt"] for row in rows]
     columns = {k: [row[k] for row in rows] for k in rows[0] if k != "prompt"}
     prompt_ids, prompt_mask = tokenize_prompts(tokenizer, prompts, accelerator.device, cfg.max_prompt_length or None)
-    # autocast: sampling, the training pass and the reference all see the same precision
-    with gathered_for_generation(accelerator, model) as unwrapped, accelerator.autocast():
-        rollout = generate(unwrapped.policy, prompt_ids, prompt_mask, cfg.max_completion_length, tokenizer.eos_token_id,
-                           tokenizer.pad_token_id, cfg.temperature, cfg.top_k, cfg.top_p)
+    if engine is not None:  # use_vllm: the same Rollout, from the vLLM engine (synced with the policy)
+        rollout = engine.generate(prompt_ids, prompt_mask, cfg.max_completion_length, tokenizer.eos_token_id,
+                                  tokenizer.pad_token_id, cfg.temperature, cfg.top_k, cfg.top_p)
+    else:  # autocast: sampling, the training pass and the reference all see the same precision
+        with gathered_for_generation(accelerator, model) as unwrapped, accelerator.autocast():
+            rollout = generate(unwrapped.policy, prompt_ids, prompt_mask, cfg.max_completion_length,
+                               tokenizer.eos_token_id, tokenizer.pad_token_id, cfg.temperature, cfg.top_k, cfg.top_p)
     completions = decode_completions(tokenizer, rollout)
     # (n, P + T), (n, T)
     input_ids, attention_mask, mask = rollout.input_ids, rollout.attention_mask, rollout.completion_mask
@@ -250,7 +259,7 @@ def make_batch(cfg, accelerator, model, reference, tokenizer, rows, rewards_fn, 
     baseline = None
     if cfg.score_baseline == "greedy":
         baseline = greedy_scores(cfg, accelerator, model, tokenizer, prompts, prompt_ids, prompt_mask, columns,
-                                 rewards_fn, rm_scorer, batch_index)
+                                 rewards_fn, rm_scorer, batch_index, engine)
         scores = scores - baseline
     scores = scores.to(accelerator.device)
     if cfg.missing_eos_penalty is not None:
@@ -287,6 +296,11 @@ def make_batch(cfg, accelerator, model, reference, tokenizer, rows, rewards_fn, 
     advantages, returns = token_gae(rewards, old_values, mask, cfg.gamma, cfg.lam)  # (n, T)
     if cfg.whiten_advantages:
         advantages = masked_whiten(advantages, mask, all_reduce=all_processes)
+    if engine is not None and cfg.vllm_importance_sampling_correction:
+        # truncated IS: old_logp is the trainer's, rollout.sampler_logprobs vLLM's, of the same tokens
+        advantages = advantages * truncated_importance_weights(
+            old_logp, rollout.sampler_logprobs, mask, cfg.vllm_importance_sampling_cap,
+            cfg.vllm_importance_sampling_level)
 
     k1 = (old_logp - ref_logp) * mask
     gather = accelerator.gather
@@ -300,6 +314,8 @@ def make_batch(cfg, accelerator, model, reference, tokenizer, rows, rewards_fn, 
         "completions/mean_length": float(gather(rollout.completion_mask.sum(1).float()).mean()),
         "completions/clipped_ratio": float(gather(rollout.is_truncated.float()).mean()),
     }
+    if engine is not None:  # this process's rollout: trainer vs vLLM on the sampled tokens
+        metrics.update(mismatch_metrics(old_logp, rollout.sampler_logprobs, mask))
     if baseline is not None:
         metrics["reward/baseline_mean"] = float(gather(baseline.to(accelerator.device)).mean())
     if per_function is not None:
@@ -385,6 +401,9 @@ def train(cfg: Config) -> dict:
     kl_ctl = kl_controller(cfg.kl_controller, cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
 
     prompts_per_process = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * cfg.num_mini_batches
+    # use_vllm: this process's engine (a missing package or a model vLLM cannot serve fails here, before the run dir)
+    engine = start_engine(cfg, accelerator, unwrap(accelerator, model).policy, tokenizer,
+                          max_num_seqs=prompts_per_process)
     source = PromptSource(rows, cfg.seed)
     fresh = {"step": 0, "data_position": 0, "kl_history": [], "summary_start": {}, "metrics": {}}
     state, _, run = open_run(cfg, accelerator, resume, fresh, scheduler=scheduler, kl_controller=kl_ctl)
@@ -406,11 +425,18 @@ def train(cfg: Config) -> dict:
     while step < cfg.max_steps:
         step_timer = Timer()
         beta = kl_ctl.beta
+        sync_time = engine.sync_if_stale(unwrap(accelerator, model).policy) if engine is not None else None
         batch = make_batch(cfg, accelerator, model, reference, tokenizer,
-                           source.take_mine(accelerator, prompts_per_process), rewards_fn, rm_scorer, beta, step)
+                           source.take_mine(accelerator, prompts_per_process), rewards_fn, rm_scorer, beta, step,
+                           engine)
         metrics = batch.pop("metrics")
         metrics["time/generation_s"] = step_timer.elapsed()
+        if engine is not None:
+            engine.release()
+            metrics["time/weight_sync_s"] = sync_time
         metrics.update(update(cfg, accelerator, model, optimizer, scheduler, batch))
+        if engine is not None:
+            engine.stale = True  # the update changed the policy
         kl_ctl.update(metrics["kl/ref"], n_steps=prompts_per_process * world)
         metrics["kl/beta"] = beta
         step += 1

@@ -49,6 +49,7 @@ class Rollout:
     completion_mask: torch.Tensor  # (B, T) 1 up to and including EOS
     logprobs: torch.Tensor  # (B, T) float32, log pi_T(token), 0 on padding
     is_truncated: torch.Tensor  # (B,) bool: no EOS within max_new_tokens
+    sampler_logprobs: torch.Tensor | None = None  # (B, T) a vLLM engine's own log-probs (rlhf.vllm_engine)
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -119,7 +120,8 @@ def generate(
         rollout = _sample(model, prompt_ids, prompt_mask, max_new_tokens, eos_token_id, pad_token_id, temperature,
                           top_k, top_p, greedy, generator, num_return_sequences)
     # inference tensors cannot enter autograd (the training pass embeds these ids): plain copies
-    return Rollout(**{f.name: getattr(rollout, f.name).clone() for f in dataclasses.fields(Rollout)})
+    return Rollout(**{f.name: getattr(rollout, f.name).clone() for f in dataclasses.fields(Rollout)
+                      if getattr(rollout, f.name) is not None})
 
 
 def _sample(model, prompt_ids, prompt_mask, max_new_tokens, eos_token_id, pad_token_id, temperature, top_k, top_p,

@@ -10,6 +10,7 @@ from .kl import (
     ProportionalKLController,
     kl_controller,
     kl_estimate,
+    truncated_importance_weights,
 )
 from .losses import (
     bradley_terry_loss,
@@ -88,5 +89,6 @@ __all__ = [
     "td_loss",
     "token_gae",
     "trpo_step_size",
+    "truncated_importance_weights",
     "value_loss",
 ]

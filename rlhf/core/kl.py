@@ -6,9 +6,13 @@ References:
 - Schulman et al. 2017, "Proximal Policy Optimization Algorithms", section 4 (adaptive KL penalty).
 - Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences", section 2.2
   (proportional controller for the KL coefficient).
+- Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training":
+  truncated importance sampling between an inference engine and the trainer.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -121,3 +125,28 @@ def kl_controller(kind: str, beta: float, target: float | None = None, horizon: 
             raise ValueError("kl controller 'proportional' needs a horizon")
         return ProportionalKLController(beta, target, horizon)
     raise ValueError(f"unknown kl controller {kind!r}; expected 'fixed', 'adaptive' or 'proportional'")
+
+
+def truncated_importance_weights(logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor,
+                                 cap: float = 2.0, level: str = "token") -> torch.Tensor:
+    """Truncated importance weights min(pi(y) / mu(y), cap) of tokens sampled from mu, for a loss under pi.
+
+    Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training" (truncated
+    importance sampling, TIS): the sampler mu (an inference engine) and the trainer pi compute slightly
+    different probabilities of the same tokens; weighting each token's policy-gradient term by
+    min(pi / mu, C) corrects the bias this mismatch puts in the gradient, with bounded variance.
+    `level="token"`: one weight per token, min(exp(logp_t - sampler_logp_t), cap) (TRL's and verl's
+    token level); `level="sequence"`: one weight per completion, min(exp(sum_t mask_t (logp_t -
+    sampler_logp_t)), cap), broadcast over its tokens. Constants: call on detached log-probs.
+
+    Shapes: logp, sampler_logp, mask (B, T); returns (B, T), 0 where mask is 0.
+    """
+    if level not in ("token", "sequence"):
+        raise ValueError(f"unknown importance-sampling level {level!r} (token or sequence)")
+    mask = mask.to(logp.dtype)
+    log_ratio = (logp - sampler_logp) * mask  # (B, T)
+    if level == "sequence":
+        log_ratio = log_ratio.sum(-1, keepdim=True).expand_as(logp)  # (B, T)
+    # clamp the log first: exp of a large log-ratio overflows before the cap could apply
+    weights = torch.exp(log_ratio.clamp(max=math.log(cap)))
+    return weights * mask

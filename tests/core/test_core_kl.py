@@ -78,3 +78,29 @@ def test_fixed_controller_and_factory():
     with pytest.raises(ValueError):
         kl_controller("pid", 0.1, target=1)
     assert math.isclose(c.state_dict()["beta"], 0.05)
+
+
+def test_truncated_importance_weights_match_a_python_loop():
+    from rlhf.core import truncated_importance_weights
+
+    torch.manual_seed(0)
+    logp, sampler_logp = -torch.rand(3, 5) * 3, -torch.rand(3, 5) * 3
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    cap = 1.5
+    token = truncated_importance_weights(logp, sampler_logp, mask, cap, "token")
+    sequence = truncated_importance_weights(logp, sampler_logp, mask, cap, "sequence")
+    for b in range(3):
+        log_ratio_sum = 0.0
+        for t in range(5):
+            if mask[b, t]:
+                log_ratio_sum += float(logp[b, t] - sampler_logp[b, t])
+        for t in range(5):
+            want_token = min(math.exp(float(logp[b, t] - sampler_logp[b, t])), cap) if mask[b, t] else 0.0
+            want_seq = min(math.exp(log_ratio_sum), cap) if mask[b, t] else 0.0
+            assert abs(float(token[b, t]) - want_token) < 1e-6
+            assert abs(float(sequence[b, t]) - want_seq) < 1e-6
+    # both sides of the cap occur, and equal log-probs give weight 1
+    assert (token[mask.bool()] == cap).any() and (token[mask.bool()] < cap).any()
+    assert torch.equal(truncated_importance_weights(logp, logp, mask), mask.float())
+    # a huge log-ratio is capped, not inf
+    assert float(truncated_importance_weights(torch.zeros(1, 1), torch.full((1, 1), -1e4), torch.ones(1, 1))) == 2.0
