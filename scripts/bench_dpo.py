@@ -1,0 +1,180 @@
+"""DPO side by side: `rlhf dpo` vs TRL's DPOTrainer on the same SFT model, the same pairs and settings.
+
+The pairs are those of a rankings file (every (better, worse) pair of each prompt, ties skipped, as
+`rlhf dpo` trains on rankings), shuffled once and cut to steps x batch_size, so both make one pass
+over the same pairs: sigmoid loss, the same beta, AdamW with the same learning rate (constant after a
+5% warmup), batch size, gradient clipping, max_length, fp32, no gradient checkpointing, dropout off,
+one torch thread each; the reference computed per batch from a frozen copy (TRL's default) and, in two
+more rows, once before training (`precompute_ref_log_probs`, ours' default). TRL runs in its own
+virtualenv (`--trl_python`), given only the model directory and a JSONL file of pairs.
+
+Reported: optimizer steps, pairs per CPU-second of the training call (ours: the whole `rlhf dpo` train
+call, data and saving included; TRL: `trainer.train()`), and for each trained model, scored here with
+the same code: held-out preference accuracy (pairs of held-out gold-ranked rankings ordered by the
+implicit reward log pi - log pi_sft) and greedy accuracy on 500 held-out arithmetic prompts.
+
+    python3 -m venv /work/trl-env && /work/trl-env/bin/pip install torch==2.13.0 trl   # a CPU torch
+    python scripts/bench_dpo.py --sft_model SFT/model --rankings OUT/rankings.jsonl \
+        --eval_rankings OUT/rankings_eval.jsonl --trl_python /work/trl-env/bin/python --steps 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def write_pairs(rankings: str, out: Path, n: int, seed: int) -> int:
+    """Every (better, worse) pair of each ranking, shuffled, the first `n` -> JSONL of prompt / chosen / rejected."""
+    import numpy as np
+
+    pairs = []
+    for line in open(rankings):
+        row = json.loads(line)
+        c, r = row["completions"], row["ranks"]
+        pairs += [{"prompt": row["prompt"], "chosen": c[i], "rejected": c[j]}
+                  for i in range(len(c)) for j in range(len(c)) if r[i] < r[j]]
+    order = np.random.default_rng(seed).permutation(len(pairs))[:n]
+    out.write_text("".join(json.dumps(pairs[i]) + "\n" for i in order))
+    return len(order)
+
+
+def run_ours(args, pairs: Path, out: Path, precompute: bool) -> dict:
+    from rlhf import dpo
+    from rlhf.runtime import make_config
+
+    cfg = make_config(dpo.Config, dict(
+        output_dir=str(out), model_name_or_path=args.sft_model, dataset_name=str(pairs), max_steps=args.steps,
+        num_train_epochs=1.0, per_device_train_batch_size=args.batch_size, learning_rate=args.learning_rate,
+        beta=args.beta, loss_type="sigmoid", lr_scheduler_type="constant_with_warmup", warmup_ratio=0.05,
+        max_grad_norm=1.0, max_length=64, precompute_ref_log_probs=precompute, num_eval_prompts=0,
+        num_greedy_eval_prompts=0, seed=args.seed, progress=False, report_to="none", overwrite=True,
+        logging_steps=args.steps))
+    cpu = time.process_time()
+    summary = dpo.train(cfg)
+    return {"cpu_s": time.process_time() - cpu, "loop_s": summary["time/train_s"], "model": str(out / "model"),
+            "steps": summary["step"]}
+
+
+def trl_worker(args) -> None:
+    """In TRL's virtualenv: train with DPOTrainer, print {"cpu_s", "loop_s", "model", "steps"} as JSON."""
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    torch.set_num_threads(1)
+    tokenizer = AutoTokenizer.from_pretrained(args.sft_model)
+    model = AutoModelForCausalLM.from_pretrained(args.sft_model, dtype=torch.float32)
+    config = DPOConfig(output_dir=args.out, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+                       learning_rate=args.learning_rate, beta=args.beta, loss_type=["sigmoid"],
+                       lr_scheduler_type="constant_with_warmup", warmup_steps=int(0.05 * args.steps),
+                       max_grad_norm=1.0, max_length=64, precompute_ref_log_probs=args.precompute,
+                       gradient_checkpointing=False, bf16=False, fp16=False,
+                       use_cpu=True, seed=args.seed, report_to="none", save_strategy="no", logging_steps=args.steps,
+                       disable_tqdm=True, dataloader_num_workers=0, disable_dropout=True)
+    trainer = DPOTrainer(model=model, args=config, processing_class=tokenizer,
+                         train_dataset=datasets.load_dataset("json", data_files=args.pairs, split="train"))
+    cpu = time.process_time()
+    result = trainer.train()
+    cpu = time.process_time() - cpu
+    trainer.save_model(str(Path(args.out) / "model"))
+    tokenizer.save_pretrained(str(Path(args.out) / "model"))
+    print(json.dumps({"cpu_s": cpu, "loop_s": result.metrics["train_runtime"], "model": str(Path(args.out) / "model"),
+                      "steps": trainer.state.global_step}))
+
+
+def run_trl(args, pairs: Path, out: Path, precompute: bool) -> dict:
+    cmd = [args.trl_python, __file__, "--trl_worker", "--sft_model", args.sft_model, "--pairs", str(pairs),
+           "--precompute", str(precompute),
+           "--out", str(out), "--steps", str(args.steps), "--batch_size", str(args.batch_size),
+           "--learning_rate", str(args.learning_rate), "--beta", str(args.beta), "--seed", str(args.seed)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH="", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"TRL run failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def score(model_dir: str, args) -> dict:
+    """Held-out preference accuracy (implicit reward vs the SFT model) and greedy accuracy, the same code for both."""
+    import torch
+
+    from rlhf import dpo
+    from rlhf.core import ranked_pairs
+    from rlhf.data import load_rows, tokenize_rankings
+    from rlhf.models import load_causal_lm, load_tokenizer
+    from rlhf.tasks import arithmetic
+
+    tokenizer = load_tokenizer(args.sft_model)
+    groups = tokenize_rankings(load_rows(args.eval_rankings), tokenizer, 64, args.eval_rankings).examples
+    policy, reference = load_causal_lm(model_dir).eval(), load_causal_lm(args.sft_model).eval()
+    correct = total = 0.0
+    with torch.no_grad():
+        for i in range(0, len(groups), 64):
+            batch = dpo.collate(groups[i:i + 64], tokenizer.pad_token_id)
+            rewards = dpo.response_logps(policy, batch, mean=False) - dpo.response_logps(reference, batch, mean=False)
+            pairs = ranked_pairs(batch["ranks"]).float()
+            correct += float(((rewards.unsqueeze(2) - rewards.unsqueeze(1) > 0).float() * pairs).sum())
+            total += float(pairs.sum())
+        greedy = arithmetic.evaluate_policy(policy, tokenizer, arithmetic.make_prompts(500, 1, split="eval"), 128)
+    return {"preference_accuracy": correct / total, "accuracy": greedy["eval/accuracy"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sft_model", required=True)
+    p.add_argument("--rankings", help="K-wise rankings (prompt, completions, ranks) whose pairs both train on.")
+    p.add_argument("--eval_rankings", help="Held-out gold-ranked rankings for the preference accuracy.")
+    p.add_argument("--trl_python", default="/work/trl-env/bin/python", help="Python of a virtualenv with trl.")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--learning_rate", type=float, default=1e-3)
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--trl_worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--pairs", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--precompute", type=lambda v: v == "True", default=False, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.trl_worker:
+        return trl_worker(args)
+
+    import torch
+
+    torch.set_num_threads(1)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        pairs = Path(tmp) / "pairs.jsonl"
+        n = write_pairs(args.rankings, pairs, args.steps * args.batch_size, args.seed)
+        runs = [("TRL DPOTrainer", lambda: run_trl(args, pairs, Path(tmp) / "trl", precompute=False)),
+                ("rlhf dpo", lambda: run_ours(args, pairs, Path(tmp) / "ours", precompute=False)),
+                ("TRL DPOTrainer, precompute_ref_log_probs", lambda: run_trl(args, pairs, Path(tmp) / "trlpre",
+                                                                             precompute=True)),
+                ("rlhf dpo, precompute_ref_log_probs", lambda: run_ours(args, pairs, Path(tmp) / "pre",
+                                                                        precompute=True))]
+        for name, fn in runs:
+            r = fn()
+            rows.append((name, r, score(r["model"], args)))
+    base = score(args.sft_model, args)
+    print(f"\nDPO (sigmoid, beta {args.beta}, lr {args.learning_rate}, constant after 5% warmup) on {args.sft_model}: "
+          f"{args.steps} steps x {args.batch_size} pairs ({n} pairs of {args.rankings}), 1 torch thread each")
+    print("| trainer | steps | CPU s | loop s | pairs / CPU-s | held-out preference acc. | greedy acc. |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| SFT model (start; every implicit reward is 0) | 0 | - | - | - | - | {base['accuracy']:.3f} |")
+    for name, r, s in rows:
+        print(f"| {name} | {r['steps']} | {r['cpu_s']:.1f} | {r['loop_s']:.1f} | {n / r['cpu_s']:.0f} | "
+              f"{s['preference_accuracy']:.3f} | {s['accuracy']:.3f} |")
+    cpu = [r["cpu_s"] for _, r, _ in rows]
+    print(f"throughput rlhf dpo / TRL: {cpu[0] / cpu[1]:.2f} (reference per batch, both), {cpu[2] / cpu[3]:.2f} "
+          f"(precomputed, both), {cpu[0] / cpu[3]:.2f} (each one's default: TRL per batch, ours precomputed)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
