@@ -19,7 +19,7 @@ COMMANDS = {
             "model, no generation."),
     "ppo": ("rlhf.ppo", "PPO against a reward model or reward functions, with a KL penalty to a frozen reference."),
     "grpo": ("rlhf.grpo", "GRPO: group-normalised advantages, no critic."),
-    "pipeline": ("rlhf.pipeline", "SFT -> rankings -> reward model -> PPO and GRPO, with a report."),
+    "pipeline": ("rlhf.pipeline", "SFT -> rankings -> reward model and DPO -> PPO and GRPO, with a report."),
     "plot": ("rlhf.plot", "Plot curves from metrics.jsonl of one or more runs."),
     "configs": ("rlhf.shipped_configs", "Print where the shipped accelerate / DeepSpeed / stage configs are, "
                 "or copy them (--out DIR)."),

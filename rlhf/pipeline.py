@@ -4,8 +4,9 @@
     2. rankings  K responses per prompt sampled from the SFT policy,
                  ranked by the (noisy) labeller                             -> OUT/rankings.jsonl
     3. reward    reward model trained on those rankings                     -> OUT/reward/model
-    4. ppo       PPO against the learned reward, KL penalty to the SFT model -> OUT/ppo/model
-    5. grpo      GRPO with the task's reward functions                      -> OUT/grpo/model
+    4. dpo       DPO on the same rankings, from the SFT model (no reward model) -> OUT/dpo/model
+    5. ppo       PPO against the learned reward, KL penalty to the SFT model -> OUT/ppo/model
+    6. grpo      GRPO with the task's reward functions                      -> OUT/grpo/model
 
 Then OUT/summary.json (per stage: held-out accuracy, gold score, KL to the reference, reward-model
 pairwise accuracy, wall time) and OUT/report.md with PNG plots.
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from rlhf import grpo, ppo, reward, sft
+from rlhf import dpo, grpo, ppo, reward, sft
 from rlhf.models import check_model_path, load_causal_lm, load_tokenizer
 from rlhf.plot import plot_runs
 from rlhf.runtime import (
@@ -36,22 +37,24 @@ from rlhf.runtime import (
 )
 from rlhf.tasks import arithmetic
 
-STAGES = ("sft", "rankings", "reward", "ppo", "grpo")
+STAGES = ("sft", "rankings", "reward", "dpo", "ppo", "grpo")
 _CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "rlhf"  # the shipped ones (rlhf/shipped_configs.py)
 
 
 @dataclasses.dataclass
 class Config(RunConfig):
-    """The RLHF pipeline: SFT -> rankings -> reward model -> PPO and GRPO, with a report."""
+    """The RLHF pipeline: SFT -> rankings -> reward model and DPO -> PPO and GRPO, with a report."""
 
     output_dir: str = arg("runs/demo", "Pipeline directory; each stage writes its own run directory inside it.")
     stages: list[str] = arg(list(STAGES), "Stages to run, in order (comma-separated): " + ", ".join(STAGES) + ".")
     sft_config: str = arg("configs/rlhf/sft_tiny.yaml", "YAML config of the SFT stage.")
     reward_config: str = arg("configs/rlhf/reward_tiny.yaml", "YAML config of the reward-model stage.")
+    dpo_config: str = arg("configs/rlhf/dpo_tiny.yaml", "YAML config of the DPO stage.")
     ppo_config: str = arg("configs/rlhf/ppo_tiny.yaml", "YAML config of the PPO stage.")
     grpo_config: str = arg("configs/rlhf/grpo_tiny.yaml", "YAML config of the GRPO stage.")
     sft_overrides: dict = arg({}, "Options that override the SFT config (YAML mapping, e.g. {max_steps: 50}).")
     reward_overrides: dict = arg({}, "Options that override the reward config.")
+    dpo_overrides: dict = arg({}, "Options that override the DPO config.")
     ppo_overrides: dict = arg({}, "Options that override the PPO config.")
     grpo_overrides: dict = arg({}, "Options that override the GRPO config.")
     model_name_or_path: str = arg("", "Base model for SFT (empty: the one in sft_config, builtin:tiny by default).")
@@ -157,6 +160,7 @@ def train(cfg: Config) -> dict:
     wired = {
         "sft": {"model_name_or_path": cfg.model_name_or_path} if cfg.model_name_or_path else {},
         "reward": dict(model_name_or_path=sft_model, dataset_name=str(rankings_path), eval_dataset_name=str(eval_path)),
+        "dpo": dict(model_name_or_path=sft_model, dataset_name=str(rankings_path), eval_dataset_name=str(eval_path)),
         "ppo": dict(model_name_or_path=sft_model, reward_model_path=reward_model),
         "grpo": dict(model_name_or_path=sft_model),
     }
@@ -172,8 +176,10 @@ def train(cfg: Config) -> dict:
     if ("reward" in cfg.stages and not cfg.reward_model_path and "rankings" not in cfg.stages
             and not rankings_path.exists()):
         raise ConfigError(f"the reward stage needs {rankings_path}: run the rankings stage first")
+    if "dpo" in cfg.stages and "rankings" not in cfg.stages and not rankings_path.exists():
+        raise ConfigError(f"the dpo stage needs {rankings_path}: run the rankings stage first")
     given = {"sft": cfg.sft_model_path, "reward": cfg.reward_model_path}  # stages replaced by a given model
-    for name, module in (("sft", sft), ("reward", reward), ("ppo", ppo), ("grpo", grpo)):
+    for name, module in (("sft", sft), ("reward", reward), ("dpo", dpo), ("ppo", ppo), ("grpo", grpo)):
         if name in cfg.stages and not given.get(name):
             stage_config(module, cfg, name, **wired[name])
 
@@ -189,7 +195,7 @@ def train(cfg: Config) -> dict:
         write_json(timings_path, timings)
     _require_model(sft_model, "sft_model_path", "the sft stage")
 
-    if "rankings" in cfg.stages and not cfg.reward_model_path:
+    if "rankings" in cfg.stages and (not cfg.reward_model_path or "dpo" in cfg.stages):
         if rankings_path.exists() and not cfg.overwrite:
             print(f"[pipeline] rankings: done already ({rankings_path}), skipped")
         else:
@@ -203,11 +209,14 @@ def train(cfg: Config) -> dict:
     if "reward" in cfg.stages and not cfg.reward_model_path:
         if not rankings_path.exists():
             raise ConfigError(f"the reward stage needs {rankings_path}: run the rankings stage first")
-        # Held-out prompts with candidates ranked by the gold score measure the reward model.
-        if not eval_path.exists():
-            arithmetic.write_rankings(eval_path, arithmetic.make_prompts(500, seed=cfg.seed, split="eval"),
-                                      cfg.completions_per_prompt, seed=cfg.seed + 1, noise=0.0)
+        write_eval_rankings(cfg, eval_path)
         results["reward"] = run_stage("reward", reward, stage_config(reward, cfg, "reward", **wired["reward"]), timings)
+        write_json(timings_path, timings)
+    if "dpo" in cfg.stages:
+        if not rankings_path.exists():
+            raise ConfigError(f"the dpo stage needs {rankings_path}: run the rankings stage first")
+        write_eval_rankings(cfg, eval_path)
+        results["dpo"] = run_stage("dpo", dpo, stage_config(dpo, cfg, "dpo", **wired["dpo"]), timings)
         write_json(timings_path, timings)
 
     if "ppo" in cfg.stages:
@@ -224,6 +233,13 @@ def train(cfg: Config) -> dict:
     print(f"[pipeline] wrote {out / 'summary.json'} and {out / 'report.md'}")
     print(format_table(summary))
     return summary
+
+
+def write_eval_rankings(cfg: Config, path: Path) -> None:
+    """Held-out prompts with candidates ranked by the gold score: they measure the reward model and DPO."""
+    if not path.exists():
+        arithmetic.write_rankings(path, arithmetic.make_prompts(500, seed=cfg.seed, split="eval"),
+                                  cfg.completions_per_prompt, seed=cfg.seed + 1, noise=0.0)
 
 
 def _require_model(path: str, option: str, stage: str) -> None:
@@ -244,10 +260,10 @@ def _read_summary(path: Path) -> dict:
 
 def build_summary(out: Path, timings: dict) -> dict:
     summary: dict[str, dict] = {}
-    for stage in ("sft", "ppo", "grpo"):
+    for stage in ("sft", "dpo", "ppo", "grpo"):
         s = _read_summary(out / stage / "summary.json")
         if s:
-            row = {k: s.get(k) for k in _POLICY_KEYS if k in s}
+            row = {k: s.get(k) for k in _POLICY_KEYS + ("eval/preference_accuracy",) if k in s}
             if stage == "sft":
                 row.setdefault("kl/ref", 0.0)  # the SFT model is the reference
             summary[stage] = row
@@ -273,7 +289,7 @@ def format_table(summary: dict) -> str:
             "time/wall_s"]
     lines = ["| policy | held-out accuracy | carry | no carry | gold score | KL to SFT | wall time (s) |",
              "|---|---|---|---|---|---|---|"]
-    for stage in ("sft", "ppo", "grpo"):
+    for stage in ("sft", "dpo", "ppo", "grpo"):
         if stage in summary:
             lines.append(f"| {stage.upper()} | " + " | ".join(_fmt(summary[stage].get(c)) for c in cols) + " |")
     return "\n".join(lines)
@@ -289,6 +305,7 @@ def write_report(out: Path, summary: dict) -> None:
     for stage, keys in (("ppo", ["reward/score_mean", "reward/gold_mean", "kl/ref", "kl/beta", "eval/accuracy"]),
                         ("grpo", ["reward/mean", "kl/ref", "frac_reward_zero_std", "eval/accuracy"]),
                         ("reward", ["loss/reward", "reward/accuracy", "eval/accuracy"]),
+                        ("dpo", ["loss/dpo", "rewards/accuracies", "rewards/margins", "eval/accuracy"]),
                         ("sft", ["loss/sft", "eval/loss", "eval/accuracy"])):
         metrics = out / stage / "metrics.jsonl"
         if not metrics.is_file():

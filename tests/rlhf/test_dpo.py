@@ -81,8 +81,8 @@ def test_pairwise_and_k2_training_are_identical(tmp_path):
     pw = _jsonl(tmp_path / "p.jsonl", PAIRS)
     kw = _jsonl(tmp_path / "k.jsonl",
                 [{"prompt": r["prompt"], "completions": [r["chosen"], r["rejected"]], "ranks": [0, 1]} for r in PAIRS])
-    swapped = _jsonl(tmp_path / "s.jsonl",
-                     [{"prompt": r["prompt"], "completions": [r["rejected"], r["chosen"]], "ranks": [1, 0]} for r in PAIRS])
+    swapped = _jsonl(tmp_path / "s.jsonl", [{"prompt": r["prompt"], "completions": [r["rejected"], r["chosen"]],
+                                             "ranks": [1, 0]} for r in PAIRS])
     kw_ = dict(max_steps=2, per_device_train_batch_size=2, adam_epsilon=1.0, learning_rate=1.0)  # update ~ gradient
     _, a = _train(tmp_path, "pw", dataset_name=pw, **kw_)
     _, b = _train(tmp_path, "kw", dataset_name=kw, **kw_)
@@ -163,7 +163,7 @@ def test_bad_input_names_file_and_line_and_writes_nothing(tmp_path):
         ([{"prompt": "1+2=", "chosen": "3"}], r"r\.jsonl: missing column `rejected`"),
         ([{"prompt": "1+2=", "chosen": "3", "rejected": "4"}, {"prompt": "1+2=", "chosen": " ", "rejected": "4"}],
          r"r\.jsonl: line 2: empty"),
-        ([{"prompt": "", "completions": ["3", "4"], "ranks": [0, 1]}], r"r\.jsonl: line 1: empty or non-string `prompt`"),
+        ([{"prompt": "", "completions": ["3", "4"], "ranks": [0, 1]}], r"r\.jsonl: line 1: empty or non-string"),
     ]
     for rows, message in cases:
         with pytest.raises(ConfigError, match=message):
