@@ -9,12 +9,13 @@ optional truncated importance-sampling correction (`vllm_importance_sampling_cor
 the math is `rlhf.core.truncated_importance_weights`).
 
 How it works:
-- the engine is built from the policy's config alone (`load_format="dummy"`, nothing read from disk but
-  config.json) and then gets the policy's weights in place, through the in-process worker's model runner
-  `reload_weights(weights_iterator=...)` (vLLM-CPU repacks linear weights after loading, so the model's
-  `load_weights` alone would not do); the prefix cache is reset after each sync, since it holds keys and
-  values computed with the old weights. `sync` runs before a generation round whenever an optimizer step
-  changed the policy since the last one (once per round when num_iterations > 1); `time/weight_sync_s`;
+- the engine is built from the policy's config alone (`load_format="dummy"`: config.json and the tokenizer
+  written to a temporary directory, no weights) and then gets the policy's weights in place, through the
+  in-process worker's model runner `reload_weights(weights_iterator=...)` (vLLM-CPU repacks linear weights
+  after loading, so the model's `load_weights` alone would not do); the prefix cache is reset after each
+  sync, since it holds keys and values computed with the old weights. `sync` runs before a generation
+  round whenever an optimizer step changed the policy since the last one (once per round when
+  num_iterations > 1); `time/weight_sync_s`;
 - LoRA: the merged weights W + scale * B A are computed on copies (peft's `get_delta_weight`), the
   trained adapters are not touched; ZeRO-3: the parameters are gathered module by module for the sync;
 - prompts go in as token ids (the same ids, chat template and truncation as the transformers path), EOS is
@@ -148,6 +149,7 @@ class VLLMEngine:
         self.max_model_len = int(getattr(config, "max_position_embeddings", 2048) or 2048)
         self._dir = tempfile.TemporaryDirectory(prefix="rlhf-vllm-")
         config.save_pretrained(self._dir.name)  # the shape only: the weights come from `sync`
+        tokenizer.save_pretrained(self._dir.name)  # prompts go in as ids; vLLM still loads one (its chat warmup)
         kwargs = {}
         if device.type == "cpu":
             # KV cache for max_num_seqs sequences of max_model_len tokens (vLLM-CPU would otherwise take most of the
@@ -159,7 +161,7 @@ class VLLMEngine:
         else:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         try:
-            self.llm = LLM(model=self._dir.name, skip_tokenizer_init=True, load_format="dummy", dtype=dtype,
+            self.llm = LLM(model=self._dir.name, load_format="dummy", dtype=dtype,
                            enforce_eager=True, max_model_len=self.max_model_len, max_num_seqs=max_num_seqs, seed=seed,
                            logprobs_mode="processed_logprobs", enable_sleep_mode=self.sleep,
                            disable_log_stats=True, **kwargs)
@@ -250,6 +252,9 @@ def start_engine(cfg, accelerator, model, tokenizer, max_num_seqs: int) -> VLLME
     """The stage's engine when `use_vllm` (else None): its precision from vllm_dtype / bf16, its seed per process."""
     if not cfg.use_vllm:
         return None
+    if accelerator.num_processes > 1:  # vLLM would take the launch's process group for its own (untested here)
+        raise ConfigError("use_vllm: one training process only for now (each process of a DDP / ZeRO launch "
+                          f"would need its own engine; this launch has {accelerator.num_processes})")
     dtype = cfg.vllm_dtype if cfg.vllm_dtype != "auto" else ("bfloat16" if cfg.bf16 else "float32")
     return VLLMEngine(model, tokenizer, cfg.model_name_or_path, accelerator.device, max_num_seqs=max_num_seqs,
                       dtype=dtype, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
