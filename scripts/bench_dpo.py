@@ -8,9 +8,10 @@ one torch thread each; the reference computed per batch from a frozen copy (TRL'
 more rows, once before training (`precompute_ref_log_probs`, ours' default). TRL runs in its own
 virtualenv (`--trl_python`), given only the model directory and a JSONL file of pairs.
 
-Reported: optimizer steps, pairs per CPU-second of the training call (ours: the whole `rlhf dpo` train
-call, data and saving included; TRL: `trainer.train()`), and for each trained model, scored here with
-the same code: held-out preference accuracy (pairs of held-out gold-ranked rankings ordered by the
+Reported: optimizer steps, pairs per CPU-second of the training call from the data on (ours: the whole
+`rlhf dpo` train call, reading, tokenising and saving included; TRL: from reading the pairs through
+`DPOTrainer(...)` and `trainer.train()`), the training loop's wall time, and for each trained model,
+scored here with the same code: held-out preference accuracy (pairs of held-out gold-ranked rankings ordered by the
 implicit reward log pi - log pi_sft) and greedy accuracy on 500 held-out arithmetic prompts.
 
     python3 -m venv /work/trl-env && /work/trl-env/bin/pip install torch==2.13.0 trl   # a CPU torch
@@ -30,28 +31,45 @@ import time
 from pathlib import Path
 
 
-def write_pairs(rankings: str, out: Path, n: int, seed: int) -> int:
-    """Every (better, worse) pair of each ranking, shuffled, the first `n` -> JSONL of prompt / chosen / rejected."""
+def ranking_pairs(row: dict) -> list[dict]:
+    """Every (better, worse) pair of one ranking, ties skipped, as prompt / chosen / rejected rows."""
+    c, r = row["completions"], row["ranks"]
+    return [{"prompt": row["prompt"], "chosen": c[i], "rejected": c[j]}
+            for i in range(len(c)) for j in range(len(c)) if r[i] < r[j]]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def make_data(args, tmp: Path) -> dict:
+    """pairs: a random sample of steps x batch_size pairs of all rankings; grouped: the first rankings (in a random
+    order) holding steps x group_batch_size prompts, as rankings (ours) and as their pairs, shuffled (TRL)."""
     import numpy as np
 
-    pairs = []
-    for line in open(rankings):
-        row = json.loads(line)
-        c, r = row["completions"], row["ranks"]
-        pairs += [{"prompt": row["prompt"], "chosen": c[i], "rejected": c[j]}
-                  for i in range(len(c)) for j in range(len(c)) if r[i] < r[j]]
-    order = np.random.default_rng(seed).permutation(len(pairs))[:n]
-    out.write_text("".join(json.dumps(pairs[i]) + "\n" for i in order))
-    return len(order)
+    rows = [json.loads(line) for line in open(args.rankings) if line.strip()]
+    rng = np.random.default_rng(args.seed)
+    pairs = [p for row in rows for p in ranking_pairs(row)]
+    sample = [pairs[i] for i in rng.permutation(len(pairs))[:args.steps * args.batch_size]]
+    groups = [rows[i] for i in rng.permutation(len(rows))[:args.steps * args.group_batch_size]]
+    grouped = [p for row in groups for p in ranking_pairs(row)]
+    grouped = [grouped[i] for i in rng.permutation(len(grouped))]
+    per_prompt = len(grouped) // len(groups)
+    if not all(len(ranking_pairs(r)) == per_prompt for r in groups):
+        raise SystemExit("the grouped comparison needs the same number of pairs per ranking (no ties)")
+    return {"pairs": write_jsonl(tmp / "pairs.jsonl", sample), "n_pairs": len(sample),
+            "rankings": write_jsonl(tmp / "rankings.jsonl", groups), "grouped_pairs": write_jsonl(
+                tmp / "grouped_pairs.jsonl", grouped), "n_grouped": len(grouped), "per_prompt": per_prompt}
 
 
-def run_ours(args, pairs: Path, out: Path, precompute: bool) -> dict:
+def run_ours(args, data: Path, out: Path, precompute: bool, batch_size: int) -> dict:
     from rlhf import dpo
     from rlhf.runtime import make_config
 
     cfg = make_config(dpo.Config, dict(
-        output_dir=str(out), model_name_or_path=args.sft_model, dataset_name=str(pairs), max_steps=args.steps,
-        num_train_epochs=1.0, per_device_train_batch_size=args.batch_size, learning_rate=args.learning_rate,
+        output_dir=str(out), model_name_or_path=args.sft_model, dataset_name=str(data), max_steps=args.steps,
+        num_train_epochs=1.0, per_device_train_batch_size=batch_size, learning_rate=args.learning_rate,
         beta=args.beta, loss_type="sigmoid", lr_scheduler_type="constant_with_warmup", warmup_ratio=0.05,
         max_grad_norm=1.0, max_length=64, precompute_ref_log_probs=precompute, num_eval_prompts=0,
         num_greedy_eval_prompts=0, seed=args.seed, progress=False, report_to="none", overwrite=True,
@@ -79,9 +97,9 @@ def trl_worker(args) -> None:
                        gradient_checkpointing=False, bf16=False, fp16=False,
                        use_cpu=True, seed=args.seed, report_to="none", save_strategy="no", logging_steps=args.steps,
                        disable_tqdm=True, dataloader_num_workers=0, disable_dropout=True)
+    cpu = time.process_time()  # from the data on, as for ours: tokenising (and TRL's reference pass) counts
     trainer = DPOTrainer(model=model, args=config, processing_class=tokenizer,
                          train_dataset=datasets.load_dataset("json", data_files=args.pairs, split="train"))
-    cpu = time.process_time()
     result = trainer.train()
     cpu = time.process_time() - cpu
     trainer.save_model(str(Path(args.out) / "model"))
@@ -90,10 +108,10 @@ def trl_worker(args) -> None:
                       "steps": trainer.state.global_step}))
 
 
-def run_trl(args, pairs: Path, out: Path, precompute: bool) -> dict:
+def run_trl(args, pairs: Path, out: Path, precompute: bool, batch_size: int) -> dict:
     cmd = [args.trl_python, __file__, "--trl_worker", "--sft_model", args.sft_model, "--pairs", str(pairs),
            "--precompute", str(precompute),
-           "--out", str(out), "--steps", str(args.steps), "--batch_size", str(args.batch_size),
+           "--out", str(out), "--steps", str(args.steps), "--batch_size", str(batch_size),
            "--learning_rate", str(args.learning_rate), "--beta", str(args.beta), "--seed", str(args.seed)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH="", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -134,8 +152,9 @@ def main() -> None:
     p.add_argument("--eval_rankings", help="Held-out gold-ranked rankings for the preference accuracy.")
     p.add_argument("--trl_python", default="/work/trl-env/bin/python", help="Python of a virtualenv with trl.")
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--learning_rate", type=float, default=1e-3)
+    p.add_argument("--batch_size", type=int, default=32, help="Pairs per step (random pairs).")
+    p.add_argument("--group_batch_size", type=int, default=4, help="Rankings per step (grouped pairs).")
+    p.add_argument("--learning_rate", type=float, default=3e-4)
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--trl_worker", action="store_true", help=argparse.SUPPRESS)
@@ -149,31 +168,49 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    rows = []
+    tables = []
     with tempfile.TemporaryDirectory() as tmp:
-        pairs = Path(tmp) / "pairs.jsonl"
-        n = write_pairs(args.rankings, pairs, args.steps * args.batch_size, args.seed)
-        runs = [("TRL DPOTrainer", lambda: run_trl(args, pairs, Path(tmp) / "trl", precompute=False)),
-                ("rlhf dpo", lambda: run_ours(args, pairs, Path(tmp) / "ours", precompute=False)),
-                ("TRL DPOTrainer, precompute_ref_log_probs", lambda: run_trl(args, pairs, Path(tmp) / "trlpre",
-                                                                             precompute=True)),
-                ("rlhf dpo, precompute_ref_log_probs", lambda: run_ours(args, pairs, Path(tmp) / "pre",
-                                                                        precompute=True))]
-        for name, fn in runs:
-            r = fn()
-            rows.append((name, r, score(r["model"], args)))
+        tmp = Path(tmp)
+        data = make_data(args, tmp)
+        gb, pairs_per_step = args.group_batch_size, args.group_batch_size * data["per_prompt"]
+        setups = [
+            (f"{data['n_pairs']} random pairs of the rankings, {args.batch_size} pairs per step", data["n_pairs"], [
+                ("TRL DPOTrainer", lambda: run_trl(args, data["pairs"], tmp / "t1", False, args.batch_size)),
+                ("rlhf dpo", lambda: run_ours(args, data["pairs"], tmp / "o1", False, args.batch_size)),
+                ("TRL DPOTrainer, precompute_ref_log_probs",
+                 lambda: run_trl(args, data["pairs"], tmp / "t2", True, args.batch_size)),
+                ("rlhf dpo, precompute_ref_log_probs",
+                 lambda: run_ours(args, data["pairs"], tmp / "o2", True, args.batch_size))]),
+            (f"the {data['n_grouped']} pairs of {args.steps * gb} whole rankings, {pairs_per_step} pairs per step "
+             f"(TRL: pairs; ours: the rankings, {gb} prompts x {data['per_prompt']} pairs, each response forwarded "
+             "once)", data["n_grouped"], [
+                ("TRL DPOTrainer", lambda: run_trl(args, data["grouped_pairs"], tmp / "t3", False, pairs_per_step)),
+                ("rlhf dpo", lambda: run_ours(args, data["rankings"], tmp / "o3", False, gb)),
+                ("TRL DPOTrainer, precompute_ref_log_probs",
+                 lambda: run_trl(args, data["grouped_pairs"], tmp / "t4", True, pairs_per_step)),
+                ("rlhf dpo, precompute_ref_log_probs",
+                 lambda: run_ours(args, data["rankings"], tmp / "o4", True, gb))]),
+        ]
+        for title, n, runs in setups:
+            rows = []
+            for name, fn in runs:
+                r = fn()
+                rows.append((name, r, score(r["model"], args)))
+            tables.append((title, n, rows))
     base = score(args.sft_model, args)
-    print(f"\nDPO (sigmoid, beta {args.beta}, lr {args.learning_rate}, constant after 5% warmup) on {args.sft_model}: "
-          f"{args.steps} steps x {args.batch_size} pairs ({n} pairs of {args.rankings}), 1 torch thread each")
-    print("| trainer | steps | CPU s | loop s | pairs / CPU-s | held-out preference acc. | greedy acc. |")
-    print("|---|---|---|---|---|---|---|")
-    print(f"| SFT model (start; every implicit reward is 0) | 0 | - | - | - | - | {base['accuracy']:.3f} |")
-    for name, r, s in rows:
-        print(f"| {name} | {r['steps']} | {r['cpu_s']:.1f} | {r['loop_s']:.1f} | {n / r['cpu_s']:.0f} | "
-              f"{s['preference_accuracy']:.3f} | {s['accuracy']:.3f} |")
-    cpu = [r["cpu_s"] for _, r, _ in rows]
-    print(f"throughput rlhf dpo / TRL: {cpu[0] / cpu[1]:.2f} (reference per batch, both), {cpu[2] / cpu[3]:.2f} "
-          f"(precomputed, both), {cpu[0] / cpu[3]:.2f} (each one's default: TRL per batch, ours precomputed)")
+    print(f"\nDPO (sigmoid, beta {args.beta}, lr {args.learning_rate}, constant after 5% warmup) from "
+          f"{args.sft_model}, {args.steps} steps, 1 torch thread each; the SFT model's greedy accuracy "
+          f"{base['accuracy']:.3f}")
+    for title, n, rows in tables:
+        print(f"\n{title}\n")
+        print("| trainer | steps | CPU s | loop s | pairs / CPU-s | held-out preference acc. | greedy acc. |")
+        print("|---|---|---|---|---|---|---|")
+        for name, r, s in rows:
+            print(f"| {name} | {r['steps']} | {r['cpu_s']:.1f} | {r['loop_s']:.1f} | {n / r['cpu_s']:.0f} | "
+                  f"{s['preference_accuracy']:.3f} | {s['accuracy']:.3f} |")
+        cpu = [r["cpu_s"] for _, r, _ in rows]
+        print(f"\nthroughput rlhf dpo / TRL: {cpu[0] / cpu[1]:.2f} (reference per batch, both), {cpu[2] / cpu[3]:.2f} "
+              f"(precomputed, both), {cpu[0] / cpu[3]:.2f} (each one's default: TRL per batch, ours precomputed)")
 
 
 if __name__ == "__main__":
