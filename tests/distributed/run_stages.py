@@ -30,6 +30,10 @@ def stage_configs(root: Path, scale: int) -> dict:
         "dpo": dict(common, per_device_train_batch_size=2 * scale, num_train_prompts=32, completions_per_prompt=3,
                     learning_rate=1e-3, beta=0.5, num_eval_prompts=8, num_greedy_eval_prompts=8,
                     per_device_eval_batch_size=3),
+        # dpo with LoRA and the reference per batch: the policy with its adapters off, under every setup
+        "dpo_lora": dict(common, per_device_train_batch_size=2 * scale, num_train_prompts=32, completions_per_prompt=3,
+                         learning_rate=1e-2, beta=0.5, num_eval_prompts=8, num_greedy_eval_prompts=0,
+                         per_device_eval_batch_size=3, use_peft=True, lora_dropout=0.0, precompute_ref_log_probs=False),
         "grpo": dict(common, model_name_or_path=str(root / "start"), reward_funcs=[LENGTH_REWARD], reward_weights=[1.0],
                      per_device_train_batch_size=8 * scale, num_generations=4, max_completion_length=6,
                      learning_rate=1e-3, beta=0.05, num_train_prompts=64, num_eval_prompts=8),
@@ -61,7 +65,7 @@ def main() -> None:
     for name, values in stage_configs(root, scale).items():
         if name not in stages:
             continue
-        module = importlib.import_module(f"rlhf.{name}")
+        module = importlib.import_module(f"rlhf.{name.split('_')[0]}")  # dpo_lora: rlhf.dpo
         out = root / name
         summary = module.train(make_config(module.Config, dict(values, output_dir=str(out))))
         if is_main:
