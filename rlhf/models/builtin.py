@@ -31,10 +31,10 @@ _CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 # Small enough to train on the arithmetic task in a minute or two on 2 CPU cores.
-# 2 heads of 32: vLLM's CPU attention rejects head_dim 16 (it serves 32, 64, ...), so the one built-in model runs on
-# every rollout path, `use_vllm` included.
-_TINY = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=2,
-             num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, rms_norm_eps=1e-6)
+# 4 heads of 16. vLLM's CPU attention serves head_dim 32 and 64, not 16: `use_vllm` needs another model (the vLLM
+# tests use this shape with head_dim=32). 2 heads of 32 learn the task far more slowly (SFT 8% instead of 66%).
+_TINY = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=True, rms_norm_eps=1e-6)
 _TINY_SEED = 1234
 
 

@@ -9,8 +9,10 @@ optimizer step stale (differences of 1e-2 and more, see the sync-off variant).
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ import torch
 
 from rlhf import grpo, ppo
 from rlhf.models import BUILTIN_TINY, load_causal_lm, load_tokenizer
+from rlhf.models.builtin import build_tiny, tiny_tokenizer
 from rlhf.rollout import batch_logprobs, generate, tokenize_prompts
 from rlhf.runtime import ConfigError, make_config, read_jsonl
 
@@ -30,9 +33,20 @@ LENGTH_REWARD = f"{Path(__file__).with_name('test_grpo.py')}:length_reward"  # a
 PROMPTS = ["12+34=", "7+5=", "100+23=", "9+9=", "41+2=", "3+88="]
 
 
+@functools.cache
+def tiny32() -> str:
+    """builtin:tiny's shape with heads of 32 (vLLM's CPU attention does not serve builtin:tiny's head_dim 16), saved."""
+    from transformers import LlamaForCausalLM
+
+    out = Path(tempfile.mkdtemp(prefix="tiny32-"))
+    build_tiny(LlamaForCausalLM, head_dim=32).save_pretrained(out)
+    tiny_tokenizer().save_pretrained(out)
+    return str(out)
+
+
 def perturbed_tiny(seed=0):
-    """builtin:tiny with noisy weights: varied completions, some of which end in EOS within 20 tokens."""
-    model = load_causal_lm(BUILTIN_TINY)
+    """The tiny32 model with noisy weights: varied completions, some of which end in EOS within 20 tokens."""
+    model = load_causal_lm(tiny32())
     torch.manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -51,7 +65,7 @@ def engine_and_model(tok):
     """One engine for this module's engine-level tests, and the model whose weights it was given."""
     torch.set_num_threads(1)
     model = perturbed_tiny()
-    engine = vllm_engine.VLLMEngine(model, tok, BUILTIN_TINY, "cpu", max_num_seqs=64)
+    engine = vllm_engine.VLLMEngine(model, tok, tiny32(), "cpu", max_num_seqs=64)
     engine.sync(model)
     return engine, model
 
@@ -163,7 +177,7 @@ def test_lora_sync_sends_merged_weights_and_leaves_the_adapters(engine_and_model
 
 
 def grpo_cfg(tmp_path, name="run", **kw):
-    base = dict(output_dir=str(tmp_path / name), model_name_or_path=BUILTIN_TINY, num_eval_prompts=0,
+    base = dict(output_dir=str(tmp_path / name), model_name_or_path=tiny32(), num_eval_prompts=0,
                 per_device_train_batch_size=16, num_generations=4, max_completion_length=6, max_steps=3,
                 learning_rate=3e-3, beta=0.0, reward_funcs=[LENGTH_REWARD], progress=False,
                 report_to="none", use_vllm=True)
@@ -237,20 +251,14 @@ def test_grpo_with_vllm_resumes_exactly_and_is_reproducible(tmp_path):
 def carry_sft_dir(tmp_path_factory):
     """An SFT model of the built-in task trained on demonstrations that drop 60% of carries (sft_tiny.yaml's
     data, 1000 steps, ~25 s), so RL has something to fix: ~60% held-out accuracy, ~24% on carry prompts.
-    The model: builtin:tiny's shape with 4 heads of 32 (2 heads of 32, builtin:tiny's current shape, reach
-    only 9% at 1000 steps and 27% at 2500 on these settings)."""
-    from transformers import LlamaForCausalLM
-
+    The model: tiny32, builtin:tiny's 4 heads with head_dim 32 (2 heads of 32 reach only 9% at 1000 steps and 27%
+    at 2500 on these settings)."""
     from rlhf import sft
-    from rlhf.models.builtin import build_tiny, tiny_tokenizer
 
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("carry_sft")
-    model = build_tiny(LlamaForCausalLM, num_attention_heads=4, num_key_value_heads=4, head_dim=32)
-    model.save_pretrained(out / "init")
-    tiny_tokenizer().save_pretrained(out / "init")
     sft.train(make_config(sft.Config, dict(
-        output_dir=str(out / "sft"), model_name_or_path=str(out / "init"), num_train_examples=20000,
+        output_dir=str(out / "sft"), model_name_or_path=tiny32(), num_train_examples=20000,
         carry_error_rate=0.6, completion_only_loss=True, max_steps=1000, num_train_epochs=10,
         per_device_train_batch_size=64, learning_rate=3e-3, adam_beta2=0.98, lr_scheduler_type="cosine_with_min_lr",
         warmup_ratio=0.02, num_eval_prompts=0, progress=False, report_to="none")))
@@ -341,7 +349,8 @@ def test_engine_failure_is_one_line_and_leaves_no_model(tmp_path, monkeypatch, c
     out = tmp_path / "run"
     torch.set_num_threads(1)
     with pytest.raises(SystemExit) as exc:
-        cli.main(["grpo", "--output_dir", str(out), "--use_vllm", "true", "--num_eval_prompts", "0",
+        cli.main(["grpo", "--output_dir", str(out), "--model_name_or_path", tiny32(), "--use_vllm", "true",
+                  "--num_eval_prompts", "0",
                   "--per_device_train_batch_size", "16", "--num_generations", "4", "--max_steps", "3",
                   "--save_steps", "1", "--progress", "false", "--report_to", "none"])
     assert exc.value.code == 2
