@@ -200,7 +200,7 @@ def build_parser(cls, prog: str | None = None, description: str | None = None) -
     for name, f in config_fields(cls).items():
         tp, _ = _unwrap_optional(f.type)
         metavar = {bool: "BOOL", int: "INT", float: "FLOAT", str: "STR"}.get(tp, "VALUE")
-        help_text = f.metadata.get("help", "")
+        help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %: "10%" is text
         if f.metadata.get("choices"):
             help_text += f" One of: {', '.join(map(str, f.metadata['choices']))}."
         flags = [f"--{n}" for n in (name, *f.metadata.get("aliases", ()))]

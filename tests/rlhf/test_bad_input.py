@@ -220,3 +220,10 @@ def test_pipeline_usage_errors_exit_2_before_anything_is_written(tmp_path, capsy
         capsys, ["pipeline", "--output_dir", str(out), "--sft_model_path", str(tmp_path / "nope")])
     assert "run the sft stage first" in fails(capsys, ["pipeline", "--output_dir", str(out), "--stages", "ppo"])
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["sft", "reward", "dpo", "ppo", "grpo", "pipeline"])
+def test_every_stage_prints_its_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0 and "--output_dir" in capsys.readouterr().out
