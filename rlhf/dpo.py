@@ -38,7 +38,8 @@ from rlhf.data import collate_rankings
 from rlhf.distributed import (gather_objects, gathered_for_generation, loss_normaliser, prepare_frozen, reduce_sum,
                               save_hf_model, unwrap)
 from rlhf.models import disable_dropout, load_causal_lm, load_tokenizer
-from rlhf.reward import load_groups  # the rankings `rlhf reward` trains on, read and checked the same way
+# the rankings `rlhf reward` trains on, read and checked the same way
+from rlhf.reward import load_groups, prompts_with_pairs
 from rlhf.runtime import Timer, arg, check, command_name, progress, resolve_checkpoint, seed_everything
 from rlhf.tasks import arithmetic
 from rlhf.training import (TrainingConfig, backward, due, end_step, epoch_steps, lora, open_run, prepare_training,
@@ -263,7 +264,7 @@ def train(cfg: Config) -> dict:
         batches = step_batches(accelerator, cfg, step, groups, collate, tokenizer.pad_token_id)
         # dpo_loss is a mean over the prompts of its batch; each micro-batch weighs its share of the prompts
         # of the whole optimizer step, so accumulation and processes do not change the update.
-        local_prompts = [float(ranked_pairs(b["ranks"]).flatten(1).any(dim=1).sum()) for b in batches]  # with a pair
+        local_prompts = [float(prompts_with_pairs(b["ranks"])) for b in batches]
         n_prompts = float(loss_normaliser(accelerator, sum(local_prompts)))
         sums, update = {}, {}
         for batch, n_local in zip(batches, local_prompts):

@@ -29,7 +29,7 @@ from pathlib import Path
 import datasets
 import torch
 
-from rlhf.core import ranking_loss
+from rlhf.core import ranked_pairs, ranking_loss
 from rlhf.data import DataError, Locator, collate_rankings, load_rows, tokenize_prompt_completion, tokenize_rankings
 from rlhf.distributed import gathered_for_generation, loss_normaliser, reduce_sum, save_hf_model
 from rlhf.models import check_model_path, load_causal_lm, load_reward_model, load_tokenizer
@@ -139,9 +139,7 @@ def group_scores(model, batch: dict) -> torch.Tensor:
 
 def prompts_with_pairs(ranks: torch.Tensor) -> torch.Tensor:
     """Number of prompts that have at least one strict pair (ties and padding excluded)."""
-    valid = ranks >= 0
-    pairs = (ranks.unsqueeze(2) < ranks.unsqueeze(1)) & valid.unsqueeze(2) & valid.unsqueeze(1)  # (B, K, K)
-    return pairs.flatten(1).any(dim=1).sum()
+    return ranked_pairs(ranks).flatten(1).any(dim=1).sum()
 
 
 @torch.no_grad()

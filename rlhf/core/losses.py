@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from .kl import kl_estimate
 from .masked import aggregate_loss, masked_mean
+from .preference import ranked_pairs
 
 
 def _expand_like(advantages: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -332,9 +333,7 @@ def ranking_loss(
     Shapes: scores (B, K), ranks (B, K) int with 0 = best, margin float, (B,) or None; returns (loss, metrics).
     """
     valid = ranks >= 0  # (B, K)
-    # (B, K, K): response i ranked better than j, both valid
-    pairs = (ranks.unsqueeze(2) < ranks.unsqueeze(1)) & valid.unsqueeze(2) & valid.unsqueeze(1)
-    pairs = pairs.to(scores.dtype)
+    pairs = ranked_pairs(ranks).to(scores.dtype)  # (B, K, K): response i ranked better than j, both valid
     diff = scores.unsqueeze(2) - scores.unsqueeze(1)  # (B, K, K): s_i - s_j
     if margin is not None:
         m = torch.as_tensor(margin, dtype=scores.dtype, device=scores.device)
