@@ -40,10 +40,10 @@ from rlhf.distributed import (gather_objects, gathered_for_generation, loss_norm
 from rlhf.models import disable_dropout, load_causal_lm, load_tokenizer
 # the rankings `rlhf reward` trains on, read and checked the same way
 from rlhf.reward import load_groups, prompts_with_pairs
-from rlhf.runtime import Timer, arg, check, command_name, progress, resolve_checkpoint, seed_everything
+from rlhf.runtime import Timer, arg, check, command_name, resolve_checkpoint, seed_everything
 from rlhf.tasks import arithmetic
-from rlhf.training import (TrainingConfig, backward, due, end_step, epoch_steps, lora, open_run, prepare_training,
-                           save_checkpoint, setup_accelerator, step_batches)
+from rlhf.training import (TrainingConfig, backward, due, end_step, epoch_steps, lora, open_epoch_run,
+                           prepare_training, save_checkpoint, setup_accelerator, step_batches)
 
 
 @dataclass
@@ -238,8 +238,7 @@ def train(cfg: Config) -> dict:
     resume_dir = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir, command_name(cfg))
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     groups, eval_groups, dropped = load_groups(cfg, tokenizer)
-    global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
-    total_steps = epoch_steps(cfg, len(groups), global_batch)
+    global_batch, total_steps = epoch_steps(cfg, accelerator, len(groups))
 
     # TRL switches dropout off too: the policy and the reference then score a response the same way.
     model = disable_dropout(lora(load_causal_lm(cfg.model_name_or_path,
@@ -251,15 +250,13 @@ def train(cfg: Config) -> dict:
     if cfg.uses_reference:  # the policy has not moved yet (a checkpoint loads below): it is the reference here
         for data in ([groups] if cfg.precompute_ref_log_probs else []) + ([eval_groups] if eval_groups else []):
             add_reference_logps(accelerator, model, data, cfg, tokenizer.pad_token_id)
-    state, _, run = open_run(cfg, accelerator, resume_dir, {"step": 0, "metrics": {}}, scheduler=scheduler)
-    start, metrics = state["step"], state["metrics"]  # the last step's metrics: summary.json's train/loss_last
+    start, metrics, run, bar = open_epoch_run(cfg, accelerator, resume_dir, scheduler, total_steps, "dpo")
 
     def save(step):
         save_checkpoint(run, accelerator, step, {"metrics": metrics}, scheduler=scheduler)
 
     timer = Timer()
     model.train()
-    bar = progress(total_steps, "dpo", enabled=cfg.progress and accelerator.is_main_process, initial=start)
     for step in range(start, total_steps):
         batches = step_batches(accelerator, cfg, step, groups, collate, tokenizer.pad_token_id)
         # dpo_loss is a mean over the prompts of its batch; each micro-batch weighs its share of the prompts

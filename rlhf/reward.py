@@ -33,11 +33,11 @@ from rlhf.core import ranked_pairs, ranking_loss
 from rlhf.data import DataError, Locator, collate_rankings, load_rows, tokenize_prompt_completion, tokenize_rankings
 from rlhf.distributed import gathered_for_generation, loss_normaliser, reduce_sum, save_hf_model
 from rlhf.models import check_model_path, load_causal_lm, load_reward_model, load_tokenizer
-from rlhf.runtime import (ConfigError, Timer, arg, check, command_name, parse_config, progress, resolve_checkpoint,
+from rlhf.runtime import (ConfigError, Timer, arg, check, command_name, parse_config, resolve_checkpoint,
                           seed_everything)
 from rlhf.tasks import arithmetic
-from rlhf.training import (TrainingConfig, backward, due, end_step, epoch_steps, lora, open_run, prepare_training,
-                           save_checkpoint, setup_accelerator, step_batches)
+from rlhf.training import (TrainingConfig, backward, due, end_step, epoch_steps, lora, open_epoch_run,
+                           prepare_training, save_checkpoint, setup_accelerator, step_batches)
 
 
 @dataclass
@@ -188,8 +188,7 @@ def train(cfg: Config) -> dict:
     resume_dir = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir, command_name(cfg))
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     groups, eval_groups, dropped = load_groups(cfg, tokenizer)
-    global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
-    total_steps = epoch_steps(cfg, len(groups), global_batch)
+    global_batch, total_steps = epoch_steps(cfg, accelerator, len(groups))
 
     seed_everything(cfg.seed, cfg.deterministic)  # the new score head starts the same whatever the data step drew
     model = load_reward_model(cfg.model_name_or_path, gradient_checkpointing=cfg.gradient_checkpointing)
@@ -197,15 +196,13 @@ def train(cfg: Config) -> dict:
         model.config.pad_token_id = tokenizer.pad_token_id
     model = lora(model, cfg)
     model, optimizer, scheduler = prepare_training(accelerator, model, cfg, total_steps)
-    state, _, run = open_run(cfg, accelerator, resume_dir, {"step": 0, "metrics": {}}, scheduler=scheduler)
-    start, metrics = state["step"], state["metrics"]  # the last step's metrics: summary.json's train/loss_last
+    start, metrics, run, bar = open_epoch_run(cfg, accelerator, resume_dir, scheduler, total_steps, "reward")
 
     def save(step):
         save_checkpoint(run, accelerator, step, {"metrics": metrics}, scheduler=scheduler)
 
     timer = Timer()
     model.train()
-    bar = progress(total_steps, "reward", enabled=cfg.progress and accelerator.is_main_process, initial=start)
     for step in range(start, total_steps):
         batches = step_batches(accelerator, cfg, step, groups, collate_rankings, tokenizer.pad_token_id)
         # ranking_loss is a mean over the prompts of its batch; re-weight each micro-batch by its share of the

@@ -25,11 +25,11 @@ from rlhf.core import aggregate_loss
 from rlhf.data import collate_sft, load_rows, pack_examples, tokenize_sft
 from rlhf.distributed import gathered_for_generation, loss_normaliser, reduce_sum, save_hf_model
 from rlhf.models import load_causal_lm, load_tokenizer
-from rlhf.runtime import (ConfigError, Timer, arg, check, command_name, progress, resolve_checkpoint,
+from rlhf.runtime import (ConfigError, Timer, arg, check, command_name, resolve_checkpoint,
                           seed_everything)
 from rlhf.tasks import arithmetic
-from rlhf.training import (TrainingConfig, backward, due, end_step, epoch_steps, lora, open_run, prepare_training,
-                           save_checkpoint, setup_accelerator, step_batches)
+from rlhf.training import (TrainingConfig, backward, due, end_step, epoch_steps, lora, open_epoch_run,
+                           prepare_training, save_checkpoint, setup_accelerator, step_batches)
 
 
 @dataclass
@@ -165,20 +165,17 @@ def train(cfg: Config) -> dict:
     resume_dir = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir, command_name(cfg))
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     train_examples, eval_examples, dropped, builtin_task = load_examples(cfg, tokenizer)
-    global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
-    total_steps = epoch_steps(cfg, len(train_examples), global_batch)
+    global_batch, total_steps = epoch_steps(cfg, accelerator, len(train_examples))
 
     model = lora(load_causal_lm(cfg.model_name_or_path, gradient_checkpointing=cfg.gradient_checkpointing), cfg)
     model, optimizer, scheduler = prepare_training(accelerator, model, cfg, total_steps)
-    state, _, run = open_run(cfg, accelerator, resume_dir, {"step": 0, "metrics": {}}, scheduler=scheduler)
-    start, metrics = state["step"], state["metrics"]  # the last step's metrics: summary.json's train/loss_last
+    start, metrics, run, bar = open_epoch_run(cfg, accelerator, resume_dir, scheduler, total_steps, "sft")
 
     def save(step):
         save_checkpoint(run, accelerator, step, {"metrics": metrics}, scheduler=scheduler)
 
     timer, tokens_seen = Timer(), 0.0
     model.train()
-    bar = progress(total_steps, "sft", enabled=cfg.progress and accelerator.is_main_process, initial=start)
     for step in range(start, total_steps):
         batches = step_batches(accelerator, cfg, step, train_examples, collate_sft, tokenizer.pad_token_id)
         # Token-mean over the whole optimizer step: every process divides by the same global count.

@@ -8,7 +8,8 @@
   an accumulation cycle: clip, optimizer step, schedule.
 - `save_checkpoint` / `open_run`: `checkpoints/step-N` (accelerate's state + the stage's); the state
   to continue from (a checkpoint's or a fresh run's) and the run directory.
-- `step_batches`, `epoch_steps`: the data order of SFT and reward, a function of the step.
+- `step_batches`, `epoch_steps`, `open_epoch_run`: the data order of SFT, reward and DPO (a function of the
+  step), their budget, and their run directory and progress bar.
 - `due`, `end_step`: when to evaluate; logging, the progress bar and checkpoints after every step.
 """
 
@@ -24,7 +25,8 @@ from transformers import get_scheduler
 
 from rlhf.distributed import checkpoint, make_accelerator
 from rlhf.models import apply_lora
-from rlhf.runtime import Run, RunConfig, arg, check, fmt_metrics, load_state, loading_checkpoint, save_state
+from rlhf.runtime import (Run, RunConfig, arg, check, fmt_metrics, load_state, loading_checkpoint, progress,
+                          save_state)
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr")
 
@@ -183,10 +185,20 @@ def load_checkpoint(path: Path, accelerator, **stateful) -> tuple[dict, dict | N
 # --------------------------------------------------------------------------------------------
 
 
-def epoch_steps(cfg, n_examples: int, global_batch: int) -> int:
-    """Optimizer steps of `num_train_epochs` passes over `n_examples`, capped by `max_steps` (-1: no cap)."""
+def epoch_steps(cfg, accelerator, n_examples: int) -> tuple[int, int]:
+    """(global batch, optimizer steps) of `num_train_epochs` passes over `n_examples`, capped by `max_steps`
+    (-1: no cap); the global batch counts every micro-batch of every process."""
+    global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
     steps = math.ceil(cfg.num_train_epochs * n_examples / global_batch)
-    return min(steps, cfg.max_steps) if cfg.max_steps > 0 else steps
+    return global_batch, (min(steps, cfg.max_steps) if cfg.max_steps > 0 else steps)
+
+
+def open_epoch_run(cfg, accelerator, resume_dir: Path | None, scheduler, total_steps: int, name: str):
+    """`open_run` for the stages that pass over a data set (sft, reward, dpo), whose checkpoints hold the step and
+    the last step's metrics (summary.json's train/loss_last after a resume): (start, metrics, run, progress bar)."""
+    state, _, run = open_run(cfg, accelerator, resume_dir, {"step": 0, "metrics": {}}, scheduler=scheduler)
+    bar = progress(total_steps, name, enabled=cfg.progress and accelerator.is_main_process, initial=state["step"])
+    return state["step"], state["metrics"], run, bar
 
 
 def global_batch_indices(step: int, global_batch: int, n_examples: int, seed: int) -> np.ndarray:
