@@ -5,6 +5,9 @@
   1.15 otherwise leaves the world size at 1 for CPU DeepSpeed runs; see docs/distributed.md), then
   fills the DeepSpeed config's "auto" batch / accumulation / clipping entries from the stage's
   config and rejects fixed entries that disagree with it (`check_batch_config`), before any work.
+  With `bf16` the prepared model's forward runs under `torch.autocast` (bfloat16, float32 master
+  weights and optimizer state), on CPU as on GPU; on a CPU without bfloat16 instructions that is
+  emulated and slow, which it warns about (`cpu_bf16_instructions`; see docs/precision.md).
 - `loss_normaliser`: the token (or sequence) count of the whole optimizer step, over micro-batches
   and processes: a micro-batch's loss summed and divided by it is that micro-batch's share of the
   step's mean, and the shares add up to it (`rlhf.training.backward` then undoes DDP / DeepSpeed's
@@ -24,7 +27,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import os
+import platform
 import shutil
 from pathlib import Path
 from typing import Any
@@ -35,6 +40,8 @@ from accelerate.utils import gather_object
 
 from rlhf.runtime import ConfigError
 from rlhf.shipped_configs import resolve_deepspeed_config_env
+
+logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------
@@ -69,6 +76,9 @@ def make_accelerator(gradient_accumulation_steps: int = 1, mixed_precision: str 
             PartialState(cpu=True)
     accelerator = Accelerator(gradient_accumulation_steps=gradient_accumulation_steps, mixed_precision=mixed_precision,
                               cpu=cpu)
+    if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cpu" and cpu_bf16_instructions() is None:
+        logger.warning("`bf16`: this CPU has no bfloat16 instructions (AVX512-BF16 or AMX on x86, BF16 on Arm): "
+                       "bfloat16 autocast runs emulated, usually slower than float32; set --bf16 false")
     ds = deepspeed_config(accelerator)
     if ds is not None:
         # The DeepSpeed config lives in accelerate's process-wide state and is filled in place for
@@ -83,6 +93,16 @@ def make_accelerator(gradient_accumulation_steps: int = 1, mixed_precision: str 
     if per_device_train_batch_size is not None:
         check_batch_config(accelerator, per_device_train_batch_size, gradient_accumulation_steps, max_grad_norm)
     return accelerator
+
+
+def cpu_bf16_instructions() -> str | None:
+    """The instructions this CPU has for bfloat16 matmuls (oneDNN's fast path): "AMX", "AVX512-BF16", "BF16" (Arm),
+    or None: bfloat16 matmuls are then emulated (converted to float32 and back), usually slower than float32."""
+    if platform.machine().lower() in ("x86_64", "amd64", "x86", "i686"):
+        if torch.cpu._is_amx_tile_supported():
+            return "AMX"
+        return "AVX512-BF16" if torch.cpu._is_avx512_bf16_supported() else None
+    return "BF16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None  # Arm: cpuinfo's bf16 flag
 
 
 def deepspeed_config(accelerator) -> dict | None:

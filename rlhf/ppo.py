@@ -38,7 +38,7 @@ from transformers.utils import logging as hf_logging
 from rlhf.core import (explained_variance, kl_controller, kl_estimate, masked_whiten, per_token_rewards, ppo_clip_loss,
                        token_gae, truncated_importance_weights, value_loss)
 from rlhf.distributed import gathered_for_generation, loss_normaliser, prepare_frozen, reduce_sum, save_hf_model, unwrap
-from rlhf.models import BUILTIN_TINY, check_model_path, disable_dropout, load_causal_lm, tiny_config
+from rlhf.models import BUILTIN_MODELS, builtin_config, check_model_path, disable_dropout, load_causal_lm
 from rlhf.rollout import (
     PromptSource, batch_logprobs, decode_completions, evaluate_arithmetic, generate, load_rl_inputs,
     position_ids_from_mask, tokenize_prompts,
@@ -170,8 +170,8 @@ def load_value_model(path: str):
     are the reward model's per-token scores; from a causal LM the head starts fresh.
     """
     check_model_path(path)
-    if path == BUILTIN_TINY:
-        config = tiny_config()
+    if path in BUILTIN_MODELS:
+        config = builtin_config(path)
         config.num_labels, config.classifier_dropout = 1, 0.0
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)

@@ -342,7 +342,8 @@ def evaluate_arithmetic(accelerator, model, tokenizer, prompts: list[str], max_n
     because under ZeRO-3 the parameters are gathered collectively). `select` picks the policy out
     of a wrapper module (PPO's policy + value)."""
     result: dict = {}
-    with gathered_for_generation(accelerator, model) as unwrapped:
+    # autocast: the precision of training (PPO's policy is reached past the prepared module's own autocast)
+    with gathered_for_generation(accelerator, model) as unwrapped, accelerator.autocast():
         if accelerator.is_main_process:
             policy = select(unwrapped) if select else unwrapped
             result = evaluate_policy(policy, tokenizer, prompts, batch_size=128, max_new_tokens=max_new_tokens)

@@ -1,8 +1,8 @@
-"""Models: the built-in tiny preset (`builtin`), loaders (`loading`), LoRA and dropout-off for training (`prepare`)."""
+"""Models: the built-in presets (`builtin`), loaders (`loading`), LoRA and dropout-off for training (`prepare`)."""
 
-from rlhf.models.builtin import BUILTIN_TINY, save_builtin_tiny, tiny_config
+from rlhf.models.builtin import BUILTIN_MODELS, BUILTIN_SMALL, BUILTIN_TINY, builtin_config, save_builtin_tiny
 from rlhf.models.loading import check_model_path, load_causal_lm, load_reward_model, load_tokenizer
 from rlhf.models.prepare import apply_lora, disable_dropout
 
-__all__ = ["BUILTIN_TINY", "apply_lora", "check_model_path", "disable_dropout", "load_causal_lm", "load_reward_model",
-           "load_tokenizer", "save_builtin_tiny", "tiny_config"]
+__all__ = ["BUILTIN_MODELS", "BUILTIN_SMALL", "BUILTIN_TINY", "apply_lora", "builtin_config", "check_model_path",
+           "disable_dropout", "load_causal_lm", "load_reward_model", "load_tokenizer", "save_builtin_tiny"]

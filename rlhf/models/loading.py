@@ -1,5 +1,6 @@
-"""Load policies, reference, reward models and tokenizers: `builtin:tiny`, or a local directory or hub
-name through the ordinary `Auto*` loaders (a local path that is missing, empty or a file fails at once)."""
+"""Load policies, reference, reward models and tokenizers: a built-in model (`builtin:tiny`, `builtin:small`), or a
+local directory or hub name through the ordinary `Auto*` loaders (a local path that is missing, empty or a file fails
+at once)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
                           LlamaForSequenceClassification)
 from transformers.utils import logging as hf_logging
 
-from rlhf.models.builtin import BUILTIN_TINY, build_tiny, tiny_causal_lm, tiny_tokenizer
+from rlhf.models.builtin import BUILTIN_MODELS, build_builtin, builtin_causal_lm, tiny_tokenizer
 from rlhf.runtime import ConfigError, meant_as_local_path
 
 logger = logging.getLogger(__name__)
@@ -37,8 +38,8 @@ def check_model_path(name_or_path: str, option: str = "", files: tuple[str, ...]
     """
     where = f"`{option}`: " if option else ""
     if name_or_path.startswith("builtin:"):
-        if name_or_path != BUILTIN_TINY:
-            raise ConfigError(f"{where}unknown built-in model {name_or_path!r} (there is {BUILTIN_TINY})")
+        if name_or_path not in BUILTIN_MODELS:
+            raise ConfigError(f"{where}unknown built-in model {name_or_path!r} (there are {', '.join(BUILTIN_MODELS)})")
         return False
     path = Path(name_or_path).expanduser()
     if not path.exists():
@@ -70,7 +71,7 @@ def _from_pretrained(loader, name_or_path: str, files: tuple[str, ...] = MODEL_F
 
 def load_tokenizer(name_or_path: str, padding_side: str = "right"):
     """The tokenizer of `name_or_path`; one without a pad token gets pad = eos (logged); neither is an error."""
-    if name_or_path == BUILTIN_TINY:
+    if name_or_path in BUILTIN_MODELS:
         tokenizer = tiny_tokenizer()
     else:
         tokenizer = _from_pretrained(AutoTokenizer, name_or_path, files=TOKENIZER_FILES)
@@ -96,9 +97,9 @@ def _finish(model, gradient_checkpointing: bool, dtype: str | None = None):
 
 def load_causal_lm(name_or_path: str, dtype: str = "float32", gradient_checkpointing: bool = False,
                    trust_remote_code: bool = False):
-    """A causal LM: the built-in tiny Llama or `AutoModelForCausalLM.from_pretrained(name_or_path)`."""
-    if name_or_path == BUILTIN_TINY:
-        return _finish(tiny_causal_lm(), gradient_checkpointing, dtype)
+    """A causal LM: a built-in Llama or `AutoModelForCausalLM.from_pretrained(name_or_path)`."""
+    if name_or_path in BUILTIN_MODELS:
+        return _finish(builtin_causal_lm(name_or_path), gradient_checkpointing, dtype)
     model = _from_pretrained(AutoModelForCausalLM, name_or_path, dtype=_dtype(dtype),
                              trust_remote_code=trust_remote_code)
     return _finish(model, gradient_checkpointing)
@@ -113,11 +114,12 @@ def load_reward_model(name_or_path: str, dtype: str = "float32", gradient_checkp
     `rlhf reward score`) refuses such a checkpoint, whose scores would be random. `pad_token_id` must
     be in the config: the model finds each sequence's last real token by it.
     """
-    if name_or_path == BUILTIN_TINY:
+    if name_or_path in BUILTIN_MODELS:
         if trained:
-            raise ConfigError(f"{BUILTIN_TINY} is an untrained model: score with a reward model trained by "
+            raise ConfigError(f"{name_or_path} is an untrained model: score with a reward model trained by "
                               "`rlhf reward`")
-        return _finish(build_tiny(LlamaForSequenceClassification, num_labels=1), gradient_checkpointing, dtype)
+        return _finish(build_builtin(LlamaForSequenceClassification, name_or_path, num_labels=1),
+                       gradient_checkpointing, dtype)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "score.weight newly initialised" is expected from a causal-LM checkpoint
     try:

@@ -20,7 +20,7 @@ import torch
 
 from rlhf import grpo, ppo
 from rlhf.models import BUILTIN_TINY, load_causal_lm, load_tokenizer
-from rlhf.models.builtin import build_tiny, tiny_tokenizer
+from rlhf.models.builtin import build_builtin, tiny_tokenizer
 from rlhf.rollout import batch_logprobs, generate, tokenize_prompts
 from rlhf.runtime import ConfigError, make_config, read_jsonl
 
@@ -39,7 +39,7 @@ def tiny32() -> str:
     from transformers import LlamaForCausalLM
 
     out = Path(tempfile.mkdtemp(prefix="tiny32-"))
-    build_tiny(LlamaForCausalLM, head_dim=32).save_pretrained(out)
+    build_builtin(LlamaForCausalLM, head_dim=32).save_pretrained(out)
     tiny_tokenizer().save_pretrained(out)
     return str(out)
 
