@@ -24,6 +24,17 @@ def test_tiny_model_is_deterministic_and_small():
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
 
 
+def test_small_builtin_model_has_30m_plus_parameters_and_the_tiny_tokenizer(tiny_tokenizer):
+    from rlhf.models import BUILTIN_SMALL
+
+    model = load_causal_lm(BUILTIN_SMALL)
+    assert 30e6 < sum(p.numel() for p in model.parameters()) < 60e6
+    assert model.config.vocab_size == len(tiny_tokenizer) and model.config.head_dim == 64
+    assert load_tokenizer(BUILTIN_SMALL).get_vocab() == tiny_tokenizer.get_vocab()
+    with pytest.raises(ConfigError, match="there are builtin:tiny, builtin:small"):
+        load_causal_lm("builtin:smal")
+
+
 def test_saved_tiny_loads_with_plain_transformers(tiny_model_dir, tiny_tokenizer):
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
