@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import os
 import platform
@@ -266,11 +267,16 @@ def prepare_frozen(accelerator, model):
     ZeRO-3: an evaluation-only DeepSpeed engine (no optimizer), sharded like the policy, so each
     process holds 1/N of its weights; its forward is collective (every process must call it
     equally often). Otherwise a plain module on this process's device: DDP and ZeRO-1/2 shard
-    only gradients and optimizer state, which a frozen model does not have.
+    only gradients and optimizer state, which a frozen model does not have; with mixed precision its
+    forward runs under the accelerator's autocast, as the prepared policy's does (so a reward model
+    scores in bf16 under `--bf16 true`; its scores are read in float32).
     """
     model.eval().requires_grad_(False)
     if not is_zero3(accelerator):
-        return model.to(accelerator.device)
+        model = model.to(accelerator.device)
+        if accelerator.mixed_precision != "no":
+            model.forward = _under_autocast(accelerator, model.forward)
+        return model
     import deepspeed
 
     ds = deepspeed_config(accelerator)
@@ -286,6 +292,14 @@ def prepare_frozen(accelerator, model):
     engine, *_ = deepspeed.initialize(model=model, config=config)
     engine.eval()
     return engine
+
+
+def _under_autocast(accelerator, forward):
+    @functools.wraps(forward)
+    def autocast_forward(*args, **kwargs):
+        with accelerator.autocast():
+            return forward(*args, **kwargs)
+    return autocast_forward
 
 
 # --------------------------------------------------------------------------------------------
