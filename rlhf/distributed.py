@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
 from accelerate.utils import gather_object
 
 from rlhf.runtime import ConfigError
@@ -75,8 +76,16 @@ def make_accelerator(gradient_accumulation_steps: int = 1, mixed_precision: str 
         else:
             cpu = True
             PartialState(cpu=True)
-    accelerator = Accelerator(gradient_accumulation_steps=gradient_accumulation_steps, mixed_precision=mixed_precision,
-                              cpu=cpu)
+    try:
+        accelerator = Accelerator(gradient_accumulation_steps=gradient_accumulation_steps,
+                                  mixed_precision=mixed_precision, cpu=cpu)
+    except ValueError as e:  # accelerate fixes the precision per process, at its first Accelerator
+        if "mixed_precision=" not in str(e):
+            raise
+        running = AcceleratorState().mixed_precision
+        raise ConfigError(f"`bf16`: this process already runs in mixed precision {running!r} and this stage asks "
+                          f"for {mixed_precision!r}; give every stage of one process (`rlhf pipeline`) the same "
+                          "bf16") from None
     if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cpu" and cpu_bf16_instructions() is None:
         logger.warning("`bf16`: this CPU has no bfloat16 instructions (AVX512-BF16 or AMX on x86, BF16 on Arm): "
                        "bfloat16 autocast runs emulated, usually slower than float32; set --bf16 false")

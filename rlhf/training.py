@@ -45,7 +45,9 @@ class TrainingConfig(RunConfig):
     lr_scheduler_type: str = arg("cosine", "Learning-rate schedule (transformers.get_scheduler; cosine_with_min_lr "
                                            "decays to 10% of the peak).", choices=SCHEDULERS)
     warmup_ratio: float = arg(0.05, "Share of the optimizer steps spent warming the learning rate up from 0.")
-    bf16: bool = arg(False, "bfloat16 mixed precision (autocast; master weights stay float32).")
+    bf16: bool = arg(False, "bfloat16 autocast for every forward pass (training, generation, reference and reward "
+                            "models), on CPU or GPU; weights, optimizer state, log-probs and losses stay float32. "
+                            "Pays on CPUs with AVX512-BF16 or AMX from ~30M parameters (docs/precision.md).")
     gradient_checkpointing: bool = arg(False, "Recompute activations in the backward pass to save memory.")
     use_peft: bool = arg(False, "Train LoRA adapters (peft) instead of all weights.")
     lora_r: int = arg(16, "LoRA rank.")

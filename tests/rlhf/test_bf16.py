@@ -20,7 +20,7 @@ from rlhf.data import collate_rankings, collate_sft, tokenize_rankings, tokenize
 from rlhf.distributed import make_accelerator, prepare_frozen
 from rlhf.models import BUILTIN_TINY, load_causal_lm, load_reward_model
 from rlhf.rollout import batch_logprobs
-from rlhf.runtime import make_config, read_jsonl
+from rlhf.runtime import ConfigError, make_config, read_jsonl
 from rlhf.tasks import arithmetic
 
 torch.set_num_threads(1)
@@ -171,3 +171,9 @@ def test_a_cpu_without_bf16_instructions_warns(fresh_state, monkeypatch, caplog)
     with caplog.at_level(logging.WARNING, logger="rlhf.distributed"):
         make_accelerator(bf16=True)
     assert "no bfloat16 instructions" in caplog.text and "--bf16 false" in caplog.text
+
+
+def test_a_second_stage_in_another_precision_is_a_clear_error(fresh_state):
+    make_accelerator(bf16=True)
+    with pytest.raises(ConfigError, match="`bf16`: this process already runs in mixed precision 'bf16'"):
+        make_accelerator(bf16=False)
