@@ -122,7 +122,7 @@ QUICK = dict(per_device_train_batch_size=32, learning_rate=3e-3, num_train_examp
 
 
 def test_bf16_sft_learns_the_builtin_task_as_fp32_does(fresh_state, tmp_path):
-    # 60 steps: held-out loss from ln(100) = 4.6 to 1.43-1.44 in bf16 on seeds 0-2, 1.43 in float32 (seed 0)
+    # 60 steps: held-out loss from ln(100) = 4.6 to 1.58-1.61 in bf16 on seeds 0-2, float32 within 0.011 of it
     runs = {}
     for bf16 in (True, False):
         from accelerate.state import AcceleratorState
