@@ -1,6 +1,7 @@
 """bf16 (`--bf16 true`): autocast runs on CPU (frozen models too), an SFT run learns the built-in task, the losses of
 SFT, reward and GRPO on one fixed batch stay within a stated tolerance of float32, a resumed bf16 run continues
-exactly, and a CPU without bfloat16 instructions gets a warning.
+exactly, a CPU without bfloat16 instructions gets a warning, and a second stage in another precision in one process
+is a clear error.
 
 Tolerance, on the briefly trained SFT fixture model: each loss within 2% of its float32 value and its gradient at a
 cosine of at least 0.99 to float32's. Measured here: SFT 0.01%, reward (ranking loss) 0.12%, GRPO (clipped ratios
@@ -12,6 +13,7 @@ import logging
 import datasets
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 from rlhf import grpo, reward, sft
@@ -28,14 +30,16 @@ torch.set_num_threads(1)
 LOSS_RTOL, GRAD_COS = 0.02, 0.99
 
 
+def _reset():
+    """accelerate fixes mixed precision per process state: forget it."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture
 def fresh_state():
-    """accelerate fixes mixed precision per process state: start and leave each test with none."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
+    _reset()
     yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+    _reset()
 
 
 def _fp32_and_bf16(model, loss_fn):
@@ -125,9 +129,7 @@ def test_bf16_sft_learns_the_builtin_task_as_fp32_does(fresh_state, tmp_path):
     # 60 steps: held-out loss from ln(100) = 4.6 to 1.58-1.61 in bf16 on seeds 0-2, float32 within 0.011 of it
     runs = {}
     for bf16 in (True, False):
-        from accelerate.state import AcceleratorState
-
-        AcceleratorState._reset_state(reset_partial_state=True)
+        _reset()
         cfg = make_config(sft.Config, {**QUICK, "output_dir": str(tmp_path / str(bf16)), "max_steps": 60,
                                        "bf16": bf16})
         runs[bf16] = sft.train(cfg)["eval/loss"]
@@ -136,8 +138,6 @@ def test_bf16_sft_learns_the_builtin_task_as_fp32_does(fresh_state, tmp_path):
 
 
 def test_bf16_resume_continues_exactly(fresh_state, tmp_path):
-    from accelerate.state import AcceleratorState
-
     run = tmp_path / "run"
     kw = {**QUICK, "output_dir": str(run), "num_eval_examples": 0, "per_device_train_batch_size": 8, "max_steps": 4,
           "save_steps": 2, "warmup_ratio": 0.25}
@@ -145,7 +145,7 @@ def test_bf16_resume_continues_exactly(fresh_state, tmp_path):
     straight = load_file(run / "model" / "model.safetensors")
     straight_rows = read_jsonl(run / "metrics.jsonl")
     (run / "summary.json").unlink()
-    AcceleratorState._reset_state(reset_partial_state=True)
+    _reset()
     sft.train(make_config(sft.Config, {**kw, "resume_from_checkpoint": str(run / "checkpoints" / "step-00000002")}))
     resumed = load_file(run / "model" / "model.safetensors")
     rows = read_jsonl(run / "metrics.jsonl")
