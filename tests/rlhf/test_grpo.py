@@ -256,7 +256,7 @@ def issue_example_reward(prompts, completions, **kwargs):
 
 def test_skipped_rewards_stay_out_of_group_statistics(tmp_path):
     from rlhf.distributed import make_accelerator
-    from rlhf.rollout import load_rl_inputs
+    from rlhf.rollout import PromptSource, load_rl_inputs
 
     torch.manual_seed(0)
     cfg = cfg_for(tmp_path, per_device_train_batch_size=8, num_generations=4, beta=0.0, skip_bad_rewards=True,
@@ -264,7 +264,8 @@ def test_skipped_rewards_stay_out_of_group_statistics(tmp_path):
     accelerator = make_accelerator(1)
     rewards_fn, _, _, tokenizer, rows, _ = load_rl_inputs(cfg, accelerator.device)
     policy, reference = grpo.load_policy_and_reference(cfg)
-    batch = grpo.make_batch(cfg, accelerator, policy, reference, tokenizer, rows[:2], rewards_fn, None, 0)
+    batch = grpo.make_batch(cfg, accelerator, policy, reference, tokenizer, PromptSource(rows[:2], 0), 2, rewards_fn,
+                            None, 0)
     # group 0: the three valid completions have the same reward, so they teach nothing (was +0.5 each)
     assert batch["advantages"][:4].tolist() == [0.0, 0.0, 0.0, 0.0]
     assert batch["advantages"][4:].tolist() == pytest.approx([-0.866, 0.866, -0.866, 0.866], abs=1e-3)
