@@ -12,7 +12,12 @@ The loss is the clipped surrogate plus beta times the k3 estimate of KL(pi || pi
 
 aggregated by `loss_type`: grpo = mean over sequences of each one's token mean (the paper),
 bnpo = mean over all tokens, dr_grpo = token sum / max_completion_length, mean over sequences
-(Liu et al. 2025). See docs/grpo.md for why the loss can read 0 at the first iteration.
+(Liu et al. 2025), dapo = bnpo (here already the step's global token mean). See docs/grpo.md for why the loss
+can read 0 at the first iteration.
+
+Variants (docs/grpo.md, "Variants"; the math in rlhf.core): `importance_sampling_level` sequence (GSPO),
+`advantage_estimator` rloo / reinforce_pp / remax, `kl_estimator`, `kl_in_reward`, `entropy_coef`, DAPO's
+`dynamic_sampling` and overlong punishment (`overlong_buffer_len`, `overlong_penalty`).
 
 Batch accounting (as TRL): `per_device_train_batch_size` counts COMPLETIONS; one optimizer step
 uses per_device_train_batch_size x gradient_accumulation_steps x processes completions, i.e. that
