@@ -150,6 +150,8 @@ class Config(VLLMOptions, TrainingConfig):
         check(self.num_iterations >= 1, "num_iterations", "must be >= 1")
         check(self.advantage_estimator != "reinforce_pp" or self.kl_in_reward or self.beta == 0, "advantage_estimator",
               "reinforce_pp puts the KL penalty in the token rewards: set kl_in_reward true (or beta 0)")
+        check(self.advantage_estimator == "grpo" or self.scale_rewards == "group", "scale_rewards",
+              f"applies to advantage_estimator grpo only, not {self.advantage_estimator}")
         check(self.entropy_coef >= 0, "entropy_coef", "must be >= 0")
         check(self.max_sampling_rounds >= 1, "max_sampling_rounds", "must be >= 1")
         check(0 <= self.overlong_buffer_len <= self.max_completion_length, "overlong_buffer_len",

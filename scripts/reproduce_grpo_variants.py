@@ -6,7 +6,7 @@ budget of optimizer steps and prompts. Columns: greedy held-out accuracy on the 
 held-out prompts, split into prompts whose sum needs a carry and those that do not
 (eval/accuracy_carry, eval/accuracy_no_carry), per seed, and the stage's training time.
 
-    python scripts/reproduce_grpo_variants.py --sft_model runs/demo/sft/model      # 12 variants x 3 seeds
+    python scripts/reproduce_grpo_variants.py --sft_model runs/demo/sft/model      # 17 rows x 3 seeds
     python scripts/reproduce_grpo_variants.py                                       # trains the SFT model first
     python scripts/reproduce_grpo_variants.py --variants grpo,rloo --seeds 1       # a subset
 Runs whose summary.json exists are reused, so an interrupted reproduction continues where it stopped.
@@ -45,6 +45,17 @@ VARIANTS = [
     ("dapo", "DAPO (dynamic sampling, dapo loss, clip-higher 0.28, overlong 2, beta 0)",
      ["--dynamic_sampling", "true", "--loss_type", "dapo", "--cliprange_high", "0.28", "--overlong_buffer_len", "2",
       "--beta", "0"]),
+    # ablations of the DAPO recipe, and combinations with it
+    ("clip_higher", "clip-higher 0.28 alone", ["--cliprange_high", "0.28"]),
+    ("beta0", "beta 0 alone (no KL term, no reference model)", ["--beta", "0"]),
+    ("dapo_beta", "DAPO, keeping beta 0.02", ["--dynamic_sampling", "true", "--loss_type", "dapo",
+                                               "--cliprange_high", "0.28", "--overlong_buffer_len", "2"]),
+    ("dapo_rloo", "DAPO + RLOO advantages", ["--dynamic_sampling", "true", "--loss_type", "dapo",
+                                             "--cliprange_high", "0.28", "--overlong_buffer_len", "2", "--beta", "0",
+                                             "--advantage_estimator", "rloo"]),
+    ("dapo_dr", "DAPO with Dr. GRPO's loss and unscaled advantages",
+     ["--dynamic_sampling", "true", "--loss_type", "dr_grpo", "--scale_rewards", "none", "--cliprange_high", "0.28",
+      "--overlong_buffer_len", "2", "--beta", "0"]),
 ]
 KEYS = ("eval/accuracy", "eval/accuracy_carry", "eval/accuracy_no_carry", "time/train_s")
 

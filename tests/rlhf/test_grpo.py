@@ -199,6 +199,34 @@ def test_variant_options_are_checked(tmp_path):
         cfg_for(tmp_path, kl_estimator="k4")
     with pytest.raises(ConfigError, match="max_sampling_rounds"):
         cfg_for(tmp_path, max_sampling_rounds=0)
+    with pytest.raises(ConfigError, match="scale_rewards.*grpo only"):
+        cfg_for(tmp_path, advantage_estimator="rloo", scale_rewards="none")
+
+
+def test_rollouts_of_different_widths_concatenate_without_changing_log_probs(tmp_path, tiny_tokenizer):
+    # dynamic sampling joins rounds whose prompts and completions have different widths
+    from rlhf.models import load_causal_lm
+    from rlhf.rollout import batch_logprobs, cat_rollouts, generate, tokenize_prompts
+
+    torch.manual_seed(0)
+    model = load_causal_lm("builtin:tiny")
+    parts = []
+    for prompts, n in ((["1+2=", "12+345="], 3), (["123+4567+89="], 6)):
+        ids, mask = tokenize_prompts(tiny_tokenizer, prompts)
+        parts.append(generate(model, ids, mask, n, tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id))
+    joined = cat_rollouts(parts, tiny_tokenizer.pad_token_id)
+    assert joined.prompt_ids.shape[1] == max(p.prompt_ids.shape[1] for p in parts)
+    with torch.no_grad():
+        together = batch_logprobs(model, joined.input_ids, joined.attention_mask, joined.prompt_ids.shape[1])
+        alone = [batch_logprobs(model, p.input_ids, p.attention_mask, p.prompt_ids.shape[1]) for p in parts]
+    rows = 0
+    for p, lp in zip(parts, alone):
+        T = lp.shape[1]
+        m = p.completion_mask.bool()
+        torch.testing.assert_close(together[rows:rows + len(lp), :T][m], lp[m], atol=1e-5, rtol=0)
+        torch.testing.assert_close(joined.logprobs[rows:rows + len(lp), :T][m], p.logprobs[m])
+        assert joined.completion_mask[rows:rows + len(lp), T:].sum() == 0
+        rows += len(lp)
 
 
 # --------------------------------------------------------------------------------------------
