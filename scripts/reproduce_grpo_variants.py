@@ -6,7 +6,7 @@ budget of optimizer steps and prompts. Columns: greedy held-out accuracy on the 
 held-out prompts, split into prompts whose sum needs a carry and those that do not
 (eval/accuracy_carry, eval/accuracy_no_carry), per seed, and the stage's training time.
 
-    python scripts/reproduce_grpo_variants.py --sft_model runs/demo/sft/model      # 17 rows x 3 seeds
+    python scripts/reproduce_grpo_variants.py --sft_model runs/demo/sft/model      # 19 rows x 3 seeds
     python scripts/reproduce_grpo_variants.py                                       # trains the SFT model first
     python scripts/reproduce_grpo_variants.py --variants grpo,rloo --seeds 1       # a subset
 Runs whose summary.json exists are reused, so an interrupted reproduction continues where it stopped.
@@ -56,6 +56,12 @@ VARIANTS = [
     ("dapo_dr", "DAPO with Dr. GRPO's loss and unscaled advantages",
      ["--dynamic_sampling", "true", "--loss_type", "dr_grpo", "--scale_rewards", "none", "--cliprange_high", "0.28",
       "--overlong_buffer_len", "2", "--beta", "0"]),
+    ("dapo_rloo_dr", "DAPO + RLOO with Dr. GRPO's loss",
+     ["--dynamic_sampling", "true", "--loss_type", "dr_grpo", "--cliprange_high", "0.28", "--overlong_buffer_len", "2",
+      "--beta", "0", "--advantage_estimator", "rloo"]),
+    ("dapo_8rounds", "DAPO, max_sampling_rounds 8", ["--dynamic_sampling", "true", "--loss_type", "dapo",
+                                                     "--cliprange_high", "0.28", "--overlong_buffer_len", "2",
+                                                     "--beta", "0", "--max_sampling_rounds", "8"]),
 ]
 KEYS = ("eval/accuracy", "eval/accuracy_carry", "eval/accuracy_no_carry", "time/train_s")
 
@@ -135,7 +141,7 @@ def main() -> None:
         p.error(f"unknown --variants {sorted(unknown)}; choose from {[n for n, _, _ in VARIANTS]}")
     variants = [v for v in VARIANTS if not wanted or v[0] in wanted]
 
-    start = time.time()
+    began = time.time()
     sft_model = args.sft_model or str(train_sft(runs_dir))
     results: dict = {}
     jobs = [(name, ov, s) for name, _, ov in variants for s in seeds]
@@ -147,22 +153,26 @@ def main() -> None:
             r = results[(name, s)]
             print(f"[{i}/{len(jobs)}] {name} seed {s}: accuracy {100 * r['eval/accuracy']:.1f}%, carry "
                   f"{100 * r['eval/accuracy_carry']:.1f}%, no carry {100 * r['eval/accuracy_no_carry']:.1f}%, "
-                  f"{r['time/train_s']:.0f} s ({time.time() - start:.0f} s)", flush=True)
+                  f"{r['time/train_s']:.0f} s ({time.time() - began:.0f} s)", flush=True)
 
     def cell(name, key, scale=100.0, spec=".1f"):
         vals = [scale * results[(name, s)][key] for s in seeds]
         per_seed = " / ".join(format(v, spec) for v in vals)
         return f"**{np.mean(vals):{spec}}** ({per_seed})" if len(vals) > 1 else per_seed
 
-    first = results[(variants[0][0], seeds[0])]
+    def start(key):  # the SFT model on each seed's held-out prompts (the same in every variant's runs)
+        return " / ".join(f"{100 * results[(variants[0][0], s)]['start/' + key]:.1f}" for s in seeds)
+
     cmd = "python scripts/reproduce_grpo_variants.py " + " ".join(sys.argv[1:])
     lines = [
         f"# GRPO variants on the built-in task (seeds {args.seeds}; grpo_tiny.yaml's budget: 200 steps)",
         "",
-        f"Command: `{cmd.strip()}` ({(time.time() - start) / 60:.0f} min on this machine; runs reused if present).",
-        f"Start (the SFT model, greedy): accuracy {100 * first['start/eval/accuracy']:.1f}%, carry "
-        f"{100 * first['start/eval/accuracy_carry']:.1f}%, no carry {100 * first['start/eval/accuracy_no_carry']:.1f}%"
-        " on the 500 held-out prompts. Cells: mean (per seed); time: the stage's training seconds.",
+        f"Command: `{cmd.strip()}` (this invocation: {(time.time() - began) / 60:.0f} min; it reuses finished runs, "
+        "so it counts only the runs it made).",
+        f"Start (the SFT model, greedy, per seed: each seed draws its own 500 held-out prompts): accuracy "
+        f"{start('eval/accuracy')}%, carry {start('eval/accuracy_carry')}%, no carry "
+        f"{start('eval/accuracy_no_carry')}%. Cells: mean (per seed); time: the stage's training seconds "
+        "(wall clock, so it moves with the machine's load).",
         "",
         "| variant | options | accuracy % | carry % | no carry % | train s |",
         "|---|---|---:|---:|---:|---:|",
