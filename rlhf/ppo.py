@@ -35,8 +35,8 @@ import torch
 from transformers import AutoConfig, AutoModelForTokenClassification, LlamaForTokenClassification
 from transformers.utils import logging as hf_logging
 
-from rlhf.core import (explained_variance, kl_controller, kl_estimate, masked_whiten, per_token_rewards, ppo_clip_loss,
-                       token_gae, truncated_importance_weights, value_loss)
+from rlhf.core import (aggregate_loss, explained_variance, kl_controller, kl_estimate, masked_mean, masked_whiten,
+                       per_token_rewards, ppo_clip_loss, token_gae, truncated_importance_weights, value_loss)
 from rlhf.distributed import gathered_for_generation, loss_normaliser, prepare_frozen, reduce_sum, save_hf_model, unwrap
 from rlhf.models import BUILTIN_MODELS, builtin_config, check_model_path, disable_dropout, load_causal_lm
 from rlhf.rollout import (
@@ -111,6 +111,7 @@ class Config(VLLMOptions, TrainingConfig):
     cliprange: float = arg(0.2, "Policy ratio clip range.")
     cliprange_value: float = arg(0.2, "Value clip range around the old values (0: no clipping).")
     vf_coef: float = arg(0.1, "Weight of the value loss.")
+    entropy_coef: float = arg(0.0, "Entropy bonus: subtract entropy_coef x the tokens' mean entropy from the loss.")
 
     def __post_init__(self):
         super().__post_init__()
@@ -131,6 +132,7 @@ class Config(VLLMOptions, TrainingConfig):
         check(0 <= self.lam <= 1, "lam", "must be in [0, 1]")
         check(self.cliprange > 0, "cliprange", "must be positive")
         check(self.cliprange_value >= 0, "cliprange_value", "must be >= 0")
+        check(self.entropy_coef >= 0, "entropy_coef", "must be >= 0")
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,17 +152,20 @@ class PolicyAndValue(torch.nn.Module):
         """The policy's config: DeepSpeed sizes its "auto" buckets from its `hidden_size`."""
         return self.policy.config
 
-    def forward(self, input_ids, attention_mask, completion_start: int, temperature: float):
-        """Log-probs of the completion tokens and the value of the state before each of them.
+    def forward(self, input_ids, attention_mask, completion_start: int, temperature: float, with_entropy=False):
+        """Log-probs of the completion tokens and the value of the state before each of them (and, with
+        `with_entropy`, the entropy of each next-token distribution).
 
-        Shapes: input_ids, attention_mask (B, P + T); returns logp (B, T), values (B, T).
+        Shapes: input_ids, attention_mask (B, P + T); returns logp (B, T), values (B, T)[, entropy (B, T)].
         """
-        logp = batch_logprobs(self.policy, input_ids, attention_mask, completion_start, temperature)
+        out = batch_logprobs(self.policy, input_ids, attention_mask, completion_start, temperature,
+                             with_entropy=with_entropy)
+        logp, entropy = out if with_entropy else (out, None)
         hidden = self.value_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                                   position_ids=position_ids_from_mask(attention_mask)).logits  # (B, P + T, 1)
         # V(s_t) for token t is read where the model has seen everything before t: one position earlier.
         values = hidden[:, completion_start - 1:-1, 0].float()  # (B, T)
-        return logp, values
+        return (logp, values, entropy) if with_entropy else (logp, values)
 
 
 def load_value_model(path: str):
@@ -333,15 +338,19 @@ def make_batch(cfg, accelerator, model, reference, tokenizer, rows, rewards_fn, 
 # --------------------------------------------------------------------------------------------
 
 
-def micro_batch_loss(cfg, logp, values, batch, idx, num_tokens):
-    """This micro-batch's share of a mini-batch's PPO loss: policy + vf_coef * value (token means
-    over the mini-batch's global token count). Shapes: logp, values (b, T); idx (b,)."""
+def micro_batch_loss(cfg, logp, values, batch, idx, num_tokens, entropy=None):
+    """This micro-batch's share of a mini-batch's PPO loss: policy + vf_coef * value - entropy_coef *
+    entropy (token means over the mini-batch's global token count). Shapes: logp, values, entropy (b, T); idx (b,)."""
     mask = batch["mask"][idx]
     pg_loss, pg_m = ppo_clip_loss(logp, batch["old_logp"][idx], batch["advantages"][idx], mask, cfg.cliprange,
                                   mode="token-mean", num_tokens=num_tokens)
     vf_loss, vf_m = value_loss(values, batch["old_values"][idx], batch["returns"][idx],
                                cfg.cliprange_value or None, mask, mode="token-mean", num_tokens=num_tokens)
-    return pg_loss + cfg.vf_coef * vf_loss, {**pg_m, **vf_m}
+    loss, metrics = pg_loss + cfg.vf_coef * vf_loss, {**pg_m, **vf_m}
+    if entropy is not None:  # the bonus: maximise the entropy of the policy's next-token distributions
+        loss = loss - cfg.entropy_coef * aggregate_loss(entropy, mask, "token-mean", num_tokens=num_tokens)
+        metrics["policy/entropy"] = masked_mean(entropy, mask).detach()
+    return loss, metrics
 
 
 def update(cfg, accelerator, model, optimizer, scheduler, batch) -> dict:
@@ -349,6 +358,7 @@ def update(cfg, accelerator, model, optimizer, scheduler, batch) -> dict:
     mb, ga = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
     n = batch["mask"].shape[0]
     keys = ("loss/policy", "loss/value", "policy/clipfrac", "policy/approx_kl", "value/clipfrac")
+    keys += ("policy/entropy",) if cfg.entropy_coef > 0 else ()
     sums, last_update = dict.fromkeys((*keys, "tokens"), 0.0), {}
     model.train()
     for _ in range(cfg.num_ppo_epochs):
@@ -359,9 +369,10 @@ def update(cfg, accelerator, model, optimizer, scheduler, batch) -> dict:
             for i in range(0, len(mini), mb):
                 idx = mini[i:i + mb]
                 with accelerator.accumulate(model):
-                    logp, values = model(batch["input_ids"][idx], batch["attention_mask"][idx], batch["start"],
-                                         cfg.temperature)
-                    loss, m = micro_batch_loss(cfg, logp, values, batch, idx, num_tokens)
+                    out = model(batch["input_ids"][idx], batch["attention_mask"][idx], batch["start"],
+                                cfg.temperature, with_entropy=cfg.entropy_coef > 0)
+                    logp, values, entropy = out if cfg.entropy_coef > 0 else (*out, None)
+                    loss, m = micro_batch_loss(cfg, logp, values, batch, idx, num_tokens, entropy)
                     last_update.update(backward(accelerator, model, optimizer, scheduler, loss, cfg.max_grad_norm))
                 tokens = float(batch["mask"][idx].sum())
                 sums["loss/policy"] += float(m["loss/policy"])

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from rlhf.core import logprobs_from_logits
+from rlhf.core import entropy_from_logits, logprobs_from_logits
 from rlhf.data import check_prompts, load_rows
 from rlhf.distributed import gathered_for_generation
 from rlhf.models import disable_dropout, load_tokenizer
@@ -58,6 +58,36 @@ class Rollout:
     @property
     def attention_mask(self) -> torch.Tensor:
         return torch.cat([self.prompt_mask, self.completion_mask], dim=1)  # (B, P + T)
+
+    def select(self, rows) -> Rollout:
+        """The rollout of the given rows (an index tensor or a bool mask over B)."""
+        return Rollout(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[rows]
+                          for f in dataclasses.fields(Rollout)})
+
+
+def cat_rollouts(parts: list[Rollout], pad_token_id: int) -> Rollout:
+    """Rollouts of different prompt / completion widths as one: prompts left-padded and completions
+    right-padded to the widest (the conventions above, so positions and log-probs do not change)."""
+    if len(parts) == 1:
+        return parts[0]
+    P = max(r.prompt_ids.shape[1] for r in parts)
+    T = max(r.completion_ids.shape[1] for r in parts)
+
+    def pad(x, width, value, left=False):
+        extra = width - x.shape[1]
+        return torch.nn.functional.pad(x, (extra, 0) if left else (0, extra), value=value)
+
+    fields = {
+        "prompt_ids": [pad(r.prompt_ids, P, pad_token_id, left=True) for r in parts],
+        "prompt_mask": [pad(r.prompt_mask, P, 0, left=True) for r in parts],
+        "completion_ids": [pad(r.completion_ids, T, pad_token_id) for r in parts],
+        "completion_mask": [pad(r.completion_mask, T, 0) for r in parts],
+        "logprobs": [pad(r.logprobs, T, 0.0) for r in parts],
+        "is_truncated": [r.is_truncated for r in parts],
+    }
+    if parts[0].sampler_logprobs is not None:
+        fields["sampler_logprobs"] = [pad(r.sampler_logprobs, T, 0.0) for r in parts]
+    return Rollout(**{k: torch.cat(v) for k, v in fields.items()})
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -105,6 +135,7 @@ def generate(
     greedy: bool = False,
     generator: torch.Generator | None = None,
     num_return_sequences: int = 1,
+    greedy_last: bool = False,
 ) -> Rollout:
     """Sample up to `max_new_tokens` per prompt with the model's KV cache; stop a row at EOS.
 
@@ -114,7 +145,9 @@ def generate(
     Shapes: prompt_ids, prompt_mask (B, P), left-padded; returns a `Rollout` with (B * G, T)
     tensors, prompt-major (the G samples of a prompt are consecutive), T <= max_new_tokens (the
     loop stops as soon as every row has emitted EOS).
-    `greedy` takes the argmax (log-probs are still those of the temperature-T distribution).
+    `greedy` takes the argmax (log-probs are still those of the temperature-T distribution);
+    `greedy_last` does so only for the last of each prompt's rows (ReMax's greedy baseline, decoded
+    in the same pass as the samples).
     """
     # inference_mode: no autograd bookkeeping at all, faster than no_grad for tiny models. But under autocast,
     # no_grad: autocast reuses its bfloat16 copies of the weights over the decode steps only outside inference mode
@@ -122,14 +155,14 @@ def generate(
     autocast = torch.is_autocast_enabled(prompt_ids.device.type)
     with torch.no_grad() if autocast else torch.inference_mode():
         rollout = _sample(model, prompt_ids, prompt_mask, max_new_tokens, eos_token_id, pad_token_id, temperature,
-                          top_k, top_p, greedy, generator, num_return_sequences)
+                          top_k, top_p, greedy, generator, num_return_sequences, greedy_last)
     # inference tensors cannot enter autograd (the training pass embeds these ids): plain copies
     return Rollout(**{f.name: getattr(rollout, f.name).clone() for f in dataclasses.fields(Rollout)
                       if getattr(rollout, f.name) is not None})
 
 
 def _sample(model, prompt_ids, prompt_mask, max_new_tokens, eos_token_id, pad_token_id, temperature, top_k, top_p,
-            greedy, generator, num_return_sequences) -> Rollout:
+            greedy, generator, num_return_sequences, greedy_last=False) -> Rollout:
     was_training = model.training
     model.eval()
     device = prompt_ids.device
@@ -148,6 +181,9 @@ def _sample(model, prompt_ids, prompt_mask, max_new_tokens, eos_token_id, pad_to
         attention_mask, position_ids = attention_mask.repeat_interleave(g, 0), position_ids.repeat_interleave(g, 0)
         logits = logits.repeat_interleave(g, 0)  # (B * G, V)
     batch = prompt_ids.shape[0]
+    greedy_rows = None
+    if greedy_last and not greedy:
+        greedy_rows = torch.arange(batch, device=device) % num_return_sequences == num_return_sequences - 1
     next_position = position_ids[:, -1:] + 1  # (B, 1)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens, logps, masks = [], [], []
@@ -158,6 +194,8 @@ def _sample(model, prompt_ids, prompt_mask, max_new_tokens, eos_token_id, pad_to
         else:
             probs = torch.softmax(filter_logits(logits, top_k, top_p), dim=-1)
             token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+            if greedy_rows is not None:
+                token = torch.where(greedy_rows, logits.argmax(-1), token)
         logp = logprobs_from_logits(logits, token)  # (B,)
         alive = ~finished
         token = torch.where(alive, token, torch.full_like(token, pad_token_id))
@@ -189,7 +227,8 @@ def batch_logprobs(
     completion_start: int,
     temperature: float = 1.0,
     share_prompts: bool = False,
-) -> torch.Tensor:
+    with_entropy: bool = False,
+):
     """Per-token log-probs of the completion tokens `input_ids[:, completion_start:]` under softmax(logits / T).
 
     The training-side twin of `generate`: same position ids (from the mask), same temperature.
@@ -200,6 +239,9 @@ def batch_logprobs(
     its KV cache is indexed out to its rows and only the completion tokens go through the model
     again. Same values and gradients (to float tolerance), a prompt's cost paid once per group
     instead of G times. Needs a model that accepts a KV cache in training (no gradient checkpointing).
+
+    `with_entropy`: also the entropy of each position's temperature-T distribution (for an entropy
+    bonus), returned as (logp, entropy).
 
     Shapes: input_ids, attention_mask (B, P + T), completion_start = P; returns (B, T) float32.
     """
@@ -225,7 +267,9 @@ def batch_logprobs(
                     **{cache_name: cache})
         # the prompt's last position predicts completion token 0; completion position t predicts t + 1
         logits = torch.cat([prefix.logits[group, -1:], out.logits[:, :-1]], dim=1)  # (B, T, V)
-    return logprobs_from_logits(logits.float() / temperature, input_ids[:, completion_start:])  # (B, T)
+    logits = logits.float() / temperature
+    logp = logprobs_from_logits(logits, input_ids[:, completion_start:])  # (B, T)
+    return (logp, entropy_from_logits(logits)) if with_entropy else logp
 
 
 def tokenize_prompts(tokenizer, prompts: list, device=None, max_prompt_length: int | None = None):

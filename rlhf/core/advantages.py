@@ -10,11 +10,19 @@ References:
   per-token reward.
 - Shao et al. 2024, "DeepSeekMath" (GRPO), section 4.1.2: outcome supervision advantages;
   Liu et al. 2025 (Dr. GRPO): no std normalisation.
+- Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization" (RLOO, eq. 6);
+  Kool et al. 2019 ("Buy 4 REINFORCE samples, get a baseline for free").
+- Hu 2025, "REINFORCE++" (sec. 3: the KL-penalised token reward, its return, whitened over the batch).
+- Li et al. 2023, "ReMax" (Algorithm 1: the greedy completion's reward as the baseline).
+- Yu et al. 2025, "DAPO": dynamic sampling (eq. 11's constraint 0 < |{correct}| < G) and the
+  overlong soft punishment (eq. 13).
 """
 
 from __future__ import annotations
 
 import torch
+
+from .masked import masked_whiten
 
 
 def _f(x, like: torch.Tensor) -> torch.Tensor:
@@ -195,3 +203,84 @@ def _masked_group_advantages(rewards, group_size, scale, eps, valid) -> torch.Te
         _, batch_std, _ = group_stats(rewards, rewards.numel(), valid)
         centred = centred / (batch_std + eps)
     return torch.where(valid, centred, torch.zeros_like(centred))
+
+
+def rloo_advantages(rewards: torch.Tensor, group_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Leave-one-out advantages: A_i = r_i - mean of the other valid rewards of its group.
+
+    RLOO (Ahmadian et al. 2024, eq. 6; Kool et al. 2019): the baseline of each sample is the mean of
+    the group's other k - 1 samples, so it does not depend on the sample itself (unbiased), and
+    A_i = k / (k - 1) (r_i - mean). An invalid entry, or a group with fewer than 2 valid entries, gets 0.
+
+    Shapes: rewards, valid (B * G,) with G = group_size consecutive entries per prompt; returns (B * G,).
+    """
+    mean, _, count = group_stats(rewards, group_size, valid)  # (B,)
+    count = count.repeat_interleave(group_size)
+    valid = torch.ones_like(rewards, dtype=torch.bool) if valid is None else valid.bool()
+    loo = (rewards - mean.repeat_interleave(group_size)) * count / (count - 1).clamp_min(1)
+    return torch.where(valid & (count > 1), loo, torch.zeros_like(loo))
+
+
+def baseline_advantages(rewards: torch.Tensor, baselines: torch.Tensor, group_size: int,
+                        valid: torch.Tensor | None = None, baseline_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """A_i = r_i - b(prompt of i): one baseline per prompt, e.g. ReMax's greedy reward.
+
+    ReMax (Li et al. 2023, Algorithm 1): b is the reward of the policy's greedy completion of the same
+    prompt. An invalid entry, or every entry of a prompt whose baseline is invalid, gets 0.
+
+    Shapes: rewards, valid (B * G,) prompt-major; baselines, baseline_valid (B,); returns (B * G,).
+    """
+    out = rewards - baselines.repeat_interleave(group_size)
+    keep = torch.ones_like(rewards, dtype=torch.bool) if valid is None else valid.bool()
+    if baseline_valid is not None:
+        keep = keep & baseline_valid.bool().repeat_interleave(group_size)
+    return torch.where(keep, out, torch.zeros_like(out))
+
+
+def reinforce_pp_advantages(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float,
+                            all_reduce=None) -> torch.Tensor:
+    """REINFORCE++ token advantages: whitened returns of the KL-penalised token rewards (Hu 2025, sec. 3).
+
+    r_t = -beta KL_t (+ the score on the last token, :func:`per_token_rewards`); the return
+    G_t = sum_{s >= t} r_s (no discount, no critic); A = (G - mean) / std over every valid token of
+    the batch (``all_reduce`` sums over processes, so the statistics are the global batch's).
+
+    Shapes: scores (B,), kl, mask (B, T) right-padded; returns (B, T), 0 on padding.
+    """
+    m = mask.to(kl.dtype)
+    rewards = per_token_rewards(scores, kl, mask.long(), beta)  # (B, T)
+    returns = rewards.flip(-1).cumsum(-1).flip(-1) * m  # reverse cumulative sum: the return-to-go
+    return masked_whiten(returns, m, all_reduce=all_reduce)
+
+
+def informative_groups(rewards: torch.Tensor, group_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Groups whose valid rewards are not all equal: DAPO's dynamic-sampling filter (Yu et al. 2025, eq. 11).
+
+    A group whose rewards all agree has zero group-relative advantage and teaches nothing; DAPO drops it
+    and samples more prompts. A group with fewer than 2 valid rewards is not informative either.
+
+    Shapes: rewards, valid (B * G,) prompt-major; returns (B,) bool.
+    """
+    grouped = rewards.view(-1, group_size)  # (B, G)
+    m = torch.ones_like(grouped, dtype=torch.bool) if valid is None else valid.view(-1, group_size).bool()
+    big = torch.finfo(rewards.dtype).max
+    high = torch.where(m, grouped, torch.full_like(grouped, -big)).max(1).values
+    low = torch.where(m, grouped, torch.full_like(grouped, big)).min(1).values
+    return (m.sum(1) > 1) & (high > low)
+
+
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer_len: int, penalty: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), times ``penalty``.
+
+    0 for |y| <= L_max - L_cache; ((L_max - L_cache) - |y|) / L_cache, a linear ramp from 0 to -1 over
+    the last L_cache tokens, for L_max - L_cache < |y| <= L_max; -1 beyond (L_max = ``max_len``,
+    L_cache = ``buffer_len``; 0 turns it off).
+
+    Shapes: lengths (B,) completion lengths in tokens; returns (B,) float.
+    """
+    lengths = lengths.float()
+    if buffer_len <= 0:
+        return torch.zeros_like(lengths)
+    free = max_len - buffer_len
+    ramp = ((free - lengths) / buffer_len).clamp(min=-1.0, max=0.0)
+    return penalty * torch.where(lengths > max_len, torch.full_like(lengths, -1.0), ramp)

@@ -11,7 +11,8 @@ so a training loop is not forced into a device sync per micro-batch. ``td_loss``
 
 References:
 - Williams 1992 (REINFORCE); Schulman et al. 2017 "Proximal Policy Optimization Algorithms"
-  (PPO, eqs. 6-9); Yu et al. 2025 (DAPO, asymmetric "clip-higher").
+  (PPO, eqs. 6-9); Yu et al. 2025 (DAPO, asymmetric "clip-higher"); Zheng et al. 2025
+  "Group Sequence Policy Optimization" (GSPO, eqs. 7 and 10: the sequence-level ratio).
 - Mnih et al. 2015 (DQN); van Hasselt et al. 2016 (Double DQN, eq. 4); Wang et al. 2016
   (Dueling, eqs. 8-9); Schaul et al. 2016 (prioritised replay, importance weights, Alg. 1).
 - Bradley & Terry 1952; Ouyang et al. 2022 (InstructGPT reward model, eq. 1).
@@ -38,6 +39,20 @@ def _d(x: torch.Tensor) -> torch.Tensor:
     return x.detach()
 
 
+def sequence_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """GSPO's token-form log-ratio: log s_i,t = sg[log s_i] + log pi_t - sg[log pi_t].
+
+    Zheng et al. 2025 (GSPO, eq. 7): s_i = (pi(y_i) / pi_old(y_i))^(1 / |y_i|) = exp(mean_t (logp - old_logp)),
+    the length-normalised sequence ratio; eq. 10 (GSPO-token): s_i,t = sg[s_i] pi_t / sg[pi_t] has the
+    value s_i on every token of y_i and the gradient s_i grad log pi_t, so a token mean of the clipped
+    surrogate over y_i is exactly GSPO's sequence objective (and clipping acts on whole sequences).
+
+    Shapes: logp, old_logp, mask (B, T); returns (B, T) (every valid token of a row holds log s_i).
+    """
+    seq = masked_mean(_d(logp) - old_logp, mask, dim=-1)  # (B,) log s_i, a constant
+    return seq[:, None] + logp - _d(logp)
+
+
 def ppo_clip_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -46,18 +61,26 @@ def ppo_clip_loss(
     clip_eps: float | None = 0.2,
     clip_eps_high: float | None = None,
     mode: str = "token-mean",
+    level: str = "token",
     **agg,
 ) -> tuple[torch.Tensor, dict]:
     """PPO clipped surrogate loss: -min(r A, clip(r, 1 - eps, 1 + eps_high) A), r = pi / pi_old.
 
     PPO eq. 7 (Schulman et al. 2017); ``clip_eps_high`` (default ``clip_eps``) gives DAPO's
     asymmetric clip-higher. ``clip_eps=None`` is the unclipped surrogate -r A (PPO sec. 6.1,
-    "no clipping or penalty"). Metrics: ``policy/clipfrac`` is :func:`clip_fraction` (0 unclipped);
-    ``policy/approx_kl`` is the k3 estimate of KL(old || new) on the old policy's samples.
+    "no clipping or penalty"). ``level="sequence"``: r is GSPO's length-normalised sequence ratio in
+    its token form (:func:`sequence_log_ratio`, Zheng et al. 2025), clipped per sequence. Metrics:
+    ``policy/clipfrac`` is :func:`clip_fraction` (0 unclipped); ``policy/approx_kl`` is the k3
+    estimate of KL(old || new) on the old policy's samples.
 
     Shapes: logp, old_logp (B, T) or (N,); advantages (B,) or same as logp; mask like logp or None.
     """
-    log_ratio = logp - old_logp
+    if level == "token":
+        log_ratio = logp - old_logp
+    elif level == "sequence":
+        log_ratio = sequence_log_ratio(logp, old_logp, mask)
+    else:
+        raise ValueError(f"unknown importance-sampling level {level!r}; expected 'token' or 'sequence'")
     ratio = torch.exp(log_ratio)  # (B, T)
     adv = _expand_like(advantages, logp)
     surr = -adv * ratio

@@ -18,6 +18,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 LENGTH_REWARD = f"{HERE.parent / 'rlhf' / 'test_grpo.py'}:length_reward"  # learnable from scratch
+GATED_REWARD = f"{HERE.parent / 'rlhf' / 'test_grpo.py'}:prompt_gated_reward"  # constant on half the prompts
 
 
 def stage_configs(root: Path, scale: int) -> dict:
@@ -37,6 +38,14 @@ def stage_configs(root: Path, scale: int) -> dict:
         "grpo": dict(common, model_name_or_path=str(root / "start"), reward_funcs=[LENGTH_REWARD], reward_weights=[1.0],
                      per_device_train_batch_size=8 * scale, num_generations=4, max_completion_length=6,
                      learning_rate=1e-3, beta=0.05, num_train_prompts=64, num_eval_prompts=8),
+        # the variants whose arithmetic spans processes: REINFORCE++'s global whitening with the KL in the reward,
+        # dynamic sampling's shared decision to sample another round, GSPO, dapo's global token mean, entropy bonus
+        "grpo_variants": dict(common, model_name_or_path=str(root / "start"), reward_funcs=[GATED_REWARD],
+                              per_device_train_batch_size=8 * scale, num_generations=4, max_completion_length=6,
+                              learning_rate=1e-3, beta=0.05, num_train_prompts=64, num_eval_prompts=8,
+                              advantage_estimator="reinforce_pp", kl_in_reward=True, dynamic_sampling=True,
+                              max_sampling_rounds=3, loss_type="dapo", importance_sampling_level="sequence",
+                              num_iterations=2, entropy_coef=0.01, overlong_buffer_len=2),
         "ppo": dict(common, model_name_or_path=str(root / "start"), reward_funcs=[LENGTH_REWARD], reward_weights=[1.0],
                     per_device_train_batch_size=4 * scale, max_completion_length=6, learning_rate=1e-3,
                     num_train_prompts=64, num_eval_prompts=8),
@@ -65,7 +74,7 @@ def main() -> None:
     for name, values in stage_configs(root, scale).items():
         if name not in stages:
             continue
-        module = importlib.import_module(f"rlhf.{name.split('_')[0]}")  # dpo_lora: rlhf.dpo
+        module = importlib.import_module(f"rlhf.{name.split('_')[0]}")  # dpo_lora: rlhf.dpo, grpo_variants: grpo
         out = root / name
         summary = module.train(make_config(module.Config, dict(values, output_dir=str(out))))
         if is_main:

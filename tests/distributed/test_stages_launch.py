@@ -25,10 +25,11 @@ import torch
 from launching import HERE, ROOT, free_port, launch, launch_many
 
 DRIVER = str(HERE / "run_stages.py")
-STAGES = ["sft", "reward", "grpo", "ppo"]
+STAGES = ["sft", "reward", "grpo", "grpo_variants", "ppo"]  # grpo_variants: run_stages.py's GRPO options
 SETUPS = ["ddp", "zero2", "zero3"]
 TWO_NODE_STAGES = ["sft", "grpo"]  # compared with one machine under zero3 (what two_nodes.yaml uses)
-TRAIN_LOSS = {"sft": "loss/sft", "reward": "loss/reward", "grpo": "loss/policy", "ppo": "loss/policy"}
+TRAIN_LOSS = {"sft": "loss/sft", "reward": "loss/reward", "grpo": "loss/policy", "grpo_variants": "loss/policy",
+              "ppo": "loss/policy"}
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +117,7 @@ def test_deterministic_stages_match_one_process(stage_runs, setup, stage):
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("setup", SETUPS)
-@pytest.mark.parametrize("stage", ["grpo", "ppo"])
+@pytest.mark.parametrize("stage", ["grpo", "grpo_variants", "ppo"])
 def test_sampling_stages_match_one_process(stage_runs, setup, stage):
     got, single = result(stage_runs, setup, stage), result(stage_runs, "single", stage)
     start = {k: v for r in got["straight"] for k, v in r.items() if k.startswith("start/")}
@@ -125,7 +126,7 @@ def test_sampling_stages_match_one_process(stage_runs, setup, stage):
     a, b = training_rows(got["straight"]), training_rows(single["straight"])
     # step 1: the policy is the reference and (one generation per step) the sampling policy
     assert a[1]["kl/ref"] == pytest.approx(0.0, abs=1e-6) and b[1]["kl/ref"] == pytest.approx(0.0, abs=1e-6)
-    reward_key = "reward/mean" if stage == "grpo" else "reward/score_mean"
+    reward_key = "reward/score_mean" if stage == "ppo" else "reward/mean"
     mean = lambda rows: sum(r[reward_key] for r in rows.values()) / len(rows)  # noqa: E731
     # 3 steps x 32 completions: the mean length reward agrees to a few standard errors
     assert mean(a) == pytest.approx(mean(b), abs=0.08)

@@ -98,10 +98,11 @@ class _SGD(torch.optim.SGD):
         super().__init__(params, lr=lr)
 
 
-def test_gradient_accumulation_1x8_equals_8x1(tmp_path, monkeypatch):
+@pytest.mark.parametrize("entropy_coef", [0.0, 0.05])
+def test_gradient_accumulation_1x8_equals_8x1(tmp_path, monkeypatch, entropy_coef):
     torch.set_num_threads(1)
     monkeypatch.setattr(torch.optim, "AdamW", _SGD)
-    common = dict(max_steps=1, num_ppo_epochs=1, num_mini_batches=1, learning_rate=0.5)
+    common = dict(max_steps=1, num_ppo_epochs=1, num_mini_batches=1, learning_rate=0.5, entropy_coef=entropy_coef)
     ppo.train(cfg_for(tmp_path, "one", per_device_train_batch_size=16, gradient_accumulation_steps=1, **common))
     ppo.train(cfg_for(tmp_path, "eight", per_device_train_batch_size=2, gradient_accumulation_steps=8, **common))
     for part in ("model", "value_model"):
@@ -112,6 +113,21 @@ def test_gradient_accumulation_1x8_equals_8x1(tmp_path, monkeypatch):
     la, lb = (read_jsonl(tmp_path / d / "metrics.jsonl")[0] for d in ("one", "eight"))
     assert la["loss/policy"] == pytest.approx(lb["loss/policy"], abs=1e-6)
     assert la["loss/value"] == pytest.approx(lb["loss/value"], abs=1e-6)
+    if entropy_coef:
+        assert la["policy/entropy"] == pytest.approx(lb["policy/entropy"], abs=1e-5) and la["policy/entropy"] > 0
+
+
+def test_entropy_bonus_is_subtracted_from_the_loss(tmp_path):
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    logp = torch.zeros(2, 3)
+    batch = {"mask": mask, "old_logp": logp, "advantages": torch.zeros(2, 3), "old_values": torch.zeros(2, 3),
+             "returns": torch.zeros(2, 3)}
+    entropy = torch.tensor([[1.0, 2.0, 9.0], [0.5, 0.5, 0.5]])  # the 9 is padding
+    idx = torch.arange(2)
+    plain, _ = ppo.micro_batch_loss(cfg_for(tmp_path), logp, torch.zeros(2, 3), batch, idx, 5)
+    loss, m = ppo.micro_batch_loss(cfg_for(tmp_path, entropy_coef=0.1), logp, torch.zeros(2, 3), batch, idx, 5,
+                                   entropy)
+    assert float(loss - plain) == pytest.approx(-0.1 * 4.5 / 5) and float(m["policy/entropy"]) == pytest.approx(0.9)
 
 
 def prompt_only_reward(prompts, completions, **kwargs):
