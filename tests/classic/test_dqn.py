@@ -166,6 +166,7 @@ def test_a_bad_checkpoint_is_one_clear_error_and_changes_nothing(finished_dqn_ru
     run = tmp_path / "run"
     shutil.copytree(finished_dqn_run, run)
     ckpt, over = _damage(run, how, tmp_path)
+    capsys.readouterr()  # what _damage's own runs printed
     (run / "summary.json").unlink()  # a run cut short in its final phase
     before = dir_files(run)
     argv = ["dqn"] + [f"--{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in {
