@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from classic import dqn, ppo
-from classic.nets import QNetwork
+from classic.nets import QNetwork, bf16_copy, copy_weights
 from classic.policies import ActorCritic
 from rlhf.core import dqn_target, td_loss
 from rlhf.runtime import make_config
@@ -112,6 +112,23 @@ def test_bf16_ppo_loss_is_within_tolerance_of_fp32(tmp_path, obs_space, act_spac
     for net in (fp32, bf16):  # what the rollout stores: float32 log-probs and values, bf16 or not
         _, logp, values = net.act(obs)
         assert logp.dtype == values.dtype == torch.float32
+
+
+@pytest.mark.parametrize("obs_shape", [(4, 84, 84), (4,)])
+def test_the_bf16_copy_gives_autocasts_bits_and_follows_the_weights(obs_shape):
+    torch.manual_seed(0)
+    net = QNetwork(obs_shape, 4, [64, 64], "max", bf16=True, channels_last=True)
+    twin = bf16_copy(net)
+    obs = _frames(5) if len(obs_shape) == 3 else torch.randn(5, 4)
+    assert all(p.dtype == torch.bfloat16 for p in twin.parameters())
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+    assert torch.equal(twin(obs), net(obs))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.01)
+    assert not torch.equal(twin(obs), net(obs))
+    copy_weights(twin, net)
+    assert torch.equal(twin(obs), net(obs))
 
 
 def test_channels_last_cnn_gives_the_contiguous_nets_outputs():
