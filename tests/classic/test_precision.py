@@ -155,14 +155,15 @@ def test_the_run_records_its_precision(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [1, 2])
-def test_bf16_dqn_learns_cartpole(tmp_path, seed):
+def test_bf16_dqn_learns_cartpole(tmp_path):
     torch.set_num_threads(1)
     cfg = make_config(dqn.Config, dict(
-        output_dir=str(tmp_path / "run"), progress=False, report_to="none", seed=seed, bf16=True,
+        output_dir=str(tmp_path / "run"), progress=False, report_to="none", seed=1, bf16=True,
         total_timesteps=10_000, learning_rate=2.3e-3, batch_size=64, buffer_size=10_000, learning_starts=500,
         target_update_interval=10, train_frequency=64, gradient_steps=32, exploration_fraction=0.3, end_e=0.04,
         hidden_sizes=[64, 64], eval_frequency=2500, eval_episodes=5, double_q=True, save_buffer=False))
     summary = dqn.train(cfg)
-    # test_dqn's fp32 learning test in bf16; a uniformly random policy averages ~22 (bf16, seeds 1-4: see below)
+    # test_dqn's fp32 learning test (fp32, seeds 1-8: 154-500) in bf16: seeds 1-4 reached 500, 180, 195, 256;
+    # a uniformly random policy averages ~22
     assert summary["eval/best_return_mean"] >= 100, summary
+    assert summary["precision"] == "bf16 autocast"
