@@ -25,20 +25,22 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 
 import numpy as np
 import torch
 
 from classic.buffers import PrioritizedReplayBuffer, ReplayBuffer
 from classic.envs import check_env_id, env_spaces, evaluate, is_atari, make_env
-from classic.nets import FUSED_ADAM, QNetwork, adam_step, clip_grad_norm
+from classic.nets import (FUSED_ADAM, PrecisionArgs, QNetwork, adam_step, bf16_copy, clip_grad_norm, copy_weights,
+                          keep_freed_memory, precision)
 from rlhf.core import discounted_returns, dqn_target, td_loss
 from rlhf.runtime import (Run, RunConfig, Timer, arg, check, command_name, fmt_metrics, load_state, loading_checkpoint,
                           progress, resolve_checkpoint, save_state, seed_everything)
 
 
 @dataclasses.dataclass
-class Config(RunConfig):
+class Config(PrecisionArgs, RunConfig):
     """DQN family: DQN, Double DQN, Dueling (mean|max), prioritised replay, n-step returns.
 
     Defaults are the CartPole settings of configs/classic/dqn_cartpole.yaml (rl-baselines3-zoo's);
@@ -146,20 +148,34 @@ def q_vs_return(trajectories: list[dict], gamma: float, atari: bool) -> tuple[fl
 
 
 class QNets:
-    """The online Q-network, its target copy, the optimiser, and the numpy forward passes used to act.
+    """The online Q-network, its target copy, the optimiser, and the passes without gradient (acting, targets).
 
-    The numpy passes (`numpy_mlp`; None for CNN / dueling nets) read views of the parameters, so they
-    follow optimiser steps, `load_state_dict` and the target's in-place `lerp_`.
+    fp32: acting and targets run on numpy passes where they apply (`numpy_mlp`; None for CNN / dueling nets),
+    which read views of the parameters, so they follow optimiser steps, `load_state_dict` and the target's
+    in-place `lerp_`. bf16: they run on bfloat16 copies of the two nets (`bf16_copy`; the same bits as
+    autocast), which `weights_changed` refreshes after every training round, target update and load.
     """
 
     def __init__(self, cfg: Config, obs_shape, n_actions: int):
-        self.online = QNetwork(obs_shape, n_actions, cfg.hidden_sizes, cfg.dueling)
-        self.target = QNetwork(obs_shape, n_actions, cfg.hidden_sizes, cfg.dueling)
+        kwargs = dict(dueling=cfg.dueling, bf16=cfg.bf16, channels_last=cfg.channels_last)
+        self.online = QNetwork(obs_shape, n_actions, cfg.hidden_sizes, **kwargs)
+        self.target = QNetwork(obs_shape, n_actions, cfg.hidden_sizes, **kwargs)
         self.target.load_state_dict(self.online.state_dict())
         self.target.requires_grad_(False)
         self.params = list(self.online.parameters())
         self.optimizer = torch.optim.Adam(self.params, lr=cfg.learning_rate, eps=cfg.adam_eps, fused=FUSED_ADAM)
-        self.online_numpy, self.target_numpy = self.online.numpy_forward(), self.target.numpy_forward()
+        self.bf16 = cfg.bf16
+        self.acting = bf16_copy(self.online) if cfg.bf16 else self.online
+        self.target_pass = bf16_copy(self.target) if cfg.bf16 else self.target
+        self.online_numpy = None if cfg.bf16 else self.online.numpy_forward()
+        self.target_numpy = None if cfg.bf16 else self.target.numpy_forward()
+
+    def weights_changed(self, online: bool = True, target: bool = False) -> None:
+        """Refresh the bf16 copies of the nets whose weights changed (nothing to do in fp32)."""
+        if self.bf16 and online:
+            copy_weights(self.acting, self.online)
+        if self.bf16 and target:
+            copy_weights(self.target_pass, self.target)
 
 
 def make_replay(cfg: Config, env) -> ReplayBuffer:
@@ -179,7 +195,7 @@ def act(nets: QNets, rng: np.random.Generator, obs, epsilon: float, n_actions: i
     if nets.online_numpy is not None:
         return int(nets.online_numpy(np.asarray(obs)[None]).argmax())
     with torch.inference_mode():
-        return int(nets.online(torch.from_numpy(np.asarray(obs))[None]).argmax())
+        return int(nets.acting(torch.from_numpy(np.asarray(obs))[None]).argmax())
 
 
 def learn(cfg: Config, nets: QNets, replay: ReplayBuffer, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,7 +207,7 @@ def learn(cfg: Config, nets: QNets, replay: ReplayBuffer, beta: float) -> tuple[
         next_q_target = torch.from_numpy(nets.target_numpy(batch.next_obs))  # (B, A)
     else:
         with torch.no_grad():
-            next_q_target = nets.target(next_obs)  # (B, A)
+            next_q_target = nets.target_pass(next_obs)  # (B, A)
     if cfg.double_q:  # one forward pass for Q(s) and Q(s') of the online net
         q_all = nets.online(torch.cat([obs, next_obs]))  # (2B, A)
         q_obs, next_q_online = q_all[: cfg.batch_size], q_all[cfg.batch_size:].detach()
@@ -279,6 +295,7 @@ def save_checkpoint(cfg: Config, run: Run, nets: QNets, counters: Counters, rng:
 def train(cfg: Config) -> dict:
     resume = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir, command_name(cfg))  # error before any write
     atari = is_atari(cfg.env_id)
+    keep_freed_memory()
     torch.set_num_threads(cfg.torch_threads or ((os.cpu_count() or 1) if atari else 1))  # tiny MLPs: 1 is fastest
     seed_everything(cfg.seed, cfg.deterministic)
     env = make_env(cfg.env_id, cfg.seed)
@@ -292,12 +309,15 @@ def train(cfg: Config) -> dict:
             state = load_state(resume / "state.pt")  # also restores python / numpy / torch RNGs
             nets.online.load_state_dict(state["q_net"])
             nets.target.load_state_dict(state["target_net"])
+            nets.weights_changed(online=True, target=True)
             nets.optimizer.load_state_dict(state["optimizer"])
             rng.bit_generator.state = state["behaviour_rng"]
             if (resume / "replay.npz").exists():  # save_buffer (resolve_checkpoint refused a checkpoint that lost it)
                 replay.load(resume / "replay.npz")
             c = Counters(**{f.name: state[f.name] for f in dataclasses.fields(Counters)})
     run = Run(cfg, checkpoint=resume)  # after the checkpoint loaded: a bad one changes nothing
+    arithmetic = precision(cfg, cnn=len(env.observation_space.shape) == 3)
+    print(f"dqn {cfg.env_id}: {arithmetic}", file=sys.stderr)
     obs, _ = env.reset(seed=reset_seed(cfg, c.step))
 
     timer, start_step = Timer(), c.step
@@ -331,15 +351,17 @@ def train(cfg: Config) -> dict:
                     c.since_log["q"] += q_mean.item()
                     c.since_log["n"] += 1
                     c.n_updates += 1
+                nets.weights_changed(online=True)
             if c.step % cfg.target_update_interval == 0:
                 with torch.no_grad():
                     for p_target, p in zip(nets.target.parameters(), nets.online.parameters()):
                         p_target.lerp_(p, cfg.tau)
+                nets.weights_changed(online=False, target=True)
 
         # evaluate, log, checkpoint
         metrics: dict = {}
         if cfg.eval_frequency and c.step % cfg.eval_frequency == 0 and c.step < cfg.total_timesteps:
-            c.last_eval = evaluate_q(cfg, nets.online, c.step)
+            c.last_eval = evaluate_q(cfg, nets.acting, c.step)
             c.best_eval = max(c.best_eval, c.last_eval["eval/return_mean"])
             metrics.update(c.last_eval)
             c.stopped_early = cfg.stop_at_return is not None and c.last_eval["eval/return_mean"] >= cfg.stop_at_return
@@ -362,13 +384,13 @@ def train(cfg: Config) -> dict:
     sps, cpu_sps = steps / max(timer.elapsed(), 1e-9), steps / max(timer.cpu_elapsed(), 1e-9)  # cpu: robust to load
 
     save_checkpoint(cfg, run, nets, c, rng, replay)  # before the final evaluation: a resume redoes just that
-    final = c.last_eval if c.stopped_early else evaluate_q(cfg, nets.online, c.step)
+    final = c.last_eval if c.stopped_early else evaluate_q(cfg, nets.acting, c.step)
     best_eval = max(c.best_eval, final["eval/return_mean"])
     if not c.stopped_early:
         run.log(c.step, final)
     summary = {**final, "eval/best_return_mean": best_eval, "time/sps": sps, "time/cpu_sps": cpu_sps,
                "train/episodes": c.episodes, "train/updates": c.n_updates, "global_step": c.step, "env_id": cfg.env_id,
-               "stopped_early": bool(c.stopped_early)}
+               "stopped_early": bool(c.stopped_early), "precision": arithmetic}
     run.write_summary(summary)
     run.close()
     return summary

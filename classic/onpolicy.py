@@ -24,6 +24,7 @@ import functools
 import json
 import math
 import re
+import sys
 import warnings
 from collections import deque
 
@@ -35,6 +36,7 @@ from gymnasium.wrappers.utils import RunningMeanStd
 
 from classic.envs import EpisodicLifeVector, ale_dynamics, check_env_id, env_spaces, is_atari
 from classic.envs import evaluate as play_episodes
+from classic.nets import keep_freed_memory, precision
 from classic.policies import ActorCritic, is_image_space
 from rlhf.core import discounted_returns, explained_variance, gae
 from rlhf.runtime import (ConfigError, Run, Timer, arg, check, command_name, fmt_metrics, load_state,
@@ -492,12 +494,14 @@ class Loop:
             raise ConfigError(f"`policy`: {name.upper()} supports mlp policies only; {cfg.env_id} needs a CNN")
         self.cfg, self.name = cfg, name
         self.checkpoint = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir, command_name(cfg))
+        keep_freed_memory()
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
         self.device = torch.device(cfg.device)
         seed_everything(cfg.seed, cfg.deterministic)
         self.policy = ActorCritic(obs_space, act_space, policy_kind, cfg.hidden_sizes, cfg.activation,
-                                  cfg.init_log_std).to(self.device)
+                                  cfg.init_log_std, cfg.bf16, cfg.channels_last).to(self.device)
+        self.precision = precision(cfg, cnn=policy_kind == "cnn")
         envs = make_env_from_cfg(cfg)
         self.iteration, self.global_step, self.resumed = 0, 0, None
         if self.checkpoint is None:
@@ -535,6 +539,7 @@ class Loop:
                 plain = {k: self.resumed[k] for k in plain}
             self.iteration, self.global_step = self.resumed["iteration"], int(self.resumed["global_step"])
         self.run = Run(self.cfg, checkpoint=self.checkpoint)
+        print(f"{self.name} {self.cfg.env_id}: {self.precision}", file=sys.stderr)
         self.timer, self.start_step = Timer(), self.global_step
         self.bar = progress(self.cfg.num_iterations * self.cfg.batch_size, f"{self.name} {self.cfg.env_id}",
                             self.cfg.progress, initial=self.global_step)
@@ -626,7 +631,7 @@ class Loop:
         self.bar.close()
         cfg, steps = self.cfg, self.global_step - self.start_step
         summary = {"global_step": self.global_step, "time/sps": steps / max(self.timer.elapsed(), 1e-9),
-                   "time/cpu_sps": steps / max(self.timer.cpu_elapsed(), 1e-9)}
+                   "time/cpu_sps": steps / max(self.timer.cpu_elapsed(), 1e-9), "precision": self.precision}
         if self.rollout.episode_returns:
             summary["train/episode_return_last100"] = float(np.mean(self.rollout.episode_returns))
         if cfg.eval_episodes:

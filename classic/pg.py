@@ -20,14 +20,14 @@ import torch
 from torch import nn
 
 from classic import onpolicy
-from classic.nets import FUSED_ADAM
+from classic.nets import FUSED_ADAM, PrecisionArgs
 from classic.onpolicy import OnPolicyArgs
 from rlhf.core import masked_mean, masked_whiten, policy_gradient_loss, value_loss
 from rlhf.runtime import RunConfig, arg, check
 
 
 @dataclasses.dataclass
-class Config(OnPolicyArgs, RunConfig):
+class Config(OnPolicyArgs, PrecisionArgs, RunConfig):
     """Vanilla policy gradient (REINFORCE), with or without a value baseline."""
 
     output_dir: str = arg("runs/pg", "Run directory: config.yaml, metrics.jsonl, summary.json, checkpoints/.")

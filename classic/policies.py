@@ -12,7 +12,8 @@ mean | log-std), so the old policy of a rollout can be stored and compared again
 exactly (`kl(old_params, new_params)`, the KL(old || new) of PPO's penalty and TRPO's constraint).
 Initialisation: orthogonal, gain sqrt(2) in the hidden layers, 0.01 for the policy output and
 1 for the value output (Andrychowicz et al. 2021, "What Matters in On-Policy RL", C.3; Engstrom
-et al. 2020).
+et al. 2020). With `bf16` the networks run under bfloat16 autocast and every method returns float32
+(distribution parameters, values), so log-probs, KLs, losses and GAE are float32 math (classic/nets.py).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 from torch.distributions import Categorical, Normal, kl_divergence
 
-from classic.nets import NatureCNN, layer_init, mlp, numpy_mlp
+from classic.nets import NatureCNN, autocast, layer_init, mlp, numpy_mlp
 from rlhf.core import entropy_from_logits
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU}
@@ -40,6 +41,8 @@ class ActorCritic(nn.Module):
 
     `policy="mlp"`: separate actor and critic MLPs; `policy="cnn"`: a shared Nature CNN on uint8
     frames (N, C, 84, 84), scaled to [0, 1], with linear actor and critic heads (discrete only).
+    `bf16`: bfloat16 autocast in every forward pass, float32 outputs; `channels_last`: the CNN's
+    weights (and so its inputs) in channels-last memory format.
     """
 
     def __init__(
@@ -50,8 +53,11 @@ class ActorCritic(nn.Module):
         hidden_sizes: tuple[int, ...] = (64, 64),
         activation: str = "tanh",
         init_log_std: float = 0.0,
+        bf16: bool = False,
+        channels_last: bool = False,
     ):
         super().__init__()
+        self.bf16 = bf16
         self.discrete = isinstance(action_space, gym.spaces.Discrete)
         if not self.discrete and not (isinstance(action_space, gym.spaces.Box) and len(action_space.shape) == 1):
             raise ValueError(f"unsupported action space {action_space}: expected Discrete or a 1-D Box")
@@ -64,6 +70,8 @@ class ActorCritic(nn.Module):
                     layer_init(m)
             self.actor = layer_init(nn.Linear(512, self.action_dim), gain=0.01)
             self.critic = layer_init(nn.Linear(512, 1), gain=1.0)
+            if channels_last:  # after the init: orthogonal_ writes through a contiguous view
+                self.torso.to(memory_format=torch.channels_last)
         else:
             obs_dim = int(np.prod(observation_space.shape))
             self.actor = mlp(obs_dim, hidden_sizes, self.action_dim, ACTIVATIONS[activation], out_gain=0.01)
@@ -82,24 +90,32 @@ class ActorCritic(nn.Module):
             return self.torso(obs)  # (B, 512)
         return obs.flatten(1)  # (B, obs_dim)
 
+    def _heads(self, obs: torch.Tensor, critic: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Actor output (B, A) and value (B,) (None without `critic`) in float32, the layers under `bf16` autocast."""
+        with autocast(obs.device.type, self.bf16):
+            feats = self._features(obs)
+            out, value = self.actor(feats), self.critic(feats).squeeze(-1) if critic else None
+        return out.float(), value if value is None else value.float()
+
     def params(self, obs: torch.Tensor) -> torch.Tensor:
         """Distribution parameters: logits (B, A), or mean | log-std (B, 2 * A)."""
-        out = self.actor(self._features(obs))
+        out = self._heads(obs, critic=False)[0]
         if self.discrete:
             return out
         return torch.cat([out, self.log_std.expand_as(out)], dim=-1)
 
     def params_and_value(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Both heads on one batch (the CNN torso runs once). Shapes: obs (B, ...) -> (B, P), (B,)."""
-        feats = self._features(obs)
-        out = self.actor(feats)
+        out, value = self._heads(obs)
         if not self.discrete:
             out = torch.cat([out, self.log_std.expand_as(out)], dim=-1)
-        return out, self.critic(feats).squeeze(-1)
+        return out, value
 
     def value(self, obs: torch.Tensor) -> torch.Tensor:
         """V(s). Shapes: obs (B, ...) -> (B,)."""
-        return self.critic(self._features(obs)).squeeze(-1)
+        with autocast(obs.device.type, self.bf16):
+            value = self.critic(self._features(obs)).squeeze(-1)
+        return value.float()
 
     # -- distribution math on params (exact, through torch.distributions / rlhf.core) ----------
     def distribution(self, params: torch.Tensor):
@@ -139,8 +155,7 @@ class ActorCritic(nn.Module):
         The rollout's hot path, so written with plain tensor ops (no Distribution objects); the
         log-probs equal `log_prob` (tested).
         """
-        feats = self._features(obs)
-        out, value = self.actor(feats), self.critic(feats).squeeze(-1)  # (B, A), (B,)
+        out, value = self._heads(obs)  # (B, A), (B,)
         if self.discrete:
             logp_all = out.log_softmax(-1)
             actions = logp_all.argmax(-1) if deterministic else torch.multinomial(logp_all.exp(), 1).squeeze(-1)
@@ -152,14 +167,14 @@ class ActorCritic(nn.Module):
 
     def numpy_act(self):
         """`act` as a numpy function obs (N, ...) -> (actions, log-probs (N,), values (N,)), for the
-        rollout's one-step-at-a-time calls; None where it does not apply (CNN, parameters off the CPU).
+        rollout's one-step-at-a-time calls; None where it does not apply (CNN, bf16, parameters off the CPU).
 
         Per step it is ~20 numpy calls (~1 us each) instead of ~25 torch dispatches and 12 nn.Module
         calls. It reads views of the parameters (see `numpy_mlp`): build it once per rollout. Samples
         come from numpy's global RNG, which checkpoints save and restore (`rlhf.runtime.save_state`),
         so resumes stay exact. Log-probs and values match `log_prob` / `value` to float32 round-off (tested).
         """
-        if self.cnn or next(self.parameters()).device.type != "cpu":
+        if self.cnn or self.bf16 or next(self.parameters()).device.type != "cpu":
             return None
         actor, critic = numpy_mlp(self.actor), numpy_mlp(self.critic)
         if not self.discrete:

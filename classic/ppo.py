@@ -27,7 +27,7 @@ import shutil
 import torch
 
 from classic import onpolicy
-from classic.nets import FUSED_ADAM, adam_step, clip_grad_norm
+from classic.nets import FUSED_ADAM, PrecisionArgs, adam_step, clip_grad_norm
 from classic.onpolicy import OnPolicyArgs
 from classic.policies import ActorCritic
 from rlhf.core import (AdaptiveKLController, FixedKLController, clip_fraction, kl_penalty_loss, masked_mean,
@@ -39,7 +39,7 @@ CXX_COMPILERS = tuple(filter(None, (os.environ.get("CXX"), "g++", "c++", "clang+
 
 
 @dataclasses.dataclass
-class Config(OnPolicyArgs, RunConfig):
+class Config(OnPolicyArgs, PrecisionArgs, RunConfig):
     """PPO: clip, adaptive KL penalty, fixed KL penalty, or no clip."""
 
     output_dir: str = arg("runs/ppo", "Run directory: config.yaml, metrics.jsonl, summary.json, checkpoints/.")

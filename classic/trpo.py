@@ -25,7 +25,7 @@ import dataclasses
 import torch
 
 from classic import onpolicy
-from classic.nets import FUSED_ADAM, adam_step
+from classic.nets import FUSED_ADAM, PrecisionArgs, adam_step
 from classic.onpolicy import OnPolicyArgs
 from rlhf.core import (backtracking_line_search, conjugate_gradient, fisher_vector_product, flat_grad, flat_params,
                        kl_dual_update, kl_penalty_loss, masked_mean, masked_whiten, ppo_clip_loss, set_flat_params,
@@ -34,7 +34,7 @@ from rlhf.runtime import RunConfig, arg, check
 
 
 @dataclasses.dataclass
-class Config(OnPolicyArgs, RunConfig):
+class Config(OnPolicyArgs, PrecisionArgs, RunConfig):
     """TRPO: KL-constrained natural gradient, or KL-penalised with a dual update."""
 
     output_dir: str = arg("runs/trpo", "Run directory: config.yaml, metrics.jsonl, summary.json, checkpoints/.")

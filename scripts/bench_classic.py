@@ -4,12 +4,17 @@
     python scripts/bench_classic.py --algos dqn --envs cartpole,breakout
     python scripts/bench_classic.py --algos ppo --envs cartpole,hopper
     python scripts/bench_classic.py --algos ppo,ppo_compile --envs cartpole,hopper --steps_scale 2
+    python scripts/bench_classic.py --algos dqn --envs breakout --sb3_python /work/sb3-env/bin/python
 
 Each (algorithm, env) row trains ours and SB3's for the same number of environment steps with the
 same hyper-parameters, network and torch thread count, in two fresh processes started at the same
 time (so both see the same machine load), and prints env steps per second — per wall-clock second
 and per CPU second of the process (robust on a shared, overloaded machine) — and the ratios
-ours / SB3. DQN: ours counts its whole training loop (acting, env stepping, replay, gradient steps),
+ours / SB3. `--sb3_python` runs SB3's side in another environment's interpreter (one with
+stable-baselines3, where this one may not have it). DQN on Atari runs ours twice, in fp32 and with
+`--bf16 true` (bfloat16 autocast, fp32 master weights), next to one SB3 run (fp32, SB3 has no mixed
+precision), all three at the same time; both of ours use their default channels-last CNN.
+DQN: ours counts its whole training loop (acting, env stepping, replay, gradient steps),
 SB3 its `learn()` call. PPO: both count the rollouts after the first two (acting, env stepping,
 GAE, the update, logging) and print what the first two cost apart (setup, warm-up, any compile).
 See "What each side's clocks cover" below for the details.
@@ -41,11 +46,14 @@ import tempfile
 # Huber loss, grad-norm clip 10, hard target copy), Nature CNN on Atari, [64, 64] MLP on CartPole.
 # One torch thread per side everywhere: the two run at the same time, and 2 x 2 threads on a 2-core
 # machine made both ~12x slower (busy-waiting OpenMP threads), which measured the contention, not the code.
+# `precisions`: ours' rows (bf16 only where the matmuls are big enough to gain: the Nature CNN).
 DQN_SETTINGS = {
     "cartpole": dict(env_id="CartPole-v1", steps=30_000, threads=1, hidden=[64, 64], buffer_size=50_000,
-                     learning_starts=1_000, batch_size=64, target_update_interval=1_000, learning_rate=1e-3),
+                     learning_starts=1_000, batch_size=64, target_update_interval=1_000, learning_rate=1e-3,
+                     precisions=["fp32"]),
     "breakout": dict(env_id="BreakoutNoFrameskip-v4", steps=3_000, threads=1, hidden=[64, 64], buffer_size=10_000,
-                     learning_starts=1_000, batch_size=32, target_update_interval=1_000, learning_rate=1e-4),
+                     learning_starts=1_000, batch_size=32, target_update_interval=1_000, learning_rate=1e-4,
+                     precisions=["fp32", "bf16"]),
 }
 
 OURS_DQN = """
@@ -58,7 +66,7 @@ cfg = make_config(dqn.Config, dict(
     batch_size=s["batch_size"], learning_starts=s["learning_starts"], train_frequency=4, gradient_steps=1,
     target_update_interval=s["target_update_interval"], exploration_fraction=0.1, end_e=0.05, hidden_sizes=s["hidden"],
     loss="huber", max_grad_norm=10.0, eval_frequency=0, eval_episodes=1, eval_epsilon=0.05, torch_threads=s["threads"],
-    output_dir=s["out"], progress=False, report_to="none", save_buffer=False, logging_steps=1000))
+    output_dir=s["out"], progress=False, report_to="none", save_buffer=False, logging_steps=1000, bf16=s["bf16"]))
 summary = dqn.train(cfg)
 print(json.dumps({"sps": summary["time/sps"], "cpu_sps": summary["time/cpu_sps"]}))  # the training loop only
 """
@@ -89,38 +97,43 @@ print(json.dumps({"sps": s["steps"] / (time.perf_counter() - t), "cpu_sps": s["s
 """
 
 
-def _run_both(ours_code: str, sb3_code: str, settings: dict) -> tuple[dict, dict]:
-    """Run ours and SB3 at the same time, so both see the same machine load; return their speeds.
+def _run_all(jobs: list[tuple[str, str, dict]]) -> list[dict]:
+    """Run every (python, code, settings) job at the same time, so all see the same machine load; return
+    their speeds.
 
     torch.compile (ours with `compile`) starts from an empty cache and compiles in its own process, so
     the whole cost of compiling lands in ours' clocks (its C++ compiler runs are added to its CPU time).
     """
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=settings["out"] + "_inductor_cache",
-               TORCHINDUCTOR_COMPILE_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, "-c", code, json.dumps(settings)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env) for code in (ours_code, sb3_code)]
+    procs = []
+    for python, code, settings in jobs:
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=settings["out"] + "_inductor_cache",
+                   TORCHINDUCTOR_COMPILE_THREADS="1")
+        procs.append(subprocess.Popen([python, "-c", code, json.dumps(settings)], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, env=env))
     results = []
     for proc in procs:
         out, err = proc.communicate()
         if proc.returncode != 0:
             raise RuntimeError(err[-3000:])
         results.append(json.loads(out.strip().splitlines()[-1]))
-    return results[0], results[1]
+    return results
 
 
-def bench_dqn(envs: list[str], steps_scale: float) -> list[dict]:
+def bench_dqn(envs: list[str], steps_scale: float, sb3_python: str) -> list[dict]:
     rows = []
     for name in [e for e in envs if e in DQN_SETTINGS]:
         s = dict(DQN_SETTINGS[name])
         s["steps"] = int(s["steps"] * steps_scale)
         with tempfile.TemporaryDirectory() as tmp:
-            s["out"] = tmp + "/run"
-            ours, sb3 = _run_both(OURS_DQN, SB3_DQN, s)
-        rows.append({"algo": "dqn", "env": s["env_id"], "steps": s["steps"], "threads": s["threads"],
-                     "ours_sps": ours["sps"], "sb3_sps": sb3["sps"], "ratio": ours["sps"] / sb3["sps"],
-                     "ours_cpu_sps": ours["cpu_sps"], "sb3_cpu_sps": sb3["cpu_sps"],
-                     "cpu_ratio": ours["cpu_sps"] / sb3["cpu_sps"]})
-        print(json.dumps(rows[-1]), flush=True)
+            ours_jobs = [(sys.executable, OURS_DQN, dict(s, bf16=p == "bf16", out=f"{tmp}/{p}"))
+                         for p in s["precisions"]]
+            *ours_runs, sb3 = _run_all(ours_jobs + [(sb3_python, SB3_DQN, dict(s, out=f"{tmp}/sb3"))])
+        for precision, ours in zip(s["precisions"], ours_runs):
+            rows.append({"algo": f"dqn ({precision})", "env": s["env_id"], "steps": s["steps"], "threads": s["threads"],
+                         "ours_sps": ours["sps"], "sb3_sps": sb3["sps"], "ratio": ours["sps"] / sb3["sps"],
+                         "ours_cpu_sps": ours["cpu_sps"], "sb3_cpu_sps": sb3["cpu_sps"],
+                         "cpu_ratio": ours["cpu_sps"] / sb3["cpu_sps"]})
+            print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -192,14 +205,15 @@ report(marks)
 """
 
 
-def bench_ppo(envs: list[str], steps_scale: float, compile: bool = False, warmup: int = 2) -> list[dict]:
+def bench_ppo(envs: list[str], steps_scale: float, sb3_python: str, compile: bool = False,
+              warmup: int = 2) -> list[dict]:
     rows = []
     for name in [e for e in envs if e in PPO_SETTINGS]:
         s = dict(PPO_SETTINGS[name], compile=compile, warmup=warmup)
         s["steps"] = max((warmup + 1) * 2048, int(s["steps"] * steps_scale) // 2048 * 2048)  # whole rollouts
         with tempfile.TemporaryDirectory() as tmp:
-            s["out"] = tmp + "/run"
-            ours, sb3 = _run_both(OURS_PPO, SB3_PPO, s)
+            ours, sb3 = _run_all([(sys.executable, OURS_PPO, dict(s, out=f"{tmp}/ours")),
+                                  (sb3_python, SB3_PPO, dict(s, out=f"{tmp}/sb3"))])
         rows.append({"algo": "ppo (compile)" if compile else "ppo", "env": s["env_id"], "steps": s["steps"],
                      "threads": s["threads"],
                      "ours_sps": ours["sps"], "sb3_sps": sb3["sps"], "ratio": ours["sps"] / sb3["sps"],
@@ -210,9 +224,9 @@ def bench_ppo(envs: list[str], steps_scale: float, compile: bool = False, warmup
     return rows
 
 
-def bench_ppo_compile(envs: list[str], steps_scale: float) -> list[dict]:
+def bench_ppo_compile(envs: list[str], steps_scale: float, sb3_python: str) -> list[dict]:
     """Ours with `compile: true` (its one-time compile counted in its clock) against the same SB3 run."""
-    return bench_ppo(envs, steps_scale, compile=True)
+    return bench_ppo(envs, steps_scale, sb3_python, compile=True)
 
 
 BENCHES = {"dqn": bench_dqn, "ppo": bench_ppo, "ppo_compile": bench_ppo_compile}
@@ -223,10 +237,12 @@ def main(argv=None) -> None:
     p.add_argument("--algos", default="dqn", help=f"comma-separated, of: {', '.join(BENCHES)}")
     p.add_argument("--envs", default="cartpole,breakout")
     p.add_argument("--steps_scale", type=float, default=1.0, help="multiply every row's step budget")
+    p.add_argument("--sb3_python", default=sys.executable,
+                   help="Python interpreter of SB3's side (an environment with stable-baselines3); default: this one")
     args = p.parse_args(argv)
     rows = []
     for algo in args.algos.split(","):
-        rows += BENCHES[algo]([e for e in args.envs.split(",") if e], args.steps_scale)
+        rows += BENCHES[algo]([e for e in args.envs.split(",") if e], args.steps_scale, args.sb3_python)
     print("\n| algo | env | steps | threads | ours steps/s (wall) | SB3 steps/s (wall) | ratio (wall) "
           "| ours steps/CPU-s | SB3 steps/CPU-s | ratio (CPU) | not timed: ours / SB3 |\n"
           "|---|---|---|---|---|---|---|---|---|---|---|")

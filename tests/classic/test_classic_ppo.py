@@ -154,6 +154,7 @@ def check_resume_is_exact(module, make_cfg, tmp_path, batch: int):
 @pytest.mark.parametrize("env_id, extra", [
     ("CartPole-v1", dict(penalty="adaptive_kl", num_envs=2)),
     ("Hopper-v5", dict(penalty="clip", num_envs=1, norm_obs=True, norm_reward=True)),
+    ("CartPole-v1", dict(penalty="clip", num_envs=2, bf16=True)),  # resumes exactly in bf16
     pytest.param("CartPole-v1", dict(penalty="clip", num_envs=2, compile=True), marks=needs_cxx),
 ])
 def test_resume_continues_exactly(tmp_path, env_id, extra):
