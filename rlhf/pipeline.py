@@ -76,11 +76,15 @@ class Config(RunConfig):
 
 
 def cli(argv: list[str], prog: str = "rlhf pipeline") -> None:
+    train(parse_args(argv, prog))  # a ConfigError exits 2 in rlhf.cli, as for every command
+
+
+def parse_args(argv: list[str], prog: str = "rlhf pipeline") -> Config:
     """Like every command, but with configs/rlhf/pipeline_tiny.yaml as the defaults when no --config is given."""
     if not any(a == "--config" or a.startswith("--config=") for a in argv) and "-h" not in argv \
             and "--help" not in argv:
         argv = ["--config", str(_config_path("configs/rlhf/pipeline_tiny.yaml")), *argv]
-    train(parse_config(Config, argv, prog=prog))  # a ConfigError exits 2 in rlhf.cli, as for every command
+    return parse_config(Config, argv, prog=prog)
 
 
 def _config_path(path: str) -> Path:
