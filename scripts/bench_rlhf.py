@@ -142,10 +142,23 @@ def run_ours(args, model_dir: str, out: Path) -> dict:
 TRL_DEFAULTS = "TRL, its grad. ckpt on"
 
 
-def run_trl(args, model_dir: str, out: Path, gradient_checkpointing: bool = False) -> dict:
+def trl_grpo_trainer(model_dir: str, out, prompts: list[str], reward_funcs: list, callbacks=(), **config):
+    """TRL's GRPOTrainer on the prompts, CPU, no checkpoints, no evaluation; `config` sets GRPOConfig fields.
+    (scripts/bench_grpo_vs_trl.py builds its TRL side with this too.)"""
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
+
+    base = dict(output_dir=str(out), logging_steps=1, report_to="none", use_cpu=True, save_strategy="no",
+                disable_tqdm=True, bf16=False, gradient_checkpointing=False)
+    return GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir),
+                       processing_class=AutoTokenizer.from_pretrained(model_dir), reward_funcs=reward_funcs,
+                       args=GRPOConfig(**{**base, **config}), train_dataset=Dataset.from_dict({"prompt": prompts}),
+                       callbacks=list(callbacks))
+
+
+def run_trl(args, model_dir: str, out: Path, gradient_checkpointing: bool = False) -> dict:
+    from transformers import TrainerCallback
 
     from rlhf.tasks.arithmetic import exact_match_reward, format_reward, make_prompts
 
@@ -163,16 +176,11 @@ def run_trl(args, model_dir: str, out: Path, gradient_checkpointing: bool = Fals
 
     timer = StepTimer()
     n_prompts = args.steps * args.completions // args.num_generations
-    dataset = Dataset.from_dict({"prompt": make_prompts(n_prompts * 2, args.seed)})
-    config = GRPOConfig(output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=args.completions,
-                        num_generations=args.num_generations, max_completion_length=args.max_completion_length,
-                        beta=args.beta, loss_type="grpo", learning_rate=1e-5, logging_steps=1, report_to="none",
-                        use_cpu=True, save_strategy="no", seed=args.seed, disable_tqdm=True, bf16=False,
-                        gradient_checkpointing=gradient_checkpointing)
-    trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir),
-                          processing_class=AutoTokenizer.from_pretrained(model_dir),
-                          reward_funcs=[exact_match_reward, format_reward], args=config, train_dataset=dataset,
-                          callbacks=[timer])
+    trainer = trl_grpo_trainer(model_dir, out, make_prompts(n_prompts * 2, args.seed),
+                               [exact_match_reward, format_reward], [timer], max_steps=args.steps,
+                               per_device_train_batch_size=args.completions, num_generations=args.num_generations,
+                               max_completion_length=args.max_completion_length, beta=args.beta, loss_type="grpo",
+                               learning_rate=1e-5, seed=args.seed, gradient_checkpointing=gradient_checkpointing)
     with model_clock():
         trainer.train()
     lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
