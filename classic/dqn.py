@@ -41,7 +41,8 @@ from rlhf.runtime import (Run, RunConfig, Timer, arg, check, command_name, fmt_m
 class Config(RunConfig):
     """DQN family: DQN, Double DQN, Dueling (mean|max), prioritised replay, n-step returns.
 
-    Defaults are the CartPole settings of configs/classic/dqn_cartpole.yaml (rl-baselines3-zoo's);
+    Defaults are rl-baselines3-zoo's CartPole settings (configs/classic/dqn_cartpole.yaml adds a learning-rate
+    decay and halves the gradient steps, for a run that ends as good as its best);
     Atari wants configs/classic/dqn_breakout.yaml-like settings.
     """
 
