@@ -42,7 +42,7 @@ class Config(RunConfig):
     """DQN family: DQN, Double DQN, Dueling (mean|max), prioritised replay, n-step returns.
 
     Defaults are rl-baselines3-zoo's CartPole settings (configs/classic/dqn_cartpole.yaml adds a learning-rate
-    decay and halves the gradient steps, for a run that ends as good as its best);
+    decay and halves the gradient steps, for a steadier end of the run);
     Atari wants configs/classic/dqn_breakout.yaml-like settings.
     """
 
