@@ -43,7 +43,8 @@ from rlhf.runtime import (Run, RunConfig, Timer, arg, check, command_name, fmt_m
 class Config(PrecisionArgs, RunConfig):
     """DQN family: DQN, Double DQN, Dueling (mean|max), prioritised replay, n-step returns.
 
-    Defaults are the CartPole settings of configs/classic/dqn_cartpole.yaml (rl-baselines3-zoo's);
+    Defaults are rl-baselines3-zoo's CartPole settings (configs/classic/dqn_cartpole.yaml adds a learning-rate
+    decay and halves the gradient steps, for a steadier end of the run);
     Atari wants configs/classic/dqn_breakout.yaml-like settings.
     """
 
@@ -51,7 +52,11 @@ class Config(PrecisionArgs, RunConfig):
     logging_steps: int = arg(1000, "Log training metrics every this many environment steps.")
     env_id: str = arg("CartPole-v1", "Gymnasium id with a discrete action space (Atari ids: Atari preprocessing).")
     total_timesteps: int = arg(100_000, "Environment steps to train for.")
-    learning_rate: float = arg(2.3e-3, "Adam learning rate.")
+    learning_rate: float = arg(2.3e-3, "Adam learning rate (the initial one when end_learning_rate is set).")
+    end_learning_rate: float | None = arg(None, "Decay the learning rate linearly to this over lr_decay_fraction of "
+                                                "total_timesteps, then hold it (none: constant learning_rate).")
+    lr_decay_fraction: float = arg(1.0, "Fraction of total_timesteps over which the learning rate decays to "
+                                        "end_learning_rate.")
     adam_eps: float = arg(1e-8, "Adam epsilon.")
     buffer_size: int = arg(100_000, "Replay memory size in transitions (Atari stores each 84x84 frame once).")
     batch_size: int = arg(64, "Transitions per gradient step.")
@@ -93,6 +98,9 @@ class Config(PrecisionArgs, RunConfig):
         check(0.0 < self.gamma <= 1.0, "gamma", "must be in (0, 1]")
         check(0.0 < self.tau <= 1.0, "tau", "must be in (0, 1]")
         check(self.learning_rate > 0, "learning_rate", "must be > 0")
+        check(self.end_learning_rate is None or 0 <= self.end_learning_rate <= self.learning_rate, "end_learning_rate",
+              f"must be in [0, learning_rate = {self.learning_rate}], got {self.end_learning_rate}")
+        check(0.0 < self.lr_decay_fraction <= 1.0, "lr_decay_fraction", "must be in (0, 1]")
         check(self.target_update_interval >= 1, "target_update_interval", "must be >= 1")
         check(self.train_frequency >= 1, "train_frequency", "must be >= 1")
         check(self.gradient_steps >= 1, "gradient_steps", "must be >= 1")
@@ -118,6 +126,14 @@ class Config(PrecisionArgs, RunConfig):
 
 def linear_schedule(start: float, end: float, duration: float, t: int) -> float:
     return start + (end - start) * min(1.0, t / max(duration, 1.0))
+
+
+def lr_at(cfg: Config, step: int) -> float:
+    """The learning rate at `step`: constant, or decaying linearly to end_learning_rate (late updates then move the
+    converged Q-function less, so the policy at the end of a run is the one it learnt, not a swing away from it)."""
+    if cfg.end_learning_rate is None:
+        return cfg.learning_rate
+    return linear_schedule(cfg.learning_rate, cfg.end_learning_rate, cfg.lr_decay_fraction * cfg.total_timesteps, step)
 
 
 def reset_seed(cfg: Config, step: int) -> int:
@@ -345,6 +361,7 @@ def train(cfg: Config) -> dict:
         if c.step > cfg.learning_starts and len(replay) >= cfg.batch_size:
             if c.step % cfg.train_frequency == 0:
                 beta = linear_schedule(cfg.per_beta, 1.0, cfg.total_timesteps, c.step)
+                nets.optimizer.param_groups[0]["lr"] = lr_at(cfg, c.step)  # a function of the step: resumes
                 for _ in range(cfg.gradient_steps):
                     loss, q_mean = learn(cfg, nets, replay, beta)
                     c.since_log["loss"] += loss.item()
@@ -366,7 +383,8 @@ def train(cfg: Config) -> dict:
             metrics.update(c.last_eval)
             c.stopped_early = cfg.stop_at_return is not None and c.last_eval["eval/return_mean"] >= cfg.stop_at_return
         if c.step % cfg.logging_steps == 0:
-            metrics.update({"train/epsilon": epsilon, "train/episodes": c.episodes, "train/updates": c.n_updates,
+            metrics.update({"train/epsilon": epsilon, "train/lr": lr_at(cfg, c.step), "train/episodes": c.episodes,
+                            "train/updates": c.n_updates,
                             "time/sps": (c.step - start_step) / max(timer.elapsed(), 1e-9)})
             metrics.update(train_metrics(cfg, c, nets, replay))
             bar.update(c.step - bar.n)

@@ -25,6 +25,8 @@ def _cfg(tmp_path, **over):
     (["--n_step", "0"], "n_step", ">= 1"),
     (["--buffer_size", "16", "--batch_size", "32"], "buffer_size", "smaller than batch_size"),
     (["--dueling", "avg"], "dueling", "one of"),
+    (["--end_learning_rate", "0.01", "--learning_rate", "0.001"], "end_learning_rate", "must be in"),
+    (["--lr_decay_fraction", "0"], "lr_decay_fraction", "must be in"),
 ])
 def test_bad_input_names_the_option_before_any_work(tmp_path, argv, option, words):
     out = tmp_path / "never"
@@ -74,6 +76,29 @@ def test_atari_smoke_run_with_small_buffer(tmp_path):
     assert np.isfinite([r["loss/td"] for r in rows if "loss/td" in r]).all()
 
 
+def test_learning_rate_decays_linearly_to_its_floor_then_holds(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    cfg = _cfg(tmp_path, total_timesteps=400, learning_starts=50, buffer_size=400, batch_size=16, train_frequency=50,
+               gradient_steps=1, hidden_sizes=[16], eval_frequency=0, eval_episodes=1, logging_steps=50,
+               learning_rate=1e-3, end_learning_rate=1e-4, lr_decay_fraction=0.5)
+    seen = []  # the optimizer's lr at each gradient step
+    original_learn = dqn.learn
+
+    def spy(cfg, nets, replay, beta):
+        seen.append(nets.optimizer.param_groups[0]["lr"])
+        return original_learn(cfg, nets, replay, beta)
+
+    monkeypatch.setattr(dqn, "learn", spy)
+    dqn.train(cfg)
+    # rounds at steps 100, 150, ..., 400; the decay reaches 1e-4 at 0.5 * 400 = 200 steps and stays there
+    reference = [1e-3 + (1e-4 - 1e-3) * min(1.0, t / 200) for t in range(100, 401, 50)]
+    np.testing.assert_allclose(seen, reference, rtol=1e-12)
+    logged = {r["step"]: r["train/lr"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "train/lr" in r}
+    assert logged[100] == pytest.approx(5.5e-4) and logged[400] == pytest.approx(1e-4)
+    constant = _cfg(tmp_path, learning_rate=2e-3)
+    assert dqn.lr_at(constant, 0) == dqn.lr_at(constant, 10**6) == 2e-3
+
+
 class _Crash(BaseException):
     pass
 
@@ -90,7 +115,8 @@ def test_resume_after_a_crash_continues_exactly(tmp_path, monkeypatch, over):
     common = dict(total_timesteps=2000, learning_starts=200, buffer_size=2000, batch_size=32, train_frequency=4,
                   gradient_steps=1, target_update_interval=100, hidden_sizes=[64, 64], learning_rate=1e-3,
                   save_steps=700, save_total_limit=5, eval_frequency=1000, eval_episodes=2, logging_steps=200,
-                  double_q=True, dueling="max", prioritized=True, n_step=3)
+                  double_q=True, dueling="max", prioritized=True, n_step=3, end_learning_rate=1e-4,
+                  lr_decay_fraction=0.5)
     common.update(over)
     total, save_steps = common["total_timesteps"], common["save_steps"]
     straight = dqn.train(_cfg(tmp_path / "a", **common))
