@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 GRPO_CONFIG = ROOT / "configs/rlhf/grpo_tiny.yaml"
 
 # The budget every row shares: grpo_tiny.yaml's reward functions, lengths and beta, with 200 steps of 8 prompts x
-# G = 8 at a constant 1e-4 (the shipped config now trains 1200 steps of 16 x 4 at a decaying 2e-4; see its comments).
+# G = 8 at a constant 1e-4 (the shipped config trains 1200 steps of 16 x 4 at a decaying 2e-4; see its comments).
 BUDGET = ["--num_generations", "8", "--per_device_train_batch_size", "64", "--learning_rate", "1e-4",
           "--lr_scheduler_type", "constant", "--max_steps", "200", "--eval_steps", "50", "--save_steps", "50"]
 
