@@ -35,11 +35,11 @@ import torch
 from rlhf.core import dpo_loss, logprobs_from_logits, ranked_pairs
 from rlhf.core.preference import LOSS_TYPES
 from rlhf.data import collate_rankings
-from rlhf.distributed import (gather_objects, gathered_for_generation, loss_normaliser, prepare_frozen, reduce_sum,
+from rlhf.distributed import (gather_objects, gathered_for_generation, prepare_frozen, reduce_sum,
                               save_hf_model, unwrap)
 from rlhf.models import disable_dropout, load_causal_lm, load_tokenizer
 # the rankings `rlhf reward` trains on, read and checked the same way
-from rlhf.reward import load_groups, prompts_with_pairs
+from rlhf.reward import load_groups, prompt_shares
 from rlhf.runtime import Timer, arg, check, command_name, resolve_checkpoint, seed_everything
 from rlhf.tasks import arithmetic
 from rlhf.training import (TrainingConfig, backward, due, end_step, epoch_steps, lora, open_epoch_run,
@@ -259,18 +259,13 @@ def train(cfg: Config) -> dict:
     model.train()
     for step in range(start, total_steps):
         batches = step_batches(accelerator, cfg, step, groups, collate, tokenizer.pad_token_id)
-        # dpo_loss is a mean over the prompts of its batch; each micro-batch weighs its share of the prompts
-        # of the whole optimizer step, so accumulation and processes do not change the update.
-        local_prompts = [float(prompts_with_pairs(b["ranks"])) for b in batches]
-        n_prompts = float(loss_normaliser(accelerator, sum(local_prompts)))
         sums, update = {}, {}
-        for batch, n_local in zip(batches, local_prompts):
+        for batch, weight in zip(batches, prompt_shares(accelerator, batches)):  # dpo_loss: a mean over prompts
             with accelerator.accumulate(model):
                 loss, m = batch_loss(accelerator, model, reference, batch, cfg)
-                update = backward(accelerator, model, optimizer, scheduler, loss * (n_local / n_prompts),
-                                  cfg.max_grad_norm)
+                update = backward(accelerator, model, optimizer, scheduler, loss * weight, cfg.max_grad_norm)
             for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * n_local / n_prompts
+                sums[k] = sums.get(k, 0.0) + float(v) * weight
         done = step + 1
         metrics = {**{k: float(reduce_sum(accelerator, v)) for k, v in sums.items()}, **update,
                    "train/epoch": done * global_batch / len(groups),

@@ -142,6 +142,18 @@ def prompts_with_pairs(ranks: torch.Tensor) -> torch.Tensor:
     return ranked_pairs(ranks).flatten(1).any(dim=1).sum()
 
 
+def prompt_shares(accelerator, batches: list[dict]) -> list[float]:
+    """Each micro-batch's share of the prompts (with a strict pair) of the whole optimizer step, all processes.
+
+    The ranking and DPO losses are means over the prompts of their batch; weighting each micro-batch's loss
+    by this share makes the step's loss the mean over all its prompts, so accumulation and processes do not
+    change the update.
+    """
+    local = [float(prompts_with_pairs(b["ranks"])) for b in batches]
+    total = float(loss_normaliser(accelerator, sum(local)))
+    return [n / total for n in local]
+
+
 @torch.no_grad()
 def evaluate(accelerator, model, groups: list[dict] | None, cfg: Config, pad_token_id: int) -> dict:
     """Held-out pairwise accuracy (pairs pooled), mean margin r_better - r_worse, and the ranking loss."""
@@ -205,21 +217,17 @@ def train(cfg: Config) -> dict:
     model.train()
     for step in range(start, total_steps):
         batches = step_batches(accelerator, cfg, step, groups, collate_rankings, tokenizer.pad_token_id)
-        # ranking_loss is a mean over the prompts of its batch; re-weight each micro-batch by its share of the
-        # prompts of the whole optimizer step so accumulation and processes do not change the loss.
-        local_prompts = [prompts_with_pairs(b["ranks"]) for b in batches]
-        n_prompts = loss_normaliser(accelerator, sum(int(n) for n in local_prompts))
         loss_sum, acc_sum, update = 0.0, 0.0, {}
-        for batch, n_local in zip(batches, local_prompts):
+        for batch, weight in zip(batches, prompt_shares(accelerator, batches)):
             with accelerator.accumulate(model):
                 with accelerator.autocast():
                     scores = group_scores(model, batch)  # (B, K)
                 loss, m = ranking_loss(scores, batch["ranks"], margin=cfg.margin or None,
                                        center_coef=cfg.center_rewards_coefficient)
-                share = loss * (float(n_local) / float(n_prompts))
+                share = loss * weight
                 update = backward(accelerator, model, optimizer, scheduler, share, cfg.max_grad_norm)
             loss_sum += float(share.detach())
-            acc_sum += float(m["reward/accuracy"]) * float(n_local) / float(n_prompts)
+            acc_sum += float(m["reward/accuracy"]) * weight
         done = step + 1
         metrics = {"loss/reward": float(reduce_sum(accelerator, loss_sum)),
                    "reward/accuracy": float(reduce_sum(accelerator, acc_sum)), **update,
