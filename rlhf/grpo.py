@@ -181,7 +181,9 @@ def load_policy_and_reference(cfg):
     return policy, reference
 
 
-@torch.inference_mode()  # the result only enters the loss as a constant
+# no_grad, not inference_mode: with LoRA under ZeRO-3 this is the policy, and parameters DeepSpeed gathers in inference
+# mode come back as inference tensors that the next training pass cannot save for backward
+@torch.no_grad()  # the result only enters the loss as a constant
 def reference_logprobs(accelerator, policy, reference, input_ids, attention_mask, start, temperature, share):
     """log pi_ref of the completion tokens: the frozen copy, or the LoRA policy with adapters off."""
     if reference is not None:
@@ -468,8 +470,8 @@ def train_step(cfg, accelerator, model, optimizer, scheduler, batch) -> dict:
         out["kl/ref"] = float(total[2]) / tokens
     if cfg.entropy_coef > 0:
         out["policy/entropy"] = float(total[5]) / tokens
-    if pairs:  # this process's rollout (use_vllm)
-        out.update(mismatch_metrics(*(torch.cat(t) for t in zip(*pairs))))
+    if pairs:  # use_vllm (every process has an engine): trainer vs vLLM over all processes' rollouts
+        out.update(mismatch_metrics(accelerator, *(torch.cat(t) for t in zip(*pairs))))
     return out
 
 
@@ -548,6 +550,8 @@ def train(cfg: Config) -> dict:
         end_step(run, bar, cfg, step, cfg.max_steps, metrics,
                  ["reward/mean", "kl/ref", "frac_reward_zero_std", "eval/accuracy"], save)
     bar.close()
+    if engine is not None:
+        engine.close()  # now, not at garbage collection: under a launch its shutdown must keep the process group
 
     save()
     summary = {**summary_start, "step": step, "time/train_s": timer.elapsed()}

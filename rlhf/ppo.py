@@ -319,8 +319,8 @@ def make_batch(cfg, accelerator, model, reference, tokenizer, rows, rewards_fn, 
         "completions/mean_length": float(gather(rollout.completion_mask.sum(1).float()).mean()),
         "completions/clipped_ratio": float(gather(rollout.is_truncated.float()).mean()),
     }
-    if engine is not None:  # this process's rollout: trainer vs vLLM on the sampled tokens
-        metrics.update(mismatch_metrics(old_logp, rollout.sampler_logprobs, mask))
+    if engine is not None:  # trainer vs vLLM on the sampled tokens of all processes
+        metrics.update(mismatch_metrics(accelerator, old_logp, rollout.sampler_logprobs, mask))
     if baseline is not None:
         metrics["reward/baseline_mean"] = float(gather(baseline.to(accelerator.device)).mean())
     if per_function is not None:
@@ -460,6 +460,8 @@ def train(cfg: Config) -> dict:
         end_step(run, bar, cfg, step, cfg.max_steps, metrics,
                  ["reward/score_mean", "kl/ref", "kl/beta", "eval/accuracy"], save)
     bar.close()
+    if engine is not None:
+        engine.close()  # now, not at garbage collection: under a launch its shutdown must keep the process group
 
     save()
     summary = {**summary_start, "step": step, "time/train_s": timer.elapsed()}

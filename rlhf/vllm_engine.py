@@ -40,6 +40,7 @@ import time
 
 import torch
 
+from rlhf.distributed import reduce_sum
 from rlhf.rollout import Rollout
 from rlhf.runtime import ConfigError, arg, check
 
@@ -54,7 +55,8 @@ class VLLMOptions:
     use_vllm: bool = arg(False, "Generate rollouts with a vLLM engine in the training process (weights synced in "
                                 "place after every update; the loss still uses the trainer's log-probs).")
     vllm_mode: str = arg("colocate", "Where the engine lives: colocate = in each training process (the one "
-                                     "mode implemented; TRL's server mode is not).", choices=["colocate"])
+                                     "mode implemented; TRL's server mode is not). Under DDP / ZeRO each "
+                                     "process has its own engine.", choices=["colocate"])
     vllm_gpu_memory_utilization: float = arg(0.3, "GPU: share of the GPU's memory vLLM may take (weights + KV cache). "
                                                   "CPU: ignored; the KV cache is sized for the rollout batch.")
     vllm_enable_sleep_mode: bool = arg(False, "GPU: release the engine's memory during the update (wake it up to "
@@ -160,6 +162,7 @@ class VLLMEngine:
             kwargs["kv_cache_memory_bytes"] = max(2 * max_num_seqs * self.max_model_len * per_token, 16 << 20)
         else:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        self._launch_group = torch.distributed.is_available() and torch.distributed.is_initialized()
         try:
             self.llm = LLM(model=self._dir.name, load_format="dummy", dtype=dtype,
                            enforce_eager=True, max_model_len=self.max_model_len, max_num_seqs=max_num_seqs, seed=seed,
@@ -198,6 +201,21 @@ class VLLMEngine:
         """GPU with vllm_enable_sleep_mode: free the engine's memory for the update (its weights are stale after)."""
         if self.sleep:
             self.llm.sleep(level=1)
+
+    def close(self) -> None:
+        """Shut the engine down now. vLLM's shutdown destroys the default process group, which under a launch is
+        the launch's (later collectives and the next stage's engine need it): that group is kept."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is None:
+            return
+        destroy = torch.distributed.destroy_process_group
+        if self._launch_group:
+            torch.distributed.destroy_process_group = lambda group=None: None if group is None else destroy(group)
+        try:
+            llm.llm_engine.engine_core.shutdown()  # in-process engine: runs once (its finalizer is detached)
+        finally:
+            torch.distributed.destroy_process_group = destroy
+        self._dir.cleanup()
 
     # ----------------------------------------------------------------------------------------
     # Generation
@@ -249,12 +267,12 @@ class VLLMEngine:
 
 
 def start_engine(cfg, accelerator, model, tokenizer, max_num_seqs: int) -> VLLMEngine | None:
-    """The stage's engine when `use_vllm` (else None): its precision from vllm_dtype / bf16, its seed per process."""
+    """The stage's engine when `use_vllm` (else None): its precision from vllm_dtype / bf16, its seed per process.
+
+    Under DDP / ZeRO every process starts its own engine (all together: vLLM builds its groups on the launch's
+    process group, one data-parallel replica per process) and generates its own prompts."""
     if not cfg.use_vllm:
         return None
-    if accelerator.num_processes > 1:  # vLLM would take the launch's process group for its own (untested here)
-        raise ConfigError("use_vllm: one training process only for now (each process of a DDP / ZeRO launch "
-                          f"would need its own engine; this launch has {accelerator.num_processes})")
     dtype = cfg.vllm_dtype if cfg.vllm_dtype != "auto" else ("bfloat16" if cfg.bf16 else "float32")
     return VLLMEngine(model, tokenizer, cfg.model_name_or_path, accelerator.device, max_num_seqs=max_num_seqs,
                       dtype=dtype, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
@@ -270,8 +288,10 @@ def policy_weights(model):
     """(name, tensor) of the policy's weights in checkpoint names, module by module.
 
     LoRA: W + scale * B A (the merged weight) on a copy; the adapters are left as they are.
-    ZeRO-3: each module's parameters are gathered (collectively: every process syncs together) for as
-    long as its tensors are copied out. The tensors are copies, so vLLM may keep them past the gather.
+    ZeRO-3: each module's parameters are gathered (collectively: every process syncs together) while its
+    tensors are copied out, and released before they are handed on, so at most one module's weights sit
+    whole on a process besides vLLM's. The gather and release run outside vLLM's inference mode: there
+    DeepSpeed would re-create the parameters as inference tensors, which autograd then refuses.
     """
     while hasattr(model, "module"):  # DDP / DeepSpeed wrappers
         model = model.module
@@ -281,21 +301,24 @@ def policy_weights(model):
         own = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
         if not own or ".lora_" in f".{module_name}" or module_name.split(".")[-1].startswith("lora_"):
             continue
-        with _gathered([p for _, p in own]):
+        if "rotary" in module_name:
+            continue  # inv_freq: computed by vLLM from the config
+        copies = []
+        with torch.inference_mode(False), torch.no_grad(), _gathered([p for _, p in own]):
             for name, tensor in own:
-                if name == "inv_freq" or "rotary" in module_name:
-                    continue  # computed by vLLM from the config
                 full = f"{module_name}.{name}" if module_name else name
                 value = tensor.detach().clone()
                 if peft and module_name.endswith(".base_layer"):
                     parent = base.get_submodule(module_name[: -len(".base_layer")])
                     full = full.replace(".base_layer.", ".")
                     if name == "weight":
-                        with _gathered(list(parent.parameters())):
+                        adapters = [p for n, p in parent.named_parameters() if "lora_" in n]  # base: gathered above
+                        with _gathered(adapters):
                             for adapter in parent.active_adapters:
                                 if adapter in getattr(parent, "lora_A", {}):
                                     value = value + parent.get_delta_weight(adapter).to(value.dtype)
-                yield full, value
+                copies.append((full, value))
+        yield from copies
 
 
 def _gathered(params):
@@ -307,12 +330,16 @@ def _gathered(params):
     return contextlib.nullcontext()
 
 
-def mismatch_metrics(logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor) -> dict:
-    """Trainer vs sampler on the sampled tokens: |logp - sampler_logp| mean and max, and the mean ratio
-    pi_trainer / pi_sampler (1 when they agree). Shapes: (B, T) each."""
-    m = mask.bool()
-    diff = (logp - sampler_logp)[m]
-    if diff.numel() == 0:
+def mismatch_metrics(accelerator, logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor) -> dict:
+    """Trainer vs sampler on the sampled tokens of all processes: |logp - sampler_logp| mean and max, and the mean
+    ratio pi_trainer / pi_sampler (1 when they agree). Every process calls it (collective). Shapes: (B, T) each."""
+    diff = (logp - sampler_logp).float()[mask.bool()]
+    local = torch.stack([diff.abs().sum(), diff.exp().sum(), torch.tensor(float(diff.numel()), device=diff.device)])
+    total = reduce_sum(accelerator, local)  # (3,) abs sum, ratio sum, tokens
+    biggest = diff.abs().max() if diff.numel() else diff.new_zeros(())
+    if accelerator.num_processes > 1:
+        biggest = accelerator.gather(biggest.reshape(1).to(accelerator.device)).max()
+    if total[2] == 0:
         return {}
-    return {"rollout/logp_diff_mean": float(diff.abs().mean()), "rollout/logp_diff_max": float(diff.abs().max()),
-            "rollout/is_ratio_mean": float(diff.exp().mean())}
+    return {"rollout/logp_diff_mean": float(total[0] / total[2]), "rollout/logp_diff_max": float(biggest),
+            "rollout/is_ratio_mean": float(total[1] / total[2])}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -81,3 +82,35 @@ def launch_many(jobs: list[tuple[list[str], str | None]], timeout: int = 900) ->
             failed = f"exit {proc.returncode}: {' '.join(cmd)}\n--- output ---\n{log.read()[-12000:]}"
     if failed:
         pytest.fail(failed)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading run_stages.py's results
+# --------------------------------------------------------------------------------------------
+
+
+def result(root, setup, stage):
+    path = root / setup / stage / "result.json"
+    assert path.exists(), f"{setup}/{stage} did not finish"
+    return json.loads(path.read_text())
+
+
+def training_rows(rows):
+    return {r["step"]: r for r in rows if r["step"] > 0 and any(k.startswith("loss/") for k in r)}
+
+
+def comparable(row):
+    return {
+        k: v
+        for k, v in row.items()
+        if isinstance(v, (int, float))
+        and not k.startswith(("time/", "train/tokens_per_s"))
+        and k not in ("completions/per_s", "step")
+    }
+
+
+def load_model(stage, path):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cls = AutoModelForSequenceClassification if stage == "reward" else AutoModelForCausalLM
+    return cls.from_pretrained(path).state_dict()

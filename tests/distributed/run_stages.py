@@ -23,7 +23,7 @@ GATED_REWARD = f"{HERE.parent / 'rlhf' / 'test_grpo.py'}:prompt_gated_reward"  #
 
 def stage_configs(root: Path, scale: int) -> dict:
     common = dict(seed=3, max_steps=3, save_steps=2, progress=False, report_to="none", overwrite=True)
-    return {
+    configs = {
         "sft": dict(common, per_device_train_batch_size=8 * scale, num_train_examples=256, learning_rate=3e-3,
                     num_eval_prompts=8, num_eval_examples=16, eval_steps=0, per_device_eval_batch_size=8),
         "reward": dict(common, per_device_train_batch_size=2 * scale, num_train_prompts=32, completions_per_prompt=3,
@@ -50,6 +50,15 @@ def stage_configs(root: Path, scale: int) -> dict:
                     per_device_train_batch_size=4 * scale, max_completion_length=6, learning_rate=1e-3,
                     num_train_prompts=64, num_eval_prompts=8),
     }
+    # use_vllm: an engine per process, on the tiny model's shape with heads of 32 (what vLLM's CPU attention serves)
+    vllm = dict(model_name_or_path=str(root / "start32"), use_vllm=True)
+    configs.update({
+        "grpo_vllm": dict(configs["grpo"], **vllm),
+        "grpo_vllm_lora": dict(configs["grpo"], **vllm, use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                               learning_rate=1e-2),
+        "ppo_vllm": dict(configs["ppo"], **vllm),
+    })
+    return configs
 
 
 def main() -> None:
@@ -70,11 +79,18 @@ def main() -> None:
         from rlhf.models import save_builtin_tiny
 
         save_builtin_tiny(root / "start")  # a model directory: exercises from_pretrained under ZeRO-3
+    if is_main and any("vllm" in s for s in stages) and not (root / "start32").exists():
+        from transformers import LlamaForCausalLM
+
+        from rlhf.models.builtin import build_builtin, tiny_tokenizer
+
+        build_builtin(LlamaForCausalLM, head_dim=32).save_pretrained(root / "start32")
+        tiny_tokenizer().save_pretrained(root / "start32")
     PartialState().wait_for_everyone()
     for name, values in stage_configs(root, scale).items():
         if name not in stages:
             continue
-        module = importlib.import_module(f"rlhf.{name.split('_')[0]}")  # dpo_lora: rlhf.dpo, grpo_variants: grpo
+        module = importlib.import_module(f"rlhf.{name.split('_')[0]}")  # dpo_lora: rlhf.dpo, grpo_vllm: grpo
         out = root / name
         summary = module.train(make_config(module.Config, dict(values, output_dir=str(out))))
         if is_main:

@@ -22,7 +22,7 @@ import math
 import pytest
 import torch
 
-from launching import HERE, ROOT, free_port, launch, launch_many
+from launching import HERE, ROOT, comparable, free_port, launch, launch_many, load_model, result, training_rows
 
 DRIVER = str(HERE / "run_stages.py")
 STAGES = ["sft", "reward", "grpo", "grpo_variants", "ppo"]  # grpo_variants: run_stages.py's GRPO options
@@ -48,33 +48,6 @@ def two_node_jobs(args):
     return [(["-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate/two_nodes.yaml"),
               "--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
               "--main_process_port", port, "--num_processes", "2", *args], None) for rank in (0, 1)]
-
-
-def result(root, setup, stage):
-    path = root / setup / stage / "result.json"
-    assert path.exists(), f"{setup}/{stage} did not finish"
-    return json.loads(path.read_text())
-
-
-def training_rows(rows):
-    return {r["step"]: r for r in rows if r["step"] > 0 and any(k.startswith("loss/") for k in r)}
-
-
-def comparable(row):
-    return {
-        k: v
-        for k, v in row.items()
-        if isinstance(v, (int, float))
-        and not k.startswith(("time/", "train/tokens_per_s"))
-        and k not in ("completions/per_s", "step")
-    }
-
-
-def load_model(stage, path):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    cls = AutoModelForSequenceClassification if stage == "reward" else AutoModelForCausalLM
-    return cls.from_pretrained(path).state_dict()
 
 
 @pytest.mark.slow

@@ -194,6 +194,7 @@ def test_grpo_steps_with_sync_keep_engine_and_trainer_equal(tmp_path, tok, monke
     engines = []
     start = vllm_engine.start_engine
     monkeypatch.setattr(grpo, "start_engine", lambda *a, **k: engines.append(start(*a, **k)) or engines[-1])
+    monkeypatch.setattr(vllm_engine.VLLMEngine, "close", lambda self: None)  # kept open for the checks below
     torch.set_num_threads(1)
     grpo.train(grpo_cfg(tmp_path))
     diffs = logp_diffs(tmp_path / "run")
@@ -207,6 +208,9 @@ def test_grpo_steps_with_sync_keep_engine_and_trainer_equal(tmp_path, tok, monke
     engine.sync(final)
     check_greedy_equal(engine, final, tok)
     assert max_logp_diff(engine, final, tok)[0] < LOGP_TOL
+    monkeypatch.undo()
+    engine.close()
+    assert engine.llm is None
 
 
 @pytest.mark.slow
