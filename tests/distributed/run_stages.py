@@ -57,6 +57,7 @@ def stage_configs(root: Path, scale: int) -> dict:
         "grpo_vllm_lora": dict(configs["grpo"], **vllm, use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0,
                                learning_rate=1e-2),
         "ppo_vllm": dict(configs["ppo"], **vllm),
+        "grpo_vllm_tp2": dict(configs["grpo"], **vllm, vllm_tensor_parallel_size=2),  # 2 processes: one engine
     })
     return configs
 

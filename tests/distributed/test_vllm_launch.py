@@ -5,7 +5,9 @@ then again resumed from it, in each setup and in one process with the same globa
 at every step the vLLM log-probs of every process's samples agree with the trainer's (the metric is the max over
 processes, so a process whose engine missed a sync, or got the weights of a wrong ZeRO-3 gather, fails it), the
 resumed run repeats the uninterrupted one (metrics and weights), and what does not depend on sampling matches one
-process (the greedy start evaluation, the first step's KL).
+process (the greedy start evaluation, the first step's KL). With vllm_tensor_parallel_size 2 the two processes share
+one engine (each submits both processes' prompts with their own seeds): the same samples, so the same run as two
+engines, number for number.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ pytest.importorskip("vllm", reason="needs the vllm extra: pip install -e \".[vll
 
 DRIVER = str(HERE / "run_stages.py")
 STAGES = ["grpo_vllm", "grpo_vllm_lora", "ppo_vllm"]
+TP_STAGE = "grpo_vllm_tp2"  # grpo_vllm with one engine for the 2 processes: only in the 2-process setups
 SETUPS = ["ddp", "zero3"]
 LOGP_TOL = 1e-4  # tests/rlhf/test_vllm.py: ~1e-6 here; a policy one step stale differs by 1e-2 and more
 
@@ -27,14 +30,14 @@ LOGP_TOL = 1e-4  # tests/rlhf/test_vllm.py: ~1e-6 here; a policy one step stale 
 def vllm_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm_stages")
     launch_many([([DRIVER, str(root / "single"), ",".join(STAGES), "2"], None)]
-                + [([DRIVER, str(root / setup), ",".join(STAGES), "1"], setup) for setup in SETUPS])
+                + [([DRIVER, str(root / setup), ",".join([*STAGES, TP_STAGE]), "1"], setup) for setup in SETUPS])
     return root
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("setup", ["single", *SETUPS])
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("setup,stage", [(setup, stage) for stage in STAGES for setup in ["single", *SETUPS]]
+                         + [(setup, TP_STAGE) for setup in SETUPS])
 def test_engines_stay_synced_and_runs_resume_exactly(vllm_runs, setup, stage):
     got = result(vllm_runs, setup, stage)
     assert got["world"] == (1 if setup == "single" else 2)
@@ -68,3 +71,22 @@ def test_two_processes_match_one_where_sampling_does_not_enter(vllm_runs, setup,
     key = "reward/score_mean" if stage.startswith("ppo") else "reward/mean"
     mean = lambda rows: sum(r[key] for r in rows.values()) / len(rows)  # noqa: E731
     assert mean(a) == pytest.approx(mean(b), abs=0.08)  # each process samples its own: statistically equal
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("setup", SETUPS)
+def test_tensor_parallel_engine_gives_the_same_run(vllm_runs, setup):
+    got, ref = result(vllm_runs, setup, TP_STAGE), result(vllm_runs, setup, "grpo_vllm")
+    for run in ("straight", "resumed"):
+        mine, theirs = training_rows(got[run]), training_rows(ref[run])
+        assert sorted(mine) == sorted(theirs) == [1, 2, 3]
+        for step in mine:
+            a, b = comparable(mine[step]), comparable(theirs[step])
+            for k in b:
+                if k.startswith("rollout/"):  # trainer vs engine: float noise, different on a split engine
+                    continue
+                assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), (run, step, k)
+    w, w_ref = load_model(TP_STAGE, got["model_straight"]), load_model("grpo_vllm", ref["model_straight"])
+    for k in w_ref:
+        torch.testing.assert_close(w[k], w_ref[k], rtol=1e-4, atol=1e-5)

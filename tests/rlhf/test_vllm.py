@@ -271,7 +271,7 @@ def carry_sft_dir(tmp_path_factory):
 
 @pytest.mark.slow
 def test_grpo_with_vllm_raises_held_out_accuracy(tmp_path, carry_sft_dir):
-    # G = 8, lr 1e-4, 200 steps (~17 s): 59.7% -> 85.7% here (seed 1, 300 held-out prompts)
+    # G = 8, lr 1e-4, 200 steps (~17 s): 59.7% -> 82.7% here (seed 1, 300 held-out prompts)
     torch.set_num_threads(1)
     summary = grpo.train(grpo_cfg(tmp_path, model_name_or_path=str(carry_sft_dir),
                                   reward_funcs=["exact_match", "format"], reward_weights=[1.0, 0.1], max_steps=200,
@@ -308,6 +308,13 @@ def test_missing_package_is_a_clear_error_with_the_install_line(tmp_path, monkey
     monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError
     with pytest.raises(ConfigError, match=r"pip install -e \"\.\[vllm\]\".*pip install vllm"):
         grpo.train(grpo_cfg(tmp_path))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("size, message", [(0, "must be >= 1"), (2, "2 does not divide the launch's 1 processes")])
+def test_a_tensor_parallel_size_that_cannot_be_is_named(tmp_path, size, message):
+    with pytest.raises(ConfigError, match=f"`vllm_tensor_parallel_size`: {message}"):
+        grpo.train(grpo_cfg(tmp_path, vllm_tensor_parallel_size=size))
     assert not (tmp_path / "run").exists()
 
 
