@@ -17,6 +17,13 @@ Bradley-Terry labeller (`--labeller_noise`). Held-out metrics use held-out promp
 score itself: `eval/accuracy` is the share of gold-ordered pairs the model orders the same way.
 Start from the SFT model where there is one (InstructGPT does): an untrained `builtin:tiny` learns the
 format pairs at once but must discover addition from rankings alone (see configs/rlhf/reward_tiny.yaml).
+
+`--expand_layers N` grows the starting model by N decoder layers before training (block expansion, Wu et
+al. 2024, "LLaMA Pro"): copies of its last layer with the attention and MLP output projections zeroed, so
+the expanded model computes the same hidden states, and the same score, as the unexpanded one at step 0.
+A causal LM predicts token t+1 at the last layer of position t; only layers above that one can compare
+the prediction with the token actually written. The saved model is an ordinary checkpoint with the larger
+`num_hidden_layers`. Measured on the arithmetic task: results/rlhf_reward_model.md.
 """
 
 from __future__ import annotations
