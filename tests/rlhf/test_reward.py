@@ -82,9 +82,10 @@ def test_gradient_accumulation_1x8_equals_8x1(tmp_path):
         assert torch.allclose(a[k], b[k], atol=1e-6), k
 
 
-def test_resume_continues_exactly(tmp_path):
+@pytest.mark.parametrize("expand_layers", [0, 1])
+def test_resume_continues_exactly(tmp_path, expand_layers):
     kw = dict(max_steps=6, per_device_train_batch_size=4, save_steps=3, lr_scheduler_type="cosine", warmup_ratio=0.2,
-              center_rewards_coefficient=0.01, margin=0.1)
+              center_rewards_coefficient=0.01, margin=0.1, expand_layers=expand_layers)
     _train(tmp_path, "run", **kw)
     run = tmp_path / "run"
     straight = load_file(run / "model" / "model.safetensors")
