@@ -23,7 +23,8 @@ al. 2024, "LLaMA Pro"): copies of its last layer with the attention and MLP outp
 the expanded model computes the same hidden states, and the same score, as the unexpanded one at step 0.
 A causal LM predicts token t+1 at the last layer of position t; only layers above that one can compare
 the prediction with the token actually written. The saved model is an ordinary checkpoint with the larger
-`num_hidden_layers`. Measured on the arithmetic task: results/rlhf_reward_model.md.
+`num_hidden_layers`. On the arithmetic task two such layers did not teach the reward model the units
+digit (right vs off by one stays at chance): results/rlhf_reward_model.md.
 """
 
 from __future__ import annotations

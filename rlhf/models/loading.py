@@ -110,9 +110,9 @@ def expand_layers(model, n: int):
     """Block expansion (LLaMA Pro, Wu et al. 2024): stack `n` copies of the last decoder layer on top, each
     with its output projections (o_proj, down_proj) zeroed, so the model computes exactly what it did before.
 
-    Why a reward model wants it: the SFT model predicts the next token at its last layer, so no layer of it
-    can compare that prediction with the token actually written one position later; the new layers can
-    (attention to earlier positions' final states). Llama-family bodies (`model.<base>.layers`, each with
+    Meant for a reward model started from an SFT model, which predicts the next token at its last layer: no
+    layer of it can compare that prediction with the token written one position later, the new layers can
+    (on the built-in task they did not learn to; results/rlhf_reward_model.md). Llama-family bodies (`model.<base>.layers`, each with
     `self_attn.o_proj` and `mlp.down_proj`); `config.num_hidden_layers` grows, so `save_pretrained` writes a
     plain model that loads back as one. Returns the model (changed in place).
     """
