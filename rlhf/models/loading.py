@@ -112,9 +112,9 @@ def expand_layers(model, n: int):
 
     Meant for a reward model started from an SFT model, which predicts the next token at its last layer: no
     layer of it can compare that prediction with the token written one position later, the new layers can
-    (on the built-in task they did not learn to; results/rlhf_reward_model.md). Llama-family bodies (`model.<base>.layers`, each with
-    `self_attn.o_proj` and `mlp.down_proj`); `config.num_hidden_layers` grows, so `save_pretrained` writes a
-    plain model that loads back as one. Returns the model (changed in place).
+    (on the built-in task they did not learn to; results/rlhf_reward_model.md). Llama-family bodies
+    (`model.<base>.layers`, each with `self_attn.o_proj` and `mlp.down_proj`); `config.num_hidden_layers`
+    grows, so `save_pretrained` writes a plain model that loads back as one. Returns the model (changed in place).
     """
     check(n >= 0, "expand_layers", f"must be >= 0, got {n}")
     if n == 0:
