@@ -17,6 +17,14 @@ Bradley-Terry labeller (`--labeller_noise`). Held-out metrics use held-out promp
 score itself: `eval/accuracy` is the share of gold-ordered pairs the model orders the same way.
 Start from the SFT model where there is one (InstructGPT does): an untrained `builtin:tiny` learns the
 format pairs at once but must discover addition from rankings alone (see configs/rlhf/reward_tiny.yaml).
+
+`--expand_layers N` grows the starting model by N decoder layers before training (block expansion, Wu et
+al. 2024, "LLaMA Pro"): copies of its last layer with the attention and MLP output projections zeroed, so
+the expanded model computes the same hidden states, and the same score, as the unexpanded one at step 0.
+A causal LM predicts token t+1 at the last layer of position t; only layers above that one can compare
+the prediction with the token actually written. The saved model is an ordinary checkpoint with the larger
+`num_hidden_layers`. On the arithmetic task two such layers did not teach the reward model the units
+digit (right vs off by one stays at chance): results/rlhf_reward_model.md.
 """
 
 from __future__ import annotations
@@ -64,6 +72,9 @@ class Config(TrainingConfig):
     num_train_epochs: float = arg(1.0, "Passes over the rankings (the budget, unless max_steps is smaller).")
     max_steps: int = arg(-1, "Cap on optimizer steps (-1: no cap).")
     per_device_train_batch_size: int = arg(16, "Prompts (each with its K responses) per micro-batch on each process.")
+    expand_layers: int = arg(0, "Decoder layers added on top of the starting model, each a copy of its last layer "
+                                "with the output projections zeroed, so training starts from the same scores "
+                                "(LLaMA Pro block expansion; Llama-family models; 0: none).")
     use_peft: bool = arg(False, "Train LoRA adapters (and the score head) instead of all weights.")
     eval_steps: int = arg(0, "Evaluate every this many steps (0: only at the end).")
     num_eval_prompts: int = arg(500, "Built-in task: held-out prompts whose candidates are ranked by the gold score.")
@@ -79,6 +90,7 @@ class Config(TrainingConfig):
         check(2 <= self.completions_per_prompt <= 10, "completions_per_prompt", "must be between 2 and 10")
         check(self.labeller_noise >= 0, "labeller_noise", "must be >= 0")
         check(self.margin >= 0, "margin", "must be >= 0")
+        check(self.expand_layers >= 0, "expand_layers", f"must be >= 0, got {self.expand_layers}")
         check(self.center_rewards_coefficient >= 0, "center_rewards_coefficient", "must be >= 0")
         check(self.eval_steps >= 0 and self.num_eval_prompts >= 0, "eval_steps", "eval_steps and num_eval_prompts must "
                                                                                  "be >= 0")
@@ -203,7 +215,8 @@ def train(cfg: Config) -> dict:
     global_batch, total_steps = epoch_steps(cfg, accelerator, len(groups))
 
     seed_everything(cfg.seed, cfg.deterministic)  # the new score head starts the same whatever the data step drew
-    model = load_reward_model(cfg.model_name_or_path, gradient_checkpointing=cfg.gradient_checkpointing)
+    model = load_reward_model(cfg.model_name_or_path, gradient_checkpointing=cfg.gradient_checkpointing,
+                              expand=cfg.expand_layers)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model = lora(model, cfg)

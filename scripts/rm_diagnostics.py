@@ -13,7 +13,12 @@ per RM directory, the share of pairs ranked right:
   right > far             exact answer vs a random far number (gold 1.0 vs 0.0)
   right > malformed       exact answer vs "?" (gold 1.0 vs -1.0)
 
-    python scripts/rm_diagnostics.py RM_DIR [RM_DIR ...] [--num_prompts 500]
+With `--sft_model SFT_DIR` two more rows per table: the SFT model's own log-probability of each answer
+(log pi_SFT(answer + EOS | prompt)) as the ranking, and RM score + c * log pi_SFT (`--logp_coef c`) for each RM.
+(PPO with the KL in the reward, k1, optimises r - beta (log pi - log pi_SFT): per sample it sees the RM's score
+plus beta log pi_SFT, so this row is close to what PPO's reward ranks.)
+
+    python scripts/rm_diagnostics.py RM_DIR [RM_DIR ...] [--num_prompts 500] [--sft_model SFT_DIR --logp_coef 0.01]
 """
 
 from __future__ import annotations
@@ -51,7 +56,8 @@ def pair_rows(num_prompts: int, seed: int) -> dict[str, list[dict]]:
     return rows
 
 
-def diagnose(model_dir: str, rows: dict[str, list[dict]]) -> dict[str, float]:
+def rm_margins(model_dir: str, rows: dict[str, list[dict]]) -> dict[str, np.ndarray]:
+    """Per kind of pair: the reward model's score of the right answer minus the other's."""
     from rlhf.reward import score_rows
 
     out = {}
@@ -59,11 +65,35 @@ def diagnose(model_dir: str, rows: dict[str, list[dict]]) -> dict[str, float]:
         for name, pairs in rows.items():
             path = Path(tmp) / "pairs.jsonl"
             path.write_text("".join(json.dumps(r) + "\n" for r in pairs))
-            scored = score_rows(model_dir, str(path))
-            margins = np.array([r["chosen_score"] - r["rejected_score"] for r in scored])
-            out[name] = float((margins > 0).mean())
-            out[name + " margin"] = float(margins.mean())
+            out[name] = np.array([r["chosen_score"] - r["rejected_score"] for r in score_rows(model_dir, str(path))])
     return out
+
+
+def logp_margins(sft_dir: str, rows: dict[str, list[dict]], batch_size: int = 64) -> dict[str, np.ndarray]:
+    """Per kind of pair: log pi_SFT(right + EOS | prompt) - log pi_SFT(other + EOS | prompt)."""
+    import datasets
+    import torch
+
+    from rlhf.data import collate_rankings, tokenize_rankings
+    from rlhf.dpo import response_logps
+    from rlhf.models import load_causal_lm, load_tokenizer
+
+    tokenizer, model = load_tokenizer(sft_dir), load_causal_lm(sft_dir).eval()
+    out = {}
+    for name, pairs in rows.items():
+        ranked = [{"prompt": r["prompt"], "completions": [r["chosen"], r["rejected"]], "ranks": [0, 1]} for r in pairs]
+        groups = tokenize_rankings(datasets.Dataset.from_list(ranked), tokenizer, 64).examples
+        with torch.no_grad():
+            logps = torch.cat([response_logps(model, collate_rankings(groups[i:i + batch_size],
+                                                                      tokenizer.pad_token_id), mean=False)
+                               for i in range(0, len(groups), batch_size)])  # (N, 2)
+        out[name] = (logps[:, 0] - logps[:, 1]).numpy()
+    return out
+
+
+def table_row(label: str, margins: dict[str, np.ndarray]) -> str:
+    shares = " | ".join(f"{100 * (m > 0).mean():.1f}%" for m in margins.values())
+    return f"| {label} | {shares} | {margins['right > dropped carry'].mean():.3f} |"
 
 
 def main() -> None:
@@ -71,8 +101,11 @@ def main() -> None:
     parser.add_argument("models", nargs="+", help="Reward model directories (output_dir/model of `rlhf reward`).")
     parser.add_argument("--num_prompts", type=int, default=500, help="Held-out prompts to score.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the held-out prompts and the perturbations.")
+    parser.add_argument("--sft_model", default="", help="SFT model directory: also rank by its log-prob of each "
+                                                        "answer, alone and added to each RM's score.")
+    parser.add_argument("--logp_coef", type=float, default=0.01, help="c in RM score + c * log pi_SFT.")
     args = parser.parse_args()
-    for m in args.models:
+    for m in args.models + ([args.sft_model] if args.sft_model else []):
         if not (Path(m) / "config.json").is_file():
             parser.error(f"{m}: not a model directory (no config.json)")
     import torch
@@ -82,10 +115,15 @@ def main() -> None:
     names = list(rows)
     print("| reward model | " + " | ".join(names) + " | mean margin right - dropped |")
     print("|---|" + "---|" * (len(names) + 1))
+    logp = logp_margins(args.sft_model, rows) if args.sft_model else None
+    if logp is not None:
+        print(table_row(f"log pi_SFT of {args.sft_model}", logp))
     for m in args.models:
-        d = diagnose(m, rows)
-        shares = " | ".join(f"{100 * d[n]:.1f}%" for n in names)
-        print(f"| {m} | {shares} | {d['right > dropped carry margin']:.3f} |")
+        rm = rm_margins(m, rows)
+        print(table_row(m, rm))
+        if logp is not None:
+            combined = {n: rm[n] + args.logp_coef * logp[n] for n in names}
+            print(table_row(f"{m} + {args.logp_coef:g} log pi_SFT", combined))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ at once)."""
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
 from transformers.utils import logging as hf_logging
 
 from rlhf.models.builtin import BUILTIN_MODELS, build_builtin, builtin_causal_lm, tiny_tokenizer
-from rlhf.runtime import ConfigError, meant_as_local_path
+from rlhf.runtime import ConfigError, check, meant_as_local_path
 
 logger = logging.getLogger(__name__)
 
@@ -105,21 +106,58 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32", gradient_checkpoin
     return _finish(model, gradient_checkpointing)
 
 
+def expand_layers(model, n: int):
+    """Block expansion (LLaMA Pro, Wu et al. 2024): stack `n` copies of the last decoder layer on top, each
+    with its output projections (o_proj, down_proj) zeroed, so the model computes exactly what it did before.
+
+    Meant for a reward model started from an SFT model, which predicts the next token at its last layer: no
+    layer of it can compare that prediction with the token written one position later, the new layers can
+    (on the built-in task they did not learn to; results/rlhf_reward_model.md). Llama-family bodies
+    (`model.<base>.layers`, each with `self_attn.o_proj` and `mlp.down_proj`); `config.num_hidden_layers`
+    grows, so `save_pretrained` writes a plain model that loads back as one. Returns the model (changed in place).
+    """
+    check(n >= 0, "expand_layers", f"must be >= 0, got {n}")
+    if n == 0:
+        return model
+    layers = getattr(model.base_model, "layers", None)
+    last = layers[-1] if isinstance(layers, torch.nn.ModuleList) and len(layers) else None
+    attn, mlp = getattr(last, "self_attn", None), getattr(last, "mlp", None)
+    if not (isinstance(getattr(attn, "o_proj", None), torch.nn.Linear)
+            and isinstance(getattr(mlp, "down_proj", None), torch.nn.Linear)):
+        raise ConfigError(f"`expand_layers`: supported for Llama-family models (decoder layers with self_attn.o_proj "
+                          f"and mlp.down_proj); {model.config.model_type!r} has none")
+    config = model.config
+    for _ in range(n):
+        new = copy.deepcopy(last)
+        with torch.no_grad():
+            for proj in (new.self_attn.o_proj, new.mlp.down_proj):
+                proj.weight.zero_()
+                if proj.bias is not None:
+                    proj.bias.zero_()
+        new.self_attn.layer_idx = len(layers)  # its slot in a KV cache
+        layers.append(new)
+    config.num_hidden_layers = len(layers)
+    if isinstance(getattr(config, "layer_types", None), list):  # per-layer attention kinds (Qwen2, Mistral, ...)
+        config.layer_types = config.layer_types + [config.layer_types[-1]] * n
+    return model
+
+
 def load_reward_model(name_or_path: str, dtype: str = "float32", gradient_checkpointing: bool = False,
-                      trust_remote_code: bool = False, trained: bool = False):
+                      trust_remote_code: bool = False, trained: bool = False, expand: int = 0):
     """A sequence classifier with one output, read at the last non-padding token.
 
     From a causal-LM checkpoint (e.g. an SFT model) the body is reused and the `score` head is new
     (initialised from the caller's RNG, so seed first). `trained=True` (scoring: PPO's reward model,
     `rlhf reward score`) refuses such a checkpoint, whose scores would be random. `pad_token_id` must
-    be in the config: the model finds each sequence's last real token by it.
+    be in the config: the model finds each sequence's last real token by it. `expand` > 0 adds that many
+    identity-initialised decoder layers on top (`expand_layers`).
     """
     if name_or_path in BUILTIN_MODELS:
         if trained:
             raise ConfigError(f"{name_or_path} is an untrained model: score with a reward model trained by "
                               "`rlhf reward`")
-        return _finish(build_builtin(LlamaForSequenceClassification, name_or_path, num_labels=1),
-                       gradient_checkpointing, dtype)
+        return _finish(expand_layers(build_builtin(LlamaForSequenceClassification, name_or_path, num_labels=1),
+                                     expand), gradient_checkpointing, dtype)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "score.weight newly initialised" is expected from a causal-LM checkpoint
     try:
@@ -138,4 +176,4 @@ def load_reward_model(name_or_path: str, dtype: str = "float32", gradient_checkp
         if tokenizer is None or tokenizer.pad_token_id is None:
             raise ConfigError(f"reward model {name_or_path!r}: config has no pad_token_id and the tokenizer has none")
         model.config.pad_token_id = tokenizer.pad_token_id
-    return _finish(model, gradient_checkpointing)
+    return _finish(expand_layers(model, expand), gradient_checkpointing)

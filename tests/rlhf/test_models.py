@@ -97,3 +97,48 @@ def test_disable_dropout_makes_train_mode_deterministic(dropout_model_dir):
                                          num_attention_heads=2, attention_dropout=0.5))
     disable_dropout(llama)
     assert llama.model.layers[0].self_attn.attention_dropout == 0.0 and llama.config.attention_dropout == 0.0
+
+
+def test_expand_layers_is_the_identity_at_init_and_trains(tiny_model_dir, tiny_tokenizer):
+    batch = tiny_tokenizer(["17+25=42</s>", "3+4=7</s>"], padding=True, return_tensors="pt")
+    torch.manual_seed(0)
+    plain = load_reward_model(str(tiny_model_dir)).eval()
+    torch.manual_seed(0)  # the same new score head
+    expanded = load_reward_model(str(tiny_model_dir), expand=2).eval()
+    assert expanded.config.num_hidden_layers == len(expanded.model.layers) == plain.config.num_hidden_layers + 2
+    new = expanded.model.layers[-1]
+    assert torch.equal(new.self_attn.q_proj.weight, plain.model.layers[-1].self_attn.q_proj.weight)  # a copy
+    assert new.self_attn.o_proj.weight.abs().sum() == 0 and new.mlp.down_proj.weight.abs().sum() == 0
+    with torch.no_grad():
+        a, b = plain(**batch, output_hidden_states=True), expanded(**batch, output_hidden_states=True)
+    assert torch.equal(a.logits, b.logits)
+    assert torch.equal(a.hidden_states[-1], b.hidden_states[-1])  # after the final norm
+    # the new layers are not inert: their output projections get a gradient at once
+    expanded.train()
+    expanded(**batch).logits.sum().backward()
+    assert new.self_attn.o_proj.weight.grad.abs().sum() > 0 and new.mlp.down_proj.weight.grad.abs().sum() > 0
+
+
+def test_expanded_reward_model_saves_as_a_plain_model(tmp_path, tiny_model_dir, tiny_tokenizer):
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    rm = load_reward_model(str(tiny_model_dir), expand=1).eval()
+    with torch.no_grad():
+        for p in rm.model.layers[-1].parameters():  # as after training: the new layer does something
+            p.add_(0.05 * torch.randn_like(p))
+    rm.save_pretrained(tmp_path / "rm")
+    tiny_tokenizer.save_pretrained(tmp_path / "rm")
+    batch = tiny_tokenizer(["17+25=42</s>"], return_tensors="pt")
+    for back in (load_reward_model(str(tmp_path / "rm"), trained=True),
+                 AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")):
+        assert back.config.num_hidden_layers == rm.config.num_hidden_layers
+        with torch.no_grad():
+            assert torch.equal(back.eval()(**batch).logits, rm(**batch).logits)
+
+
+def test_expand_layers_bad_values(dropout_model_dir):
+    with pytest.raises(ConfigError, match="`expand_layers`: must be >= 0"):
+        load_reward_model(BUILTIN_TINY, expand=-1)
+    with pytest.raises(ConfigError, match="`expand_layers`: supported for Llama-family models.*'gpt2'"):
+        load_reward_model(str(dropout_model_dir), expand=1)

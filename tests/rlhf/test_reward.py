@@ -82,9 +82,10 @@ def test_gradient_accumulation_1x8_equals_8x1(tmp_path):
         assert torch.allclose(a[k], b[k], atol=1e-6), k
 
 
-def test_resume_continues_exactly(tmp_path):
+@pytest.mark.parametrize("expand_layers", [0, 1])
+def test_resume_continues_exactly(tmp_path, expand_layers):
     kw = dict(max_steps=6, per_device_train_batch_size=4, save_steps=3, lr_scheduler_type="cosine", warmup_ratio=0.2,
-              center_rewards_coefficient=0.01, margin=0.1)
+              center_rewards_coefficient=0.01, margin=0.1, expand_layers=expand_layers)
     _train(tmp_path, "run", **kw)
     run = tmp_path / "run"
     straight = load_file(run / "model" / "model.safetensors")
@@ -156,3 +157,12 @@ def test_rankings_from_a_sampler_model(tmp_path, tiny_model_dir):
     rows = reward.builtin_rankings(cfg, ["1+2=", "17+25="], noise=0.5, seed=0)
     assert [len(r["completions"]) for r in rows] == [3, 3] and all(sorted(r["ranks"]) == [0, 1, 2] for r in rows)
     assert rows == reward.builtin_rankings(cfg, ["1+2=", "17+25="], noise=0.5, seed=0)  # seeded
+
+
+def test_expand_layers_option(tmp_path):
+    from rlhf.models import load_reward_model
+
+    _train(tmp_path, "x", max_steps=2, per_device_train_batch_size=4, expand_layers=1)
+    assert load_reward_model(str(tmp_path / "x" / "model"), trained=True).config.num_hidden_layers == 4
+    with pytest.raises(ConfigError, match="`expand_layers`: must be >= 0, got -1"):
+        _train(tmp_path, "bad", expand_layers=-1)
