@@ -235,9 +235,9 @@ def batch_logprobs(
     Only the logits that predict completion tokens are computed (`logits_to_keep`), so the prompt
     never goes through the LM head.
 
-    `share_prompts`: consecutive rows with the same prompt (GRPO's groups) encode that prompt once;
-    its KV cache is indexed out to its rows and only the completion tokens go through the model
-    again. Same values and gradients (to float tolerance), a prompt's cost paid once per group
+    `share_prompts`: consecutive rows with the same prompt (GRPO's groups, the responses DPO ranks)
+    encode that prompt once; its KV cache is indexed out to its rows and only the completion tokens
+    go through the model again. Same values and gradients (to float tolerance), a prompt's cost paid once per group
     instead of G times. Needs a model that accepts a KV cache in training (no gradient checkpointing).
 
     `with_entropy`: also the entropy of each position's temperature-T distribution (for an entropy
@@ -270,6 +270,11 @@ def batch_logprobs(
     logits = logits.float() / temperature
     logp = logprobs_from_logits(logits, input_ids[:, completion_start:])  # (B, T)
     return (logp, entropy_from_logits(logits)) if with_entropy else logp
+
+
+def share_prompts(cfg) -> bool:
+    """Whether a stage's `share_prompt_prefix` applies: HF turns the KV cache off under gradient checkpointing."""
+    return cfg.share_prompt_prefix and not cfg.gradient_checkpointing
 
 
 def tokenize_prompts(tokenizer, prompts: list, device=None, max_prompt_length: int | None = None):
