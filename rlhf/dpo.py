@@ -8,9 +8,9 @@ the response tokens' log-probabilities (the mean for `ipo` and `simpo`, as TRL d
 Data: the formats `rlhf reward` reads - `prompt` + `chosen` + `rejected`, or `prompt` + `completions` +
 `ranks` (0 = best, ties allowed) - checked the same way; without `--dataset_name` the built-in arithmetic
 rankings. A prompt's K responses go through the model once, in one (B*K, T) batch, and with
-`share_prompt_prefix` the prompt itself once for all K (its KV cache indexed out to its responses,
-`rlhf.rollout.batch_logprobs` as GRPO does; same values, a pair costs prompt + 2 responses instead of
-2 x (prompt + response)); the loss
+`share_prompt_prefix` the prompt itself once for all K (`rlhf.rollout.grouped_logprobs`: prompt and
+responses in one row, each response attending to the prompt and itself; same values, a pair costs
+prompt + 2 responses instead of 2 x (prompt + response)); the loss
 (`rlhf.core.dpo_loss`) averages over all C(K, 2) ordered pairs of each prompt (ties skipped), each
 prompt weighing the same, or is the Plackett-Luce listwise loss of the ranking (`loss_type:
 plackett_luce`, DPO appendix A.3). Pairwise data is K = 2, where every loss type is TRL's.
@@ -42,7 +42,7 @@ from rlhf.distributed import (gather_objects, gathered_for_generation, prepare_f
 from rlhf.models import disable_dropout, load_causal_lm, load_tokenizer
 # the rankings `rlhf reward` trains on, read and checked the same way
 from rlhf.reward import load_groups, prompt_shares
-from rlhf.rollout import batch_logprobs, share_prompts
+from rlhf.rollout import batch_logprobs, grouped_logprobs
 from rlhf.runtime import Timer, arg, check, command_name, resolve_checkpoint, seed_everything
 from rlhf.tasks import arithmetic
 from rlhf.training import (TrainingConfig, backward, due, end_step, epoch_steps, lora, open_epoch_run,
@@ -74,7 +74,7 @@ class Config(TrainingConfig):
     precompute_ref_log_probs: bool = arg(True, "Reference log-probs once before training (one pass over the data); "
                                                "false: per batch (a frozen copy, or LoRA adapters off).")
     share_prompt_prefix: bool = arg(True, "Encode each prompt once for its K responses in the policy, reference and "
-                                          "evaluation passes (same values; off with gradient_checkpointing).")
+                                          "evaluation passes (same values); false: every prompt + response in full.")
     num_train_epochs: float = arg(1.0, "Passes over the rankings (the budget, unless max_steps is smaller).")
     max_steps: int = arg(-1, "Cap on optimizer steps (-1: no cap).")
     per_device_train_batch_size: int = arg(16, "Prompts (each with its K responses) per micro-batch on each process.")
@@ -152,12 +152,14 @@ def response_logps(model, batch: dict, mean: bool, share_prompt_prefix: bool) ->
 
     `share_prompt_prefix`: a group's prompt goes through the model once for its K responses (same values).
     """
-    k = batch["ranks"].shape[1]
-    input_ids = torch.cat([batch["prompt_ids"].repeat_interleave(k, 0), batch["completion_ids"]], 1)  # (B*K, P+R)
-    attention_mask = torch.cat([batch["prompt_mask"].repeat_interleave(k, 0), batch["completion_mask"]], 1)
-    mask = batch["completion_mask"]  # (B*K, R)
-    token_logp = batch_logprobs(model, input_ids, attention_mask, batch["prompt_ids"].shape[1],
-                                share_prompts=share_prompt_prefix)  # (B*K, R)
+    prompt_ids, prompt_mask, mask = batch["prompt_ids"], batch["prompt_mask"], batch["completion_mask"]  # mask (B*K, R)
+    if share_prompt_prefix:
+        token_logp = grouped_logprobs(model, prompt_ids, prompt_mask, batch["completion_ids"], mask)  # (B*K, R)
+    else:
+        k = batch["ranks"].shape[1]
+        input_ids = torch.cat([prompt_ids.repeat_interleave(k, 0), batch["completion_ids"]], 1)  # (B*K, P+R)
+        token_logp = batch_logprobs(model, input_ids, torch.cat([prompt_mask.repeat_interleave(k, 0), mask], 1),
+                                    prompt_ids.shape[1])
     total = (token_logp * mask).sum(dim=1)  # (B*K,)
     if mean:
         total = total / mask.sum(dim=1).clamp_min(1)
@@ -176,11 +178,11 @@ def reference_logps(accelerator, model, reference, batch: dict, cfg: Config) -> 
     """log pi_ref (B, K): the frozen copy, or the policy with LoRA adapters off, or (before training) the policy."""
     if reference is not None:
         with accelerator.autocast():
-            return response_logps(reference, batch, cfg.length_normalised, share_prompts(cfg))
+            return response_logps(reference, batch, cfg.length_normalised, cfg.share_prompt_prefix)
     unwrapped = unwrap(accelerator, model)
     off = unwrapped.disable_adapter() if cfg.use_peft else contextlib.nullcontext()
     with off, accelerator.autocast():
-        return response_logps(unwrapped, batch, cfg.length_normalised, share_prompts(cfg))
+        return response_logps(unwrapped, batch, cfg.length_normalised, cfg.share_prompt_prefix)
 
 
 def add_reference_logps(accelerator, model, groups: list[dict], cfg: Config, pad_token_id: int) -> None:
@@ -212,7 +214,7 @@ def add_reference_logps(accelerator, model, groups: list[dict], cfg: Config, pad
 
 def batch_loss(accelerator, model, reference, batch: dict, cfg: Config) -> tuple[torch.Tensor, dict]:
     with accelerator.autocast():
-        logps = response_logps(model, batch, cfg.length_normalised, share_prompts(cfg))  # (B, K)
+        logps = response_logps(model, batch, cfg.length_normalised, cfg.share_prompt_prefix)  # (B, K)
     ref = None
     if cfg.uses_reference:
         ref = batch["ref_logps"] if "ref_logps" in batch else reference_logps(accelerator, model, reference, batch,
@@ -234,7 +236,7 @@ def evaluate(accelerator, model, tokenizer, eval_groups: list[dict] | None, cfg:
                 batch = {k: v.to(accelerator.device) for k, v in collate(eval_groups[start:start + bs],
                                                                          tokenizer.pad_token_id).items()}
                 with accelerator.autocast():
-                    logps = response_logps(unwrapped, batch, cfg.length_normalised, share_prompts(cfg)).float()
+                    logps = response_logps(unwrapped, batch, cfg.length_normalised, cfg.share_prompt_prefix).float()
                 rewards = cfg.beta * (logps - batch["ref_logps"] if cfg.uses_reference else logps)  # (B, K)
                 pairs = ranked_pairs(batch["ranks"]).float()  # (B, K, K)
                 diff = rewards.unsqueeze(2) - rewards.unsqueeze(1)  # (B, K, K): r_better - r_worse on pairs

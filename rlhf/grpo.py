@@ -46,7 +46,7 @@ from rlhf.distributed import gathered_for_generation, loss_normaliser, prepare_f
 from rlhf.models import disable_dropout, load_causal_lm
 from rlhf.rollout import (
     PromptSource, batch_logprobs, cat_rollouts, decode_completions, evaluate_arithmetic, generate, load_rl_inputs,
-    share_prompts, tokenize_prompts,
+    tokenize_prompts,
 )
 from rlhf.runtime import Timer, arg, check, progress, seed_everything
 from rlhf.training import (
@@ -190,6 +190,11 @@ def reference_logprobs(accelerator, policy, reference, input_ids, attention_mask
     unwrapped = unwrap(accelerator, policy)
     with unwrapped.disable_adapter(), accelerator.autocast():
         return batch_logprobs(unwrapped, input_ids, attention_mask, start, temperature, share)
+
+
+def share_prompts(cfg) -> bool:
+    # HF turns the KV cache off under gradient checkpointing, which prompt sharing needs.
+    return cfg.share_prompt_prefix and not cfg.gradient_checkpointing
 
 
 # --------------------------------------------------------------------------------------------

@@ -78,14 +78,16 @@ def test_each_response_goes_through_the_model_once_per_step(tmp_path, monkeypatc
     assert calls == [16, 16, 16, 16]  # per step: the policy and the frozen reference
 
 
-def test_shared_prompt_prefix_gives_the_same_logps_and_gradients(tmp_path, tiny_tokenizer):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_shared_prompt_prefix_gives_the_same_logps_and_gradients(tmp_path, tiny_tokenizer, checkpointing):
     """Prompts of different lengths, a pair next to K-rankings with ties and a group padded to K: encoding each
-    prompt once gives the values and parameter gradients of forwarding every prompt + response in full."""
+    prompt once gives the values and parameter gradients of forwarding every prompt + response in full (with
+    gradient checkpointing too: no KV cache is involved)."""
     from rlhf.data import load_rows, tokenize_rankings
     from rlhf.models import BUILTIN_TINY, load_causal_lm
 
     torch.manual_seed(0)
-    model = load_causal_lm(BUILTIN_TINY).train()
+    model = load_causal_lm(BUILTIN_TINY, gradient_checkpointing=checkpointing).train()
     rows = [{"prompt": "12+30=", "completions": ["42", "4", "52", "42 "], "ranks": [0, 2, 1, 0]},
             {"prompt": "1+1=", "completions": ["2", "11"], "ranks": [0, 1]},
             {"prompt": "123+456=", "completions": ["579", "-", "5790"], "ranks": [0, 1, 1]},
