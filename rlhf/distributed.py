@@ -220,7 +220,8 @@ def _zero3_param_offload(model):
 
 def unwrap(accelerator, model):
     """`accelerator.unwrap_model`, skipped for a model nothing wraps: it re-reads package metadata on
-    every call, which adds up when called once per rollout."""
+    every call, which adds up when called once per rollout, and its first call imports DeepSpeed
+    (about a CPU-second) where nothing needs it."""
     wrapped = hasattr(model, "module") or hasattr(model, "_orig_mod")
     return accelerator.unwrap_model(model) if wrapped else model
 
@@ -341,7 +342,7 @@ def save_hf_model(accelerator, model, out_dir: str | os.PathLike, tokenizer=None
     accelerator.wait_for_everyone()
     state_dict = consolidated_state_dict(accelerator, model)  # full on the main process, {} elsewhere
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
+        unwrapped = unwrap(accelerator, model)
         tmp = out_dir.with_name(f".{out_dir.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         state_dict = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
@@ -363,7 +364,7 @@ def consolidated_state_dict(accelerator, model) -> dict[str, torch.Tensor]:
     Under ZeRO-3 the parameters are gathered one module at a time (collective: call on every
     process), so no process ever holds more than one layer beyond its shard; other processes get {}.
     """
-    module = accelerator.unwrap_model(model)
+    module = unwrap(accelerator, model)
     if not is_zero3(accelerator):
         if not accelerator.is_main_process:
             return {}

@@ -7,7 +7,10 @@ the response tokens' log-probabilities (the mean for `ipo` and `simpo`, as TRL d
 
 Data: the formats `rlhf reward` reads - `prompt` + `chosen` + `rejected`, or `prompt` + `completions` +
 `ranks` (0 = best, ties allowed) - checked the same way; without `--dataset_name` the built-in arithmetic
-rankings. A prompt's K responses go through the model once, in one (B*K, T) batch; the loss
+rankings. A prompt's K responses go through the model once, in one (B*K, T) batch, and with
+`share_prompt_prefix` the prompt itself once for all K (`rlhf.rollout.grouped_logprobs`: prompt and
+responses in one row, each response attending to the prompt and itself; same values, a pair costs
+prompt + 2 responses instead of 2 x (prompt + response)); the loss
 (`rlhf.core.dpo_loss`) averages over all C(K, 2) ordered pairs of each prompt (ties skipped), each
 prompt weighing the same, or is the Plackett-Luce listwise loss of the ranking (`loss_type:
 plackett_luce`, DPO appendix A.3). Pairwise data is K = 2, where every loss type is TRL's.
@@ -32,14 +35,14 @@ from pathlib import Path
 
 import torch
 
-from rlhf.core import dpo_loss, logprobs_from_logits, ranked_pairs
+from rlhf.core import dpo_loss, ranked_pairs
 from rlhf.core.preference import LOSS_TYPES
-from rlhf.data import collate_rankings
 from rlhf.distributed import (gather_objects, gathered_for_generation, prepare_frozen, reduce_sum,
                               save_hf_model, unwrap)
 from rlhf.models import disable_dropout, load_causal_lm, load_tokenizer
 # the rankings `rlhf reward` trains on, read and checked the same way
 from rlhf.reward import load_groups, prompt_shares
+from rlhf.rollout import batch_logprobs, grouped_logprobs
 from rlhf.runtime import Timer, arg, check, command_name, resolve_checkpoint, seed_everything
 from rlhf.tasks import arithmetic
 from rlhf.training import (TrainingConfig, backward, due, end_step, epoch_steps, lora, open_epoch_run,
@@ -70,6 +73,8 @@ class Config(TrainingConfig):
     reference_free: bool = arg(False, "No reference: rewards beta * log pi (simpo always is).")
     precompute_ref_log_probs: bool = arg(True, "Reference log-probs once before training (one pass over the data); "
                                                "false: per batch (a frozen copy, or LoRA adapters off).")
+    share_prompt_prefix: bool = arg(True, "Encode each prompt once for its K responses in the policy, reference and "
+                                          "evaluation passes (same values); false: every prompt + response in full.")
     num_train_epochs: float = arg(1.0, "Passes over the rankings (the budget, unless max_steps is smaller).")
     max_steps: int = arg(-1, "Cap on optimizer steps (-1: no cap).")
     per_device_train_batch_size: int = arg(16, "Prompts (each with its K responses) per micro-batch on each process.")
@@ -111,8 +116,24 @@ class Config(TrainingConfig):
 
 
 def collate(groups: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """`collate_rankings`, with the groups' precomputed reference log-probs as ref_logps (B, K) when they have them."""
-    batch = collate_rankings(groups, pad_token_id)
+    """B groups of up to K responses in `rlhf.rollout`'s layout: each group's prompt once, left-padded, and its
+    responses right-padded after it, so every response starts at column P (the prompt width).
+
+    prompt_ids, prompt_mask (B, P); completion_ids, completion_mask (B*K, R), group-major, the mask covering the
+    response and its EOS; a group with fewer than K responses gets empty rows (mask 0), and ranks (B, K) holds -1
+    there; ref_logps (B, K) when the groups carry precomputed reference log-probs.
+    """
+    k = max(len(g["input_ids"]) for g in groups)
+    prompts = [g["input_ids"][0][:g["prompt_len"]] for g in groups]
+    responses = [seq[g["prompt_len"]:] for g in groups for seq in g["input_ids"] + [[]] * (k - len(g["input_ids"]))]
+    P, R = max(map(len, prompts)), max(1, max(map(len, responses)))
+    prompt_ids = torch.tensor([[pad_token_id] * (P - len(p)) + p for p in prompts])  # (B, P)
+    prompt_mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])  # (B, P)
+    completion_ids = torch.tensor([r + [pad_token_id] * (R - len(r)) for r in responses])  # (B*K, R)
+    completion_mask = torch.tensor([[1] * len(r) + [0] * (R - len(r)) for r in responses])  # (B*K, R)
+    ranks = torch.tensor([g["ranks"] + [-1] * (k - len(g["ranks"])) for g in groups])  # (B, K)
+    batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+             "completion_mask": completion_mask, "ranks": ranks}
     if "ref_logps" in groups[0]:
         ref = torch.zeros(batch["ranks"].shape, dtype=torch.float32)  # (B, K)
         for b, g in enumerate(groups):
@@ -126,13 +147,19 @@ def collate(groups: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------
 
 
-def response_logps(model, batch: dict, mean: bool) -> torch.Tensor:
-    """Log-prob (B, K) of each response given its prompt: the sum over its tokens (EOS included), or the mean."""
-    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]  # (B*K, T)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B*K, T, V)
-    token_logp = logprobs_from_logits(logits[:, :-1], input_ids[:, 1:])  # (B*K, T-1): token t+1 given tokens <= t
-    position = torch.arange(1, input_ids.shape[1], device=input_ids.device)  # (T-1,): the predicted token's index
-    mask = (position >= batch["prompt_lens"].unsqueeze(1)) & attention_mask[:, 1:].bool()  # (B*K, T-1)
+def response_logps(model, batch: dict, mean: bool, share_prompt_prefix: bool) -> torch.Tensor:
+    """Log-prob (B, K) of each response given its prompt: the sum over its tokens (EOS included), or the mean.
+
+    `share_prompt_prefix`: a group's prompt goes through the model once for its K responses (same values).
+    """
+    prompt_ids, prompt_mask, mask = batch["prompt_ids"], batch["prompt_mask"], batch["completion_mask"]  # mask (B*K, R)
+    if share_prompt_prefix:
+        token_logp = grouped_logprobs(model, prompt_ids, prompt_mask, batch["completion_ids"], mask)  # (B*K, R)
+    else:
+        k = batch["ranks"].shape[1]
+        input_ids = torch.cat([prompt_ids.repeat_interleave(k, 0), batch["completion_ids"]], 1)  # (B*K, P+R)
+        token_logp = batch_logprobs(model, input_ids, torch.cat([prompt_mask.repeat_interleave(k, 0), mask], 1),
+                                    prompt_ids.shape[1])
     total = (token_logp * mask).sum(dim=1)  # (B*K,)
     if mean:
         total = total / mask.sum(dim=1).clamp_min(1)
@@ -151,11 +178,11 @@ def reference_logps(accelerator, model, reference, batch: dict, cfg: Config) -> 
     """log pi_ref (B, K): the frozen copy, or the policy with LoRA adapters off, or (before training) the policy."""
     if reference is not None:
         with accelerator.autocast():
-            return response_logps(reference, batch, cfg.length_normalised)
+            return response_logps(reference, batch, cfg.length_normalised, cfg.share_prompt_prefix)
     unwrapped = unwrap(accelerator, model)
     off = unwrapped.disable_adapter() if cfg.use_peft else contextlib.nullcontext()
     with off, accelerator.autocast():
-        return response_logps(unwrapped, batch, cfg.length_normalised)
+        return response_logps(unwrapped, batch, cfg.length_normalised, cfg.share_prompt_prefix)
 
 
 def add_reference_logps(accelerator, model, groups: list[dict], cfg: Config, pad_token_id: int) -> None:
@@ -172,8 +199,7 @@ def add_reference_logps(accelerator, model, groups: list[dict], cfg: Config, pad
     model.eval()
     with gathered_for_generation(accelerator, model) as unwrapped:
         for start in range(accelerator.process_index * bs, len(groups), accelerator.num_processes * bs):
-            batch = {k: v.to(accelerator.device) for k, v in collate_rankings(groups[start:start + bs],
-                                                                               pad_token_id).items()}
+            batch = {k: v.to(accelerator.device) for k, v in collate(groups[start:start + bs], pad_token_id).items()}
             ref = reference_logps(accelerator, unwrapped, None, batch, cfg)  # (B, K)
             mine += [(start + b, ref[b, :len(groups[start + b]["ranks"])].tolist()) for b in range(ref.shape[0])]
     model.train(was_training)
@@ -188,7 +214,7 @@ def add_reference_logps(accelerator, model, groups: list[dict], cfg: Config, pad
 
 def batch_loss(accelerator, model, reference, batch: dict, cfg: Config) -> tuple[torch.Tensor, dict]:
     with accelerator.autocast():
-        logps = response_logps(model, batch, cfg.length_normalised)  # (B, K)
+        logps = response_logps(model, batch, cfg.length_normalised, cfg.share_prompt_prefix)  # (B, K)
     ref = None
     if cfg.uses_reference:
         ref = batch["ref_logps"] if "ref_logps" in batch else reference_logps(accelerator, model, reference, batch,
@@ -210,7 +236,7 @@ def evaluate(accelerator, model, tokenizer, eval_groups: list[dict] | None, cfg:
                 batch = {k: v.to(accelerator.device) for k, v in collate(eval_groups[start:start + bs],
                                                                          tokenizer.pad_token_id).items()}
                 with accelerator.autocast():
-                    logps = response_logps(unwrapped, batch, cfg.length_normalised).float()  # (B, K)
+                    logps = response_logps(unwrapped, batch, cfg.length_normalised, cfg.share_prompt_prefix).float()
                 rewards = cfg.beta * (logps - batch["ref_logps"] if cfg.uses_reference else logps)  # (B, K)
                 pairs = ranked_pairs(batch["ranks"]).float()  # (B, K, K)
                 diff = rewards.unsqueeze(2) - rewards.unsqueeze(1)  # (B, K, K): r_better - r_worse on pairs

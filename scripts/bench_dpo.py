@@ -5,7 +5,9 @@ The pairs are those of a rankings file (every (better, worse) pair of each promp
 over the same pairs: sigmoid loss, the same beta, AdamW with the same learning rate (constant after a
 5% warmup), batch size, gradient clipping, max_length, fp32, no gradient checkpointing, dropout off,
 one torch thread each; the reference computed per batch from a frozen copy (TRL's default) and, in two
-more rows, once before training (`precompute_ref_log_probs`, ours' default). TRL runs in its own
+more rows, once before training (`precompute_ref_log_probs`, ours' default). Ours runs with its defaults
+otherwise (`share_prompt_prefix`: a pair's prompt goes through the model once for both responses; TRL
+forwards prompt + chosen and prompt + rejected). TRL runs in its own
 virtualenv (`--trl_python`), given only the model directory and a JSONL file of pairs.
 
 Reported: optimizer steps, pairs per CPU-second of the training call from the data on (ours: the whole
@@ -137,7 +139,8 @@ def score(model_dir: str, args) -> dict:
     with torch.no_grad():
         for i in range(0, len(groups), 64):
             batch = dpo.collate(groups[i:i + 64], tokenizer.pad_token_id)
-            rewards = dpo.response_logps(policy, batch, mean=False) - dpo.response_logps(reference, batch, mean=False)
+            rewards = (dpo.response_logps(policy, batch, False, share_prompt_prefix=True)
+                       - dpo.response_logps(reference, batch, False, share_prompt_prefix=True))
             pairs = ranked_pairs(batch["ranks"]).float()
             correct += float(((rewards.unsqueeze(2) - rewards.unsqueeze(1) > 0).float() * pairs).sum())
             total += float(pairs.sum())

@@ -129,3 +129,18 @@ def test_a_column_changing_type_is_blamed_on_its_line(tmp_path, rows, needle):
     path = _jsonl(tmp_path / "m.jsonl", [{"prompt": f"{i}+1=", **r} for i, r in enumerate(rows)])
     with pytest.raises(DataError, match=needle):
         load_rows(path)
+
+
+def test_token_ids_are_the_tokenizers_own():
+    """The fast path (the Rust backend called directly) gives what `tokenizer(text)` gives, special tokens and all;
+    a backend padding to a fixed length falls back to the wrapper, which switches that padding off per call."""
+    from rlhf.data.formats import token_ids
+    from rlhf.models import load_tokenizer
+
+    tok = load_tokenizer("builtin:tiny")
+    texts = ["12+30=", "", " 7 4", "x<s>y", "999999+1="]
+    for special in (True, False):
+        assert token_ids(tok, texts, special) == [tok(t, add_special_tokens=special)["input_ids"] for t in texts]
+    tok.backend_tokenizer.enable_padding(length=16, pad_id=tok.pad_token_id)
+    assert token_ids(tok, texts, True) == [tok(t)["input_ids"] for t in texts]
+    assert len(token_ids(tok, texts, True)[0]) < 16

@@ -27,9 +27,10 @@ def _jsonl(path, rows):
     return str(path)
 
 
-def test_response_logps_and_loss_match_one_response_at_a_time(tmp_path, tiny_tokenizer):
+@pytest.mark.parametrize("share", [True, False])
+def test_response_logps_and_loss_match_one_response_at_a_time(tmp_path, tiny_tokenizer, share):
     """Batched K-wise log-probs (sum over the response's tokens and EOS) equal each response scored alone with
-    log_softmax; the loss then equals the paper's formula on those numbers."""
+    log_softmax, the prompt shared or not; the loss then equals the paper's formula on those numbers."""
     from rlhf.data import load_rows, tokenize_rankings
     from rlhf.models import BUILTIN_TINY, load_causal_lm
 
@@ -40,8 +41,8 @@ def test_response_logps_and_loss_match_one_response_at_a_time(tmp_path, tiny_tok
     groups = tokenize_rankings(load_rows(_jsonl(tmp_path / "k.jsonl", rows)), tiny_tokenizer, 64).examples
     batch = dpo.collate(groups, tiny_tokenizer.pad_token_id)
     with torch.no_grad():
-        got = dpo.response_logps(model, batch, mean=False)  # (2, 3)
-        got_mean = dpo.response_logps(model, batch, mean=True)
+        got = dpo.response_logps(model, batch, False, share)  # (2, 3)
+        got_mean = dpo.response_logps(model, batch, True, share)
     for b, row in enumerate(rows):
         prompt_ids = tiny_tokenizer(row["prompt"])["input_ids"]
         for k, c in enumerate(row["completions"]):
@@ -64,9 +65,9 @@ def test_each_response_goes_through_the_model_once_per_step(tmp_path, monkeypatc
     calls = []
     original = dpo.response_logps
 
-    def counting(model, batch, mean):
-        calls.append(batch["input_ids"].shape[0])
-        return original(model, batch, mean)
+    def counting(model, batch, mean, share):
+        calls.append(batch["completion_ids"].shape[0])
+        return original(model, batch, mean, share)
 
     monkeypatch.setattr(dpo, "response_logps", counting)
     _train(tmp_path, "k4", max_steps=2, per_device_train_batch_size=4, completions_per_prompt=4, num_train_prompts=8)
@@ -75,6 +76,34 @@ def test_each_response_goes_through_the_model_once_per_step(tmp_path, monkeypatc
     _train(tmp_path, "fly", max_steps=2, per_device_train_batch_size=4, completions_per_prompt=4, num_train_prompts=8,
            precompute_ref_log_probs=False)
     assert calls == [16, 16, 16, 16]  # per step: the policy and the frozen reference
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_shared_prompt_prefix_gives_the_same_logps_and_gradients(tmp_path, tiny_tokenizer, checkpointing):
+    """Prompts of different lengths, a pair next to K-rankings with ties and a group padded to K: encoding each
+    prompt once gives the values and parameter gradients of forwarding every prompt + response in full (with
+    gradient checkpointing too: no KV cache is involved)."""
+    from rlhf.data import load_rows, tokenize_rankings
+    from rlhf.models import BUILTIN_TINY, load_causal_lm
+
+    torch.manual_seed(0)
+    model = load_causal_lm(BUILTIN_TINY, gradient_checkpointing=checkpointing).train()
+    rows = [{"prompt": "12+30=", "completions": ["42", "4", "52", "42 "], "ranks": [0, 2, 1, 0]},
+            {"prompt": "1+1=", "completions": ["2", "11"], "ranks": [0, 1]},
+            {"prompt": "123+456=", "completions": ["579", "-", "5790"], "ranks": [0, 1, 1]},
+            {"prompt": "1+1=", "completions": ["2", "3", "1"], "ranks": [0, 2, 1]}]  # same prompt as the row before
+    groups = tokenize_rankings(load_rows(_jsonl(tmp_path / "k.jsonl", rows)), tiny_tokenizer, 64).examples
+    batch = dpo.collate(groups, tiny_tokenizer.pad_token_id)
+    assert batch["prompt_ids"].shape[0] == 4 and batch["ranks"][1].tolist() == [0, 1, -1, -1]
+    params = list(model.parameters())
+    for mean in (False, True):
+        plain, shared = (dpo.response_logps(model, batch, mean, share) for share in (False, True))  # (4, 4)
+        assert torch.allclose(plain, shared, atol=1e-5), (plain - shared).abs().max()
+        assert shared[1, 2] == 0 and shared[1, 3] == 0  # padding responses
+        weights = torch.randn(plain.shape)  # any function of the log-probs: its gradient must match
+        for a, b in zip(torch.autograd.grad((plain * weights).sum(), params),
+                        torch.autograd.grad((shared * weights).sum(), params)):
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), (a - b).abs().max()
 
 
 def test_pairwise_and_k2_training_are_identical(tmp_path):
