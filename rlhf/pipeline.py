@@ -60,7 +60,7 @@ class Config(RunConfig):
     model_name_or_path: str = arg("", "Base model for SFT (empty: the one in sft_config, builtin:tiny by default).")
     sft_model_path: str = arg("", "Use this SFT model instead of training one (the sft stage is then skipped).")
     reward_model_path: str = arg("", "Use this reward model instead of training one (rankings and reward are skipped).")
-    num_ranking_prompts: int = arg(9000, "Prompts whose sampled responses the labeller ranks.")
+    num_ranking_prompts: int = arg(36000, "Prompts whose sampled responses the labeller ranks.")
     completions_per_prompt: int = arg(8, "K: responses per prompt in a ranking (C(K,2) ranked pairs each).")
     ranking_temperature: float = arg(1.0, "Sampling temperature of the SFT policy when collecting responses to rank.")
     labeller_noise: float = arg(0.5, "Noise of the built-in labeller (Bradley-Terry temperature; 0: perfect rankings).")
