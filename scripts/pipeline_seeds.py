@@ -43,8 +43,8 @@ def run_seed(seed: int, output_dir: Path, pipeline_args: list[str], num_rm_promp
     rm_dir = Path(cfg.reward_model_path or Path(cfg.output_dir) / "reward" / "model")
     if (rm_dir / "config.json").is_file() and num_rm_prompts > 0:
         rm = _rm_diagnostics()
-        diagnostics = rm.diagnose(str(rm_dir), rm.pair_rows(num_rm_prompts, seed=0))
-        summary.setdefault("reward", {}).update({k: v for k, v in diagnostics.items() if not k.endswith("margin")})
+        margins = rm.rm_margins(str(rm_dir), rm.pair_rows(num_rm_prompts, seed=0))
+        summary.setdefault("reward", {}).update({k: float((m > 0).mean()) for k, m in margins.items()})
     return summary
 
 

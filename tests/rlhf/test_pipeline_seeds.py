@@ -44,3 +44,12 @@ def test_two_seeds_reuse_finished_runs(tmp_path, capsys):
     pipeline_seeds.main(argv)  # again: every stage of both seeds is done already
     assert capsys.readouterr().out.count("done already") == 4
     assert md.read_text() == text
+
+
+@pytest.mark.slow
+def test_reward_model_diagnostics_enter_the_summary(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "stages": ["sft", "rankings", "reward"]}))
+    summary = pipeline_seeds.run_seed(1, tmp_path / "seeds", ["--config", str(config)], num_rm_prompts=8)
+    for column in pipeline_seeds.RM_COLUMNS:
+        assert 0.0 <= summary["reward"][column] <= 1.0, column  # shares of held-out pairs the RM orders right
