@@ -43,8 +43,8 @@ from rlhf.runtime import (Run, RunConfig, Timer, arg, check, command_name, fmt_m
 class Config(PrecisionArgs, RunConfig):
     """DQN family: DQN, Double DQN, Dueling (mean|max), prioritised replay, n-step returns.
 
-    Defaults are rl-baselines3-zoo's CartPole settings (configs/classic/dqn_cartpole.yaml adds a learning-rate
-    decay and halves the gradient steps, for a steadier end of the run);
+    Defaults are rl-baselines3-zoo's CartPole settings (configs/classic/dqn_cartpole.yaml averages the target net
+    after every gradient step, decays the learning rate and halves the gradient steps, for a steadier end of the run);
     Atari wants configs/classic/dqn_breakout.yaml-like settings.
     """
 
@@ -62,7 +62,11 @@ class Config(PrecisionArgs, RunConfig):
     batch_size: int = arg(64, "Transitions per gradient step.")
     gamma: float = arg(0.99, "Discount factor.")
     tau: float = arg(1.0, "Target network update rate: 1.0 copies the online net (hard update), < 1: Polyak averaging.")
-    target_update_interval: int = arg(10, "Update the target network every this many env steps (C in the DQN paper).")
+    target_update_interval: int = arg(10, "Update the target network every this many env steps (C in the DQN paper), "
+                                          "or gradient steps (target_update_unit).")
+    target_update_unit: str = arg("env_step", "What target_update_interval counts: env_step, or gradient_step (with "
+                                              "interval 1 and tau < 1: Polyak averaging after every gradient step).",
+                                  choices=("env_step", "gradient_step"))
     train_frequency: int = arg(256, "Do `gradient_steps` gradient steps every this many environment steps.")
     gradient_steps: int = arg(128, "Gradient steps per training round.")
     learning_starts: int = arg(1_000, "Environment steps of pure collection before learning starts.")
@@ -192,6 +196,14 @@ class QNets:
             copy_weights(self.acting, self.online)
         if self.bf16 and target:
             copy_weights(self.target_pass, self.target)
+
+
+def update_target(cfg: Config, nets: QNets) -> None:
+    """target <- (1 - tau) target + tau online (tau = 1: a copy)."""
+    with torch.no_grad():
+        for p_target, p in zip(nets.target.parameters(), nets.online.parameters()):
+            p_target.lerp_(p, cfg.tau)
+    nets.weights_changed(online=False, target=True)
 
 
 def make_replay(cfg: Config, env) -> ReplayBuffer:
@@ -368,12 +380,11 @@ def train(cfg: Config) -> dict:
                     c.since_log["q"] += q_mean.item()
                     c.since_log["n"] += 1
                     c.n_updates += 1
+                    if cfg.target_update_unit == "gradient_step" and c.n_updates % cfg.target_update_interval == 0:
+                        update_target(cfg, nets)
                 nets.weights_changed(online=True)
-            if c.step % cfg.target_update_interval == 0:
-                with torch.no_grad():
-                    for p_target, p in zip(nets.target.parameters(), nets.online.parameters()):
-                        p_target.lerp_(p, cfg.tau)
-                nets.weights_changed(online=False, target=True)
+            if cfg.target_update_unit == "env_step" and c.step % cfg.target_update_interval == 0:
+                update_target(cfg, nets)
 
         # evaluate, log, checkpoint
         metrics: dict = {}

@@ -27,6 +27,7 @@ def _cfg(tmp_path, **over):
     (["--dueling", "avg"], "dueling", "one of"),
     (["--end_learning_rate", "0.01", "--learning_rate", "0.001"], "end_learning_rate", "must be in"),
     (["--lr_decay_fraction", "0"], "lr_decay_fraction", "must be in"),
+    (["--target_update_unit", "round"], "target_update_unit", "one of"),
 ])
 def test_bad_input_names_the_option_before_any_work(tmp_path, argv, option, words):
     out = tmp_path / "never"
@@ -97,6 +98,34 @@ def test_learning_rate_decays_linearly_to_its_floor_then_holds(tmp_path, monkeyp
     assert logged[100] == pytest.approx(5.5e-4) and logged[400] == pytest.approx(1e-4)
     constant = _cfg(tmp_path, learning_rate=2e-3)
     assert dqn.lr_at(constant, 0) == dqn.lr_at(constant, 10**6) == 2e-3
+
+
+def test_target_update_unit_gradient_step_averages_after_every_nth_gradient_step(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    cfg = _cfg(tmp_path, total_timesteps=300, learning_starts=50, buffer_size=300, batch_size=16, train_frequency=50,
+               gradient_steps=3, hidden_sizes=[16], eval_frequency=0, eval_episodes=1, logging_steps=50,
+               target_update_unit="gradient_step", target_update_interval=2, tau=0.3)
+    online = []  # the online weights at the start, then after each gradient step
+    original_learn = dqn.learn
+
+    def spy(cfg, nets, replay, beta):
+        if not online:
+            online.append([p.detach().clone() for p in nets.online.parameters()])
+        out = original_learn(cfg, nets, replay, beta)
+        online.append([p.detach().clone() for p in nets.online.parameters()])
+        return out
+
+    monkeypatch.setattr(dqn, "learn", spy)
+    dqn.train(cfg)
+    assert len(online) == 1 + 5 * 3  # rounds at steps 100, 150, ..., 300
+    reference = online[0]  # the target starts as a copy of the online net
+    for n, weights in enumerate(online[1:], start=1):
+        if n % 2 == 0:  # after gradient steps 2, 4, ..., 14 and at no env step
+            reference = [(1 - 0.3) * t + 0.3 * w for t, w in zip(reference, weights)]
+    state = load_state(runtime.checkpoint_dirs(tmp_path / "run")[-1] / "state.pt", restore_rng=False)
+    for got, want in zip(state["target_net"].values(), reference):
+        torch.testing.assert_close(got, want)
+    assert not torch.equal(reference[0], online[-1][0])  # the average lags the online net
 
 
 class _Crash(BaseException):
