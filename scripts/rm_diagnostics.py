@@ -74,8 +74,8 @@ def logp_margins(sft_dir: str, rows: dict[str, list[dict]], batch_size: int = 64
     import datasets
     import torch
 
-    from rlhf.data import collate_rankings, tokenize_rankings
-    from rlhf.dpo import response_logps
+    from rlhf.data import tokenize_rankings
+    from rlhf.dpo import collate, response_logps
     from rlhf.models import load_causal_lm, load_tokenizer
 
     tokenizer, model = load_tokenizer(sft_dir), load_causal_lm(sft_dir).eval()
@@ -84,8 +84,8 @@ def logp_margins(sft_dir: str, rows: dict[str, list[dict]], batch_size: int = 64
         ranked = [{"prompt": r["prompt"], "completions": [r["chosen"], r["rejected"]], "ranks": [0, 1]} for r in pairs]
         groups = tokenize_rankings(datasets.Dataset.from_list(ranked), tokenizer, 64).examples
         with torch.no_grad():
-            logps = torch.cat([response_logps(model, collate_rankings(groups[i:i + batch_size],
-                                                                      tokenizer.pad_token_id), mean=False)
+            logps = torch.cat([response_logps(model, collate(groups[i:i + batch_size], tokenizer.pad_token_id),
+                                              mean=False, share_prompt_prefix=True)
                                for i in range(0, len(groups), batch_size)])  # (N, 2)
         out[name] = (logps[:, 0] - logps[:, 1]).numpy()
     return out
