@@ -114,3 +114,19 @@ def load_model(stage, path):
 
     cls = AutoModelForSequenceClassification if stage == "reward" else AutoModelForCausalLM
     return cls.from_pretrained(path).state_dict()
+
+
+def check_resumed_equals_straight(stage, got):
+    """The run resumed from its step-2 checkpoint repeats the unbroken one: step 3's metrics and the final weights."""
+    import torch
+
+    straight, resumed = training_rows(got["straight"]), training_rows(got["resumed"])
+    assert sorted(straight) == sorted(resumed) == [1, 2, 3]
+    a, b = comparable(straight[3]), comparable(resumed[3])  # step 3, redone after resuming
+    assert a.keys() == b.keys()
+    for k in a:
+        assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
+    w_straight, w_resumed = load_model(stage, got["model_straight"]), load_model(stage, got["model_resumed"])
+    assert w_straight.keys() == w_resumed.keys() and not any("lora" in k for k in w_straight)
+    for k in w_straight:
+        torch.testing.assert_close(w_resumed[k], w_straight[k], rtol=1e-4, atol=1e-5)

@@ -22,7 +22,8 @@ import math
 import pytest
 import torch
 
-from launching import HERE, ROOT, comparable, free_port, launch, launch_many, load_model, result, training_rows
+from launching import (HERE, ROOT, check_resumed_equals_straight, comparable, free_port, launch, launch_many,
+                       load_model, result, training_rows)
 
 DRIVER = str(HERE / "run_stages.py")
 STAGES = ["sft", "reward", "grpo", "grpo_variants", "ppo"]  # grpo_variants: run_stages.py's GRPO options
@@ -57,17 +58,7 @@ def two_node_jobs(args):
 def test_stage_finishes_saves_and_resumes(stage_runs, setup, stage):
     got = result(stage_runs, setup, stage)
     assert got["world"] == 2
-    straight, resumed = training_rows(got["straight"]), training_rows(got["resumed"])
-    assert sorted(straight) == sorted(resumed) == [1, 2, 3]
-    for step in (3,):  # redone after resuming from step 2
-        a, b = comparable(straight[step]), comparable(resumed[step])
-        assert a.keys() == b.keys()
-        for k in a:
-            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (step, k)
-    w_straight, w_resumed = load_model(stage, got["model_straight"]), load_model(stage, got["model_resumed"])
-    assert w_straight.keys() == w_resumed.keys() and not any("lora" in k for k in w_straight)
-    for k in w_straight:
-        torch.testing.assert_close(w_resumed[k], w_straight[k], rtol=1e-4, atol=1e-5)
+    check_resumed_equals_straight(stage, got)
 
 
 @pytest.mark.slow
