@@ -252,10 +252,6 @@ class VLLMEngine:
 
         eos = list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
         rows = [ids[m.bool()].tolist() for ids, m in zip(prompt_ids.cpu(), prompt_mask.cpu())]
-        too_long = [len(r) for r in rows if len(r) + max_new_tokens > self.max_model_len]
-        if too_long:
-            raise ConfigError(f"use_vllm: a prompt of {max(too_long)} tokens + max_completion_length {max_new_tokens} "
-                              f"exceeds the {self.max_model_len} positions of {self.name}: set max_prompt_length")
         # one seed per request from torch's global RNG: fixed by `seed`, restored with a checkpoint
         seeds = torch.randint(0, 2**31 - 1, (len(rows),)).tolist()
         mine = slice(0, len(rows))
@@ -266,6 +262,11 @@ class VLLMEngine:
             mine = slice(before, before + len(rows))
             rows = [row for their_rows, _ in everyone for row in their_rows]
             seeds = [seed for _, their_seeds in everyone for seed in their_seeds]
+        # after the gather, so every process of a tensor-parallel group stops here together
+        too_long = [len(r) for r in rows if len(r) + max_new_tokens > self.max_model_len]
+        if too_long:
+            raise ConfigError(f"use_vllm: a prompt of {max(too_long)} tokens + max_completion_length {max_new_tokens} "
+                              f"exceeds the {self.max_model_len} positions of {self.name}: set max_prompt_length")
         params = [SamplingParams(n=num_return_sequences, temperature=0.0 if greedy else temperature,
                                  top_k=0 if greedy else top_k, top_p=1.0 if greedy else top_p,
                                  max_tokens=max_new_tokens, logprobs=0, detokenize=False, ignore_eos=True,

@@ -311,6 +311,13 @@ def test_missing_package_is_a_clear_error_with_the_install_line(tmp_path, monkey
     assert not (tmp_path / "run").exists()
 
 
+def test_a_prompt_past_the_model_s_positions_is_named(engine_and_model, tok):
+    engine, _ = engine_and_model
+    ids, mask = prompt_batch(tok)
+    with pytest.raises(ConfigError, match=r"max_completion_length 60 exceeds the 64 positions .*set max_prompt_length"):
+        engine.generate(ids, mask, 60, tok.eos_token_id, tok.pad_token_id)
+
+
 @pytest.mark.parametrize("size, message", [(0, "must be >= 1"), (2, "2 does not divide the launch's 1 processes")])
 def test_a_tensor_parallel_size_that_cannot_be_is_named(tmp_path, size, message):
     with pytest.raises(ConfigError, match=f"`vllm_tensor_parallel_size`: {message}"):
