@@ -90,6 +90,8 @@ class Config(PrecisionArgs, RunConfig):
     stop_at_return: float | None = arg(None, "Stop early once an evaluation's mean return reaches this (none: never).")
     save_buffer: bool = arg(True, "Save the replay memory in checkpoints (for an exact resume; ~7 GB for 1M Atari).")
     torch_threads: int = arg(0, "torch threads (0 = 1 for vector observations, all cores for images).")
+    device: str = arg("cpu", "torch device of the Q-networks and their gradient steps (cpu, cuda, cuda:0, ...); "
+                             "the replay memory and the environment stay in host memory, each sampled batch is moved.")
 
     def __post_init__(self):
         check(self.total_timesteps >= 1, "total_timesteps", "must be >= 1")
@@ -178,8 +180,9 @@ class QNets:
 
     def __init__(self, cfg: Config, obs_shape, n_actions: int):
         kwargs = dict(dueling=cfg.dueling, bf16=cfg.bf16, channels_last=cfg.channels_last)
-        self.online = QNetwork(obs_shape, n_actions, cfg.hidden_sizes, **kwargs)
-        self.target = QNetwork(obs_shape, n_actions, cfg.hidden_sizes, **kwargs)
+        self.device = torch.device(cfg.device)
+        self.online = QNetwork(obs_shape, n_actions, cfg.hidden_sizes, **kwargs).to(self.device)
+        self.target = QNetwork(obs_shape, n_actions, cfg.hidden_sizes, **kwargs).to(self.device)
         self.target.load_state_dict(self.online.state_dict())
         self.target.requires_grad_(False)
         self.params = list(self.online.parameters())
@@ -187,8 +190,13 @@ class QNets:
         self.bf16 = cfg.bf16
         self.acting = bf16_copy(self.online) if cfg.bf16 else self.online
         self.target_pass = bf16_copy(self.target) if cfg.bf16 else self.target
-        self.online_numpy = None if cfg.bf16 else self.online.numpy_forward()
-        self.target_numpy = None if cfg.bf16 else self.target.numpy_forward()
+        numpy_passes = not cfg.bf16 and self.device.type == "cpu"  # numpy reads the parameters in host memory
+        self.online_numpy = self.online.numpy_forward() if numpy_passes else None
+        self.target_numpy = self.target.numpy_forward() if numpy_passes else None
+
+    def tensor(self, array: np.ndarray) -> torch.Tensor:
+        """A host array (observations, a replayed batch) as a tensor on the nets' device (no copy on CPU)."""
+        return torch.from_numpy(np.asarray(array)).to(self.device, non_blocking=True)
 
     def weights_changed(self, online: bool = True, target: bool = False) -> None:
         """Refresh the bf16 copies of the nets whose weights changed (nothing to do in fp32)."""
@@ -223,14 +231,14 @@ def act(nets: QNets, rng: np.random.Generator, obs, epsilon: float, n_actions: i
     if nets.online_numpy is not None:
         return int(nets.online_numpy(np.asarray(obs)[None]).argmax())
     with torch.inference_mode():
-        return int(nets.acting(torch.from_numpy(np.asarray(obs))[None]).argmax())
+        return int(nets.acting(nets.tensor(obs)[None]).argmax())
 
 
 def learn(cfg: Config, nets: QNets, replay: ReplayBuffer, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """One gradient step on a replayed batch (TD loss on the (Double) DQN target); returns (loss, mean Q taken)."""
     batch = replay.sample(cfg.batch_size, beta=beta)
-    obs, next_obs = torch.from_numpy(batch.obs), torch.from_numpy(batch.next_obs)
-    actions = torch.from_numpy(batch.actions)  # (B,)
+    obs, next_obs = nets.tensor(batch.obs), nets.tensor(batch.next_obs)
+    actions = nets.tensor(batch.actions)  # (B,)
     if nets.target_numpy is not None:  # needs no gradient, so numpy (cheaper per layer, see numpy_mlp)
         next_q_target = torch.from_numpy(nets.target_numpy(batch.next_obs))  # (B, A)
     else:
@@ -241,10 +249,10 @@ def learn(cfg: Config, nets: QNets, replay: ReplayBuffer, beta: float) -> tuple[
         q_obs, next_q_online = q_all[: cfg.batch_size], q_all[cfg.batch_size:].detach()
     else:
         q_obs, next_q_online = nets.online(obs), None
-    target = dqn_target(torch.from_numpy(batch.rewards), next_q_target, torch.from_numpy(batch.terminated),
-                        torch.from_numpy(batch.discounts), next_q_online=next_q_online)  # (B,)
+    target = dqn_target(nets.tensor(batch.rewards), next_q_target, nets.tensor(batch.terminated),
+                        nets.tensor(batch.discounts), next_q_online=next_q_online)  # (B,)
     q_taken = q_obs.gather(1, actions[:, None]).squeeze(1)  # (B,)
-    weights = torch.from_numpy(batch.weights) if cfg.prioritized else None
+    weights = nets.tensor(batch.weights) if cfg.prioritized else None
     loss, td_errors = td_loss(q_taken, target, weights=weights, kind=cfg.loss)
     for p in nets.params:  # = optimizer.zero_grad(set_to_none=True), without its profiler-hook overhead
         p.grad = None
@@ -252,7 +260,7 @@ def learn(cfg: Config, nets: QNets, replay: ReplayBuffer, beta: float) -> tuple[
     if cfg.max_grad_norm > 0:
         clip_grad_norm(nets.params, cfg.max_grad_norm)
     adam_step(nets.optimizer)
-    replay.update_priorities(batch.indices, td_errors.numpy())
+    replay.update_priorities(batch.indices, td_errors.cpu().numpy())
     return loss.detach(), q_taken.detach().mean()
 
 
@@ -277,10 +285,11 @@ class Counters:
 def evaluate_q(cfg: Config, q_net: QNetwork, at_step: int) -> dict:
     """Return of `eval_episodes` episodes of the (epsilon-)greedy policy, and its Q vs. the return that followed."""
     eval_rng = np.random.default_rng([cfg.seed, at_step])  # independent of the training RNGs
+    device = next(q_net.parameters()).device
 
     def eval_act(obs_batch: np.ndarray):
         with torch.inference_mode():
-            q = q_net(torch.as_tensor(obs_batch))  # (E, A)
+            q = q_net(torch.as_tensor(obs_batch, device=device)).cpu()  # (E, A)
         actions = q.argmax(1).numpy()
         explore = eval_rng.random(len(actions)) < cfg.eval_epsilon
         actions[explore] = eval_rng.integers(q.shape[1], size=int(explore.sum()))
@@ -305,7 +314,7 @@ def train_metrics(cfg: Config, counters: Counters, nets: QNets, replay: ReplayBu
     diag = replay.sample_diagnostic(256) if counters.step > cfg.learning_starts else None
     if diag is not None:  # predicted max-Q vs the return that followed, on replayed states
         with torch.inference_mode():
-            q_replay = nets.online(torch.from_numpy(diag[0]))
+            q_replay = nets.online(nets.tensor(diag[0]))
         metrics.update({"q/replay_max": q_replay.max(1).values.mean().item(), "q/replay_return": float(diag[2].mean())})
     return metrics
 
@@ -345,7 +354,7 @@ def train(cfg: Config) -> dict:
             c = Counters(**{f.name: state[f.name] for f in dataclasses.fields(Counters)})
     run = Run(cfg, checkpoint=resume)  # after the checkpoint loaded: a bad one changes nothing
     arithmetic = precision(cfg, cnn=len(env.observation_space.shape) == 3)
-    print(f"dqn {cfg.env_id}: {arithmetic}", file=sys.stderr)
+    print(f"dqn {cfg.env_id}: {arithmetic} on {cfg.device}", file=sys.stderr)
     obs, _ = env.reset(seed=reset_seed(cfg, c.step))
 
     timer, start_step = Timer(), c.step
@@ -419,7 +428,7 @@ def train(cfg: Config) -> dict:
         run.log(c.step, final)
     summary = {**final, "eval/best_return_mean": best_eval, "time/sps": sps, "time/cpu_sps": cpu_sps,
                "train/episodes": c.episodes, "train/updates": c.n_updates, "global_step": c.step, "env_id": cfg.env_id,
-               "stopped_early": bool(c.stopped_early), "precision": arithmetic}
+               "stopped_early": bool(c.stopped_early), "precision": arithmetic, "device": cfg.device}
     run.write_summary(summary)
     run.close()
     return summary

@@ -16,11 +16,12 @@ def fails(capsys, argv):
     return lines[0]
 
 
+@pytest.mark.parametrize("command", ["ppo", "dqn"])
 @pytest.mark.parametrize("device, needle", [("cdua", "unknown device 'cdua'"), ("cuda", "no cuda device"),
                                             ("cuda:7", "no cuda device")])
-def test_device_typos_and_missing_gpus(tmp_path, capsys, monkeypatch, device, needle):
+def test_device_typos_and_missing_gpus(tmp_path, capsys, monkeypatch, command, device, needle):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
-    msg = fails(capsys, ["ppo", "--device", device, "--output_dir", str(tmp_path / "run"), "--total_timesteps", "64"])
+    msg = fails(capsys, [command, "--device", device, "--output_dir", str(tmp_path / "run"), "--total_timesteps", "64"])
     assert "`device`" in msg and needle in msg
     assert not (tmp_path / "run").exists()
 
