@@ -9,7 +9,8 @@ Each run is the stage's own `train()` (built-in arithmetic task, no evaluation, 
 save. Times are per step: CPU-ms of the process (`time.process_time`, all its threads; the fair measure on a shared
 machine) and wall-ms. The RL stages also show generation apart (the rollout's `generate`, every decode step) and the
 rest of their step (scoring, reference and old log-probs, the update). Shapes: SFT 32 demonstrations a step;
-reward 16 prompts x 2 ranked answers; GRPO 4 prompts x 8 completions, PPO 16 completions (policy + a 34M value
+reward 16 prompts x 2 ranked answers; DPO 16 pairs (the prompt shared by both answers, the reference per
+batch); GRPO 4 prompts x 8 completions, PPO 16 completions (policy + a 34M value
 model, one epoch, one mini-batch), both 16 new tokens (an untrained model rarely stops early) and beta > 0 (a
 reference model).
 """
@@ -24,7 +25,7 @@ import time
 
 import torch
 
-STAGES = ("sft", "reward", "grpo", "ppo")
+STAGES = ("sft", "reward", "dpo", "grpo", "ppo")
 QUIET = dict(progress=False, report_to="none", save_steps=0, logging_steps=1)
 
 
@@ -36,6 +37,10 @@ def stage_config(stage: str, model: str, steps: int) -> dict:
     if stage == "reward":
         return dict(model_name_or_path=model, max_steps=steps, per_device_train_batch_size=16,
                     num_train_prompts=16 * steps, completions_per_prompt=2, num_eval_prompts=0)
+    if stage == "dpo":  # the reference pass in every step, as the policy's
+        return dict(model_name_or_path=model, max_steps=steps, per_device_train_batch_size=16,
+                    num_train_prompts=16 * steps, completions_per_prompt=2, precompute_ref_log_probs=False,
+                    num_eval_prompts=0, num_greedy_eval_prompts=0)
     if stage == "grpo":
         return dict(model_name_or_path=model, max_steps=steps, per_device_train_batch_size=32, num_generations=8,
                     max_completion_length=16, beta=0.04, num_train_prompts=4 * steps, num_eval_prompts=0)

@@ -19,6 +19,11 @@ implicit reward log pi - log pi_sft) and greedy accuracy on 500 held-out arithme
     python3 -m venv /work/trl-env && /work/trl-env/bin/pip install torch==2.13.0 trl   # a CPU torch
     python scripts/bench_dpo.py --sft_model SFT/model --rankings OUT/rankings.jsonl \
         --eval_rankings OUT/rankings_eval.jsonl --trl_python /work/trl-env/bin/python --steps 300
+
+`--analysis` (no TRL needed) prints instead what bounds the pairs' throughput: token positions per pair in TRL's
+layout, in ours, and in the best rectangular packing of whole prompt + responses segments into shared rows; and the
+CPU time of one policy forward + backward on a batch of the pairs, eager against torch.compile and float32 against
+bf16 autocast.
 """
 
 from __future__ import annotations
@@ -63,6 +68,86 @@ def make_data(args, tmp: Path) -> dict:
     return {"pairs": write_jsonl(tmp / "pairs.jsonl", sample), "n_pairs": len(sample),
             "rankings": write_jsonl(tmp / "rankings.jsonl", groups), "grouped_pairs": write_jsonl(
                 tmp / "grouped_pairs.jsonl", grouped), "n_grouped": len(grouped), "per_prompt": per_prompt}
+
+
+def ffd_rows(sizes: list[int], capacity: int) -> list[int]:
+    """Fill of each row when segments of `sizes` are packed first-fit decreasing into rows of `capacity`."""
+    rows: list[int] = []
+    for size in sorted(sizes, reverse=True):
+        fit = next((i for i, fill in enumerate(rows) if fill + size <= capacity), None)
+        if fit is None:
+            rows.append(size)
+        else:
+            rows[fit] += size
+    return rows
+
+
+def analysis(args, pairs: Path) -> None:
+    """Token positions per pair for each layout, and the CPU cost of the model call at this batch's shapes."""
+    import statistics
+
+    import torch
+
+    from rlhf import dpo
+    from rlhf.data import load_rows, tokenize_rankings
+    from rlhf.models import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(args.sft_model)
+    groups = tokenize_rankings(load_rows(str(pairs)), tokenizer, 64, str(pairs)).examples
+    bs = args.batch_size
+    batches = [groups[i:i + bs] for i in range(0, len(groups) - bs + 1, bs)]
+    layouts = {"TRL (prompt + chosen, prompt + rejected, each row padded)": 0, "ours (prompt once, both responses "
+               "after it)": 0, "best packing (whole segments, rows of 2x the longest, padded)": 0, "no padding": 0}
+    names = list(layouts)
+    for batch in batches:
+        full = [len(seq) for g in batch for seq in g["input_ids"]]  # prompt + response, each
+        prompt = [g["prompt_len"] for g in batch]
+        response = [len(seq) - g["prompt_len"] for g in batch for seq in g["input_ids"]]
+        segment = [g["prompt_len"] + sum(len(seq) - g["prompt_len"] for seq in g["input_ids"]) for g in batch]
+        rows = ffd_rows(segment, 2 * max(segment))
+        for name, positions in zip(names, (len(full) * max(full), len(batch) * (max(prompt) + 2 * max(response)),
+                                           len(rows) * max(rows), sum(segment))):
+            layouts[name] += positions / (len(batches) * bs)
+    print(f"\nToken positions per pair ({len(batches)} batches of {bs} pairs from {pairs.name}):\n")
+    print("| layout | positions per pair |\n|---|---|")
+    for name, value in layouts.items():
+        print(f"| {name} | {value:.1f} |")
+
+    model = load_causal_lm(args.sft_model)
+    batch = dpo.collate(batches[0], tokenizer.pad_token_id)
+
+    def step(m, bf16: bool = False):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logps = dpo.response_logps(m, batch, False, share_prompt_prefix=True)
+        logps.sum().backward()
+
+    def cpu_ms(fn, n: int = 50) -> float:
+        times = []
+        for _ in range(n):
+            t = time.process_time()
+            fn()
+            times.append(time.process_time() - t)
+        return 1000 * statistics.median(times)
+
+    def reference():
+        with torch.inference_mode():
+            dpo.response_logps(model, batch, False, share_prompt_prefix=True)
+
+    step(model)
+    rows = [("reference forward only (no gradient), eager, float32", cpu_ms(reference)),
+            ("eager, float32", cpu_ms(lambda: step(model))),
+            ("eager, bf16 autocast", cpu_ms(lambda: step(model, True)))]
+    compiled = torch.compile(model)
+    t = time.process_time()
+    step(compiled)
+    first = time.process_time() - t
+    rows.append((f"torch.compile, float32 (first call: {first:.1f} CPU s)", cpu_ms(lambda: step(compiled))))
+    print(f"\nPolicy forward + backward (and the reference forward) of one batch ({bs} pairs, "
+          f"{tuple(batch['prompt_ids'].shape)} prompts, "
+          f"{tuple(batch['completion_ids'].shape)} responses), median of 50, 1 thread:\n")
+    print("| path | CPU-ms |\n|---|---|")
+    for name, ms in rows:
+        print(f"| {name} | {ms:.2f} |")
 
 
 def run_ours(args, data: Path, out: Path, precompute: bool, batch_size: int) -> dict:
@@ -160,6 +245,7 @@ def main() -> None:
     p.add_argument("--learning_rate", type=float, default=3e-4)
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--analysis", action="store_true", help="Print the layout and model-call analysis instead.")
     p.add_argument("--trl_worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--pairs", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -175,6 +261,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = make_data(args, tmp)
+        if args.analysis:
+            return analysis(args, data["pairs"])
         gb, pairs_per_step = args.group_batch_size, args.group_batch_size * data["per_prompt"]
         setups = [
             (f"{data['n_pairs']} random pairs of the rankings, {args.batch_size} pairs per step", data["n_pairs"], [
