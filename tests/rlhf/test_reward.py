@@ -173,7 +173,7 @@ def test_plackett_luce_loss_type_trains_on_cores_loss(tmp_path, monkeypatch):
 def test_reward_model_learns_gold_ranking(tmp_path, loss_type):
     summary, _ = _train(tmp_path, "learn", num_train_prompts=1500, num_eval_prompts=200, per_device_train_batch_size=16,
                         learning_rate=2e-3, lr_scheduler_type="cosine", warmup_ratio=0.05, loss_type=loss_type)
-    assert summary["eval/accuracy"] >= 0.7 and summary["eval/margin"] > 0  # chance 0.5; seeds 1-3: 0.83-0.85 (either loss)
+    assert summary["eval/accuracy"] >= 0.7 and summary["eval/margin"] > 0  # chance 0.5; seeds 1-3: 0.83-0.85 both
 
 
 def test_rankings_from_a_sampler_model(tmp_path, tiny_model_dir):
