@@ -15,7 +15,8 @@ References:
   "Group Sequence Policy Optimization" (GSPO, eqs. 7 and 10: the sequence-level ratio).
 - Mnih et al. 2015 (DQN); van Hasselt et al. 2016 (Double DQN, eq. 4); Wang et al. 2016
   (Dueling, eqs. 8-9); Schaul et al. 2016 (prioritised replay, importance weights, Alg. 1).
-- Bradley & Terry 1952; Ouyang et al. 2022 (InstructGPT reward model, eq. 1).
+- Bradley & Terry 1952; Ouyang et al. 2022 (InstructGPT reward model, eq. 1); Plackett 1975, Luce 1959
+  (the listwise ranking likelihood).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 
 from .kl import kl_estimate
 from .masked import aggregate_loss, masked_mean
-from .preference import ranked_pairs
+from .preference import plackett_luce_nll, ranked_pairs
 
 
 def _expand_like(advantages: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -343,8 +344,10 @@ def ranking_loss(
     ranks: torch.Tensor,
     margin: float | torch.Tensor | None = None,
     center_coef: float = 0.0,
+    loss_type: str = "pairwise",
 ) -> tuple[torch.Tensor, dict]:
-    """InstructGPT ranking loss: mean over ordered pairs of -log sigmoid(s_better - s_worse - margin).
+    """Reward-model loss of K ranked responses per prompt: InstructGPT's mean over ordered pairs of
+    -log sigmoid(s_better - s_worse - margin), or the Plackett-Luce negative log-likelihood of the ranking.
 
     Ouyang et al. 2022, eq. 1: all C(K, 2) comparisons of one prompt in one batch element, each
     prompt weighted equally. Exactly: for each prompt, average over the pairs (i, j) with
@@ -353,8 +356,18 @@ def ranking_loss(
     :func:`bradley_terry_loss`. ``center_coef`` adds center_coef * mean(s^2) over valid scores.
     ``reward/accuracy``: per-prompt fraction of pairs ordered correctly (s_better > s_worse), averaged.
 
+    ``loss_type="plackett_luce"`` replaces each prompt's pair mean by :func:`plackett_luce_nll` of its
+    ranking (DPO appendix A.3, eq. 20, ties by Breslow's rule; no margin): the likelihood of the whole
+    ranking when it was drawn as successive softmax choices, the exact model of a labeller that picks
+    the best remaining response with probability proportional to exp(reward). Its terms are K - 1 choices,
+    not a mean, so its scale grows with K. With K = 2 and no tie both types are the Bradley-Terry loss.
+
     Shapes: scores (B, K), ranks (B, K) int with 0 = best, margin float, (B,) or None; returns (loss, metrics).
     """
+    if loss_type not in ("pairwise", "plackett_luce"):
+        raise ValueError(f"loss_type must be pairwise or plackett_luce, got {loss_type!r}")
+    if loss_type == "plackett_luce" and margin is not None:
+        raise ValueError("a margin applies to pairs only, not to loss_type='plackett_luce'")
     valid = ranks >= 0  # (B, K)
     pairs = ranked_pairs(ranks).to(scores.dtype)  # (B, K, K): response i ranked better than j, both valid
     diff = scores.unsqueeze(2) - scores.unsqueeze(1)  # (B, K, K): s_i - s_j
@@ -364,7 +377,10 @@ def ranking_loss(
     n_pairs = pairs.sum(dim=(1, 2))  # (B,)
     has_pairs = (n_pairs > 0).to(scores.dtype)
     n_prompts = has_pairs.sum().clamp_min(1)
-    per_prompt = (-F.logsigmoid(diff) * pairs).sum(dim=(1, 2)) / n_pairs.clamp_min(1)  # (B,)
+    if loss_type == "plackett_luce":
+        per_prompt = plackett_luce_nll(scores, ranks) * has_pairs  # (B,)
+    else:
+        per_prompt = (-F.logsigmoid(diff) * pairs).sum(dim=(1, 2)) / n_pairs.clamp_min(1)  # (B,)
     valid_scores = scores[valid]
     loss = per_prompt.sum() / n_prompts + _centre_penalty(valid_scores, center_coef)
     correct = ((scores.unsqueeze(2) - scores.unsqueeze(1) > 0).to(scores.dtype) * pairs).sum(dim=(1, 2))

@@ -252,3 +252,32 @@ def test_ranking_loss_vs_explicit_pairs_with_ties_and_padding():
     assert loss.item() == pytest.approx(sum(per_prompt) / 3, rel=1e-10)
     assert m["reward/accuracy"].item() == pytest.approx(sum(accs) / 3)
     assert m["reward/pairs"].item() == 6 + 5 + 0 + 3
+
+
+def test_ranking_loss_plackett_luce_vs_naive_choices():
+    torch.manual_seed(6)
+    scores = torch.randn(5, 4, dtype=torch.float64)
+    ranks = torch.tensor([[0, 1, 2, 3], [3, 0, 2, 1], [2, 0, 0, 1], [1, 1, 1, 1], [0, 2, 1, -1]])  # ties, padding
+    loss, m = ranking_loss(scores, ranks, loss_type="plackett_luce", center_coef=0.01)
+    per_prompt = []
+    for b in range(5):
+        s, r = scores[b].tolist(), ranks[b].tolist()
+        valid = [i for i in range(4) if r[i] >= 0]
+        worst = max(r[i] for i in valid)
+        if all(r[i] == worst for i in valid):
+            continue  # nothing to choose
+        # each response above the worst rank is chosen among itself and everything ranked at or below it
+        nll = sum(math.log(sum(math.exp(s[j]) for j in valid if r[j] >= r[i])) - s[i] for i in valid if r[i] < worst)
+        per_prompt.append(nll)
+    assert len(per_prompt) == 4
+    centre = 0.01 * scores[ranks >= 0].pow(2).mean().item()
+    assert loss.item() == pytest.approx(sum(per_prompt) / 4 + centre, rel=1e-10)
+    assert m["reward/accuracy"].item() == pytest.approx(ranking_loss(scores, ranks)[1]["reward/accuracy"].item())
+    # K = 2 without ties: both loss types are the Bradley-Terry loss
+    two, two_ranks = scores[:, :2], torch.tensor([[0, 1], [1, 0], [0, 1], [1, 0], [0, 1]])
+    assert ranking_loss(two, two_ranks, loss_type="plackett_luce")[0].item() == pytest.approx(
+        ranking_loss(two, two_ranks)[0].item(), rel=1e-12)
+    with pytest.raises(ValueError, match="loss_type must be pairwise or plackett_luce"):
+        ranking_loss(scores, ranks, loss_type="listwise")
+    with pytest.raises(ValueError, match="margin"):
+        ranking_loss(scores, ranks, margin=0.5, loss_type="plackett_luce")

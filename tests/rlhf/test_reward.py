@@ -144,11 +144,36 @@ def test_score_command_prints_model_scores(tmp_path, capsys):
     assert "missing.jsonl" in capsys.readouterr().err
 
 
+def test_plackett_luce_loss_type_trains_on_cores_loss(tmp_path, monkeypatch):
+    seen = []
+    original = reward.group_scores
+
+    def recording(model, batch):
+        scores = original(model, batch)
+        if model.training:
+            seen.append((scores.detach().clone(), batch["ranks"]))
+        return scores
+
+    monkeypatch.setattr(reward, "group_scores", recording)
+    _train(tmp_path, "pl", max_steps=1, per_device_train_batch_size=8, completions_per_prompt=4,
+           loss_type="plackett_luce", center_rewards_coefficient=0.01, logging_steps=1)
+    logged = json.loads((tmp_path / "pl" / "metrics.jsonl").read_text().splitlines()[0])
+    (scores, ranks), = seen
+    pl, _ = ranking_loss(scores, ranks, center_coef=0.01, loss_type="plackett_luce")
+    assert logged["loss/reward"] == pytest.approx(float(pl), rel=1e-5)
+    assert logged["loss/reward"] != pytest.approx(float(ranking_loss(scores, ranks, center_coef=0.01)[0]), rel=1e-2)
+    with pytest.raises(ConfigError, match="`loss_type`: must be pairwise or plackett_luce, got 'listwise'"):
+        _train(tmp_path, "bad", loss_type="listwise")
+    with pytest.raises(ConfigError, match="`margin`: applies to loss_type pairwise only"):
+        _train(tmp_path, "bad", loss_type="plackett_luce", margin=0.5)
+
+
 @pytest.mark.slow
-def test_reward_model_learns_gold_ranking(tmp_path):
+@pytest.mark.parametrize("loss_type", ["pairwise", "plackett_luce"])
+def test_reward_model_learns_gold_ranking(tmp_path, loss_type):
     summary, _ = _train(tmp_path, "learn", num_train_prompts=1500, num_eval_prompts=200, per_device_train_batch_size=16,
-                        learning_rate=2e-3, lr_scheduler_type="cosine", warmup_ratio=0.05)
-    assert summary["eval/accuracy"] >= 0.7 and summary["eval/margin"] > 0  # chance 0.5; seeds 1-3: 0.83-0.85
+                        learning_rate=2e-3, lr_scheduler_type="cosine", warmup_ratio=0.05, loss_type=loss_type)
+    assert summary["eval/accuracy"] >= 0.7 and summary["eval/margin"] > 0  # chance 0.5; seeds 1-3: 0.83-0.85 both
 
 
 def test_rankings_from_a_sampler_model(tmp_path, tiny_model_dir):
