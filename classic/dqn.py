@@ -44,7 +44,8 @@ class Config(PrecisionArgs, RunConfig):
     """DQN family: DQN, Double DQN, Dueling (mean|max), prioritised replay, n-step returns.
 
     Defaults are rl-baselines3-zoo's CartPole settings (configs/classic/dqn_cartpole.yaml averages the target net
-    after every gradient step, decays the learning rate and halves the gradient steps, for a steadier end of the run);
+    after every gradient step, bootstraps after 3 steps, decays the learning rate and halves the gradient steps, for a
+    steadier end of the run);
     Atari wants configs/classic/dqn_breakout.yaml-like settings.
     """
 

@@ -60,10 +60,12 @@ def function_approximation(n_actions_list=(1, 2, 4, 6, 8, 10), degree=6, noise=0
     return rows
 
 
-# Part (b) studies the max operator of the DQN / Double DQN targets as the papers define them: a target network
-# copied after each training round and a constant learning rate, whatever the config does for a stable end of run
-# (dqn_cartpole.yaml's running-average target and decaying rate slow the bootstrapping, and with it the Q-values).
-PAPER_TARGET = {"target_update_unit": "env_step", "target_update_interval": 10, "tau": 1.0, "end_learning_rate": None}
+# Part (b) studies the max operator of the DQN / Double DQN targets as the papers define them: one-step targets, a
+# target network copied after each training round and a constant learning rate, whatever the config does for a stable
+# end of run (dqn_cartpole.yaml's running-average target and decaying rate slow the bootstrapping, and with it the
+# Q-values; its 3-step targets would put 3 rewards and a gamma^3-discounted max in every target).
+PAPER_TARGET = {"target_update_unit": "env_step", "target_update_interval": 10, "tau": 1.0, "end_learning_rate": None,
+                "n_step": 1}
 
 
 def dqn_vs_double(steps: int, seed: int, out: Path, config: str) -> dict[str, list[dict]]:
