@@ -80,7 +80,8 @@ class Config(TrainingConfig):
     max_length: int = arg(64, "Longest prompt + response in tokens; longer rankings are dropped (in summary.json).")
     loss_type: str = arg("pairwise", "pairwise: mean of -log sigmoid(r_better - r_worse) over each ranking's C(K, 2) "
                                      "ordered pairs (InstructGPT); plackett_luce: negative log-likelihood of the whole "
-                                     "ranking as successive softmax choices of the best remaining response.")
+                                     "ranking as successive softmax choices of the best remaining response.",
+                        choices=("pairwise", "plackett_luce"))
     margin: float = arg(0.0, "Margin m in -log sigmoid(r_better - r_worse - m) (Llama 2 style; 0: none; pairwise "
                              "loss only).")
     center_rewards_coefficient: float = arg(0.0, "Weight of mean(r^2), which keeps rewards centred at 0 (e.g. 0.01; 0: "
@@ -105,8 +106,6 @@ class Config(TrainingConfig):
         check(self.num_train_prompts > 0, "num_train_prompts", "must be positive")
         check(2 <= self.completions_per_prompt <= 10, "completions_per_prompt", "must be between 2 and 10")
         check(self.labeller_noise >= 0, "labeller_noise", "must be >= 0")
-        check(self.loss_type in ("pairwise", "plackett_luce"), "loss_type",
-              f"must be pairwise or plackett_luce, got {self.loss_type!r}")
         check(self.margin >= 0, "margin", "must be >= 0")
         check(self.margin == 0 or self.loss_type == "pairwise", "margin", "applies to loss_type pairwise only")
         check(self.expand_layers >= 0, "expand_layers", f"must be >= 0, got {self.expand_layers}")

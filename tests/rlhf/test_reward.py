@@ -162,7 +162,7 @@ def test_plackett_luce_loss_type_trains_on_cores_loss(tmp_path, monkeypatch):
     pl, _ = ranking_loss(scores, ranks, center_coef=0.01, loss_type="plackett_luce")
     assert logged["loss/reward"] == pytest.approx(float(pl), rel=1e-5)
     assert logged["loss/reward"] != pytest.approx(float(ranking_loss(scores, ranks, center_coef=0.01)[0]), rel=1e-2)
-    with pytest.raises(ConfigError, match="`loss_type`: must be pairwise or plackett_luce, got 'listwise'"):
+    with pytest.raises(ConfigError, match="`loss_type` must be one of pairwise, plackett_luce; got 'listwise'"):
         _train(tmp_path, "bad", loss_type="listwise")
     with pytest.raises(ConfigError, match="`margin`: applies to loss_type pairwise only"):
         _train(tmp_path, "bad", loss_type="plackett_luce", margin=0.5)
