@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import torch
 
 from rlhf.data import tokenize_prompt_completion
-from rlhf.models import check_model_path, load_reward_model, load_tokenizer
+from rlhf.models import check_model_path, load_reward_model, load_tokenizer, reward_scores
 from rlhf.runtime import ConfigError
 
 BUILTIN_REWARDS = {
@@ -150,39 +150,48 @@ class RewardModelScorer:
     """Scores prompt + completion texts with a learned reward model (`rlhf.models.load_reward_model`).
 
     The texts are re-tokenised with the reward model's own tokenizer (it may differ from the
-    policy's), right-padded, with EOS appended as in reward-model training; the model reads its
-    score at the last non-padding token.
+    policy's), right-padded, with EOS appended as in reward-model training; the score is
+    `rlhf.models.reward_scores` (the score head at the last real token, plus the model's own
+    log-likelihood of the completion if it was trained with `logprob_coef`). `option` names the
+    setting that gave `path` in errors.
     """
 
-    def __init__(self, path: str, device=None, dtype: str = "float32", batch_size: int = 64):
+    def __init__(self, path: str, device=None, dtype: str = "float32", batch_size: int = 64,
+                 option: str = "reward_model_path"):
         if not path:
-            raise ConfigError("`reward_model_path` is empty")
-        check_model_path(path, "reward_model_path")
+            raise ConfigError(f"`{option}` is empty")
+        check_model_path(path, option)
         try:  # a causal LM here would give random scores from a fresh head
             self.model = load_reward_model(path, dtype=dtype, trained=True).eval().requires_grad_(False)
         except ConfigError as e:
-            raise ConfigError(f"`reward_model_path`: {e}") from None
+            raise ConfigError(f"`{option}`: {e}") from None
         self.tokenizer = load_tokenizer(path, padding_side="right")
         self.device = device or torch.device("cpu")
         self.model.to(self.device)
         self.batch_size = batch_size
 
+    def tokenize(self, prompt, completion: str) -> tuple[list[int], int]:
+        """Token ids of prompt + completion in the layout of reward-model training, and the prompt's length."""
+        if isinstance(prompt, list):  # conversational: render the chat, completion as the assistant turn
+            def ids(text):
+                return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            full = self.tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": completion}],
+                                                      tokenize=False)
+            head = self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            return ids(full), len(ids(head))
+        return tokenize_prompt_completion(self.tokenizer, prompt, completion, chat=False)
+
     @torch.no_grad()
     def __call__(self, prompts: list, completions: list[str]) -> torch.Tensor:
-        seqs = []  # the token layout of reward-model training (tokenize_prompt_completion)
-        for prompt, completion in zip(prompts, completions):
-            if isinstance(prompt, list):  # conversational: render the chat, completion as the assistant turn
-                chat = prompt + [{"role": "assistant", "content": completion}]
-                text = self.tokenizer.apply_chat_template(chat, tokenize=False)
-                seqs.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-            else:
-                seqs.append(tokenize_prompt_completion(self.tokenizer, prompt, completion, chat=False)[0])
+        seqs = [self.tokenize(p, c) for p, c in zip(prompts, completions)]
         pad = self.tokenizer.pad_token_id
         scores = []
         for i in range(0, len(seqs), self.batch_size):
             chunk = seqs[i:i + self.batch_size]
-            width = max(map(len, chunk))
-            ids = torch.tensor([s + [pad] * (width - len(s)) for s in chunk], device=self.device)  # (b, L) right-padded
-            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in chunk], device=self.device)
-            scores.append(self.model(input_ids=ids, attention_mask=mask).logits[:, 0].float().cpu())  # (b,)
+            width = max(len(s) for s, _ in chunk)
+            ids = torch.tensor([s + [pad] * (width - len(s)) for s, _ in chunk],
+                               device=self.device)  # (b, L) right-padded
+            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s, _ in chunk], device=self.device)
+            prompt_lens = torch.tensor([n for _, n in chunk], device=self.device)  # (b,)
+            scores.append(reward_scores(self.model, ids, mask, prompt_lens).cpu())  # (b,)
         return torch.cat(scores)  # (N,)

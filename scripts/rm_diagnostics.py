@@ -13,6 +13,9 @@ per RM directory, the share of pairs ranked right:
   right > far             exact answer vs a random far number (gold 1.0 vs 0.0)
   right > malformed       exact answer vs "?" (gold 1.0 vs -1.0)
 
+For a reward model trained with `rlhf reward --logprob_coef c` (score = score head + c log p_RM(answer + EOS |
+prompt)), two more rows split its score into the score head alone and the log-likelihood term alone.
+
 With `--sft_model SFT_DIR` two more rows per table: the SFT model's own log-probability of each answer
 (log pi_SFT(answer + EOS | prompt)) as the ranking, and RM score + c * log pi_SFT (`--logp_coef c`) for each RM.
 (PPO with the KL in the reward, k1, optimises r - beta (log pi - log pi_SFT): per sample it sees the RM's score
@@ -69,6 +72,24 @@ def rm_margins(model_dir: str, rows: dict[str, list[dict]]) -> dict[str, np.ndar
     return out
 
 
+def head_margins(model_dir: str, rows: dict[str, list[dict]]) -> dict[str, np.ndarray] | None:
+    """`rm_margins` of the score head alone, for a reward model trained with `logprob_coef` (else None)."""
+    from rlhf.models.loading import LOGPROB_COEF
+    from rlhf.rewards import RewardModelScorer
+
+    scorer = RewardModelScorer(model_dir)
+    coef = getattr(scorer.model.config, LOGPROB_COEF, 0.0)
+    if not coef:
+        return None
+    setattr(scorer.model.config, LOGPROB_COEF, 0.0)
+    out = {}
+    for name, pairs in rows.items():
+        prompts = [r["prompt"] for r in pairs]
+        chosen = scorer(prompts, [r["chosen"] for r in pairs])
+        out[name] = (chosen - scorer(prompts, [r["rejected"] for r in pairs])).numpy()
+    return out
+
+
 def logp_margins(sft_dir: str, rows: dict[str, list[dict]], batch_size: int = 64) -> dict[str, np.ndarray]:
     """Per kind of pair: log pi_SFT(right + EOS | prompt) - log pi_SFT(other + EOS | prompt)."""
     import datasets
@@ -121,6 +142,10 @@ def main() -> None:
     for m in args.models:
         rm = rm_margins(m, rows)
         print(table_row(m, rm))
+        head = head_margins(m, rows)
+        if head is not None:  # the two parts of a `logprob_coef` model's score
+            print(table_row(f"{m}: score head alone", head))
+            print(table_row(f"{m}: its log-likelihood term alone", {n: rm[n] - head[n] for n in names}))
         if logp is not None:
             combined = {n: rm[n] + args.logp_coef * logp[n] for n in names}
             print(table_row(f"{m} + {args.logp_coef:g} log pi_SFT", combined))

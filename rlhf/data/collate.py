@@ -29,13 +29,15 @@ def collate_rankings(groups: list[dict], pad_token_id: int) -> dict[str, torch.T
     """
     k = max(len(g["input_ids"]) for g in groups)
     seqs, ranks = [], torch.full((len(groups), k), -1, dtype=torch.long)  # (B, K)
+    prompt_lens = torch.ones(len(groups) * k, dtype=torch.long)  # (B*K,)
     for b, g in enumerate(groups):
         seqs += g["input_ids"] + [[pad_token_id]] * (k - len(g["input_ids"]))
         ranks[b, : len(g["ranks"])] = torch.tensor(g["ranks"])
+        prompt_lens[b * k:(b + 1) * k] = g["prompt_len"]
     width = max(map(len, seqs))
     input_ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)  # (B*K, T)
     attention_mask = torch.zeros_like(input_ids)
     for i, s in enumerate(seqs):
         input_ids[i, : len(s)] = torch.tensor(s)
         attention_mask[i, : len(s)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "ranks": ranks}
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "ranks": ranks, "prompt_lens": prompt_lens}

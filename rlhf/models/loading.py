@@ -13,6 +13,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
                           LlamaForSequenceClassification)
 from transformers.utils import logging as hf_logging
 
+from rlhf.core import logprobs_from_logits
 from rlhf.models.builtin import BUILTIN_MODELS, build_builtin, builtin_causal_lm, tiny_tokenizer
 from rlhf.runtime import ConfigError, check, meant_as_local_path
 
@@ -143,21 +144,24 @@ def expand_layers(model, n: int):
 
 
 def load_reward_model(name_or_path: str, dtype: str = "float32", gradient_checkpointing: bool = False,
-                      trust_remote_code: bool = False, trained: bool = False, expand: int = 0):
+                      trust_remote_code: bool = False, trained: bool = False, expand: int = 0,
+                      logprob_coef: float | None = None):
     """A sequence classifier with one output, read at the last non-padding token.
 
     From a causal-LM checkpoint (e.g. an SFT model) the body is reused and the `score` head is new
     (initialised from the caller's RNG, so seed first). `trained=True` (scoring: PPO's reward model,
     `rlhf reward score`) refuses such a checkpoint, whose scores would be random. `pad_token_id` must
     be in the config: the model finds each sequence's last real token by it. `expand` > 0 adds that many
-    identity-initialised decoder layers on top (`expand_layers`).
+    identity-initialised decoder layers on top (`expand_layers`). `logprob_coef` (training) is written to
+    the config, where `reward_scores` reads it; None keeps the checkpoint's.
     """
     if name_or_path in BUILTIN_MODELS:
         if trained:
             raise ConfigError(f"{name_or_path} is an untrained model: score with a reward model trained by "
                               "`rlhf reward`")
-        return _finish(expand_layers(build_builtin(LlamaForSequenceClassification, name_or_path, num_labels=1),
-                                     expand), gradient_checkpointing, dtype)
+        model = build_builtin(LlamaForSequenceClassification, name_or_path, num_labels=1)
+        return _finish(expand_layers(_set_logprob_coef(model, logprob_coef, name_or_path), expand),
+                       gradient_checkpointing, dtype)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "score.weight newly initialised" is expected from a causal-LM checkpoint
     try:
@@ -176,4 +180,52 @@ def load_reward_model(name_or_path: str, dtype: str = "float32", gradient_checkp
         if tokenizer is None or tokenizer.pad_token_id is None:
             raise ConfigError(f"reward model {name_or_path!r}: config has no pad_token_id and the tokenizer has none")
         model.config.pad_token_id = tokenizer.pad_token_id
-    return _finish(expand_layers(model, expand), gradient_checkpointing)
+    return _finish(expand_layers(_set_logprob_coef(model, logprob_coef, name_or_path), expand),
+                   gradient_checkpointing)
+
+
+LOGPROB_COEF = "reward_logprob_coef"  # config key: weight of the model's own log-likelihood in its score
+
+
+def _set_logprob_coef(model, coef: float | None, name: str):
+    if coef is not None:
+        setattr(model.config, LOGPROB_COEF, float(coef))
+    coef = getattr(model.config, LOGPROB_COEF, 0.0)
+    # A sequence classifier keeps no lm_head of its own: the log-likelihood needs the LM head to be the input
+    # embedding (tie_word_embeddings; true of the built-in models, Qwen2.5 0.5-3B, Llama 3.2 1B/3B, Gemma).
+    if coef and not getattr(model.config, "tie_word_embeddings", False):
+        raise ConfigError(f"`logprob_coef`: {name} has an LM head separate from its input embeddings "
+                          f"(tie_word_embeddings false), which a reward model does not load; use logprob_coef 0")
+    return model
+
+
+def _innermost(model):
+    """The model under DDP / DeepSpeed / torch.compile wrappers (the same parameters)."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  prompt_lens: torch.Tensor) -> torch.Tensor:
+    """Scores (N,) float32 of right-padded prompt + response rows (N, T): the score head at the last real token,
+    plus `logprob_coef` x log p(response | prompt) (EOS included) under the model's own LM head, when its config
+    sets one (`rlhf reward --logprob_coef`). prompt_lens (N,): the prompt's tokens in each row.
+
+    Why the log-likelihood: the score head reads one hidden state, and whether the response's last token is the
+    one the model predicts (the units digit of a sum, say) is the LM head's logit of that token at the position
+    before it, a feature no fixed direction of a hidden state gives (results/rlhf_reward_model.md).
+    """
+    inner = _innermost(model)
+    coef = float(getattr(inner.config, LOGPROB_COEF, 0.0) or 0.0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=coef > 0)
+    score = out.logits[:, 0].float()  # (N,)
+    if coef:
+        # position t predicts token t + 1; only response positions go through the (tied) LM head
+        pos = torch.arange(1, input_ids.shape[1], device=input_ids.device)
+        mask = (pos[None] >= prompt_lens.to(pos.device)[:, None]) & attention_mask[:, 1:].bool()  # (N, T-1)
+        hidden = out.hidden_states[-1][:, :-1][mask]  # (M, d), after the final norm
+        token_logp = logprobs_from_logits(hidden @ inner.get_input_embeddings().weight.T, input_ids[:, 1:][mask])
+        rows = torch.arange(len(input_ids), device=pos.device)[:, None].expand_as(mask)[mask]  # (M,)
+        score = score + coef * torch.zeros_like(score).index_add(0, rows, token_logp)
+    return score

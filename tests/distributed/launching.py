@@ -112,7 +112,7 @@ def comparable(row):
 def load_model(stage, path):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    cls = AutoModelForSequenceClassification if stage == "reward" else AutoModelForCausalLM
+    cls = AutoModelForSequenceClassification if stage.startswith("reward") else AutoModelForCausalLM
     return cls.from_pretrained(path).state_dict()
 
 

@@ -73,9 +73,10 @@ def test_each_response_goes_through_the_model_once_per_step(tmp_path, monkeypatc
     assert len(calls) == 2 and all(rows == 16 for rows, _ in calls)  # 4 prompts x 4 responses, one pass per step
 
 
-def test_gradient_accumulation_1x8_equals_8x1(tmp_path):
+@pytest.mark.parametrize("logprob_coef", [0.0, 0.5])
+def test_gradient_accumulation_1x8_equals_8x1(tmp_path, logprob_coef):
     # adam_epsilon=1 makes the update ~ lr * gradient, so float noise in tiny gradients is not blown up to +-lr
-    sgd_like = dict(adam_epsilon=1.0, learning_rate=1.0)
+    sgd_like = dict(adam_epsilon=1.0, learning_rate=1.0, logprob_coef=logprob_coef)
     _, a = _train(tmp_path, "a", max_steps=2, per_device_train_batch_size=8, gradient_accumulation_steps=1, **sgd_like)
     _, b = _train(tmp_path, "b", max_steps=2, per_device_train_batch_size=1, gradient_accumulation_steps=8, **sgd_like)
     for k in a:
@@ -191,3 +192,57 @@ def test_expand_layers_option(tmp_path):
     assert load_reward_model(str(tmp_path / "x" / "model"), trained=True).config.num_hidden_layers == 4
     with pytest.raises(ConfigError, match="`expand_layers`: must be >= 0, got -1"):
         _train(tmp_path, "bad", expand_layers=-1)
+
+
+def _reference_scores(model_dir, texts, coef):
+    """Score head of the saved model (plain transformers) + coef * log p(response + EOS | prompt) of the same weights
+    loaded as a causal LM (its tied LM head), each text forwarded alone; texts: (prompt text, response text)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    rm = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    lm = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    out = []
+    for prompt, response in texts:
+        head = tok(prompt, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([head + tok(response, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            logp = torch.log_softmax(lm(input_ids=ids).logits[0, :-1], -1).gather(-1, ids[0, 1:, None])[:, 0]
+            out.append(float(rm(input_ids=ids).logits[0, 0]) + coef * float(logp[len(head) - 1:].sum()))
+    return out
+
+
+def test_logprob_coef_adds_the_models_own_log_likelihood(tmp_path, tiny_tokenizer):
+    from rlhf.rewards import RewardModelScorer
+
+    _train(tmp_path, "rm", max_steps=2, per_device_train_batch_size=4, logprob_coef=0.5)
+    model_dir = tmp_path / "rm" / "model"
+    assert json.loads((model_dir / "config.json").read_text())["reward_logprob_coef"] == 0.5  # scorers read it
+    rows = [{"prompt": "1+2=", "completions": ["3", "4", "12"]}, {"prompt": "17+25=", "completions": ["42", "?"]}]
+    got = [v for r in reward.score_rows(str(model_dir), _jsonl(tmp_path / "s.jsonl", rows)) for v in r["scores"]]
+    bos, eos = tiny_tokenizer.bos_token, tiny_tokenizer.eos_token
+    texts = [(bos + r["prompt"], c + eos) for r in rows for c in r["completions"]]
+    assert got == pytest.approx(_reference_scores(model_dir, texts, 0.5), abs=1e-4)
+    no_lm = _reference_scores(model_dir, texts, 0.0)
+    assert min(abs(a - b) for a, b in zip(got, no_lm)) > 0.1  # the log-likelihood term is really in the score
+    # PPO's scorer on a conversational prompt: the completion is the assistant turn (its content and EOS)
+    scorer = RewardModelScorer(str(model_dir))
+    chat = [{"role": "user", "content": "1+2="}]
+    head = tiny_tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert float(scorer([chat], ["3"])[0]) == pytest.approx(_reference_scores(model_dir, [(head, "3" + eos)], 0.5)[0],
+                                                            abs=1e-4)
+    with pytest.raises(ConfigError, match="`logprob_coef`: must be >= 0, got -1"):
+        _train(tmp_path, "bad", logprob_coef=-1)
+
+
+def test_logprob_coef_needs_tied_embeddings_and_writes_nothing(tmp_path, tiny_tokenizer):
+    from transformers import LlamaForCausalLM
+
+    from rlhf.models.builtin import build_builtin
+
+    build_builtin(LlamaForCausalLM, tie_word_embeddings=False).save_pretrained(tmp_path / "untied")
+    tiny_tokenizer.save_pretrained(tmp_path / "untied")
+    with pytest.raises(ConfigError, match="`logprob_coef`: .*untied has an LM head separate from its input embeddings"):
+        _train(tmp_path, "out", model_name_or_path=str(tmp_path / "untied"), logprob_coef=0.1)
+    assert not (tmp_path / "out").exists()
+    _train(tmp_path, "out", model_name_or_path=str(tmp_path / "untied"), max_steps=1)  # the score head alone works

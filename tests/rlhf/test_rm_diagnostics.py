@@ -29,3 +29,22 @@ def test_logp_margins_equal_a_per_sequence_reference(tiny_model_dir, tiny_tokeni
 
     expected = [logp(r["prompt"], r["chosen"]) - logp(r["prompt"], r["rejected"]) for r in rows["pairs"]]
     assert margins.tolist() == pytest.approx(expected, abs=1e-4)
+
+
+def test_a_logprob_coef_model_is_split_into_its_two_terms(tmp_path):
+    from rlhf import reward
+    from rlhf.runtime import make_config
+
+    torch.set_num_threads(1)
+    rows = {"pairs": [{"prompt": "17+25=", "chosen": "42", "rejected": "32"},
+                      {"prompt": "3+4=", "chosen": "7", "rejected": "8"}]}
+    cfg = dict(num_train_prompts=16, num_eval_prompts=0, progress=False, report_to="none", max_steps=1,
+               per_device_train_batch_size=4)
+    reward.train(make_config(reward.Config, dict(cfg, output_dir=str(tmp_path / "plain"))))
+    assert diag.head_margins(str(tmp_path / "plain" / "model"), rows) is None  # the score head is the whole score
+    reward.train(make_config(reward.Config, dict(cfg, output_dir=str(tmp_path / "lp"), logprob_coef=0.5)))
+    model_dir = str(tmp_path / "lp" / "model")
+    total, head = diag.rm_margins(model_dir, rows)["pairs"], diag.head_margins(model_dir, rows)["pairs"]
+    # the rest is 0.5 x the model's own log-prob margin: that of the same weights loaded as a causal LM
+    assert (total - head).tolist() == pytest.approx((0.5 * diag.logp_margins(model_dir, rows)["pairs"]).tolist(),
+                                                    abs=1e-4)
