@@ -37,7 +37,7 @@ scorer (PPO's, `rlhf reward score`; the coefficient is saved in the model's conf
 the model would write there (the units digit of a sum) is the LM head's logit of that token at the position
 before it, which no fixed direction of a hidden state gives, and training moves the whole score through
 both paths. On the pipeline's arithmetic rankings it lifts the right sum above an off-by-one answer from
-chance to 94-97% (results/rlhf_reward_model.md). It needs tied embeddings (a sequence classifier loads no
+chance to 94-99% (results/rlhf_reward_model.md). It needs tied embeddings (a sequence classifier loads no
 separate lm_head) and is refused under ZeRO-3 (the embedding matrix is read outside its module).
 
 `--expand_layers N` grows the starting model by N decoder layers before training (block expansion, Wu et

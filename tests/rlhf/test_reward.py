@@ -246,3 +246,17 @@ def test_logprob_coef_needs_tied_embeddings_and_writes_nothing(tmp_path, tiny_to
         _train(tmp_path, "out", model_name_or_path=str(tmp_path / "untied"), logprob_coef=0.1)
     assert not (tmp_path / "out").exists()
     _train(tmp_path, "out", model_name_or_path=str(tmp_path / "untied"), max_steps=1)  # the score head alone works
+
+
+def test_logprob_coef_reaches_the_model_under_lora():
+    from rlhf.models import BUILTIN_TINY, apply_lora, load_reward_model, reward_scores
+
+    torch.manual_seed(0)
+    ids, prompt_lens = torch.tensor([[1, 21, 15, 22, 2], [1, 21, 15, 23, 2]]), torch.tensor([3, 3])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        plain = reward_scores(load_reward_model(BUILTIN_TINY), ids, mask, prompt_lens)
+        base = load_reward_model(BUILTIN_TINY, logprob_coef=0.5)
+        with_lm = reward_scores(base, ids, mask, prompt_lens)
+        lora = reward_scores(apply_lora(base, r=4, alpha=8), ids, mask, prompt_lens)  # adapters start at zero
+    assert torch.allclose(lora, with_lm, atol=1e-6) and (with_lm - plain).abs().min() > 0.1
