@@ -306,7 +306,7 @@ def train(cfg: Config) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def score_rows(model_dir: str, data: str, batch_size: int = 64, max_length: int = 0) -> list[dict]:
+def score_rows(model_dir: str, data: str, batch_size: int = 64) -> list[dict]:
     """Scores of each row of `data`: `prompt`+`completion` -> score; `prompt`+`completions` -> scores;
     `prompt`+`chosen`+`rejected` -> chosen_score, rejected_score."""
     rows = load_rows(data)
