@@ -28,10 +28,6 @@ def stage_configs(root: Path, scale: int) -> dict:
                     num_eval_prompts=8, num_eval_examples=16, eval_steps=0, per_device_eval_batch_size=8),
         "reward": dict(common, per_device_train_batch_size=2 * scale, num_train_prompts=32, completions_per_prompt=3,
                        learning_rate=1e-3, num_eval_prompts=8, eval_steps=0, per_device_eval_batch_size=3),
-        # the score with the model's own log-likelihood (its tied LM head); refused under ZeRO-3
-        "reward_logprob": dict(common, per_device_train_batch_size=2 * scale, num_train_prompts=32,
-                               completions_per_prompt=3, learning_rate=1e-3, num_eval_prompts=8, eval_steps=0,
-                               per_device_eval_batch_size=3, logprob_coef=0.5),
         "dpo": dict(common, per_device_train_batch_size=2 * scale, num_train_prompts=32, completions_per_prompt=3,
                     learning_rate=1e-3, beta=0.5, num_eval_prompts=8, num_greedy_eval_prompts=8,
                     per_device_eval_batch_size=3),
@@ -57,6 +53,8 @@ def stage_configs(root: Path, scale: int) -> dict:
     # use_vllm: an engine per process, on the tiny model's shape with heads of 32 (what vLLM's CPU attention serves)
     vllm = dict(model_name_or_path=str(root / "start32"), use_vllm=True)
     configs.update({
+        # the reward score with the model's own log-likelihood (its tied LM head); refused under ZeRO-3
+        "reward_logprob": dict(configs["reward"], logprob_coef=0.5),
         "grpo_vllm": dict(configs["grpo"], **vllm),
         "grpo_vllm_lora": dict(configs["grpo"], **vllm, use_peft=True, lora_r=4, lora_alpha=8, lora_dropout=0.0,
                                learning_rate=1e-2),
