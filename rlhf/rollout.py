@@ -282,11 +282,12 @@ def grouped_logprobs(
 ) -> torch.Tensor:
     """`batch_logprobs` of K completions per prompt (temperature 1) in ONE forward pass, each prompt encoded once.
 
-    Each prompt and its K completions are laid out in one row, prompt | completion 1 | ... | completion K,
-    under an attention mask that lets a completion see its prompt and its own earlier tokens only, with
-    the positions it would have after the prompt alone. So its logits are those of prompt + completion
-    forwarded in full (to float tolerance), while the prompt's cost is paid once and, unlike the KV-cache
-    path of `batch_logprobs(share_prompts=True)`, in one model call (on a tiny model a call's fixed cost
+    Each prompt and its K completions are laid out in one row, prompt | completion 1 | ... | completion K
+    (each without its last token, whose logits predict nothing scored), under an attention mask that lets
+    a completion see its prompt and its own earlier tokens only, with the positions it would have after
+    the prompt alone. So its logits are those of prompt + completion forwarded in full (to float
+    tolerance), while the prompt's cost is paid once and, unlike the KV-cache path of
+    `batch_logprobs(share_prompts=True)`, in one model call (on a tiny model a call's fixed cost
     is most of a short batch) and without a cache (so gradient checkpointing works). Attention over the
     row grows with K x completion length: meant for DPO's pairs and rankings, not for long rollouts.
 
@@ -294,25 +295,25 @@ def grouped_logprobs(
     completions of a prompt consecutive, right-padded; returns (U*K, R) float32 (garbage where the mask is 0).
     """
     (u, p), r = prompt_ids.shape, completion_ids.shape[1]
-    k = completion_ids.shape[0] // u
+    k, n = completion_ids.shape[0] // u, r - 1  # n: input columns per completion (its last token predicts nothing)
     device = prompt_ids.device
-    input_ids = torch.cat([prompt_ids, completion_ids.reshape(u, k * r)], 1)  # (U, L), L = P + K*R
-    real = torch.cat([prompt_mask, completion_mask.reshape(u, k * r)], 1).bool()  # (U, L)
+    input_ids = torch.cat([prompt_ids, completion_ids[:, :n].reshape(u, k * n)], 1)  # (U, L), L = P + K*(R-1)
+    real = torch.cat([prompt_mask, completion_mask[:, :n].reshape(u, k * n)], 1).bool()  # (U, L)
     prompt_len = prompt_mask.sum(1, keepdim=True)  # (U, 1)
     offset = torch.arange(r, device=device)  # (R,)
-    position_ids = torch.cat([position_ids_from_mask(prompt_mask), (prompt_len + offset).repeat(1, k)], 1)  # (U, L)
+    position_ids = torch.cat([position_ids_from_mask(prompt_mask), (prompt_len + offset[:n]).repeat(1, k)], 1)
     segment = torch.cat([torch.zeros(p, dtype=torch.long, device=device),
-                         torch.arange(1, k + 1, device=device).repeat_interleave(r)])  # (L,): 0 prompt, i completion i
-    col = torch.arange(p + k * r, device=device)
+                         torch.arange(1, k + 1, device=device).repeat_interleave(n)])  # (L,): 0 prompt, i completion i
+    col = torch.arange(p + k * n, device=device)
     allowed = (col[None] <= col[:, None]) & ((segment[None] == 0) | (segment[None] == segment[:, None]))  # (L, L)
     # every query sees at least itself: a padding position attending to nothing would give NaN, which
     # masked-out keys still carry into real positions as 0 * NaN
-    attention = (allowed & real[:, None, :]) | torch.eye(p + k * r, dtype=torch.bool, device=device)  # (U, L, L)
+    attention = (allowed & real[:, None, :]) | torch.eye(p + k * n, dtype=torch.bool, device=device)  # (U, L, L)
     logits = model(input_ids=input_ids, attention_mask=attention[:, None], position_ids=position_ids,
-                   use_cache=False, logits_to_keep=k * r + 1).logits  # (U, K*R + 1, V): columns P-1 .. L-1
+                   use_cache=False, logits_to_keep=k * n + 1).logits  # (U, K*n + 1, V): columns P-1 .. L-1
     # completion i's token 0 is predicted by the prompt's last column (kept index 0), token j > 0 by its
-    # own token j - 1 (kept index 1 + i*R + j - 1)
-    index = (torch.arange(k, device=device)[:, None] * r + offset) * (offset > 0)  # (K, R)
+    # own token j - 1 (kept index 1 + i*n + j - 1)
+    index = (torch.arange(k, device=device)[:, None] * n + offset) * (offset > 0)  # (K, R)
     logits = logits[:, index.view(-1)].reshape(u * k, r, -1)  # (U*K, R, V)
     return logprobs_from_logits(logits, completion_ids)
 

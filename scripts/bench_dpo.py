@@ -10,6 +10,9 @@ otherwise (`share_prompt_prefix`: a pair's prompt goes through the model once fo
 forwards prompt + chosen and prompt + rejected). TRL runs in its own
 virtualenv (`--trl_python`), given only the model directory and a JSONL file of pairs.
 
+`--repeats N` runs every trainer N times, round-robin, and reports the median CPU time (and its range, and the
+range of the ratios); `--setups random` or `--setups rankings` runs one of the two comparisons.
+
 Reported: optimizer steps, pairs per CPU-second of the training call from the data on (ours: the whole
 `rlhf dpo` train call, reading, tokenising and saving included; TRL: from reading the pairs through
 `DPOTrainer(...)` and `trainer.train()`), the training loop's wall time, and for each trained model,
@@ -31,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -91,21 +95,24 @@ def analysis(args, pairs: Path) -> None:
     from rlhf import dpo
     from rlhf.data import load_rows, tokenize_rankings
     from rlhf.models import load_causal_lm, load_tokenizer
+    from rlhf.models.attention import PADDED_SDPA, use_padded_sdpa
 
     tokenizer = load_tokenizer(args.sft_model)
     groups = tokenize_rankings(load_rows(str(pairs)), tokenizer, 64, str(pairs)).examples
     bs = args.batch_size
     batches = [groups[i:i + bs] for i in range(0, len(groups) - bs + 1, bs)]
     layouts = {"TRL (prompt + chosen, prompt + rejected, each row padded)": 0, "ours (prompt once, both responses "
-               "after it)": 0, "best packing (whole segments, rows of 2x the longest, padded)": 0, "no padding": 0}
+               "after it, each without its last token)": 0, "best packing (whole segments, rows of 2x the longest, "
+               "padded)": 0, "no padding": 0}
     names = list(layouts)
     for batch in batches:
         full = [len(seq) for g in batch for seq in g["input_ids"]]  # prompt + response, each
         prompt = [g["prompt_len"] for g in batch]
         response = [len(seq) - g["prompt_len"] for g in batch for seq in g["input_ids"]]
-        segment = [g["prompt_len"] + sum(len(seq) - g["prompt_len"] for seq in g["input_ids"]) for g in batch]
+        # a response's last token is no model input in our layout (it predicts nothing), nor in these two
+        segment = [g["prompt_len"] + sum(len(seq) - g["prompt_len"] - 1 for seq in g["input_ids"]) for g in batch]
         rows = ffd_rows(segment, 2 * max(segment))
-        for name, positions in zip(names, (len(full) * max(full), len(batch) * (max(prompt) + 2 * max(response)),
+        for name, positions in zip(names, (len(full) * max(full), len(batch) * (max(prompt) + 2 * (max(response) - 1)),
                                            len(rows) * max(rows), sum(segment))):
             layouts[name] += positions / (len(batches) * bs)
     print(f"\nToken positions per pair ({len(batches)} batches of {bs} pairs from {pairs.name}):\n")
@@ -113,7 +120,7 @@ def analysis(args, pairs: Path) -> None:
     for name, value in layouts.items():
         print(f"| {name} | {value:.1f} |")
 
-    model = load_causal_lm(args.sft_model)
+    model = use_padded_sdpa(load_causal_lm(args.sft_model))  # as `rlhf dpo` runs it
     batch = dpo.collate(batches[0], tokenizer.pad_token_id)
 
     def step(m, bf16: bool = False):
@@ -137,6 +144,10 @@ def analysis(args, pairs: Path) -> None:
     rows = [("reference forward only (no gradient), eager, float32", cpu_ms(reference)),
             ("eager, float32", cpu_ms(lambda: step(model))),
             ("eager, bf16 autocast", cpu_ms(lambda: step(model, True)))]
+    model.set_attn_implementation("sdpa")  # transformers' own, keys not padded (rlhf.models.attention)
+    rows += [("reference forward, transformers' SDPA (keys not padded to 16)", cpu_ms(reference)),
+             ("eager, float32, transformers' SDPA (keys not padded to 16)", cpu_ms(lambda: step(model)))]
+    model.set_attn_implementation(PADDED_SDPA)
     compiled = torch.compile(model)
     t = time.process_time()
     step(compiled)
@@ -245,6 +256,11 @@ def main() -> None:
     p.add_argument("--learning_rate", type=float, default=3e-4)
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="Run every trainer this many times, round-robin; CPU s is the median (and range).")
+    p.add_argument("--setups", default="random,rankings", type=lambda v: v.split(","),
+                   help="Which comparisons: random (random pairs of the rankings), rankings (the pairs of whole "
+                        "rankings), or both.")
     p.add_argument("--analysis", action="store_true", help="Print the layout and model-call analysis instead.")
     p.add_argument("--trl_worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--pairs", help=argparse.SUPPRESS)
@@ -254,9 +270,14 @@ def main() -> None:
     if args.trl_worker:
         return trl_worker(args)
 
+    import gc
+
     import torch
 
+    import rlhf.dpo  # noqa: F401
+
     torch.set_num_threads(1)
+    gc.freeze()  # as the `rlhf` command does once it has imported its stage (rlhf.cli)
     tables = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -265,16 +286,17 @@ def main() -> None:
             return analysis(args, data["pairs"])
         gb, pairs_per_step = args.group_batch_size, args.group_batch_size * data["per_prompt"]
         setups = [
-            (f"{data['n_pairs']} random pairs of the rankings, {args.batch_size} pairs per step", data["n_pairs"], [
+            ("random", f"{data['n_pairs']} random pairs of the rankings, {args.batch_size} pairs per step",
+             data["n_pairs"], [
                 ("TRL DPOTrainer", lambda: run_trl(args, data["pairs"], tmp / "t1", False, args.batch_size)),
                 ("rlhf dpo", lambda: run_ours(args, data["pairs"], tmp / "o1", False, args.batch_size)),
                 ("TRL DPOTrainer, precompute_ref_log_probs",
                  lambda: run_trl(args, data["pairs"], tmp / "t2", True, args.batch_size)),
                 ("rlhf dpo, precompute_ref_log_probs",
                  lambda: run_ours(args, data["pairs"], tmp / "o2", True, args.batch_size))]),
-            (f"the {data['n_grouped']} pairs of {args.steps * gb} whole rankings, {pairs_per_step} pairs per step "
-             f"(TRL: pairs; ours: the rankings, {gb} prompts x {data['per_prompt']} pairs, each response forwarded "
-             "once)", data["n_grouped"], [
+            ("rankings", f"the {data['n_grouped']} pairs of {args.steps * gb} whole rankings, {pairs_per_step} pairs "
+             f"per step (TRL: pairs; ours: the rankings, {gb} prompts x {data['per_prompt']} pairs, each response "
+             "forwarded once)", data["n_grouped"], [
                 ("TRL DPOTrainer", lambda: run_trl(args, data["grouped_pairs"], tmp / "t3", False, pairs_per_step)),
                 ("rlhf dpo", lambda: run_ours(args, data["rankings"], tmp / "o3", False, gb)),
                 ("TRL DPOTrainer, precompute_ref_log_probs",
@@ -282,27 +304,34 @@ def main() -> None:
                 ("rlhf dpo, precompute_ref_log_probs",
                  lambda: run_ours(args, data["rankings"], tmp / "o4", True, gb))]),
         ]
-        for title, n, runs in setups:
-            rows = []
-            for name, fn in runs:
-                r = fn()
-                rows.append((name, r, score(r["model"], args)))
-            tables.append((title, n, rows))
+        for key, title, n, runs in setups:
+            if key not in args.setups:
+                continue
+            cpu_s, last = {name: [] for name, _ in runs}, {}
+            for _ in range(args.repeats):  # round-robin: a slow spell of the shared machine hits every trainer
+                for name, fn in runs:
+                    last[name] = fn()
+                    cpu_s[name].append(last[name]["cpu_s"])
+            tables.append((title, n, [(name, last[name], cpu_s[name], score(last[name]["model"], args))
+                                      for name, _ in runs]))
     base = score(args.sft_model, args)
     print(f"\nDPO (sigmoid, beta {args.beta}, lr {args.learning_rate}, constant after 5% warmup) from "
           f"{args.sft_model}, {args.steps} steps, 1 torch thread each; the SFT model's greedy accuracy "
-          f"{base['accuracy']:.3f}")
+          f"{base['accuracy']:.3f}" + (f"; CPU s: median (min-max) of {args.repeats} runs" if args.repeats > 1 else ""))
     for title, n, rows in tables:
         print(f"\n{title}\n")
         print("| trainer | steps | CPU s | loop s | pairs / CPU-s | held-out preference acc. | greedy acc. |")
         print("|---|---|---|---|---|---|---|")
-        for name, r, s in rows:
-            print(f"| {name} | {r['steps']} | {r['cpu_s']:.1f} | {r['loop_s']:.1f} | {n / r['cpu_s']:.0f} | "
-                  f"{s['preference_accuracy']:.3f} | {s['accuracy']:.3f} |")
-        cpu = [r["cpu_s"] for _, r, _ in rows]
-        print(f"\nthroughput rlhf dpo / TRL: {cpu[0] / cpu[1]:.2f} (reference per batch, both), {cpu[2] / cpu[3]:.2f} "
-              f"(precomputed, both), {cpu[0] / cpu[3]:.2f} (each one's default: TRL per batch, ours precomputed)")
-
+        for name, r, cpus, s in rows:
+            spread = f" ({min(cpus):.1f}-{max(cpus):.1f})" if len(cpus) > 1 else ""
+            print(f"| {name} | {r['steps']} | {statistics.median(cpus):.1f}{spread} | {r['loop_s']:.1f} | "
+                  f"{n / statistics.median(cpus):.0f} | {s['preference_accuracy']:.3f} | {s['accuracy']:.3f} |")
+        med = [statistics.median(cpus) for _, _, cpus, _ in rows]
+        each = [[a / b for a, b in zip(rows[i][2], rows[j][2])] for i, j in ((0, 1), (2, 3), (0, 3))]
+        spreads = [f" ({min(e):.2f}-{max(e):.2f})" if len(e) > 1 else "" for e in each]
+        print(f"\nthroughput rlhf dpo / TRL: {med[0] / med[1]:.2f}{spreads[0]} (reference per batch, both), "
+              f"{med[2] / med[3]:.2f}{spreads[1]} (precomputed, both), {med[0] / med[3]:.2f}{spreads[2]} (each one's "
+              "default: TRL per batch, ours precomputed)")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -112,7 +112,9 @@ def tokenize_prompt_completions(tokenizer, prompts: list[str], completions: list
                                 chat: bool) -> list[tuple[list[int], int]]:
     """`tokenize_prompt_completion` of each (prompt, completion) pair."""
     completion_ids = token_ids(tokenizer, completions, add_special_tokens=False)
-    prompt_ids = token_ids(tokenizer, [p or "" for p in prompts], add_special_tokens=not chat)
+    unique = list(dict.fromkeys(prompts))  # a ranking's K rows share one prompt: encode it once
+    encoded = dict(zip(unique, token_ids(tokenizer, [p or "" for p in unique], add_special_tokens=not chat)))
+    prompt_ids = [encoded[p] for p in prompts]
     eos = tokenizer.eos_token_id
     if not chat and eos is not None:
         completion_ids = [c if c and c[-1] == eos else c + [eos] for c in completion_ids]
@@ -132,7 +134,7 @@ def tokenize_sft(rows, tokenizer, max_length: int, completion_only_loss: bool = 
     fmt = sft_format(rows.column_names, source)
     where = Locator(source)
     examples, dropped = [], 0
-    for i, row in enumerate(rows):
+    for i, row in enumerate(rows.to_list()):  # one conversion of the table, not one per row
         prompt, completion, chat = sft_texts(row, fmt, tokenizer, where(i))
         ids, n_prompt = tokenize_prompt_completion(tokenizer, prompt, completion, chat)
         if len(ids) > max_length:
@@ -204,7 +206,7 @@ def tokenize_rankings(rows, tokenizer, max_length: int, source: str = "data") ->
     a group with any response over `max_length` is dropped."""
     fmt = ranking_format(rows.column_names, source)
     where = Locator(source)
-    checked = [ranking_group(row, fmt, where(i)) for i, row in enumerate(rows)]
+    checked = [ranking_group(row, fmt, where(i)) for i, row in enumerate(rows.to_list())]  # one table conversion
     # ties are skipped by the loss: a row whose responses all tie would only dilute the batch
     kept = [(prompt, completions, ranks) for prompt, completions, ranks in checked if len(set(ranks)) > 1]
     ties = len(checked) - len(kept)
