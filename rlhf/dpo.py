@@ -10,7 +10,8 @@ Data: the formats `rlhf reward` reads - `prompt` + `chosen` + `rejected`, or `pr
 rankings. A prompt's K responses go through the model once, in one (B*K, T) batch, and with
 `share_prompt_prefix` the prompt itself once for all K (`rlhf.rollout.grouped_logprobs`: prompt and
 responses in one row, each response attending to the prompt and itself; same values, a pair costs
-prompt + 2 responses instead of 2 x (prompt + response)); the loss
+prompt + 2 responses, less their last tokens, instead of 2 x (prompt + response); on CPU the attention pads
+its keys to a multiple of 16, `rlhf.models.attention`); the loss
 (`rlhf.core.dpo_loss`) averages over all C(K, 2) ordered pairs of each prompt (ties skipped), each
 prompt weighing the same, or is the Plackett-Luce listwise loss of the ranking (`loss_type:
 plackett_luce`, DPO appendix A.3). Pairwise data is K = 2, where every loss type is TRL's.
