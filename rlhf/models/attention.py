@@ -24,7 +24,8 @@ KEY_MULTIPLE = 16
 def padded_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
     """`sdpa_attention_forward` with key / value / mask padded to a multiple of KEY_MULTIPLE keys (see above)."""
     length, extra = key.shape[2], -key.shape[2] % KEY_MULTIPLE
-    if not extra or query.device.type != "cpu" or query.shape[2] != length:
+    whole_rows = query.shape[2] == length and (attention_mask is None or attention_mask.shape[-1] == length)
+    if not extra or query.device.type != "cpu" or not whole_rows:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if attention_mask is None:  # what SDPA's is_causal flag would do, as a mask
         causal = kwargs.get("is_causal")
