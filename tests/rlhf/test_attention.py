@@ -16,7 +16,10 @@ def lm(impl: str, seed: int = 0) -> LlamaForCausalLM:
                       num_key_value_heads=2, max_position_embeddings=64, pad_token_id=PAD, bos_token_id=1,
                       eos_token_id=2, attn_implementation="sdpa")
     model = LlamaForCausalLM(cfg)
-    return use_padded_sdpa(model) if impl == PADDED_SDPA else model.set_attn_implementation(impl) or model
+    if impl == PADDED_SDPA:
+        return use_padded_sdpa(model)
+    model.set_attn_implementation(impl)
+    return model
 
 
 @pytest.fixture
