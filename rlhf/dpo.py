@@ -75,6 +75,7 @@ class Config(TrainingConfig):
     reference_free: bool = arg(False, "No reference: rewards beta * log pi (simpo always is).")
     precompute_ref_log_probs: bool = arg(True, "Reference log-probs once before training (one pass over the data); "
                                                "false: per batch (a frozen copy, or LoRA adapters off).")
+    precompute_ref_batch_size: int = arg(0, "Prompts per batch of that pass (0: per_device_eval_batch_size).")
     share_prompt_prefix: bool = arg(True, "Encode each prompt once for its K responses in the policy, reference and "
                                           "evaluation passes (same values); false: every prompt + response in full.")
     num_train_epochs: float = arg(1.0, "Passes over the rankings (the budget, unless max_steps is smaller).")
@@ -97,6 +98,7 @@ class Config(TrainingConfig):
         check(self.num_train_epochs > 0, "num_train_epochs", "must be positive")
         check(self.max_steps == -1 or self.max_steps > 0, "max_steps", "must be -1 (no cap) or positive")
         check(self.per_device_train_batch_size > 0, "per_device_train_batch_size", "must be positive")
+        check(self.precompute_ref_batch_size >= 0, "precompute_ref_batch_size", "must be >= 0 (0: the eval batch size)")
         check(self.num_train_prompts > 0, "num_train_prompts", "must be positive")
         check(2 <= self.completions_per_prompt <= 10, "completions_per_prompt", "must be between 2 and 10")
         check(self.labeller_noise >= 0, "labeller_noise", "must be >= 0")
@@ -185,15 +187,14 @@ def reference_logps(accelerator, model, reference, batch: dict, cfg: Config) -> 
         return response_logps(unwrapped, batch, cfg.length_normalised, cfg.share_prompt_prefix)
 
 
-def add_reference_logps(accelerator, model, groups: list[dict], cfg: Config, pad_token_id: int) -> None:
+def add_reference_logps(accelerator, model, groups: list[dict], cfg: Config, pad_token_id: int, bs: int) -> None:
     """Store each group's reference log-probs (`ref_logps`, K floats) in place; call before the first update,
     while the policy is still the reference.
 
     Batches are fixed slices of `groups`, dealt to processes in turn, so the numbers do not depend on
     the number of processes; under ZeRO-3 with the weights gathered once (processes may get different
-    numbers of batches).
+    numbers of batches). `bs`: prompts per batch.
     """
-    bs = cfg.per_device_eval_batch_size
     mine = []
     was_training = model.training
     model.eval()
@@ -275,8 +276,12 @@ def train(cfg: Config) -> dict:
     if reference is not None:
         reference = prepare_frozen(accelerator, reference)
     if cfg.uses_reference:  # the policy has not moved yet (a checkpoint loads below): it is the reference here
-        for data in ([groups] if cfg.precompute_ref_log_probs else []) + ([eval_groups] if eval_groups else []):
-            add_reference_logps(accelerator, model, data, cfg, tokenizer.pad_token_id)
+        if cfg.precompute_ref_log_probs:
+            add_reference_logps(accelerator, model, groups, cfg, tokenizer.pad_token_id,
+                                cfg.precompute_ref_batch_size or cfg.per_device_eval_batch_size)
+        if eval_groups:
+            add_reference_logps(accelerator, model, eval_groups, cfg, tokenizer.pad_token_id,
+                                cfg.per_device_eval_batch_size)
     start, metrics, run, bar = open_epoch_run(cfg, accelerator, resume_dir, scheduler, total_steps, "dpo")
 
     def save(step):

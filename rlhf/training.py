@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from pathlib import Path
 
@@ -203,13 +204,20 @@ def open_epoch_run(cfg, accelerator, resume_dir: Path | None, scheduler, total_s
     return state["step"], state["metrics"], run, bar
 
 
+@functools.lru_cache(maxsize=2)
+def epoch_order(seed: int, epoch: int, n_examples: int) -> np.ndarray:
+    """The example order of one epoch (read-only; cached, as every step of the epoch slices it)."""
+    perm = np.random.default_rng([seed, epoch]).permutation(n_examples)
+    perm.flags.writeable = False
+    return perm
+
+
 def global_batch_indices(step: int, global_batch: int, n_examples: int, seed: int) -> np.ndarray:
     """Example indices of optimizer step `step`: a stream of per-epoch permutations, cut into global batches."""
     start, out = step * global_batch, []
     while len(out) < global_batch:
         epoch, offset = divmod(start + len(out), n_examples)
-        perm = np.random.default_rng([seed, epoch]).permutation(n_examples)
-        out.extend(perm[offset: offset + global_batch - len(out)].tolist())
+        out.extend(epoch_order(seed, epoch, n_examples)[offset: offset + global_batch - len(out)].tolist())
     return np.asarray(out)
 
 

@@ -8,7 +8,9 @@ one torch thread each; the reference computed per batch from a frozen copy (TRL'
 more rows, once before training (`precompute_ref_log_probs`, ours' default). Ours runs with its defaults
 otherwise (`share_prompt_prefix`: a pair's prompt goes through the model once for both responses; TRL
 forwards prompt + chosen and prompt + rejected). TRL runs in its own
-virtualenv (`--trl_python`), given only the model directory and a JSONL file of pairs.
+virtualenv (`--trl_python`), given only the model directory and a JSONL file of pairs, each run with an empty
+datasets cache (TRL caches its tokenised pairs and precomputed reference log-probs there; a warm cache would skip
+them).
 
 `--repeats N` runs every trainer N times, round-robin, and reports the median CPU time (and its range, and the
 range of the ratios); `--setups random` or `--setups rankings` runs one of the two comparisons.
@@ -211,7 +213,10 @@ def run_trl(args, pairs: Path, out: Path, precompute: bool, batch_size: int) -> 
            "--precompute", str(precompute),
            "--out", str(out), "--steps", str(args.steps), "--batch_size", str(batch_size),
            "--learning_rate", str(args.learning_rate), "--beta", str(args.beta), "--seed", str(args.seed)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH="", TOKENIZERS_PARALLELISM="false")
+    # a fresh datasets cache for every run: DPOTrainer caches its tokenised data set and its precomputed reference
+    # log-probs there (keyed by data and model), so a later run on the same pairs would skip both
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH="", TOKENIZERS_PARALLELISM="false",
+               HF_DATASETS_CACHE=tempfile.mkdtemp(prefix="hf_datasets_", dir=out.parent))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"TRL run failed:\n{proc.stderr[-4000:]}")

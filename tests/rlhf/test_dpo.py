@@ -133,6 +133,24 @@ def test_gradient_accumulation_1x8_equals_8x1(tmp_path, precompute):
     assert any(not torch.allclose(a[k], c[k], atol=1e-4) for k in a)  # the check can tell different updates apart
 
 
+def test_precompute_ref_batch_size_batches_the_reference_pass_only(tmp_path, monkeypatch):
+    """The pass before training runs in batches of `precompute_ref_batch_size`; its log-probs, and so the training,
+    are those of the default batching (to float tolerance)."""
+    sizes, collate = [], dpo.collate
+    monkeypatch.setattr(dpo, "collate", lambda groups, pad: sizes.append(len(groups)) or collate(groups, pad))
+    kw = dict(max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2)
+    a, wa = _train(tmp_path, "a", precompute_ref_batch_size=3, **kw)
+    assert sizes[:21] == [3] * 21 and sizes[21] == 1  # 64 prompts in batches of 3, then training's batches of 4
+    sizes.clear()
+    b, wb = _train(tmp_path, "b", **kw)
+    assert sizes[0] == 64  # per_device_eval_batch_size
+    assert a["train/loss_last"] == pytest.approx(b["train/loss_last"], abs=1e-5)
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+    with pytest.raises(ConfigError, match="precompute_ref_batch_size"):
+        make_config(dpo.Config, {**QUICK, "precompute_ref_batch_size": -1})
+
+
 @pytest.mark.parametrize("loss_type", ["sigmoid", "plackett_luce"])
 def test_resume_continues_exactly(tmp_path, loss_type):
     kw = dict(max_steps=6, per_device_train_batch_size=4, save_steps=3, lr_scheduler_type="cosine", warmup_ratio=0.2,
