@@ -140,7 +140,7 @@ def test_precompute_ref_batch_size_batches_the_reference_pass_only(tmp_path, mon
     monkeypatch.setattr(dpo, "collate", lambda groups, pad: sizes.append(len(groups)) or collate(groups, pad))
     kw = dict(max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2)
     a, wa = _train(tmp_path, "a", precompute_ref_batch_size=3, **kw)
-    assert sizes[:21] == [3] * 21 and sizes[21] == 1  # 64 prompts in batches of 3, then training's batches of 4
+    assert sizes[:21] == [3] * 21 and sizes[21] == 1  # 64 prompts: 21 batches of 3 and one of 1, then training
     sizes.clear()
     b, wb = _train(tmp_path, "b", **kw)
     assert sizes[0] == 64  # per_device_eval_batch_size
