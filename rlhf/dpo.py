@@ -75,7 +75,8 @@ class Config(TrainingConfig):
     reference_free: bool = arg(False, "No reference: rewards beta * log pi (simpo always is).")
     precompute_ref_log_probs: bool = arg(True, "Reference log-probs once before training (one pass over the data); "
                                                "false: per batch (a frozen copy, or LoRA adapters off).")
-    precompute_ref_batch_size: int = arg(0, "Prompts per batch of that pass (0: per_device_eval_batch_size).")
+    precompute_ref_batch_size: int = arg(0, "Prompts per batch of the reference pass before training (0: "
+                                            "per_device_eval_batch_size).")
     share_prompt_prefix: bool = arg(True, "Encode each prompt once for its K responses in the policy, reference and "
                                           "evaluation passes (same values); false: every prompt + response in full.")
     num_train_epochs: float = arg(1.0, "Passes over the rankings (the budget, unless max_steps is smaller).")
