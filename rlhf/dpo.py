@@ -11,8 +11,8 @@ rankings. A prompt's K responses go through the model once, in one (B*K, T) batc
 `share_prompt_prefix` the prompt itself once for all K (`rlhf.rollout.grouped_logprobs`: prompt and
 responses in one row, each response attending to the prompt and itself; same values, a pair costs
 prompt + 2 responses, less their last tokens, instead of 2 x (prompt + response); on CPU the attention pads
-its keys to a multiple of 16, `rlhf.models.attention`); the loss
-(`rlhf.core.dpo_loss`) averages over all C(K, 2) ordered pairs of each prompt (ties skipped), each
+its keys to a multiple of 16, `rlhf.models.attention`, and the linear layers run in oneDNN, `rlhf.models.linear`);
+the loss (`rlhf.core.dpo_loss`) averages over all C(K, 2) ordered pairs of each prompt (ties skipped), each
 prompt weighing the same, or is the Plackett-Luce listwise loss of the ranking (`loss_type:
 plackett_luce`, DPO appendix A.3). Pairwise data is K = 2, where every loss type is TRL's.
 
@@ -42,6 +42,7 @@ from rlhf.distributed import (gather_objects, gathered_for_generation, prepare_f
                               save_hf_model, unwrap)
 from rlhf.models import disable_dropout, load_causal_lm, load_tokenizer
 from rlhf.models.attention import use_padded_sdpa
+from rlhf.models.linear import use_onednn_linear
 # the rankings `rlhf reward` trains on, read and checked the same way
 from rlhf.reward import load_groups, prompt_shares
 from rlhf.rollout import batch_logprobs, grouped_logprobs
@@ -173,7 +174,8 @@ def load_reference(cfg: Config):
     """A frozen copy of the starting model, only where one is needed: reference log-probs per batch without LoRA."""
     if not cfg.uses_reference or cfg.precompute_ref_log_probs or cfg.use_peft:
         return None
-    return use_padded_sdpa(disable_dropout(load_causal_lm(cfg.model_name_or_path))).eval().requires_grad_(False)
+    reference = use_onednn_linear(use_padded_sdpa(disable_dropout(load_causal_lm(cfg.model_name_or_path))))
+    return reference.eval().requires_grad_(False)
 
 
 @torch.no_grad()
@@ -269,9 +271,10 @@ def train(cfg: Config) -> dict:
     global_batch, total_steps = epoch_steps(cfg, accelerator, len(groups))
 
     # TRL switches dropout off too: the policy and the reference then score a response the same way. DPO's rows
-    # are short: on CPU, attention's keys padded to a multiple of 16 cost less than those rows' scalar tail.
+    # are short: on CPU, attention's keys padded to a multiple of 16 cost less than those rows' scalar tail; the
+    # linear layers (LoRA's too) run oneDNN's float32 kernels, 2x MKL's on AVX-512 AMD CPUs.
     model = load_causal_lm(cfg.model_name_or_path, gradient_checkpointing=cfg.gradient_checkpointing)
-    model = disable_dropout(lora(use_padded_sdpa(model), cfg))
+    model = use_onednn_linear(disable_dropout(lora(use_padded_sdpa(model), cfg)))
     reference = load_reference(cfg)
     model, optimizer, scheduler = prepare_training(accelerator, model, cfg, total_steps)
     if reference is not None:

@@ -98,6 +98,7 @@ def analysis(args, pairs: Path) -> None:
     from rlhf.data import load_rows, tokenize_rankings
     from rlhf.models import load_causal_lm, load_tokenizer
     from rlhf.models.attention import PADDED_SDPA, use_padded_sdpa
+    from rlhf.models.linear import OneDNNLinear, onednn_linear, use_onednn_linear
 
     tokenizer = load_tokenizer(args.sft_model)
     groups = tokenize_rankings(load_rows(str(pairs)), tokenizer, 64, str(pairs)).examples
@@ -122,7 +123,7 @@ def analysis(args, pairs: Path) -> None:
     for name, value in layouts.items():
         print(f"| {name} | {value:.1f} |")
 
-    model = use_padded_sdpa(load_causal_lm(args.sft_model))  # as `rlhf dpo` runs it
+    model = use_onednn_linear(use_padded_sdpa(load_causal_lm(args.sft_model)))  # as `rlhf dpo` runs it
     batch = dpo.collate(batches[0], tokenizer.pad_token_id)
 
     def step(m, bf16: bool = False):
@@ -150,6 +151,13 @@ def analysis(args, pairs: Path) -> None:
     rows += [("reference forward, transformers' SDPA (keys not padded to 16)", cpu_ms(reference)),
              ("eager, float32, transformers' SDPA (keys not padded to 16)", cpu_ms(lambda: step(model)))]
     model.set_attn_implementation(PADDED_SDPA)
+    linears = [m for m in model.modules() if type(m) is OneDNNLinear]
+    for m in linears:  # torch's own float32 linear: MKL's sgemm (rlhf.models.linear)
+        m.__class__ = torch.nn.Linear
+    rows += [("reference forward, MKL's linear (torch's default)", cpu_ms(reference)),
+             ("eager, float32, MKL's linear (torch's default)", cpu_ms(lambda: step(model)))]
+    for m in linears:
+        m.__class__ = OneDNNLinear
     compiled = torch.compile(model)
     t = time.process_time()
     step(compiled)
@@ -161,6 +169,15 @@ def analysis(args, pairs: Path) -> None:
     print("| path | CPU-ms |\n|---|---|")
     for name, ms in rows:
         print(f"| {name} | {ms:.2f} |")
+
+    (u, p), r = batch["prompt_ids"].shape, batch["completion_ids"].shape[1]
+    n, width, mlp = u * (p + 2 * (r - 1)), model.config.hidden_size, model.config.intermediate_size
+    print(f"\nThe model's linear layers at this batch ({n} token positions), median of 200, 1 thread:\n")
+    print("| x (M, K) @ W.T (K, N) | MKL (torch's default) us | oneDNN (rlhf.models.linear) us |\n|---|---|---|")
+    for k, out in ((width, mlp), (mlp, width), (width, width)):
+        x, w = torch.randn(n, k), torch.randn(out, k)
+        mkl, onednn = cpu_ms(lambda: torch.nn.functional.linear(x, w), 200), cpu_ms(lambda: onednn_linear(x, w), 200)
+        print(f"| ({n}, {k}) x ({k}, {out}) | {1000 * mkl:.0f} | {1000 * onednn:.0f} |")
 
 
 def run_ours(args, data: Path, out: Path, precompute: bool, batch_size: int) -> dict:
