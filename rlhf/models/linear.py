@@ -4,16 +4,24 @@ torch's float32 matmul on CPU is MKL's sgemm, and MKL runs its AVX2 code on AMD 
 whose AVX-512 units are a full 512 bits wide, that is half of what oneDNN's AVX-512 kernels (also in every
 torch build) reach: (480, 64) x (64, 256), the built-in model's MLP on a batch of 32 DPO pairs, takes 154 us
 in MKL and 76 us in oneDNN (about 100 vs 200 GFLOP/s, one thread), the backward's products 163 / 189 us vs
-83 / 132 us; the values agree to float32 rounding. `OneDNNLinear` is nn.Linear with its float32 CPU forward and
-backward done by oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`, the kernel inductor uses for CPU linears);
-elsewhere (other devices and dtypes, autocast, torch.compile) it is nn.Linear. `use_onednn_linear` switches a
-model's nn.Linear layers to it where torch runs AVX-512 code; the checkpoint is unchanged.
+83 / 132 us; the values agree to float32 rounding. A oneDNN call costs 10-20 us more, though, and its first
+call at a new shape about 1 ms (it builds the kernel): (96, 64) x (64, 64) takes 12 us in MKL and 23 in oneDNN.
+
+`OneDNNLinear` is nn.Linear whose float32 CPU forward and backward run oneDNN's linear
+(`torch.ops.mkldnn._linear_pointwise`, the kernel inductor uses for CPU linears) from MIN_MACS multiply-adds
+per product up; elsewhere (smaller products, other devices and dtypes, autocast, torch.compile) it is nn.Linear.
+`use_onednn_linear` switches a model's nn.Linear layers to it where torch runs AVX-512 code; the parameters, and
+so the checkpoint, are unchanged.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+
+# rows x in x out: below about this, MKL is as fast or faster (measured at widths 64 and 256)
+MIN_MACS = 1 << 21
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -45,8 +53,8 @@ class OneDNNLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32
-                or x.dim() < 2 or x.numel() == 0 or torch.is_autocast_enabled("cpu")
-                or torch.compiler.is_compiling()):
+                or x.dim() < 2 or x.numel() == 0 or x.numel() * self.out_features < MIN_MACS
+                or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()):
             return super().forward(x)
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad
                                         or (self.bias is not None and self.bias.requires_grad)):

@@ -6,9 +6,16 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rlhf.models import apply_lora
+from rlhf.models import linear
 from rlhf.models.linear import OneDNNLinear, onednn_pays, use_onednn_linear
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+
+
+@pytest.fixture
+def every_size(monkeypatch):
+    """oneDNN for products of any size (by default only from MIN_MACS multiply-adds up), so small layers test it."""
+    monkeypatch.setattr(linear, "MIN_MACS", 0)
 
 
 def pair(bias: bool, seed: int = 0) -> tuple[nn.Linear, OneDNNLinear]:
@@ -22,7 +29,7 @@ def pair(bias: bool, seed: int = 0) -> tuple[nn.Linear, OneDNNLinear]:
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("shape", [(7, 48), (3, 5, 48)])
 @pytest.mark.parametrize("transposed_input", [False, True])
-def test_values_and_gradients_match_nn_linear(bias, shape, transposed_input):
+def test_values_and_gradients_match_nn_linear(bias, shape, transposed_input, every_size):
     plain, fast = pair(bias)
     x = torch.randn(*shape[:-1][::-1], 48).transpose(0, -2) if transposed_input and len(shape) == 3 \
         else torch.randn(*shape)
@@ -39,7 +46,7 @@ def test_values_and_gradients_match_nn_linear(bias, shape, transposed_input):
         assert torch.allclose(b, a, atol=1e-5, rtol=1e-5), (a - b).abs().max()
 
 
-def test_the_oneDNN_kernel_runs_forward_and_backward(monkeypatch):
+def test_the_oneDNN_kernel_runs_forward_and_backward(monkeypatch, every_size):
     """The float32 CPU path is oneDNN's op, in the forward and in both backward products."""
     calls = []
     op = torch.ops.mkldnn._linear_pointwise
@@ -58,7 +65,20 @@ def test_the_oneDNN_kernel_runs_forward_and_backward(monkeypatch):
     assert calls == [((6, 48), (80, 48))]
 
 
-def test_falls_back_to_nn_linear_under_autocast_and_for_other_dtypes(monkeypatch):
+def test_small_products_stay_with_torch_and_large_ones_go_to_onednn(monkeypatch):
+    calls = []
+    op = linear.onednn_linear
+    monkeypatch.setattr(linear, "onednn_linear", lambda *a: calls.append(a[0].shape) or op(*a))
+    layer = OneDNNLinear(64, 256)
+    rows = linear.MIN_MACS // (64 * 256)  # the smallest batch that reaches MIN_MACS
+    with torch.no_grad():
+        layer(torch.randn(rows - 1, 64))
+        assert calls == []
+        layer(torch.randn(rows, 64))
+    assert calls == [(rows, 64)]
+
+
+def test_falls_back_to_nn_linear_under_autocast_and_for_other_dtypes(monkeypatch, every_size):
     monkeypatch.setattr("rlhf.models.linear.onednn_linear", lambda *a: pytest.fail("oneDNN path taken"))
     _, fast = pair(bias=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -76,7 +96,7 @@ def tiny_lm(seed: int = 0) -> LlamaForCausalLM:
 
 @pytest.mark.skipif(not onednn_pays(), reason="the switch applies where torch runs AVX-512 code")
 @pytest.mark.parametrize("peft", [False, True])
-def test_a_switched_model_trains_as_before_and_saves_the_same_checkpoint(peft, tmp_path):
+def test_a_switched_model_trains_as_before_and_saves_the_same_checkpoint(peft, tmp_path, every_size):
     ids = torch.randint(3, 40, (4, 9), generator=torch.Generator().manual_seed(1))
     results = []
     for switch in (False, True):
