@@ -10,8 +10,8 @@ call at a new shape about 1 ms (it builds the kernel): (96, 64) x (64, 64) takes
 `OneDNNLinear` is nn.Linear whose float32 CPU forward and backward run oneDNN's linear
 (`torch.ops.mkldnn._linear_pointwise`, the kernel inductor uses for CPU linears) from MIN_MACS multiply-adds
 per product up; elsewhere (smaller products, other devices and dtypes, autocast, torch.compile) it is nn.Linear.
-`use_onednn_linear` switches a model's nn.Linear layers to it where torch runs AVX-512 code; the parameters, and
-so the checkpoint, are unchanged.
+`use_onednn_linear` switches a model's nn.Linear layers to it on AVX-512 CPUs other than Intel's (measured on
+AMD Zen 5); the parameters, and so the checkpoint, are unchanged.
 """
 
 from __future__ import annotations
@@ -63,9 +63,16 @@ class OneDNNLinear(nn.Linear):
 
 
 def onednn_pays() -> bool:
-    """Whether torch runs AVX-512 code here with oneDNN built in: where oneDNN's float32 linear beats MKL's."""
-    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-            and torch.backends.cpu.get_cpu_capability() == "AVX512")
+    """Whether oneDNN's float32 linear beats MKL's here: torch runs AVX-512 code with oneDNN built in, on a CPU
+    that is not Intel's (MKL takes its AVX-512 code on Intel's, where it stays torch's choice)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and torch.backends.cpu.get_cpu_capability() == "AVX512"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "GenuineIntel" not in f.read(4096)
+    except OSError:
+        return False
 
 
 def use_onednn_linear(model: nn.Module) -> nn.Module:
