@@ -272,7 +272,7 @@ def train(cfg: Config) -> dict:
 
     # TRL switches dropout off too: the policy and the reference then score a response the same way. DPO's rows
     # are short: on CPU, attention's keys padded to a multiple of 16 cost less than those rows' scalar tail; the
-    # linear layers (LoRA's too) run oneDNN's float32 kernels, 2x MKL's on AVX-512 AMD CPUs.
+    # linear layers (LoRA's too) run oneDNN's float32 kernels on AVX-512 AMD CPUs, 2x MKL's on large products.
     model = load_causal_lm(cfg.model_name_or_path, gradient_checkpointing=cfg.gradient_checkpointing)
     model = use_onednn_linear(disable_dropout(lora(use_padded_sdpa(model), cfg)))
     reference = load_reference(cfg)

@@ -5,8 +5,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from rlhf.models import apply_lora
-from rlhf.models import linear
+from rlhf.models import apply_lora, linear
 from rlhf.models.linear import OneDNNLinear, onednn_pays, use_onednn_linear
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
