@@ -10,11 +10,17 @@ call at a new shape about 1 ms (it builds the kernel): (96, 64) x (64, 64) takes
 `OneDNNLinear` is nn.Linear whose float32 CPU forward and backward run oneDNN's linear
 (`torch.ops.mkldnn._linear_pointwise`, the kernel inductor uses for CPU linears) from MIN_MACS multiply-adds
 per product up; elsewhere (smaller products, other devices and dtypes, autocast, torch.compile) it is nn.Linear.
-`use_onednn_linear` switches a model's nn.Linear layers to it on AVX-512 CPUs other than Intel's (measured on
-AMD Zen 5); the parameters, and so the checkpoint, are unchanged.
+`use_onednn_linear` switches a model's nn.Linear layers to it on AMD CPUs with full-width AVX-512 units (Zen 5,
+CPU family 26, and later); the parameters, and so the checkpoint, are unchanged. Zen 4 (family 25) runs AVX-512 on
+256-bit halves, and there MKL's AVX2 code is as fast or faster: (480, 64) x (64, 256) forward 184 us in MKL, 200
+in oneDNN, its weight gradient 236 vs 354 us, and a DPO step of the built-in model as fast with MKL's
+(`scripts/bench_dpo.py --analysis`). On Intel's CPUs
+MKL runs its own AVX-512 code and stays torch's choice.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 from torch import nn
@@ -62,15 +68,25 @@ class OneDNNLinear(nn.Linear):
         return onednn_linear(x, self.weight, self.bias)
 
 
+def onednn_available() -> bool:
+    """Whether this torch runs AVX-512 code on this CPU and has oneDNN's linear kernel."""
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and torch.backends.cpu.get_cpu_capability() == "AVX512")
+
+
+def full_width_avx512_amd(cpuinfo: str) -> bool:
+    """Whether /proc/cpuinfo's text describes an AMD CPU of family 26 (Zen 5) or later."""
+    family = re.search(r"^cpu family\s*:\s*(\d+)", cpuinfo, re.MULTILINE)
+    return "AuthenticAMD" in cpuinfo and family is not None and int(family.group(1)) >= 26
+
+
 def onednn_pays() -> bool:
-    """Whether oneDNN's float32 linear beats MKL's here: torch runs AVX-512 code with oneDNN built in, on a CPU
-    that is not Intel's (MKL takes its AVX-512 code on Intel's, where it stays torch's choice)."""
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-            and torch.backends.cpu.get_cpu_capability() == "AVX512"):
+    """Whether oneDNN's float32 linear beats MKL's here (see the module's docstring)."""
+    if not onednn_available():
         return False
     try:
         with open("/proc/cpuinfo") as f:
-            return "GenuineIntel" not in f.read(4096)
+            return full_width_avx512_amd(f.read(4096))
     except OSError:
         return False
 

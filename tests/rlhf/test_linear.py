@@ -6,7 +6,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rlhf.models import apply_lora, linear
-from rlhf.models.linear import OneDNNLinear, onednn_pays, use_onednn_linear
+from rlhf.models.linear import OneDNNLinear, full_width_avx512_amd, onednn_available, use_onednn_linear
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 
@@ -93,9 +93,23 @@ def tiny_lm(seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg)
 
 
-@pytest.mark.skipif(not onednn_pays(), reason="the switch applies where torch runs AVX-512 code")
+CPUINFO = "processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: {family}\nmodel\t\t: {model}\n"
+
+
+@pytest.mark.parametrize("vendor, family, model, pays", [
+    ("AuthenticAMD", 26, 2, True),  # Zen 5: full-width AVX-512
+    ("AuthenticAMD", 25, 17, False),  # Zen 4: AVX-512 on 256-bit halves, MKL as fast
+    ("GenuineIntel", 6, 143, False),  # MKL runs its own AVX-512 code
+])
+def test_onednn_is_chosen_on_full_width_avx512_amd_cpus_only(vendor, family, model, pays):
+    assert full_width_avx512_amd(CPUINFO.format(vendor=vendor, family=family, model=model)) is pays
+    assert not full_width_avx512_amd("")
+
+
+@pytest.mark.skipif(not onednn_available(), reason="the switch applies where torch runs AVX-512 code")
 @pytest.mark.parametrize("peft", [False, True])
-def test_a_switched_model_trains_as_before_and_saves_the_same_checkpoint(peft, tmp_path, every_size):
+def test_a_switched_model_trains_as_before_and_saves_the_same_checkpoint(peft, tmp_path, every_size, monkeypatch):
+    monkeypatch.setattr(linear, "onednn_pays", lambda: True)  # on any AVX-512 CPU, where it pays or not
     ids = torch.randint(3, 40, (4, 9), generator=torch.Generator().manual_seed(1))
     results = []
     for switch in (False, True):
