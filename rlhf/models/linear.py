@@ -14,8 +14,7 @@ per product up; elsewhere (smaller products, other devices and dtypes, autocast,
 CPU family 26, and later); the parameters, and so the checkpoint, are unchanged. Zen 4 (family 25) runs AVX-512 on
 256-bit halves, and there MKL's AVX2 code is as fast or faster: (480, 64) x (64, 256) forward 184 us in MKL, 200
 in oneDNN, its weight gradient 236 vs 354 us, and a DPO step of the built-in model as fast with MKL's
-(`scripts/bench_dpo.py --analysis`). On Intel's CPUs
-MKL runs its own AVX-512 code and stays torch's choice.
+(`scripts/bench_dpo.py --analysis`). On Intel's CPUs MKL runs its own AVX-512 code and stays torch's choice.
 """
 
 from __future__ import annotations
