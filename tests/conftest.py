@@ -9,7 +9,7 @@ import sys
 
 # Some machines set PYTHONDONTWRITEBYTECODE=1: every Python process the suite starts (accelerate launches and their
 # workers, command-line runs, vLLM engines: at least 76) would then compile torch's, transformers' and datasets' Python
-# from source again (`import rlhf.sft` 15 s instead of 7 once cached; the suite 15-16 min instead of 13 min 50 s on a
+# from source again (`import rlhf.sft` 15 s instead of 7 once cached; the suite 15-16 min instead of 11-14 min on a
 # Zen 4 machine). The suite's processes cache the bytecode they compile, this one's included.
 os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 sys.dont_write_bytecode = False
