@@ -49,7 +49,8 @@ from rlhf.rollout import batch_logprobs, grouped_logprobs
 from rlhf.runtime import Timer, arg, check, command_name, resolve_checkpoint, seed_everything
 from rlhf.tasks import arithmetic
 from rlhf.training import (TrainingConfig, backward, due, end_step, epoch_steps, lora, open_epoch_run,
-                           prepare_training, save_checkpoint, setup_accelerator, step_batches)
+                           prepare_training, save_checkpoint, scoring_batches, setup_accelerator,
+                           step_batches)
 
 
 @dataclass
@@ -146,6 +147,11 @@ def collate(groups: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
+def collate_shape(group: dict) -> tuple[int, int, int]:
+    """What `collate` pads a batch to, for one group: its number of responses, its longest response, its prompt."""
+    return len(group["input_ids"]), max(map(len, group["input_ids"])) - group["prompt_len"], group["prompt_len"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Log-probs, the reference
 # ---------------------------------------------------------------------------------------------
@@ -192,20 +198,16 @@ def reference_logps(accelerator, model, reference, batch: dict, cfg: Config) -> 
 
 def add_reference_logps(accelerator, model, groups: list[dict], cfg: Config, pad_token_id: int, bs: int) -> None:
     """Store each group's reference log-probs (`ref_logps`, K floats) in place; call before the first update,
-    while the policy is still the reference.
-
-    Batches are fixed slices of `groups`, dealt to processes in turn, so the numbers do not depend on
-    the number of processes; under ZeRO-3 with the weights gathered once (processes may get different
-    numbers of batches). `bs`: prompts per batch.
+    while the policy is still the reference. `bs`: prompts per batch (of `scoring_batches`).
     """
     mine = []
     was_training = model.training
     model.eval()
     with gathered_for_generation(accelerator, model) as unwrapped:
-        for start in range(accelerator.process_index * bs, len(groups), accelerator.num_processes * bs):
-            batch = {k: v.to(accelerator.device) for k, v in collate(groups[start:start + bs], pad_token_id).items()}
+        for chunk in scoring_batches(accelerator, groups, bs, collate_shape):
+            batch = {k: v.to(accelerator.device) for k, v in collate([groups[i] for i in chunk], pad_token_id).items()}
             ref = reference_logps(accelerator, unwrapped, None, batch, cfg)  # (B, K)
-            mine += [(start + b, ref[b, :len(groups[start + b]["ranks"])].tolist()) for b in range(ref.shape[0])]
+            mine += [(i, ref[b, :len(groups[i]["ranks"])].tolist()) for b, i in enumerate(chunk)]
     model.train(was_training)
     for i, ref in gather_objects(accelerator, mine):
         groups[i]["ref_logps"] = ref
@@ -235,9 +237,8 @@ def evaluate(accelerator, model, tokenizer, eval_groups: list[dict] | None, cfg:
     with gathered_for_generation(accelerator, model) as unwrapped:
         if eval_groups:
             correct = margin = n_pairs = 0.0
-            bs = cfg.per_device_eval_batch_size
-            for start in range(accelerator.process_index * bs, len(eval_groups), accelerator.num_processes * bs):
-                batch = {k: v.to(accelerator.device) for k, v in collate(eval_groups[start:start + bs],
+            for chunk in scoring_batches(accelerator, eval_groups, cfg.per_device_eval_batch_size, collate_shape):
+                batch = {k: v.to(accelerator.device) for k, v in collate([eval_groups[i] for i in chunk],
                                                                          tokenizer.pad_token_id).items()}
                 with accelerator.autocast():
                     logps = response_logps(unwrapped, batch, cfg.length_normalised, cfg.share_prompt_prefix).float()

@@ -60,14 +60,15 @@ import datasets
 import torch
 
 from rlhf.core import ranked_pairs, ranking_loss
-from rlhf.data import DataError, Locator, collate_rankings, load_rows, tokenize_rankings
+from rlhf.data import DataError, Locator, collate_rankings, load_rows, ranking_shape, tokenize_rankings
 from rlhf.distributed import gathered_for_generation, is_zero3, loss_normaliser, reduce_sum, save_hf_model
 from rlhf.models import load_causal_lm, load_reward_model, load_tokenizer, reward_scores
 from rlhf.rewards import RewardModelScorer
 from rlhf.runtime import Timer, arg, check, command_name, parse_config, resolve_checkpoint, seed_everything
 from rlhf.tasks import arithmetic
 from rlhf.training import (TrainingConfig, backward, due, end_step, epoch_steps, lora, open_epoch_run,
-                           prepare_training, save_checkpoint, setup_accelerator, step_batches)
+                           prepare_training, save_checkpoint, scoring_batches, setup_accelerator,
+                           step_batches)
 
 
 @dataclass
@@ -206,13 +207,10 @@ def evaluate(accelerator, model, groups: list[dict] | None, cfg: Config, pad_tok
         return {}
     model.eval()
     correct = margin = n_pairs = loss_sum = n_prompts = 0.0
-    bs = cfg.per_device_eval_batch_size
-    # Processes may get different numbers of batches: under ZeRO-3 forward with the weights gathered
-    # once (no per-layer collectives to keep in step).
     with gathered_for_generation(accelerator, model) as unwrapped:
         results = [(group_scores(unwrapped, batch), batch["ranks"]) for batch in (
-            {k: v.to(accelerator.device) for k, v in collate_rankings(groups[i:i + bs], pad_token_id).items()}
-            for i in range(accelerator.process_index * bs, len(groups), accelerator.num_processes * bs))]
+            {k: v.to(accelerator.device) for k, v in collate_rankings([groups[i] for i in chunk], pad_token_id).items()}
+            for chunk in scoring_batches(accelerator, groups, cfg.per_device_eval_batch_size, ranking_shape))]
     for scores, ranks in results:  # (B, K) each
         valid = ranks >= 0
         # (B, K, K)

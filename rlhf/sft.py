@@ -22,14 +22,15 @@ import torch
 import torch.nn.functional as F
 
 from rlhf.core import aggregate_loss
-from rlhf.data import collate_sft, load_rows, pack_examples, tokenize_sft
+from rlhf.data import collate_sft, load_rows, pack_examples, sft_shape, tokenize_sft
 from rlhf.distributed import gathered_for_generation, loss_normaliser, reduce_sum, save_hf_model
 from rlhf.models import load_causal_lm, load_tokenizer
 from rlhf.runtime import (ConfigError, Timer, arg, check, command_name, resolve_checkpoint,
                           seed_everything)
 from rlhf.tasks import arithmetic
 from rlhf.training import (TrainingConfig, backward, due, end_step, epoch_steps, lora, open_epoch_run,
-                           prepare_training, save_checkpoint, setup_accelerator, step_batches)
+                           prepare_training, save_checkpoint, scoring_batches, setup_accelerator,
+                           step_batches)
 
 
 @dataclass
@@ -122,13 +123,10 @@ def token_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 def eval_loss(accelerator, model, examples: list[dict], batch_size: int, pad_token_id: int) -> float:
     model.eval()
     total, count = 0.0, 0.0
-    # Processes may get different numbers of batches: under ZeRO-3 forward with the weights gathered
-    # once (no per-layer collectives to keep in step).
     with gathered_for_generation(accelerator, model) as unwrapped:
-        for i in range(accelerator.process_index * batch_size, len(examples), accelerator.num_processes * batch_size):
-            batch = {
-                k: v.to(accelerator.device) for k, v in collate_sft(examples[i : i + batch_size], pad_token_id).items()
-            }
+        for chunk in scoring_batches(accelerator, examples, batch_size, sft_shape):
+            batch = {k: v.to(accelerator.device)
+                     for k, v in collate_sft([examples[i] for i in chunk], pad_token_id).items()}
             per_token, mask = token_losses(unwrapped, batch)
             total += float((per_token * mask).sum())
             count += float(mask.sum())

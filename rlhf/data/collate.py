@@ -1,4 +1,5 @@
-"""Batches of token ids: right-padded tensors for SFT, flattened groups of responses for reward rankings."""
+"""Batches of token ids: right-padded tensors for SFT, flattened groups of responses for reward rankings; and for
+each, what it pads a batch to (a sort key that puts like examples together, `rlhf.training.scoring_batches`)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,11 @@ def collate_sft(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tens
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def sft_shape(example: dict) -> tuple[int]:
+    """What `collate_sft` pads a batch to, for one example: its length."""
+    return (len(example["input_ids"]),)
+
+
 def collate_rankings(groups: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Flatten B groups of up to K responses into one (B*K, T) batch: every response passes the model once.
 
@@ -41,3 +47,8 @@ def collate_rankings(groups: list[dict], pad_token_id: int) -> dict[str, torch.T
         input_ids[i, : len(s)] = torch.tensor(s)
         attention_mask[i, : len(s)] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "ranks": ranks, "prompt_lens": prompt_lens}
+
+
+def ranking_shape(group: dict) -> tuple[int, int]:
+    """What `collate_rankings` pads a batch to, for one group: its number of responses and its longest sequence."""
+    return len(group["input_ids"]), max(map(len, group["input_ids"]))

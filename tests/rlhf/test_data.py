@@ -3,7 +3,7 @@ import json
 import pytest
 
 from rlhf.data import (IGNORE_INDEX, DataError, collate_rankings, collate_sft, load_rows, pack_examples,
-                       tokenize_rankings, tokenize_sft)
+                       ranking_shape, sft_shape, tokenize_rankings, tokenize_sft)
 
 
 def _jsonl(path, rows):
@@ -93,6 +93,32 @@ def test_rankings_pairwise_and_kwise(tmp_path, tiny_tokenizer):
     assert g["ranks"] == [0, 1] and len(g["input_ids"]) == 2
     batch = collate_rankings(tokenize_rankings(kw, tok, 64).examples, tok.pad_token_id)
     assert batch["input_ids"].shape[0] == 6 and batch["ranks"].tolist() == [[1, 0, -1], [0, 1, 1]]
+
+
+def test_scoring_batches_put_like_shapes_together_and_deal_them_to_processes():
+    """An evaluation pass's batches: every example once, in order of padded shape (less padding than the file's
+    order), the same batches whatever the number of processes, dealt in turn."""
+    from types import SimpleNamespace
+
+    from rlhf.training import scoring_batches
+
+    shapes = [(2, 12), (3, 10), (2, 5), (2, 16), (2, 6), (3, 4), (2, 11), (2, 3)]  # (K, longest sequence)
+    groups = [{"input_ids": [[7] * (n - j) for j in range(k)], "prompt_len": 2, "ranks": list(range(k))}
+              for k, n in shapes]
+    sfts = [{"input_ids": [1] * n, "labels": [1] * n} for n in (5, 1, 9, 3)]
+    assert [ranking_shape(g) for g in groups] == shapes and [sft_shape(e) for e in sfts] == [(5,), (1,), (9,), (3,)]
+
+    def batches(examples, bs, shape, rank=0, world=1):
+        return scoring_batches(SimpleNamespace(process_index=rank, num_processes=world), examples, bs, shape)
+
+    one = batches(groups, 2, ranking_shape)
+    assert one == [[7, 2], [4, 6], [0, 3], [5, 1]]  # sorted by (K, longest), then cut in twos
+    assert [batches(groups, 2, ranking_shape, r, 2) for r in (0, 1)] == [one[0::2], one[1::2]]
+    assert batches(sfts, 3, sft_shape) == [[1, 3, 0], [2]]
+
+    def positions(chunks):  # what collate_rankings pads: rows x longest sequence
+        return sum(collate_rankings([groups[i] for i in c], 0)["input_ids"].numel() for c in chunks)
+    assert positions(one) == 188 < positions([[0, 1], [2, 3], [4, 5], [6, 7]]) == 216
 
 
 @pytest.mark.parametrize("ranks", [[0], [0, "x"], "01", [0, -1], [0, 1.5]])

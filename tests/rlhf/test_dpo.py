@@ -151,6 +151,30 @@ def test_precompute_ref_batch_size_batches_the_reference_pass_only(tmp_path, mon
         make_config(dpo.Config, {**QUICK, "precompute_ref_batch_size": -1})
 
 
+def test_reference_pass_scores_each_group_as_alone(tmp_path, tiny_tokenizer, monkeypatch):
+    """The pass before training batches groups of like shapes (not the file's order) and stores, for each group,
+    the log-probs it gets scored alone; K varies between groups."""
+    from rlhf.data import load_rows, tokenize_rankings
+    from rlhf.models import BUILTIN_TINY, load_causal_lm
+    from rlhf.training import setup_accelerator
+
+    rows = [{"prompt": p, "completions": c, "ranks": list(range(len(c)))} for p, c in [
+        ("1+2=", ["3", "123456"]), ("10+20+30=", ["60", "6"]), ("4+4=", ["8", "88", "888"]), ("7+1=", ["8", "9"]),
+        ("20+30+40=", ["90", "9999", "0"]), ("2+2=", ["4", "44444"])]]
+    groups = tokenize_rankings(load_rows(_jsonl(tmp_path / "k.jsonl", rows)), tiny_tokenizer, 64).examples
+    cfg = make_config(dpo.Config, {**QUICK, "output_dir": str(tmp_path / "run")})
+    model = load_causal_lm(BUILTIN_TINY).eval()
+    seen, collate = [], dpo.collate
+    shape = dpo.collate_shape
+    monkeypatch.setattr(dpo, "collate", lambda gs, pad: seen.append([shape(g) for g in gs]) or collate(gs, pad))
+    dpo.add_reference_logps(setup_accelerator(cfg), model, groups, cfg, tiny_tokenizer.pad_token_id, 2)
+    assert [s for batch in seen for s in batch] == sorted(shape(g) for g in groups)
+    for g in groups:
+        with torch.no_grad():
+            alone = dpo.response_logps(model, collate([g], tiny_tokenizer.pad_token_id), False, True)[0]  # (K,)
+        assert g["ref_logps"] == pytest.approx(alone.tolist(), abs=1e-4)
+
+
 @pytest.mark.parametrize("loss_type", ["sigmoid", "plackett_luce"])
 def test_resume_continues_exactly(tmp_path, loss_type):
     kw = dict(max_steps=6, per_device_train_batch_size=4, save_steps=3, lr_scheduler_type="cosine", warmup_ratio=0.2,
