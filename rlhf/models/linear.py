@@ -14,7 +14,10 @@ per product up; elsewhere (smaller products, other devices and dtypes, autocast,
 CPU family 26, and later); the parameters, and so the checkpoint, are unchanged. Zen 4 (family 25) runs AVX-512 on
 256-bit halves, and there MKL's AVX2 code is as fast or faster: (480, 64) x (64, 256) forward 184 us in MKL, 200
 in oneDNN, its weight gradient 236 vs 354 us, and a DPO step of the built-in model as fast with MKL's
-(`scripts/bench_dpo.py --analysis`). On Intel's CPUs MKL runs its own AVX-512 code and stays torch's choice.
+(`scripts/bench_dpo.py --analysis`). On Intel's CPUs MKL runs its own AVX-512 code and stays torch's choice: on
+an Intel Xeon with AMX (family 6, model 167) (480, 64) x (64, 256) takes 206 us in MKL and 192 in oneDNN,
+(480, 256) x (256, 64) 162 vs 190, and a DPO step is faster with MKL's (policy forward + backward 26.0 vs 26.9 ms,
+reference forward 9.0 vs 11.7; the same `--analysis`).
 """
 
 from __future__ import annotations
