@@ -346,16 +346,32 @@ def save_hf_model(accelerator, model, out_dir: str | os.PathLike, tokenizer=None
         tmp = out_dir.with_name(f".{out_dir.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         state_dict = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-        if merge_lora and hasattr(unwrapped, "merge_and_unload"):
-            merged = _merged_lora_copy(unwrapped, state_dict)
-            merged.save_pretrained(tmp, safe_serialization=True)
-        else:
-            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        with _bare_save():
+            if merge_lora and hasattr(unwrapped, "merge_and_unload"):
+                merged = _merged_lora_copy(unwrapped, state_dict)
+                merged.save_pretrained(tmp, safe_serialization=True)
+            else:
+                unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(tmp, out_dir)
     accelerator.wait_for_everyone()
+
+
+@contextlib.contextmanager
+def _bare_save():
+    """transformers' `save_pretrained` unwraps the model it saves with accelerate's `extract_model_from_parallel`,
+    whose first call imports DeepSpeed (0.6 CPU s) wherever it is installed, used or not; the models
+    `save_hf_model` saves are already unwrapped, so inside this block that step returns its argument."""
+    from transformers import modeling_utils
+
+    original = modeling_utils.unwrap_model
+    modeling_utils.unwrap_model = lambda model, recursive=False: model
+    try:
+        yield
+    finally:
+        modeling_utils.unwrap_model = original
 
 
 def consolidated_state_dict(accelerator, model) -> dict[str, torch.Tensor]:

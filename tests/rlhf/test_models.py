@@ -1,9 +1,15 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf.models import BUILTIN_TINY, apply_lora, load_causal_lm, load_reward_model, load_tokenizer
 from rlhf.runtime import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_tiny_tokenizer_round_trip_and_specials(tiny_tokenizer):
@@ -44,6 +50,22 @@ def test_saved_tiny_loads_with_plain_transformers(tiny_model_dir, tiny_tokenizer
     assert torch.equal(model.generate(**x, max_new_tokens=4, do_sample=False),
                        ours.generate(**x, max_new_tokens=4, do_sample=False))
     assert (tiny_model_dir / "model.safetensors").exists()
+
+
+def test_save_hf_model_does_not_import_deepspeed(tmp_path):
+    # transformers' save_pretrained would import DeepSpeed (0.6 CPU s) through accelerate's unwrapping
+    code = (
+        "import sys, torch; from rlhf.distributed import make_accelerator, save_hf_model; "
+        "from rlhf.models import load_causal_lm, load_tokenizer; "
+        "m = load_causal_lm('builtin:tiny'); "
+        f"save_hf_model(make_accelerator(), m, {str(tmp_path / 'model')!r}, load_tokenizer('builtin:tiny')); "
+        f"back = load_causal_lm({str(tmp_path / 'model')!r}); "
+        "same = all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), back.state_dict().values())); "
+        "print('deepspeed' in sys.modules, same)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-2:] == ["False", "True"], out.stdout
 
 
 def test_reward_model_scores_last_non_pad_token(tiny_model_dir, tiny_tokenizer):
