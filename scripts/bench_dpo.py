@@ -29,6 +29,10 @@ implicit reward log pi - log pi_sft) and greedy accuracy on 500 held-out arithme
 layout, in ours, and in the best rectangular packing of whole prompt + responses segments into shared rows; and the
 CPU time of one policy forward + backward on a batch of the pairs, eager against torch.compile and float32 against
 bf16 autocast.
+
+`--train_seeds 1,2,3` (instead) trains both once per seed on the same pairs, reference per batch, each seed ordering
+the pairs and seeding the trainer, and prints each one's held-out preference accuracy, their means and the paired
+difference: the spread a single comparison carries from the order of its pairs alone.
 """
 
 from __future__ import annotations
@@ -266,6 +270,31 @@ def score(model_dir: str, args) -> dict:
     return {"preference_accuracy": correct / total, "accuracy": greedy["eval/accuracy"]}
 
 
+def order_spread(args, pairs: Path, tmp: Path) -> None:
+    """Held-out preference accuracy of both trainers on the same pairs, once per training seed (the pairs' order,
+    the trainer's randomness): how much of a single comparison is the luck of the order."""
+    import copy
+
+    rows = []
+    for seed in args.train_seeds:
+        a = copy.copy(args)
+        a.seed = seed
+        trl = score(run_trl(a, pairs, tmp / f"t{seed}", False, args.batch_size)["model"], args)
+        ours = score(run_ours(a, pairs, tmp / f"o{seed}", False, args.batch_size)["model"], args)
+        rows.append((seed, trl["preference_accuracy"], ours["preference_accuracy"]))
+    print(f"\nHeld-out preference accuracy after {args.steps} steps of {args.batch_size} pairs (reference per batch), "
+          f"the same {args.steps * args.batch_size} pairs (--seed {args.seed}) in each seed's order:\n")
+    print("| training seed | TRL DPOTrainer | rlhf dpo | ours - TRL (points) |\n|---|---|---|---|")
+    for seed, t, o in rows:
+        print(f"| {seed} | {100 * t:.1f}% | {100 * o:.1f}% | {100 * (o - t):+.1f} |")
+    trl, ours = [r[1] for r in rows], [r[2] for r in rows]
+    diff = [100 * (o - t) for t, o in zip(trl, ours)]
+    sd = statistics.stdev(diff) if len(diff) > 1 else float("nan")
+    print(f"| mean (sd) | {100 * statistics.mean(trl):.1f}% ({100 * statistics.pstdev(trl):.1f}) | "
+          f"{100 * statistics.mean(ours):.1f}% ({100 * statistics.pstdev(ours):.1f}) | "
+          f"{statistics.mean(diff):+.1f} (standard error {sd / len(diff) ** 0.5:.1f}) |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sft_model", required=True)
@@ -284,6 +313,9 @@ def main() -> None:
                    help="Which comparisons: random (random pairs of the rankings), rankings (the pairs of whole "
                         "rankings), or both.")
     p.add_argument("--analysis", action="store_true", help="Print the layout and model-call analysis instead.")
+    p.add_argument("--train_seeds", type=lambda v: [int(x) for x in v.split(",")],
+                   help="Instead: train both (reference per batch) once per seed on the same random pairs (those of "
+                        "--seed): each seed orders the pairs and seeds the trainer; print held-out accuracies.")
     p.add_argument("--trl_worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--pairs", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -306,6 +338,8 @@ def main() -> None:
         data = make_data(args, tmp)
         if args.analysis:
             return analysis(args, data["pairs"])
+        if args.train_seeds:
+            return order_spread(args, data["pairs"], tmp)
         gb, pairs_per_step = args.group_batch_size, args.group_batch_size * data["per_prompt"]
         setups = [
             ("random", f"{data['n_pairs']} random pairs of the rankings, {args.batch_size} pairs per step",
