@@ -289,10 +289,13 @@ def order_spread(args, pairs: Path, tmp: Path) -> None:
         print(f"| {seed} | {100 * t:.1f}% | {100 * o:.1f}% | {100 * (o - t):+.1f} |")
     trl, ours = [r[1] for r in rows], [r[2] for r in rows]
     diff = [100 * (o - t) for t, o in zip(trl, ours)]
-    sd = statistics.stdev(diff) if len(diff) > 1 else float("nan")
-    print(f"| mean (sd) | {100 * statistics.mean(trl):.1f}% ({100 * statistics.pstdev(trl):.1f}) | "
-          f"{100 * statistics.mean(ours):.1f}% ({100 * statistics.pstdev(ours):.1f}) | "
-          f"{statistics.mean(diff):+.1f} (standard error {sd / len(diff) ** 0.5:.1f}) |")
+
+    def sd(xs):  # the sample standard deviation
+        return statistics.stdev(xs) if len(xs) > 1 else float("nan")
+
+    print(f"| mean (sd) | {100 * statistics.mean(trl):.1f}% ({100 * sd(trl):.1f}) | "
+          f"{100 * statistics.mean(ours):.1f}% ({100 * sd(ours):.1f}) | "
+          f"{statistics.mean(diff):+.1f} (standard error {sd(diff) / len(diff) ** 0.5:.1f}) |")
 
 
 def main() -> None:
