@@ -60,7 +60,8 @@ class Config(TrainingConfig):
     output_dir: str = arg("runs/dpo", "Run directory; the final model goes to output_dir/model.")
     model_name_or_path: str = arg("builtin:tiny", "Causal LM to train, usually the SFT model; also the reference.")
     dataset_name: str = arg("", "Hub name or local json/jsonl/parquet/csv file with `prompt`+`chosen`+`rejected` or "
-                                "`prompt`+`completions`+`ranks`; empty: generate built-in arithmetic rankings.")
+                                "`prompt`+`completions`+`ranks`, text or chat messages (whole conversations need no "
+                                "`prompt`); empty: generate built-in arithmetic rankings.")
     dataset_split: str = arg("train", "Split of `dataset_name` (hub datasets and directories).")
     eval_dataset_name: str = arg("", "Held-out rankings (same formats); built-in task: held-out prompts by gold score.")
     num_train_prompts: int = arg(4000, "Built-in task: prompts to rank.")

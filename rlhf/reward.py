@@ -60,7 +60,8 @@ import datasets
 import torch
 
 from rlhf.core import ranked_pairs, ranking_loss
-from rlhf.data import DataError, Locator, collate_rankings, load_rows, ranking_shape, tokenize_rankings
+from rlhf.data import (DataError, Locator, collate_rankings, load_rows, preference_responses, ranking_shape,
+                       tokenize_rankings)
 from rlhf.distributed import gathered_for_generation, is_zero3, loss_normaliser, reduce_sum, save_hf_model
 from rlhf.models import load_causal_lm, load_reward_model, load_tokenizer, reward_scores
 from rlhf.rewards import RewardModelScorer
@@ -79,7 +80,8 @@ class Config(TrainingConfig):
     model_name_or_path: str = arg("builtin:tiny", "Causal LM (or reward model) to start from: `builtin:tiny`, a hub "
                                                   "name or a local directory (e.g. an SFT run's model).")
     dataset_name: str = arg("", "Hub name or local json/jsonl/parquet/csv file with `prompt`+`chosen`+`rejected` or "
-                                "`prompt`+`completions`+`ranks`; empty: generate built-in arithmetic rankings.")
+                                "`prompt`+`completions`+`ranks`, text or chat messages (whole conversations need no "
+                                "`prompt`); empty: generate built-in arithmetic rankings.")
     dataset_split: str = arg("train", "Split of `dataset_name` (hub datasets and directories).")
     eval_dataset_name: str = arg("", "Held-out rankings (same formats); built-in task: held-out prompts by gold score.")
     num_train_prompts: int = arg(4000, "Built-in task: prompts to rank.")
@@ -306,11 +308,10 @@ def train(cfg: Config) -> dict:
 
 def score_rows(model_dir: str, data: str, batch_size: int = 64) -> list[dict]:
     """Scores of each row of `data`: `prompt`+`completion` -> score; `prompt`+`completions` -> scores;
-    `prompt`+`chosen`+`rejected` -> chosen_score, rejected_score."""
+    `prompt`+`chosen`+`rejected` -> chosen_score, rejected_score. Plain text or chats, checked as training
+    checks them (`rlhf.data.preference_responses`; whole conversations need no `prompt`)."""
     rows = load_rows(data)
     cols = set(rows.column_names)
-    if "prompt" not in cols:
-        raise DataError(f"{data}: missing column `prompt`")
     keys = (["completion"] if "completion" in cols else ["completions"] if "completions" in cols
             else ["chosen", "rejected"])
     for k in keys:
@@ -318,20 +319,16 @@ def score_rows(model_dir: str, data: str, batch_size: int = 64) -> list[dict]:
             raise DataError(f"{data}: missing column `{k}` (scoring needs `completion`, `completions`, or "
                             f"`chosen`+`rejected`)")
     where = Locator(data)
-    texts = []  # (row, key, index in list or None, prompt, response)
-    for i, row in enumerate(rows):
-        if not isinstance(row["prompt"], str) or not row["prompt"].strip():
-            raise DataError(f"{where(i)}: empty or non-string `prompt`")
-        for k in keys:
-            values = row[k] if k == "completions" else [row[k]]
-            if k == "completions" and not isinstance(values, list):
-                raise DataError(f"{where(i)}: `completions` must be a list of strings")
-            for j, v in enumerate(values):
-                if not isinstance(v, str) or not v.strip():
-                    raise DataError(f"{where(i)}: empty or non-string `{k}`")
-                texts.append((i, k, j if k == "completions" else None, row["prompt"], v))
+    out, texts = [], []  # texts: (row, key, index in list or None, prompt, response)
+    for i, row in enumerate(rows.to_list()):
+        responses = row["completions"] if keys == ["completions"] else [row[k] for k in keys]
+        if not isinstance(responses, list) or not responses:
+            raise DataError(f"{where(i)}: `completions` must be a non-empty list of responses")
+        prompt, responses = preference_responses(row.get("prompt"), responses, where(i), "` / `".join(keys))
+        out.append({"prompt": prompt})
+        texts += [(i, keys[0] if len(keys) == 1 else keys[j], j if keys == ["completions"] else None, prompt, r)
+                  for j, r in enumerate(responses)]
     scorer = RewardModelScorer(model_dir, batch_size=batch_size, option="--model")
-    out = [{"prompt": row["prompt"]} for row in rows]
     for (i, k, j, _, _), v in zip(texts, scorer([t[3] for t in texts], [t[4] for t in texts]).tolist()):
         if k == "completions":
             out[i].setdefault("scores", []).append(v)
@@ -348,7 +345,8 @@ def cli(argv: list[str], prog: str = "rlhf reward") -> None:
         parser.add_argument("--model", required=True, help="Reward model directory (e.g. output_dir/model of `rlhf "
                                                            "reward`).")
         parser.add_argument("--data", required=True, help="json/jsonl/parquet/csv with `prompt` and `completion`, "
-                                                          "`completions`, or `chosen`+`rejected`.")
+                                                          "`completions`, or `chosen`+`rejected`: text or chat "
+                                                          "messages, as training reads them.")
         parser.add_argument("--batch_size", type=int, default=64, help="Responses per forward pass.")
         args = parser.parse_args(argv[1:])
         for row in score_rows(args.model, args.data, args.batch_size):

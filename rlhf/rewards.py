@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from rlhf.data import tokenize_prompt_completion
+from rlhf.data import chat_texts, tokenize_prompt_completion
 from rlhf.models import check_model_path, load_reward_model, load_tokenizer, reward_scores
 from rlhf.runtime import ConfigError
 
@@ -169,20 +169,19 @@ class RewardModelScorer:
         self.device = device or torch.device("cpu")
         self.model.to(self.device)
         self.batch_size = batch_size
+        self.source = f"reward model {path}"
 
-    def tokenize(self, prompt, completion: str) -> tuple[list[int], int]:
-        """Token ids of prompt + completion in the layout of reward-model training, and the prompt's length."""
-        if isinstance(prompt, list):  # conversational: render the chat, completion as the assistant turn
-            def ids(text):
-                return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            full = self.tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": completion}],
-                                                      tokenize=False)
-            head = self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-            return ids(full), len(ids(head))
+    def tokenize(self, prompt, completion) -> tuple[list[int], int]:
+        """Token ids of prompt + completion in the layout of reward-model training, and the prompt's length.
+        A chat prompt's completion is the assistant's answer (a string) or the messages from its turn on."""
+        if isinstance(prompt, list):  # conversational: rendered by the chat template, as `rlhf reward` trains
+            turn = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
+            head, (tail,) = chat_texts(self.tokenizer, prompt, [turn], self.source)
+            return tokenize_prompt_completion(self.tokenizer, head, tail, chat=True)
         return tokenize_prompt_completion(self.tokenizer, prompt, completion, chat=False)
 
     @torch.no_grad()
-    def __call__(self, prompts: list, completions: list[str]) -> torch.Tensor:
+    def __call__(self, prompts: list, completions: list) -> torch.Tensor:
         seqs = [self.tokenize(p, c) for p, c in zip(prompts, completions)]
         pad = self.tokenizer.pad_token_id
         scores = []

@@ -3,8 +3,10 @@
 Formats (the TRL names):
 - SFT: `text`; `prompt` + `completion` (strings, or lists of chat messages); `messages` (a chat whose
   last message is the assistant's answer). Chat rows go through the tokenizer's chat template.
-- Rewards: pairwise `prompt` + `chosen` + `rejected`, or K-wise `prompt` + `completions` (K strings)
-  + `ranks` (K integers, 0 = best, ties allowed). Pairwise rows become K = 2 rankings.
+- Rewards and DPO: pairwise `prompt` + `chosen` + `rejected`, or K-wise `prompt` + `completions` (K responses)
+  + `ranks` (K integers, 0 = best, ties allowed). Pairwise rows become K = 2 rankings. Plain strings, or a chat
+  (`preference_responses`): a prompt of messages with string or message responses, or whole conversations
+  without a `prompt` (their shared first messages are the prompt).
 - PPO / GRPO prompts: `prompt`, a string or a list of chat messages.
 
 Length policy: an example (an SFT row, or a whole reward group) longer than `max_length` tokens is
@@ -49,15 +51,19 @@ def sft_format(column_names: Sequence[str], source: str) -> str:
                     f"has: {', '.join(column_names)})")
 
 
-def _chat_split(tokenizer, prompt_msgs: list, completion_msgs: list, where: str) -> tuple[str, str]:
-    """Render a chat; the prompt is everything up to the assistant's answer (generation prompt included)."""
+def chat_texts(tokenizer, prompt_msgs: list, responses: list[list], where: str) -> tuple[str, list[str]]:
+    """A chat prompt and each response (messages after it) rendered by the tokenizer's chat template: the prompt
+    with the generation prompt, and each response as what the whole conversation adds to it."""
     if tokenizer.chat_template is None:
         raise DataError(f"{where}: chat messages given but the tokenizer has no chat template")
     prompt = tokenizer.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(prompt_msgs + completion_msgs, tokenize=False)
-    if not full.startswith(prompt):
-        raise DataError(f"{where}: the chat template does not render the prompt as a prefix of the conversation")
-    return prompt, full[len(prompt):]
+    texts = []
+    for response in responses:
+        full = tokenizer.apply_chat_template(prompt_msgs + response, tokenize=False)
+        if not full.startswith(prompt):
+            raise DataError(f"{where}: the chat template does not render the prompt as a prefix of the conversation")
+        texts.append(full[len(prompt):])
+    return prompt, texts
 
 
 def sft_texts(row: dict, fmt: str, tokenizer, where: str) -> tuple[str, str, bool]:
@@ -73,12 +79,14 @@ def sft_texts(row: dict, fmt: str, tokenizer, where: str) -> tuple[str, str, boo
             raise DataError(f"{where}: `messages` must be a non-empty list of {{role, content}} objects")
         if msgs[-1]["role"] != "assistant" or not str(msgs[-1]["content"]).strip():
             raise DataError(f"{where}: the last message must be a non-empty assistant message")
-        return (*_chat_split(tokenizer, msgs[:-1], msgs[-1:], where), True)
+        prompt, (completion,) = chat_texts(tokenizer, msgs[:-1], [msgs[-1:]], where)
+        return prompt, completion, True
     prompt, completion = row["prompt"], row["completion"]
     if _is_chat(prompt) or _is_chat(completion):
         if not (_is_chat(prompt) and _is_chat(completion)) or not prompt or not completion:
             raise DataError(f"{where}: conversational `prompt` and `completion` must both be non-empty message lists")
-        return (*_chat_split(tokenizer, prompt, completion, where), True)
+        prompt, (completion,) = chat_texts(tokenizer, prompt, [completion], where)
+        return prompt, completion, True
     for name, value in (("prompt", prompt), ("completion", completion)):
         if not isinstance(value, str) or not value.strip():
             raise DataError(f"{where}: empty or non-string `{name}`")
@@ -163,29 +171,68 @@ def pack_examples(examples: list[dict], max_length: int) -> list[dict]:
 
 def ranking_format(column_names: Sequence[str], source: str) -> str:
     cols = set(column_names)
-    if "completions" in cols or "ranks" in cols:
-        need = ("prompt", "completions", "ranks")
-        fmt = "rankings"
-    else:
-        need = ("prompt", "chosen", "rejected")
-        fmt = "pairwise"
+    fmt, need = ("rankings", ("completions", "ranks")) if "completions" in cols or "ranks" in cols else (
+        "pairwise", ("chosen", "rejected"))
     for c in need:
         if c not in cols:
-            raise DataError(f"{source}: missing column `{c}` ({fmt} data needs {', '.join(need)})")
+            raise DataError(f"{source}: missing column `{c}` ({fmt} data needs {', '.join(need)} and a `prompt`, "
+                            "which only whole conversations may leave out)")
     return fmt
 
 
-def ranking_group(row: dict, fmt: str, where: str) -> tuple[str, list[str], list[int]]:
-    """(prompt, K completions, K ranks) of one row, checked."""
-    prompt = row["prompt"]
+def _message_key(messages: list) -> list[tuple]:
+    return [(m["role"], m["content"]) for m in messages]
+
+
+def preference_responses(prompt, responses: list, where: str, names: str = "completions") -> tuple:
+    """(prompt, responses) of one row of preference data, checked: a string prompt and string responses, or a chat.
+
+    A chat is a prompt of messages with responses that are strings (each the assistant's answer) or lists of
+    messages after the prompt; or, with `prompt` absent or a string, responses that are whole conversations
+    (TRL's implicit prompt): the prompt is then the first messages they all share. Chat responses come back as
+    message lists that start with the assistant's turn. `names`: the column(s) the responses come from, for errors.
+    """
+    chat_prompt = _is_chat(prompt) and bool(prompt)
+    if any(isinstance(r, list) for r in responses) or chat_prompt:
+        if not chat_prompt:  # the prompt is what every conversation starts with
+            if not all(_is_chat(r) for r in responses):
+                raise DataError(f"{where}: `{names}` mix chat messages with other values")
+            keys = [_message_key(r) for r in responses]
+            n = 0
+            while all(len(k) > n and k[n] == keys[0][n] for k in keys):
+                n += 1
+            if n == 0:
+                raise DataError(f"{where}: `{names}` are conversations with no first message in common and `prompt` "
+                                "is not a list of messages: give the prompt as messages, or whole conversations")
+            if any(len(k) == n for k in keys):
+                raise DataError(f"{where}: a response in `{names}` has no messages after those all of them share "
+                                "(the same conversation twice?)")
+            prompt, responses = responses[0][:n], [r[n:] for r in responses]
+        responses = [[{"role": "assistant", "content": r}] if isinstance(r, str) else r for r in responses]
+        for r in responses:
+            if not _is_chat(r) or not r or r[0]["role"] != "assistant" or not all(
+                    isinstance(m["content"], str) and m["content"].strip() for m in r):
+                raise DataError(f"{where}: every response in `{names}` must be non-empty chat messages from the "
+                                f"assistant's turn on (after the prompt); got {r!r}")
+        return prompt, responses
+    if prompt is None:
+        raise DataError(f"{where}: missing `prompt` (only responses that are whole conversations may leave it out)")
     if not isinstance(prompt, str) or not prompt.strip():
         raise DataError(f"{where}: empty or non-string `prompt`")
+    for r in responses:
+        if not isinstance(r, str) or not r.strip():
+            raise DataError(f"{where}: empty or non-string completion {r!r} in `{names}`")
+    return prompt, list(responses)
+
+
+def ranking_group(row: dict, fmt: str, where: str) -> tuple:
+    """(prompt, K responses, K ranks) of one row, checked (`preference_responses`: plain text or a chat)."""
     if fmt == "pairwise":
-        completions, ranks = [row["chosen"], row["rejected"]], [0, 1]
+        completions, ranks, names = [row["chosen"], row["rejected"]], [0, 1], "chosen` / `rejected"
     else:
-        completions, ranks = row["completions"], row["ranks"]
+        completions, ranks, names = row["completions"], row["ranks"], "completions"
         if not isinstance(completions, list) or len(completions) < 2:
-            raise DataError(f"{where}: `completions` must be a list of at least 2 strings")
+            raise DataError(f"{where}: `completions` must be a list of at least 2 responses")
         # Arrow turns a column's ints into floats when any row has a float, so 1.0 counts as 1.
         if (not isinstance(ranks, list) or len(ranks) != len(completions)
                 or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and float(r).is_integer() and r >= 0
@@ -193,28 +240,34 @@ def ranking_group(row: dict, fmt: str, where: str) -> tuple[str, list[str], list
             raise DataError(f"{where}: `ranks` must be a list of {len(completions)} non-negative integers "
                             f"(one per completion, 0 = best); got {ranks!r}")
         ranks = [int(r) for r in ranks]
-    for c in completions:
-        if not isinstance(c, str) or not c.strip():
-            raise DataError(f"{where}: empty or non-string completion {c!r}")
-    if fmt == "pairwise" and completions[0].strip() == completions[1].strip():
+    prompt, completions = preference_responses(row.get("prompt"), completions, where, names)
+    if fmt == "pairwise" and (completions[0].strip() == completions[1].strip() if isinstance(prompt, str)
+                              else _message_key(completions[0]) == _message_key(completions[1])):
         raise DataError(f"{where}: `chosen` and `rejected` are the same response {completions[0]!r}")
-    return prompt, list(completions), list(ranks)
+    return prompt, completions, list(ranks)
 
 
 def tokenize_rankings(rows, tokenizer, max_length: int, source: str = "data") -> Tokenized:
     """Each row -> {"input_ids": K lists, "ranks": K ints, "prompt_len": tokens of the prompt (the same in each)};
-    a group with any response over `max_length` is dropped."""
+    a group with any response over `max_length` is dropped. A chat row's prompt and responses go through the
+    tokenizer's chat template (`chat_texts`), which writes the special tokens itself."""
     fmt = ranking_format(rows.column_names, source)
     where = Locator(source)
-    checked = [ranking_group(row, fmt, where(i)) for i, row in enumerate(rows.to_list())]  # one table conversion
+    checked = [(i, *ranking_group(row, fmt, where(i))) for i, row in enumerate(rows.to_list())]  # one conversion
     # ties are skipped by the loss: a row whose responses all tie would only dilute the batch
-    kept = [(prompt, completions, ranks) for prompt, completions, ranks in checked if len(set(ranks)) > 1]
+    kept = [(i, prompt, completions, ranks) for i, prompt, completions, ranks in checked if len(set(ranks)) > 1]
     ties = len(checked) - len(kept)
-    tokenized = tokenize_prompt_completions(tokenizer, [p for p, cs, _ in kept for _ in cs],
-                                            [c for _, cs, _ in kept for c in cs], chat=False) if kept else []
-    examples, dropped, start = [], 0, 0
-    for _, completions, ranks in kept:
-        group, start = tokenized[start:start + len(completions)], start + len(completions)
+    prompts, responses = [], []  # one entry per response
+    for i, prompt, completions, _ in kept:
+        if not isinstance(prompt, str):
+            prompt, completions = chat_texts(tokenizer, prompt, completions, where(i))
+        prompts += [prompt] * len(completions)
+        responses += completions
+    chat = bool(kept) and not isinstance(kept[0][1], str)  # all rows or none: a column holds one type
+    tokenized = iter(tokenize_prompt_completions(tokenizer, prompts, responses, chat))
+    examples, dropped = [], 0
+    for _, _, completions, ranks in kept:
+        group = [next(tokenized) for _ in completions]
         seqs = [ids for ids, _ in group]
         if max(map(len, seqs)) > max_length:
             dropped += 1

@@ -138,6 +138,65 @@ def test_empty_prompt_or_completion_in_rankings(tmp_path, tiny_tokenizer):
         tokenize_rankings(load_rows(path), tiny_tokenizer, 64, source=path)
 
 
+def _user(text):
+    return {"role": "user", "content": text}
+
+
+def _assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+@pytest.mark.parametrize("row", [
+    {"prompt": [_user("1+2=")], "chosen": [_assistant("3")], "rejected": [_assistant("4")]},
+    {"prompt": [_user("1+2=")], "chosen": "3", "rejected": "4"},  # string answers to a chat prompt
+    {"chosen": [_user("1+2="), _assistant("3")], "rejected": [_user("1+2="), _assistant("4")]},  # implicit prompt
+    {"prompt": "1+2=", "chosen": [_user("1+2="), _assistant("3")], "rejected": [_user("1+2="), _assistant("4")]},
+], ids=["messages", "string answers", "implicit prompt", "string prompt, whole conversations"])
+def test_chat_preference_rows_are_their_rendered_chat(tmp_path, tiny_tokenizer, row):
+    """Every conversational layout tokenises as the chat template renders it: the same examples as the rendered
+    prompt and answers given as plain text (whose BOS and EOS the tokenizer adds)."""
+    tok = tiny_tokenizer
+    g = tokenize_rankings(load_rows(_jsonl(tmp_path / "c.jsonl", [row])), tok, 64).examples[0]
+    assert [tok.decode(ids) for ids in g["input_ids"]] == ["<s><|user|>1+2=\n<|assistant|>3</s>",
+                                                           "<s><|user|>1+2=\n<|assistant|>4</s>"]
+    assert tok.decode(g["input_ids"][0][:g["prompt_len"]]) == "<s><|user|>1+2=\n<|assistant|>"
+    plain = {"prompt": "<|user|>1+2=\n<|assistant|>", "chosen": "3", "rejected": "4"}
+    assert g == tokenize_rankings(load_rows(_jsonl(tmp_path / "p.jsonl", [plain])), tok, 64).examples[0]
+
+
+def test_chat_rankings_and_multi_turn_prompts(tmp_path, tiny_tokenizer):
+    tok = tiny_tokenizer
+    turns = [_user("1+2="), _assistant("3"), _user("and 2+2=")]
+    rows = [{"prompt": turns, "completions": [[_assistant("4")], [_assistant("5")], [_assistant("22")]],
+             "ranks": [0, 2, 1]},
+            {"completions": [turns + [_assistant("4")], turns + [_assistant("5")]], "ranks": [0, 1]}]
+    groups = tokenize_rankings(load_rows(_jsonl(tmp_path / "k.jsonl", rows)), tok, 64).examples
+    head = "<s><|user|>1+2=\n<|assistant|>3</s><|user|>and 2+2=\n<|assistant|>"
+    assert [tok.decode(ids) for ids in groups[0]["input_ids"]] == [head + "4</s>", head + "5</s>", head + "22</s>"]
+    assert groups[0]["ranks"] == [0, 2, 1] and tok.decode(groups[1]["input_ids"][0][:groups[1]["prompt_len"]]) == head
+    assert groups[1]["input_ids"] == groups[0]["input_ids"][:2]
+
+
+@pytest.mark.parametrize("row, needle", [
+    ({"chosen": [_user("1+2="), _assistant("3")], "rejected": [_user("1+3="), _assistant("4")]},
+     "no first message in common"),
+    ({"chosen": [_user("1+2="), _assistant("3")], "rejected": [_user("1+2="), _assistant("3")]},
+     "the same conversation twice"),
+    ({"prompt": [_user("1+2=")], "chosen": [_assistant("3")], "rejected": [_assistant("3")]}, "the same response"),
+    ({"prompt": [_user("1+2=")], "chosen": [_user("x"), _assistant("3")], "rejected": [_assistant("4")]},
+     "from the assistant's turn on"),
+    ({"prompt": [_user("1+2=")], "chosen": [_assistant(" ")], "rejected": [_assistant("4")]},
+     "must be non-empty chat messages"),
+    ({"chosen": "3", "rejected": "4"}, "missing `prompt`"),
+])
+def test_bad_chat_preference_rows_name_the_line(tmp_path, tiny_tokenizer, row, needle):
+    good = ({"prompt": "5+5=", "chosen": "10", "rejected": "0"} if isinstance(row["chosen"], str) else  # a column
+            {"prompt": [_user("5+5=")], "chosen": [_assistant("10")], "rejected": [_assistant("0")]})  # keeps a type
+    path = _jsonl(tmp_path / "r.jsonl", [good, row])
+    with pytest.raises(DataError, match=rf"r\.jsonl: line 2: .*{needle}"):
+        tokenize_rankings(load_rows(path), tiny_tokenizer, 64, source=path)
+
+
 def test_rankings_that_all_tie_are_dropped_and_counted(tmp_path, tiny_tokenizer):
     path = _jsonl(tmp_path / "t.jsonl", [{"prompt": "1+2=", "completions": ["3", "4", "5"], "ranks": [0, 1, 1]},
                                          {"prompt": "1+3=", "completions": ["4", "5"], "ranks": [2, 2]}])

@@ -121,6 +121,24 @@ def test_pairwise_and_k2_training_are_identical(tmp_path):
         assert torch.allclose(a[k], c[k], atol=1e-6), k  # the order of the responses does not matter
 
 
+def test_conversational_pairs_train_as_their_rendered_chat(tmp_path):
+    """TRL's conversational layout (whole conversations, no `prompt`) trains exactly as the chat template's text."""
+    def turn(role, text):
+        return {"role": role, "content": text}
+
+    chats = [{"chosen": [turn("user", r["prompt"]), turn("assistant", r["chosen"])],
+              "rejected": [turn("user", r["prompt"]), turn("assistant", r["rejected"])]} for r in PAIRS]
+    rendered = [{**r, "prompt": f"<|user|>{r['prompt']}\n<|assistant|>"} for r in PAIRS]
+    kw = dict(max_steps=2, per_device_train_batch_size=2, precompute_ref_log_probs=False)
+    chat_summary, chat_weights = _train(tmp_path, "chat", dataset_name=_jsonl(tmp_path / "c.jsonl", chats), **kw)
+    text_summary, text_weights = _train(tmp_path, "text", dataset_name=_jsonl(tmp_path / "t.jsonl", rendered), **kw)
+    assert chat_summary["train/loss_last"] == text_summary["train/loss_last"]
+    for k in text_weights:
+        assert torch.equal(chat_weights[k], text_weights[k]), k
+    assert not torch.equal(text_weights["model.norm.weight"], _train(tmp_path, "plain", dataset_name=_jsonl(
+        tmp_path / "p.jsonl", PAIRS), **kw)[1]["model.norm.weight"])  # the chat's tokens are what trains
+
+
 @pytest.mark.parametrize("precompute", [True, False])
 def test_gradient_accumulation_1x8_equals_8x1(tmp_path, precompute):
     # adam_epsilon=1 makes the update ~ lr * gradient, so float noise in tiny gradients is not blown up to +-lr

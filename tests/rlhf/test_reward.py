@@ -140,6 +140,14 @@ def test_score_command_prints_model_scores(tmp_path, capsys):
             expected = [float(model(**tok(row["prompt"] + c + tok.eos_token, return_tensors="pt")).logits[0, 0])
                         for c in (["3", "4"] if row["prompt"] == "1+2=" else ["10", "?"])]
         assert row["scores"] == pytest.approx(expected, abs=1e-5)
+    # conversations (TRL's layout, no `prompt`) score as the chat template's text
+    turns = [{"role": "user", "content": "1+2="}, {"role": "assistant", "content": "3"}]
+    chat = _jsonl(tmp_path / "c.jsonl", [{"chosen": turns,
+                                          "rejected": [turns[0], {"role": "assistant", "content": "4"}]}])
+    text = _jsonl(tmp_path / "t.jsonl", [{"prompt": "<|user|>1+2=\n<|assistant|>", "chosen": "3", "rejected": "4"}])
+    [chat_row], [text_row] = (reward.score_rows(str(tmp_path / "rm" / "model"), d) for d in (chat, text))
+    assert chat_row["prompt"] == turns[:1] and chat_row["chosen_score"] == text_row["chosen_score"]
+    assert chat_row["rejected_score"] == text_row["rejected_score"] != text_row["chosen_score"]
     with pytest.raises(SystemExit):
         main(["reward", "score", "--model", str(tmp_path / "rm" / "model"), "--data", str(tmp_path / "missing.jsonl")])
     assert "missing.jsonl" in capsys.readouterr().err
