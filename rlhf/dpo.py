@@ -19,7 +19,8 @@ plackett_luce`, DPO appendix A.3). Pairwise data is K = 2, where every loss type
 Reference log-probs are computed once before training (`precompute_ref_log_probs`, one forward pass
 over the data) or per batch; with LoRA the reference is the model with its adapters disabled, without
 it a frozen copy (only when computed per batch: before training the policy is the reference).
-SimPO and `reference_free` use no reference at all.
+SimPO and `reference_free` use no reference at all. `rpo_alpha` adds RPO's negative log-likelihood of
+the best response (Pang et al. 2024, `rlhf.core.best_response_nll`).
 
 Order of work: config -> tokenizer, data (all checks) -> model -> reference log-probs -> run
 directory (a checkpoint is loaded only now, after the reference pass). Evaluation: held-out
@@ -36,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf.core import dpo_loss, ranked_pairs
+from rlhf.core import best_response_nll, dpo_loss, ranked_pairs
 from rlhf.core.preference import LOSS_TYPES
 from rlhf.distributed import (gather_objects, gathered_for_generation, prepare_frozen, reduce_sum,
                               save_hf_model, unwrap)
@@ -76,6 +77,8 @@ class Config(TrainingConfig):
     label_smoothing: float = arg(0.0, "Assumed share of flipped labels eps (sigmoid: cDPO, robust: rDPO, simpo).")
     simpo_gamma: float = arg(0.5, "SimPO's target reward margin gamma.")
     reference_free: bool = arg(False, "No reference: rewards beta * log pi (simpo always is).")
+    rpo_alpha: float = arg(0.0, "RPO: add this times the best response's negative log-likelihood per token "
+                                "(`rlhf.core.best_response_nll`; the RPO paper uses 1); 0: off.")
     precompute_ref_log_probs: bool = arg(True, "Reference log-probs once before training (one pass over the data); "
                                                "false: per batch (a frozen copy, or LoRA adapters off).")
     precompute_ref_batch_size: int = arg(0, "Prompts per batch of the reference pass before training (0: "
@@ -99,6 +102,7 @@ class Config(TrainingConfig):
         check(0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
         check(self.label_smoothing == 0 or self.loss_type in ("sigmoid", "robust", "simpo"), "label_smoothing",
               f"applies to loss_type sigmoid, robust or simpo, not {self.loss_type}")
+        check(self.rpo_alpha >= 0, "rpo_alpha", "must be >= 0 (0: off)")
         check(self.num_train_epochs > 0, "num_train_epochs", "must be positive")
         check(self.max_steps == -1 or self.max_steps > 0, "max_steps", "must be -1 (no cap) or positive")
         check(self.per_device_train_batch_size > 0, "per_device_train_batch_size", "must be positive")
@@ -226,8 +230,14 @@ def batch_loss(accelerator, model, reference, batch: dict, cfg: Config) -> tuple
     if cfg.uses_reference:
         ref = batch["ref_logps"] if "ref_logps" in batch else reference_logps(accelerator, model, reference, batch,
                                                                                 cfg)
-    return dpo_loss(logps.float(), ref, batch["ranks"], beta=cfg.beta, loss_type=cfg.loss_type,
-                    label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma)
+    loss, metrics = dpo_loss(logps.float(), ref, batch["ranks"], beta=cfg.beta, loss_type=cfg.loss_type,
+                             label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma)
+    if cfg.rpo_alpha:
+        per_token = logps.float() if cfg.length_normalised else logps.float() / batch["completion_mask"].sum(
+            dim=1).clamp_min(1).view(logps.shape)
+        nll = best_response_nll(per_token, batch["ranks"])
+        loss, metrics["loss/nll"] = loss + cfg.rpo_alpha * nll, nll.detach()
+    return loss, metrics
 
 
 @torch.no_grad()

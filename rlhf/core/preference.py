@@ -14,6 +14,8 @@ References:
 - Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human Preferences" (IPO, eq. 17).
 - Zhao et al. 2023, "SLiC-HF" (hinge loss); Meng et al. 2024, "SimPO" (eq. 6: length-normalised,
   reference-free, target margin gamma).
+- Pang et al. 2024, "Iterative Reasoning Preference Optimization" (RPO, eq. 3: DPO plus the
+  negative log-likelihood of the preferred response, per token).
 """
 
 from __future__ import annotations
@@ -129,3 +131,20 @@ def dpo_loss(
         "logps/rejected": _d(per_prompt_mean(logps.unsqueeze(1).expand_as(margins))),
     }
     return loss, metrics
+
+
+def best_response_nll(token_logps: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+    """RPO's NLL term (Pang et al. 2024, eq. 3; TRL's `rpo_alpha`): minus the per-token log-prob of each prompt's
+    best response (the mean over responses tied at the best rank), averaged over the prompts that have a pair,
+    so that it weighs prompts as :func:`dpo_loss` does.
+
+    Shapes: token_logps (B, K) float, each response's mean log-prob per token; ranks (B, K) int (0 = best, < 0
+    padding); returns () float.
+    """
+    valid = ranks >= 0
+    top = ranks.masked_fill(~valid, torch.iinfo(ranks.dtype).max).min(dim=1, keepdim=True).values  # (B, 1)
+    best = (valid & (ranks == top)).to(token_logps.dtype)  # (B, K)
+    per_prompt = -(torch.where(best > 0, token_logps, torch.zeros_like(token_logps)).sum(dim=1)
+                   / best.sum(dim=1).clamp_min(1))  # (B,)
+    has_pairs = ranked_pairs(ranks).flatten(1).any(dim=1).to(token_logps.dtype)  # (B,)
+    return (per_prompt * has_pairs).sum() / has_pairs.sum().clamp_min(1)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from rlhf.core import dpo_loss, pair_losses, plackett_luce_nll, ranked_pairs
+from rlhf.core import best_response_nll, dpo_loss, pair_losses, plackett_luce_nll, ranked_pairs
 
 torch.set_num_threads(1)
 
@@ -128,3 +128,22 @@ def test_plackett_luce_ties_padding_and_k2():
 def test_ranked_pairs_skip_ties_and_padding():
     pairs = ranked_pairs(torch.tensor([[0, 1, 1, -1]]))[0]
     assert sorted(map(tuple, pairs.nonzero().tolist())) == [(0, 1), (0, 2)]
+
+
+def test_best_response_nll_matches_a_loop():
+    """RPO's term: per prompt minus the mean per-token log-prob of its best-ranked responses (ties averaged),
+    then the mean over prompts that have a pair (all tied or padded: no weight)."""
+    token_logps = torch.tensor([[-0.5, -1.0, -2.0], [-0.3, -0.7, -0.9], [-1.1, -1.2, 9.0], [-4.0, -4.0, 0.0]],
+                               dtype=torch.float64)
+    ranks = torch.tensor([[1, 0, 2], [0, 0, 1], [-1, 1, -1], [0, 0, -1]])  # ties; a padded best; all tied
+    expected = []
+    for b in range(len(ranks)):
+        real = [k for k in range(3) if ranks[b][k] >= 0]
+        if len({int(ranks[b][k]) for k in real}) < 2:
+            continue  # no strict pair: the loss skips the prompt
+        top = min(int(ranks[b][k]) for k in real)
+        best = [float(token_logps[b][k]) for k in real if ranks[b][k] == top]
+        expected.append(-sum(best) / len(best))
+    assert expected == [1.0, 0.5]
+    assert float(best_response_nll(token_logps, ranks)) == pytest.approx(sum(expected) / len(expected), rel=1e-12)
+    assert float(best_response_nll(token_logps[2:], ranks[2:])) == 0.0

@@ -1,3 +1,4 @@
+import contextlib
 import json
 
 import pytest
@@ -59,6 +60,49 @@ def test_response_logps_and_loss_match_one_response_at_a_time(tmp_path, tiny_tok
     want = ((-F.logsigmoid(r[0, 0] - r[0, 2]) - F.logsigmoid(r[0, 0] - r[0, 1]) - F.logsigmoid(r[0, 2] - r[0, 1])) / 3
             - F.logsigmoid(r[1, 0] - r[1, 1])) / 2
     assert torch.allclose(loss, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_rpo_adds_the_best_responses_nll_per_token(tmp_path, tiny_tokenizer, loss_type):
+    """batch_loss with rpo_alpha = the DPO loss + alpha * mean over prompts of -log p(best response) / its tokens,
+    the log-prob taken from each best response scored alone (ties: the mean of the tied best)."""
+    from rlhf.data import load_rows, tokenize_rankings
+    from rlhf.models import BUILTIN_TINY, load_causal_lm
+
+    torch.manual_seed(0)
+    model = load_causal_lm(BUILTIN_TINY).eval()
+    rows = [{"prompt": "12+30=", "completions": ["42", "4", "52"], "ranks": [0, 2, 0]},
+            {"prompt": "1+1=", "completions": ["2", "11"], "ranks": [0, 1]}]
+    groups = tokenize_rankings(load_rows(_jsonl(tmp_path / "k.jsonl", rows)), tiny_tokenizer, 64).examples
+    batch = dpo.collate(groups, tiny_tokenizer.pad_token_id)
+    batch["ref_logps"] = torch.tensor([[-3.0, -2.0, -4.0], [-1.0, -5.0, 0.0]])
+    cfg = make_config(dpo.Config, {"loss_type": loss_type})
+    with torch.no_grad():
+        plain, _ = _batch_loss(model, batch, cfg)
+        with_rpo, metrics = _batch_loss(model, batch, make_config(dpo.Config, {"loss_type": loss_type,
+                                                                               "rpo_alpha": 0.7}))
+    nll = []
+    for row in rows:
+        prompt_ids = tiny_tokenizer(row["prompt"])["input_ids"]
+        per_token = []
+        for c, rank in zip(row["completions"], row["ranks"]):
+            if rank:
+                continue
+            ids = prompt_ids + tiny_tokenizer(c, add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]
+            with torch.no_grad():
+                logp = F.log_softmax(model(input_ids=torch.tensor([ids])).logits[0], dim=-1)
+            terms = [float(logp[t - 1, ids[t]]) for t in range(len(prompt_ids), len(ids))]
+            per_token.append(-sum(terms) / len(terms))
+        nll.append(sum(per_token) / len(per_token))
+    assert float(metrics["loss/nll"]) == pytest.approx(sum(nll) / 2, abs=1e-5)
+    assert float(with_rpo - plain) == pytest.approx(0.7 * sum(nll) / 2, abs=1e-5)
+
+
+def _batch_loss(model, batch, cfg):
+    class NoAccelerator:  # batch_loss on one process, no autocast
+        autocast = staticmethod(contextlib.nullcontext)
+
+    return dpo.batch_loss(NoAccelerator(), model, None, batch, cfg)
 
 
 def test_each_response_goes_through_the_model_once_per_step(tmp_path, monkeypatch):
@@ -262,3 +306,5 @@ def test_bad_input_names_file_and_line_and_writes_nothing(tmp_path):
         make_config(dpo.Config, {"loss_type": "ipo", "label_smoothing": 0.1})
     with pytest.raises(ConfigError, match="loss_type"):
         make_config(dpo.Config, {"loss_type": "kto"})
+    with pytest.raises(ConfigError, match="rpo_alpha"):
+        make_config(dpo.Config, {"rpo_alpha": -1.0})
