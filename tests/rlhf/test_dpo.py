@@ -28,29 +28,39 @@ def _jsonl(path, rows):
     return str(path)
 
 
-@pytest.mark.parametrize("share", [True, False])
-def test_response_logps_and_loss_match_one_response_at_a_time(tmp_path, tiny_tokenizer, share):
-    """Batched K-wise log-probs (sum over the response's tokens and EOS) equal each response scored alone with
-    log_softmax, the prompt shared or not; the loss then equals the paper's formula on those numbers."""
+def _ranked_batch(tmp_path, tokenizer, rows):
+    """The untrained tiny model (seed 0) and `rows` (rankings) collated as `rlhf dpo` batches them."""
     from rlhf.data import load_rows, tokenize_rankings
     from rlhf.models import BUILTIN_TINY, load_causal_lm
 
     torch.manual_seed(0)
     model = load_causal_lm(BUILTIN_TINY).eval()
+    groups = tokenize_rankings(load_rows(_jsonl(tmp_path / "k.jsonl", rows)), tokenizer, 64).examples
+    return model, dpo.collate(groups, tokenizer.pad_token_id)
+
+
+def _alone(model, tokenizer, prompt: str, completion: str) -> list[float]:
+    """Log-prob of each token of completion + EOS after prompt, the pair forwarded alone through log_softmax."""
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    ids = prompt_ids + tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    with torch.no_grad():
+        logp = F.log_softmax(model(input_ids=torch.tensor([ids])).logits[0], dim=-1)
+    return [float(logp[t - 1, ids[t]]) for t in range(len(prompt_ids), len(ids))]
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_response_logps_and_loss_match_one_response_at_a_time(tmp_path, tiny_tokenizer, share):
+    """Batched K-wise log-probs (sum over the response's tokens and EOS) equal each response scored alone with
+    log_softmax, the prompt shared or not; the loss then equals the paper's formula on those numbers."""
     rows = [{"prompt": "12+30=", "completions": ["42", "4", "52"], "ranks": [0, 2, 1]},
             {"prompt": "1+1=", "completions": ["2", "11"], "ranks": [0, 1]}]
-    groups = tokenize_rankings(load_rows(_jsonl(tmp_path / "k.jsonl", rows)), tiny_tokenizer, 64).examples
-    batch = dpo.collate(groups, tiny_tokenizer.pad_token_id)
+    model, batch = _ranked_batch(tmp_path, tiny_tokenizer, rows)
     with torch.no_grad():
         got = dpo.response_logps(model, batch, False, share)  # (2, 3)
         got_mean = dpo.response_logps(model, batch, True, share)
     for b, row in enumerate(rows):
-        prompt_ids = tiny_tokenizer(row["prompt"])["input_ids"]
         for k, c in enumerate(row["completions"]):
-            ids = prompt_ids + tiny_tokenizer(c, add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]
-            with torch.no_grad():
-                logp = F.log_softmax(model(input_ids=torch.tensor([ids])).logits[0], dim=-1)
-            terms = [float(logp[t - 1, ids[t]]) for t in range(len(prompt_ids), len(ids))]
+            terms = _alone(model, tiny_tokenizer, row["prompt"], c)
             assert float(got[b, k]) == pytest.approx(sum(terms), abs=1e-4)
             assert float(got_mean[b, k]) == pytest.approx(sum(terms) / len(terms), abs=1e-5)
     assert got[1, 2] == 0 and batch["ranks"][1, 2] == -1  # padding response
@@ -66,34 +76,19 @@ def test_response_logps_and_loss_match_one_response_at_a_time(tmp_path, tiny_tok
 def test_rpo_adds_the_best_responses_nll_per_token(tmp_path, tiny_tokenizer, loss_type):
     """batch_loss with rpo_alpha = the DPO loss + alpha * mean over prompts of -log p(best response) / its tokens,
     the log-prob taken from each best response scored alone (ties: the mean of the tied best)."""
-    from rlhf.data import load_rows, tokenize_rankings
-    from rlhf.models import BUILTIN_TINY, load_causal_lm
-
-    torch.manual_seed(0)
-    model = load_causal_lm(BUILTIN_TINY).eval()
     rows = [{"prompt": "12+30=", "completions": ["42", "4", "52"], "ranks": [0, 2, 0]},
             {"prompt": "1+1=", "completions": ["2", "11"], "ranks": [0, 1]}]
-    groups = tokenize_rankings(load_rows(_jsonl(tmp_path / "k.jsonl", rows)), tiny_tokenizer, 64).examples
-    batch = dpo.collate(groups, tiny_tokenizer.pad_token_id)
+    model, batch = _ranked_batch(tmp_path, tiny_tokenizer, rows)
     batch["ref_logps"] = torch.tensor([[-3.0, -2.0, -4.0], [-1.0, -5.0, 0.0]])
-    cfg = make_config(dpo.Config, {"loss_type": loss_type})
     with torch.no_grad():
-        plain, _ = _batch_loss(model, batch, cfg)
+        plain, _ = _batch_loss(model, batch, make_config(dpo.Config, {"loss_type": loss_type}))
         with_rpo, metrics = _batch_loss(model, batch, make_config(dpo.Config, {"loss_type": loss_type,
                                                                                "rpo_alpha": 0.7}))
     nll = []
     for row in rows:
-        prompt_ids = tiny_tokenizer(row["prompt"])["input_ids"]
-        per_token = []
-        for c, rank in zip(row["completions"], row["ranks"]):
-            if rank:
-                continue
-            ids = prompt_ids + tiny_tokenizer(c, add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]
-            with torch.no_grad():
-                logp = F.log_softmax(model(input_ids=torch.tensor([ids])).logits[0], dim=-1)
-            terms = [float(logp[t - 1, ids[t]]) for t in range(len(prompt_ids), len(ids))]
-            per_token.append(-sum(terms) / len(terms))
-        nll.append(sum(per_token) / len(per_token))
+        best = [_alone(model, tiny_tokenizer, row["prompt"], c) for c, rank in zip(row["completions"], row["ranks"])
+                if rank == 0]
+        nll.append(sum(-sum(terms) / len(terms) for terms in best) / len(best))
     assert float(metrics["loss/nll"]) == pytest.approx(sum(nll) / 2, abs=1e-5)
     assert float(with_rpo - plain) == pytest.approx(0.7 * sum(nll) / 2, abs=1e-5)
 
