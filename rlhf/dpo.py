@@ -233,8 +233,8 @@ def batch_loss(accelerator, model, reference, batch: dict, cfg: Config) -> tuple
     loss, metrics = dpo_loss(logps.float(), ref, batch["ranks"], beta=cfg.beta, loss_type=cfg.loss_type,
                              label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma)
     if cfg.rpo_alpha:
-        per_token = logps.float() if cfg.length_normalised else logps.float() / batch["completion_mask"].sum(
-            dim=1).clamp_min(1).view(logps.shape)
+        tokens = batch["completion_mask"].sum(dim=1).clamp_min(1).view(logps.shape)  # (B, K), EOS included
+        per_token = logps.float() if cfg.length_normalised else logps.float() / tokens
         nll = best_response_nll(per_token, batch["ranks"])
         loss, metrics["loss/nll"] = loss + cfg.rpo_alpha * nll, nll.detach()
     return loss, metrics

@@ -14,8 +14,8 @@ References:
 - Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human Preferences" (IPO, eq. 17).
 - Zhao et al. 2023, "SLiC-HF" (hinge loss); Meng et al. 2024, "SimPO" (eq. 6: length-normalised,
   reference-free, target margin gamma).
-- Pang et al. 2024, "Iterative Reasoning Preference Optimization" (RPO, eq. 3: DPO plus the
-  negative log-likelihood of the preferred response, per token).
+- Pang et al. 2024, "Iterative Reasoning Preference Optimization" (RPO: DPO plus the negative
+  log-likelihood of the preferred response, per token).
 """
 
 from __future__ import annotations
@@ -134,9 +134,9 @@ def dpo_loss(
 
 
 def best_response_nll(token_logps: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
-    """RPO's NLL term (Pang et al. 2024, eq. 3; TRL's `rpo_alpha`): minus the per-token log-prob of each prompt's
-    best response (the mean over responses tied at the best rank), averaged over the prompts that have a pair,
-    so that it weighs prompts as :func:`dpo_loss` does.
+    """RPO's NLL term (Pang et al. 2024; the term TRL's `rpo_alpha` weighs): minus the per-token log-prob of each
+    prompt's best response (the mean over responses tied at the best rank), averaged over the prompts that have a
+    pair, so that it weighs prompts as :func:`dpo_loss` does.
 
     Shapes: token_logps (B, K) float, each response's mean log-prob per token; ranks (B, K) int (0 = best, < 0
     padding); returns () float.
