@@ -3,7 +3,8 @@
 No reward model and no generation: the policy pi is trained so that its implicit reward
 r = beta * (log pi(y|x) - log pi_ref(y|x)) orders the responses as the data does (Rafailov et al.
 2023, eq. 7), pi_ref being the starting model (usually the SFT model). log pi(y|x) is the sum of
-the response tokens' log-probabilities (the mean for `ipo` and `simpo`, as TRL does).
+the response tokens' log-probabilities (the mean for `sigmoid_norm`, `ipo` and `simpo`, as TRL does).
+`loss_type` is one loss of `rlhf.core.preference` or a list of them, summed with `loss_weights`.
 
 Data: the formats `rlhf reward` reads - `prompt` + `chosen` + `rejected`, or `prompt` + `completions` +
 `ranks` (0 = best, ties allowed) - checked the same way; without `--dataset_name` the built-in arithmetic
@@ -38,7 +39,7 @@ from pathlib import Path
 import torch
 
 from rlhf.core import best_response_nll, dpo_loss, ranked_pairs
-from rlhf.core.preference import LOSS_TYPES
+from rlhf.core.preference import LENGTH_NORMALISED, LOSS_TYPES, SMOOTHED
 from rlhf.distributed import (gather_objects, gathered_for_generation, prepare_frozen, reduce_sum,
                               save_hf_model, unwrap)
 from rlhf.models import disable_dropout, load_causal_lm, load_tokenizer
@@ -70,15 +71,21 @@ class Config(TrainingConfig):
     labeller_noise: float = arg(0.5, "Built-in task: labeller temperature (see `rlhf reward`); 0 ranks by gold score.")
     sampler_model: str = arg("", "Built-in task: sample the K candidates from this causal LM instead.")
     max_length: int = arg(64, "Longest prompt + response in tokens; longer rankings are dropped (in summary.json).")
-    loss_type: str = arg("sigmoid", "sigmoid (DPO; cDPO with label_smoothing), robust (rDPO), ipo, hinge (SLiC), "
-                                    "simpo (reference-free, length-normalised), plackett_luce (listwise "
-                                    "rankings).", choices=LOSS_TYPES)
+    loss_type: list[str] = arg(["sigmoid"], "The loss (docs/dpo.md: each one's formula and paper), or several, "
+                                            "comma-separated, summed with loss_weights (TRL's MPO: sigmoid,bco_pair,"
+                                            "sft with 0.8,0.2,1). sigmoid is DPO; sigmoid_norm, ipo and simpo use mean "
+                                            "log-probs; simpo has no reference; plackett_luce is listwise; sft is the "
+                                            "best response's NLL.", choices=LOSS_TYPES + ("sft",))
+    loss_weights: list[float] = arg([], "Weight of each loss_type, in order (empty: 1 each).")
     beta: float = arg(0.1, "Scale of the implicit reward beta * (log pi - log pi_ref) (IPO: its tau).")
-    label_smoothing: float = arg(0.0, "Assumed share of flipped labels eps (sigmoid: cDPO, robust: rDPO, simpo).")
+    label_smoothing: float = arg(0.0, "Assumed share of flipped labels eps (sigmoid, sigmoid_norm: cDPO; robust: "
+                                      "rDPO; simpo; exo_pair: EXO's epsilon, needed there).")
     simpo_gamma: float = arg(0.5, "SimPO's target reward margin gamma.")
+    discopop_tau: float = arg(0.05, "DiscoPOP's temperature tau.")
     reference_free: bool = arg(False, "No reference: rewards beta * log pi (simpo always is).")
     rpo_alpha: float = arg(0.0, "RPO: add this times the best response's negative log-likelihood per token "
-                                "(`rlhf.core.best_response_nll`; the RPO paper uses 1); 0: off.")
+                                "(`rlhf.core.best_response_nll`; the RPO paper uses 1; the same as loss_type sft "
+                                "weighted rpo_alpha); 0: off.")
     precompute_ref_log_probs: bool = arg(True, "Reference log-probs once before training (one pass over the data); "
                                                "false: per batch (a frozen copy, or LoRA adapters off).")
     precompute_ref_batch_size: int = arg(0, "Prompts per batch of the reference pass before training (0: "
@@ -98,11 +105,24 @@ class Config(TrainingConfig):
     def __post_init__(self):
         check(self.max_length >= 8, "max_length", f"must be at least 8, got {self.max_length}")
         super().__post_init__()
+        types = self.loss_type
+        check(any(t != "sft" for t in types), "loss_type", f"needs a preference loss, got {types} (plain SFT on the "
+                                                           "best responses: `rlhf sft`)")
+        check(len(set(types)) == len(types), "loss_type", f"names a loss twice: {types}")
+        check("simpo" not in types or set(types) <= {"simpo", "sft"}, "loss_type",
+              f"simpo has no reference and its own rewards: combine it with sft only, got {types}")
+        check(not self.loss_weights or len(self.loss_weights) == len(types), "loss_weights",
+              f"needs one weight per loss_type ({len(types)}), got {len(self.loss_weights)}")
+        check(all(w > 0 for w in self.loss_weights), "loss_weights", f"must be positive, got {self.loss_weights}")
         check(self.beta > 0, "beta", "must be positive")
         check(0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
-        check(self.label_smoothing == 0 or self.loss_type in ("sigmoid", "robust", "simpo"), "label_smoothing",
-              f"applies to loss_type sigmoid, robust or simpo, not {self.loss_type}")
+        check(self.label_smoothing == 0 or any(t in SMOOTHED for t in types), "label_smoothing",
+              f"applies to loss_type {', '.join(SMOOTHED)}, not {types}")
+        check("exo_pair" not in types or self.label_smoothing > 0, "label_smoothing",
+              "must be > 0 for exo_pair (EXO's epsilon; its paper uses 1e-3)")
+        check(self.discopop_tau > 0, "discopop_tau", "must be positive")
         check(self.rpo_alpha >= 0, "rpo_alpha", "must be >= 0 (0: off)")
+        check(not (self.rpo_alpha and "sft" in types), "rpo_alpha", "and loss_type sft are the same term: give one")
         check(self.num_train_epochs > 0, "num_train_epochs", "must be positive")
         check(self.max_steps == -1 or self.max_steps > 0, "max_steps", "must be -1 (no cap) or positive")
         check(self.per_device_train_batch_size > 0, "per_device_train_batch_size", "must be positive")
@@ -114,12 +134,19 @@ class Config(TrainingConfig):
               "eval_steps, num_eval_prompts and num_greedy_eval_prompts must be >= 0")
 
     @property
+    def losses(self) -> list[tuple[str, float]]:
+        """(loss type, weight) of every term of the loss; rpo_alpha is an sft term."""
+        terms = list(zip(self.loss_type, self.loss_weights or [1.0] * len(self.loss_type)))
+        return terms + ([("sft", self.rpo_alpha)] if self.rpo_alpha else [])
+
+    @property
     def uses_reference(self) -> bool:
-        return not (self.reference_free or self.loss_type == "simpo")
+        return not (self.reference_free or "simpo" in self.loss_type)
 
     @property
     def length_normalised(self) -> bool:
-        return self.loss_type in ("ipo", "simpo")
+        """Whether the implicit reward reported (rewards/*, evaluation) is on mean log-probs: the first loss's."""
+        return next(t for t in self.loss_type if t != "sft") in LENGTH_NORMALISED
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,8 +189,8 @@ def collate_shape(group: dict) -> tuple[int, int, int]:
 # ---------------------------------------------------------------------------------------------
 
 
-def response_logps(model, batch: dict, mean: bool, share_prompt_prefix: bool) -> torch.Tensor:
-    """Log-prob (B, K) of each response given its prompt: the sum over its tokens (EOS included), or the mean.
+def response_logps(model, batch: dict, share_prompt_prefix: bool) -> torch.Tensor:
+    """Log-prob (B, K) of each response given its prompt: the sum over its tokens (EOS included).
 
     `share_prompt_prefix`: a group's prompt goes through the model once for its K responses (same values).
     """
@@ -175,10 +202,12 @@ def response_logps(model, batch: dict, mean: bool, share_prompt_prefix: bool) ->
         input_ids = torch.cat([prompt_ids.repeat_interleave(k, 0), batch["completion_ids"]], 1)  # (B*K, P+R)
         token_logp = batch_logprobs(model, input_ids, torch.cat([prompt_mask.repeat_interleave(k, 0), mask], 1),
                                     prompt_ids.shape[1])
-    total = (token_logp * mask).sum(dim=1)  # (B*K,)
-    if mean:
-        total = total / mask.sum(dim=1).clamp_min(1)
-    return total.view(batch["ranks"].shape)  # (B, K)
+    return (token_logp * mask).sum(dim=1).view(batch["ranks"].shape)  # (B, K)
+
+
+def response_tokens(batch: dict) -> torch.Tensor:
+    """Tokens (B, K) of each response, EOS included (at least 1: padding responses have none), for mean log-probs."""
+    return batch["completion_mask"].sum(dim=1).clamp_min(1).view(batch["ranks"].shape)
 
 
 def load_reference(cfg: Config):
@@ -194,11 +223,11 @@ def reference_logps(accelerator, model, reference, batch: dict, cfg: Config) -> 
     """log pi_ref (B, K): the frozen copy, or the policy with LoRA adapters off, or (before training) the policy."""
     if reference is not None:
         with accelerator.autocast():
-            return response_logps(reference, batch, cfg.length_normalised, cfg.share_prompt_prefix)
+            return response_logps(reference, batch, cfg.share_prompt_prefix)
     unwrapped = unwrap(accelerator, model)
     off = unwrapped.disable_adapter() if cfg.use_peft else contextlib.nullcontext()
     with off, accelerator.autocast():
-        return response_logps(unwrapped, batch, cfg.length_normalised, cfg.share_prompt_prefix)
+        return response_logps(unwrapped, batch, cfg.share_prompt_prefix)
 
 
 def add_reference_logps(accelerator, model, groups: list[dict], cfg: Config, pad_token_id: int, bs: int) -> None:
@@ -224,20 +253,34 @@ def add_reference_logps(accelerator, model, groups: list[dict], cfg: Config, pad
 
 
 def batch_loss(accelerator, model, reference, batch: dict, cfg: Config) -> tuple[torch.Tensor, dict]:
+    """The weighted sum of `cfg.losses`. Logged: `loss/dpo` (the preference terms; with several, each as
+    `loss/<type>` too), `loss/nll` (sft), and the first preference loss's rewards/* and logps/*."""
     with accelerator.autocast():
-        logps = response_logps(model, batch, cfg.length_normalised, cfg.share_prompt_prefix)  # (B, K)
+        logps = response_logps(model, batch, cfg.share_prompt_prefix).float()  # (B, K)
     ref = None
     if cfg.uses_reference:
         ref = batch["ref_logps"] if "ref_logps" in batch else reference_logps(accelerator, model, reference, batch,
-                                                                                cfg)
-    loss, metrics = dpo_loss(logps.float(), ref, batch["ranks"], beta=cfg.beta, loss_type=cfg.loss_type,
-                             label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma)
-    if cfg.rpo_alpha:
-        tokens = batch["completion_mask"].sum(dim=1).clamp_min(1).view(logps.shape)  # (B, K), EOS included
-        per_token = logps.float() if cfg.length_normalised else logps.float() / tokens
-        nll = best_response_nll(per_token, batch["ranks"])
-        loss, metrics["loss/nll"] = loss + cfg.rpo_alpha * nll, nll.detach()
-    return loss, metrics
+                                                                                cfg).float()
+    tokens = response_tokens(batch)
+    several = sum(t != "sft" for t, _ in cfg.losses) > 1
+    loss = dpo_part = 0.0
+    metrics = {}
+    for loss_type, weight in cfg.losses:
+        if loss_type == "sft":
+            term = metrics["loss/nll"] = best_response_nll(logps / tokens, batch["ranks"])
+        else:
+            norm = tokens if loss_type in LENGTH_NORMALISED else 1  # x / 1 is x, bit for bit
+            term, m = dpo_loss(logps / norm, None if ref is None else ref / norm, batch["ranks"], beta=cfg.beta,
+                               loss_type=loss_type, label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
+                               discopop_tau=cfg.discopop_tau)
+            if several:
+                m[f"loss/{loss_type}"] = m["loss/dpo"]
+            dpo_part = dpo_part + weight * m.pop("loss/dpo")
+            for k, v in m.items():  # rewards/* and logps/*: the first preference loss's
+                metrics.setdefault(k, v)
+        loss = loss + weight * term
+    metrics["loss/dpo"] = dpo_part
+    return loss, {k: v.detach() for k, v in metrics.items()}
 
 
 @torch.no_grad()
@@ -252,8 +295,10 @@ def evaluate(accelerator, model, tokenizer, eval_groups: list[dict] | None, cfg:
                 batch = {k: v.to(accelerator.device) for k, v in collate([eval_groups[i] for i in chunk],
                                                                          tokenizer.pad_token_id).items()}
                 with accelerator.autocast():
-                    logps = response_logps(unwrapped, batch, cfg.length_normalised, cfg.share_prompt_prefix).float()
-                rewards = cfg.beta * (logps - batch["ref_logps"] if cfg.uses_reference else logps)  # (B, K)
+                    logps = response_logps(unwrapped, batch, cfg.share_prompt_prefix).float()
+                if cfg.uses_reference:
+                    logps = logps - batch["ref_logps"]
+                rewards = cfg.beta * (logps / response_tokens(batch) if cfg.length_normalised else logps)  # (B, K)
                 pairs = ranked_pairs(batch["ranks"]).float()  # (B, K, K)
                 diff = rewards.unsqueeze(2) - rewards.unsqueeze(1)  # (B, K, K): r_better - r_worse on pairs
                 correct += float(((diff > 0).float() * pairs).sum())

@@ -137,7 +137,8 @@ def _convert(name: str, value: Any, tp: Any, where: str) -> Any:
         pass
     else:
         return value
-    raise ConfigError(f"{where}: `{name}` expects {getattr(tp, '__name__', str(tp))}, got {value!r}")
+    kind = str(tp) if typing.get_args(tp) else getattr(tp, "__name__", str(tp))  # list[float], not list
+    raise ConfigError(f"{where}: `{name}` expects {kind}, got {value!r}")
 
 
 def config_fields(cls) -> dict[str, dataclasses.Field]:
@@ -239,9 +240,12 @@ def make_config(cls, values: dict[str, Any]):
     for name, value in values.items():
         if name not in fields:
             raise ConfigError(f"unknown option `{name}` for `{cls.__name__}`{_suggest(name, fields)}")
+        if isinstance(value, str) and typing.get_origin(fields[name].type) is list:  # "a,b" from Python, as on the CLI
+            value = values[name] = _convert(name, value, fields[name].type, f"`{name}`")
         choices = fields[name].metadata.get("choices")
-        if choices and value is not None and value not in choices:
-            raise ConfigError(f"`{name}` must be one of {', '.join(map(str, choices))}; got {value!r}")
+        for v in value if isinstance(value, list) else [value]:  # a list option: each of its values
+            if choices and v is not None and v not in choices:
+                raise ConfigError(f"`{name}` must be one of {', '.join(map(str, choices))}; got {v!r}")
     try:
         cfg = cls(**values)
     except (ValueError, TypeError) as e:

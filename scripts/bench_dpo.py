@@ -132,7 +132,7 @@ def analysis(args, pairs: Path) -> None:
 
     def step(m, bf16: bool = False):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logps = dpo.response_logps(m, batch, False, share_prompt_prefix=True)
+            logps = dpo.response_logps(m, batch, share_prompt_prefix=True)
         logps.sum().backward()
 
     def cpu_ms(fn, n: int = 50) -> float:
@@ -145,7 +145,7 @@ def analysis(args, pairs: Path) -> None:
 
     def reference():
         with torch.inference_mode():
-            dpo.response_logps(model, batch, False, share_prompt_prefix=True)
+            dpo.response_logps(model, batch, share_prompt_prefix=True)
 
     step(model)
     rows = [("reference forward only (no gradient), eager, float32", cpu_ms(reference)),
@@ -261,8 +261,8 @@ def score(model_dir: str, args) -> dict:
     with torch.no_grad():
         for i in range(0, len(groups), 64):
             batch = dpo.collate(groups[i:i + 64], tokenizer.pad_token_id)
-            rewards = (dpo.response_logps(policy, batch, False, share_prompt_prefix=True)
-                       - dpo.response_logps(reference, batch, False, share_prompt_prefix=True))
+            rewards = (dpo.response_logps(policy, batch, share_prompt_prefix=True)
+                       - dpo.response_logps(reference, batch, share_prompt_prefix=True))
             pairs = ranked_pairs(batch["ranks"]).float()
             correct += float(((rewards.unsqueeze(2) - rewards.unsqueeze(1) > 0).float() * pairs).sum())
             total += float(pairs.sum())

@@ -106,7 +106,7 @@ def logp_margins(sft_dir: str, rows: dict[str, list[dict]], batch_size: int = 64
         groups = tokenize_rankings(datasets.Dataset.from_list(ranked), tokenizer, 64).examples
         with torch.no_grad():
             logps = torch.cat([response_logps(model, collate(groups[i:i + batch_size], tokenizer.pad_token_id),
-                                              mean=False, share_prompt_prefix=True)
+                                              share_prompt_prefix=True)
                                for i in range(0, len(groups), batch_size)])  # (N, 2)
         out[name] = (logps[:, 0] - logps[:, 1]).numpy()
     return out

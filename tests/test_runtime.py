@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rlhf.runtime import (
-    CheckpointWriter, ConfigError, Run, RunConfig, arg, check, checkpoint_dirs, load_state, parse_config,
+    CheckpointWriter, ConfigError, Run, RunConfig, arg, check, checkpoint_dirs, load_state, make_config, parse_config,
     read_jsonl, resolve_checkpoint, save_state,
 )
 
@@ -39,6 +39,8 @@ def test_defaults_yaml_cli_precedence(tmp_path):
     cfg = parse_config(DemoConfig, ["--lora_target_modules", "a,b", "--total_timesteps", "1e5"])
     assert cfg.lora_target_modules == ["a", "b"]
     assert parse_config(DemoConfig, ["--total_timesteps", "1e5"]).total_timesteps == 100000
+    # from Python (the pipeline's overrides, scripts), a list option given as a string reads as on the command line
+    assert make_config(DemoConfig, {"lora_target_modules": "a, b"}).lora_target_modules == ["a", "b"]
 
 
 @pytest.mark.parametrize(

@@ -16,15 +16,26 @@ References:
   reference-free, target margin gamma).
 - Pang et al. 2024, "Iterative Reasoning Preference Optimization" (RPO: DPO plus the negative
   log-likelihood of the preferred response, per token).
+- Ji et al. 2024, "Towards Efficient Exact Optimization of Language Model Alignment" (EXO, eq. 16);
+  Chen et al. 2024, "Noise Contrastive Alignment of Language Models with Explicit Rewards" (NCA);
+  Jung et al. 2024, "Binary Classifier Optimization" (BCO; here without its running reward shift);
+  Wu et al. 2024, "Self-Play Preference Optimization" (SPPO, hard labels); D'Oosterlinck et al. 2024,
+  "Anchored Preference Optimization" (APO-zero eq. 7, APO-down eq. 8); Lu et al. 2024, "Discovering
+  Preference Optimization Algorithms" (DiscoPOP, eq. 5).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-PAIR_LOSSES = ("sigmoid", "robust", "ipo", "hinge", "simpo")
+PAIR_LOSSES = ("sigmoid", "sigmoid_norm", "robust", "ipo", "hinge", "simpo", "exo_pair", "nca_pair", "bco_pair",
+               "sppo_hard", "apo_zero", "apo_down", "discopop")
 LOSS_TYPES = PAIR_LOSSES + ("plackett_luce",)
+LENGTH_NORMALISED = ("sigmoid_norm", "ipo", "simpo")  # on the mean log-prob per response token, not the sum
+SMOOTHED = ("sigmoid", "sigmoid_norm", "robust", "simpo", "exo_pair")  # the losses label_smoothing applies to
 
 
 def _d(x: torch.Tensor) -> torch.Tensor:
@@ -40,29 +51,53 @@ def ranked_pairs(ranks: torch.Tensor) -> torch.Tensor:
     return (ranks.unsqueeze(2) < ranks.unsqueeze(1)) & valid.unsqueeze(2) & valid.unsqueeze(1)
 
 
-def pair_losses(margins: torch.Tensor, loss_type: str = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0,
-                simpo_gamma: float = 0.5) -> torch.Tensor:
-    """Loss of each preferred-over-dispreferred pair from its reward margin d = r_better - r_worse.
+def pair_losses(better: torch.Tensor, worse: torch.Tensor, loss_type: str = "sigmoid", beta: float = 0.1,
+                label_smoothing: float = 0.0, simpo_gamma: float = 0.5, discopop_tau: float = 0.05) -> torch.Tensor:
+    """Loss of each preferred-over-dispreferred pair from the implicit rewards r_b (better) and r_w (worse) of its
+    two responses; d = r_b - r_w, s = sigma, eps = label_smoothing:
 
-    sigmoid (DPO eq. 7, cDPO with label smoothing eps): -(1 - eps) log sigma(d) - eps log sigma(-d);
-    robust (rDPO eq. 9): ((1 - eps) (-log sigma(d)) - eps (-log sigma(-d))) / (1 - 2 eps);
+    sigmoid (DPO eq. 7, cDPO with eps), sigmoid_norm (on mean log-probs): -(1 - eps) log s(d) - eps log s(-d);
+    robust (rDPO eq. 9): ((1 - eps) (-log s(d)) - eps (-log s(-d))) / (1 - 2 eps);
     ipo (IPO eq. 17, h = d / beta the log-ratio difference): (h - 1 / (2 beta))^2;
-    hinge (SLiC): max(0, 1 - d); simpo (SimPO eq. 6, with cDPO's smoothing): sigmoid on d - gamma.
+    hinge (SLiC): max(0, 1 - d); simpo (SimPO eq. 6, with cDPO's smoothing): sigmoid on d - gamma;
+    exo_pair (EXO eq. 16, eps > 0): KL((s(d), s(-d)) || (1 - eps, eps));
+    nca_pair (NCA): -log s(r_b) - (log s(-r_b) + log s(-r_w)) / 2; bco_pair: -log s(r_b) - log s(-r_w);
+    sppo_hard (SPPO, hard labels; on log-ratios): (r_b / beta - 1 / (2 beta))^2 + (r_w / beta + 1 / (2 beta))^2;
+    apo_zero (APO eq. 7): 1 - s(r_b) + s(r_w); apo_down (APO eq. 8): s(r_b) + 1 - s(d);
+    discopop (DiscoPOP eq. 5, m = s(d / tau)): (1 - m) (-log s(d)) + m exp(-d).
 
-    Shapes: margins (...) float; returns (...) float.
+    Shapes: better, worse (...) float, the same; returns (...) float.
     """
-    eps = label_smoothing
-    if loss_type == "sigmoid":
-        return -(1 - eps) * F.logsigmoid(margins) - eps * F.logsigmoid(-margins)
+    eps, d = label_smoothing, better - worse
+    if loss_type in ("sigmoid", "sigmoid_norm"):
+        return -(1 - eps) * F.logsigmoid(d) - eps * F.logsigmoid(-d)
     if loss_type == "robust":
-        return (-(1 - eps) * F.logsigmoid(margins) + eps * F.logsigmoid(-margins)) / (1 - 2 * eps)
+        return (-(1 - eps) * F.logsigmoid(d) + eps * F.logsigmoid(-d)) / (1 - 2 * eps)
     if loss_type == "ipo":
-        return (margins / beta - 1 / (2 * beta)) ** 2
+        return (d / beta - 1 / (2 * beta)) ** 2
     if loss_type == "hinge":
-        return torch.relu(1 - margins)
+        return torch.relu(1 - d)
     if loss_type == "simpo":
-        m = margins - simpo_gamma
+        m = d - simpo_gamma
         return -(1 - eps) * F.logsigmoid(m) - eps * F.logsigmoid(-m)
+    if loss_type == "exo_pair":
+        if not 0 < eps < 1:
+            raise ValueError(f"exo_pair needs 0 < label_smoothing < 1 (EXO's epsilon), got {eps}")
+        return (torch.sigmoid(d) * (F.logsigmoid(d) - math.log1p(-eps))
+                + torch.sigmoid(-d) * (F.logsigmoid(-d) - math.log(eps)))
+    if loss_type == "nca_pair":
+        return -F.logsigmoid(better) - 0.5 * (F.logsigmoid(-better) + F.logsigmoid(-worse))
+    if loss_type == "bco_pair":
+        return -F.logsigmoid(better) - F.logsigmoid(-worse)
+    if loss_type == "sppo_hard":
+        return (better / beta - 1 / (2 * beta)) ** 2 + (worse / beta + 1 / (2 * beta)) ** 2
+    if loss_type == "apo_zero":
+        return 1 - torch.sigmoid(better) + torch.sigmoid(worse)
+    if loss_type == "apo_down":
+        return torch.sigmoid(better) + 1 - torch.sigmoid(d)
+    if loss_type == "discopop":
+        # m exp(-d) as exp(log m - d): finite where m underflows and exp(-d) overflows (a pair ordered far wrong)
+        return -(1 - torch.sigmoid(d / discopop_tau)) * F.logsigmoid(d) + torch.exp(F.logsigmoid(d / discopop_tau) - d)
     raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
 
 
@@ -92,14 +127,16 @@ def dpo_loss(
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
     simpo_gamma: float = 0.5,
+    discopop_tau: float = 0.05,
 ) -> tuple[torch.Tensor, dict]:
     """DPO-family loss of K ranked responses per prompt: mean over prompts of the mean pair loss
     (or of the Plackett-Luce negative log-likelihood with ``loss_type="plackett_luce"``).
 
     Rewards r = beta * (logps - ref_logps), or beta * logps when ``ref_logps`` is None (reference-free,
     SimPO). The caller picks the sequence log-prob: the sum over completion tokens (DPO), or their
-    mean (IPO, SimPO). Pair losses: :func:`pair_losses`; K-wise: every ordered pair with
-    rank_i < rank_j (ties skipped), as InstructGPT's reward model (Ouyang et al. 2022, eq. 1).
+    mean (``LENGTH_NORMALISED``: IPO, SimPO, sigmoid_norm). Pair losses: :func:`pair_losses`; K-wise: every
+    ordered pair with rank_i < rank_j (ties skipped), as InstructGPT's reward model (Ouyang et al. 2022, eq. 1);
+    a loss with a term per response (nca_pair, bco_pair, sppo_hard, apo_*) counts it once per pair it is in.
     Metrics (TRL's names), per-prompt pair means averaged over prompts: ``rewards/chosen`` and
     ``rewards/rejected`` (r of the better / worse response), ``rewards/margins``,
     ``rewards/accuracies`` (share of pairs with r_better > r_worse), ``logps/chosen``, ``logps/rejected``.
@@ -116,11 +153,11 @@ def dpo_loss(
     def per_prompt_mean(x):  # (B, K, K) over each prompt's pairs -> mean over prompts
         return ((x * pairs).sum(dim=(1, 2)) / n_pairs.clamp_min(1)).sum() / n_prompts
 
+    better, worse = rewards.unsqueeze(2).expand_as(margins), rewards.unsqueeze(1).expand_as(margins)
     if loss_type == "plackett_luce":
         loss = (plackett_luce_nll(rewards, ranks) * has_pairs).sum() / n_prompts
     else:
-        loss = per_prompt_mean(pair_losses(margins, loss_type, beta, label_smoothing, simpo_gamma))
-    better, worse = rewards.unsqueeze(2).expand_as(margins), rewards.unsqueeze(1).expand_as(margins)
+        loss = per_prompt_mean(pair_losses(better, worse, loss_type, beta, label_smoothing, simpo_gamma, discopop_tau))
     metrics = {
         "loss/dpo": _d(loss),
         "rewards/chosen": _d(per_prompt_mean(better)),

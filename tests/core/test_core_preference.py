@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from rlhf.core import best_response_nll, dpo_loss, pair_losses, plackett_luce_nll, ranked_pairs
+from rlhf.core.preference import PAIR_LOSSES, SMOOTHED
 
 torch.set_num_threads(1)
 
@@ -15,8 +16,14 @@ def _logsig(x):
     return -math.log1p(math.exp(-x)) if x > 0 else x - math.log1p(math.exp(x))
 
 
-def naive_pair_loss(d, loss_type, beta, eps, gamma):
-    if loss_type == "sigmoid":
+def _sig(x):
+    return math.exp(_logsig(x))
+
+
+def naive_pair_loss(rb, rw, loss_type, beta, eps, gamma, tau=0.05):
+    """The pair's loss from its rewards r_b (better) and r_w (worse), as each paper writes it."""
+    d = rb - rw
+    if loss_type in ("sigmoid", "sigmoid_norm"):
         return -(1 - eps) * _logsig(d) - eps * _logsig(-d)
     if loss_type == "robust":
         return ((1 - eps) * -_logsig(d) - eps * -_logsig(-d)) / (1 - 2 * eps)
@@ -26,6 +33,22 @@ def naive_pair_loss(d, loss_type, beta, eps, gamma):
         return max(0.0, 1 - d)
     if loss_type == "simpo":
         return -(1 - eps) * _logsig(d - gamma) - eps * _logsig(gamma - d)
+    if loss_type == "exo_pair":  # KL of the policy's pair distribution from the smoothed labels (1 - eps, eps)
+        q = _sig(d)
+        return q * math.log(q / (1 - eps)) + (1 - q) * math.log((1 - q) / eps)
+    if loss_type == "nca_pair":
+        return -_logsig(rb) - 0.5 * _logsig(-rb) - 0.5 * _logsig(-rw)
+    if loss_type == "bco_pair":
+        return -_logsig(rb) - _logsig(-rw)
+    if loss_type == "sppo_hard":  # log-ratios pushed to +-1 / (2 beta)
+        return (rb / beta - 0.5 / beta) ** 2 + (rw / beta + 0.5 / beta) ** 2
+    if loss_type == "apo_zero":
+        return (1 - _sig(rb)) + _sig(rw)
+    if loss_type == "apo_down":
+        return _sig(rb) + (1 - _sig(d))
+    if loss_type == "discopop":
+        m = _sig(d / tau)
+        return (1 - m) * -_logsig(d) + m * math.exp(-d)
     raise AssertionError(loss_type)
 
 
@@ -39,7 +62,7 @@ def naive_dpo(logps, ref_logps, ranks, beta, loss_type, eps=0.0, gamma=0.5):
                 continue
             ri = beta * (logps[b][i] - (ref_logps[b][i] if ref_logps is not None else 0.0))
             rj = beta * (logps[b][j] - (ref_logps[b][j] if ref_logps is not None else 0.0))
-            losses.append(naive_pair_loss(ri - rj, loss_type, beta, eps, gamma))
+            losses.append(naive_pair_loss(ri, rj, loss_type, beta, eps, gamma))
             right.append(float(ri > rj))
         if losses:
             per_prompt.append(sum(losses) / len(losses))
@@ -59,8 +82,8 @@ def naive_plackett_luce(rewards, order):
 RANKS = [[0, 1, 2, -1], [2, 0, 1, 1], [0, 0, 1, 3], [1, 1, 1, 1]]  # padding, a tie, K = 3 / 4, all tied
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "robust", "ipo", "hinge", "simpo"])
-@pytest.mark.parametrize("eps", [0.0, 0.2])
+@pytest.mark.parametrize(("loss_type", "eps"), [(t, eps) for t in PAIR_LOSSES for eps in (
+    (1e-3, 0.2) if t == "exo_pair" else (0.0, 0.2) if t in SMOOTHED else (0.0,))])  # EXO needs eps > 0
 @pytest.mark.parametrize("reference_free", [False, True])
 def test_dpo_loss_matches_loops(loss_type, eps, reference_free):
     g = torch.Generator().manual_seed(0)
@@ -90,11 +113,29 @@ def test_pairwise_dpo_is_the_paper_loss_and_metrics():
 
 def test_robust_without_smoothing_is_sigmoid_and_ipo_is_minimal_at_its_target():
     d = torch.linspace(-3, 3, 7)
-    assert torch.allclose(pair_losses(d, "robust"), pair_losses(d, "sigmoid"))
+    zero = torch.zeros_like(d)
+    assert torch.allclose(pair_losses(d, zero, "robust"), pair_losses(d, zero, "sigmoid"))
     beta = 0.25
-    assert float(pair_losses(torch.tensor(0.5), "ipo", beta=beta)) == 0.0  # h = d / beta = 1 / (2 beta)
+    assert float(pair_losses(torch.tensor(0.5), torch.tensor(0.0), "ipo", beta=beta)) == 0.0  # h = 1 / (2 beta)
+    # SPPO's minimum: each log-ratio at its target, +-1 / (2 beta)
+    assert float(pair_losses(torch.tensor(0.5), torch.tensor(-0.5), "sppo_hard", beta=beta)) == 0.0
     with pytest.raises(ValueError, match="loss_type"):
-        pair_losses(d, "nope")
+        pair_losses(d, zero, "nope")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        pair_losses(d, zero, "exo_pair")
+
+
+def test_discopop_stays_finite_on_pairs_ordered_far_wrong():
+    """Its exponential term exp(-d) overflows float32 at d < -88, where its weight sigma(d / tau) underflows: the
+    product is computed in logs, so the loss and gradient stay finite (and the loss equals the formula)."""
+    d = torch.tensor([-200.0, -30.0, 0.0, 30.0], requires_grad=True)
+    loss = pair_losses(d, torch.zeros(4), "discopop")
+    loss.sum().backward()
+    loss = loss.detach()
+    assert torch.isfinite(loss).all() and torch.isfinite(d.grad).all()
+    for x, got in zip(d.tolist()[1:], loss.tolist()[1:]):
+        assert got == pytest.approx(naive_pair_loss(x, 0.0, "discopop", 0.1, 0.0, 0.5), rel=1e-5)
+    assert float(loss[0]) == pytest.approx(200.0, rel=1e-6)  # -log sigma(d) ~ -d there
 
 
 def test_plackett_luce_strict_orders_match_the_product_formula():

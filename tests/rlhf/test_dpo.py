@@ -1,5 +1,6 @@
 import contextlib
 import json
+import math
 
 import pytest
 import torch
@@ -56,8 +57,8 @@ def test_response_logps_and_loss_match_one_response_at_a_time(tmp_path, tiny_tok
             {"prompt": "1+1=", "completions": ["2", "11"], "ranks": [0, 1]}]
     model, batch = _ranked_batch(tmp_path, tiny_tokenizer, rows)
     with torch.no_grad():
-        got = dpo.response_logps(model, batch, False, share)  # (2, 3)
-        got_mean = dpo.response_logps(model, batch, True, share)
+        got = dpo.response_logps(model, batch, share)  # (2, 3)
+        got_mean = got / dpo.response_tokens(batch)
     for b, row in enumerate(rows):
         for k, c in enumerate(row["completions"]):
             terms = _alone(model, tiny_tokenizer, row["prompt"], c)
@@ -93,6 +94,30 @@ def test_rpo_adds_the_best_responses_nll_per_token(tmp_path, tiny_tokenizer, los
     assert float(with_rpo - plain) == pytest.approx(0.7 * sum(nll) / 2, abs=1e-5)
 
 
+def test_a_list_of_losses_is_their_weighted_sum(tmp_path, tiny_tokenizer):
+    """loss_type [sigmoid, ipo, sft] weighted [0.7, 0.3, 0.5] = 0.7 x the sigmoid loss + 0.3 x the IPO loss (on mean
+    log-probs) + 0.5 x the best response's NLL, each computed alone; rewards/* are the first loss's; sft weighted a
+    is rpo_alpha a, bit for bit."""
+    rows = [{"prompt": "12+30=", "completions": ["42", "4", "52"], "ranks": [0, 2, 1]},
+            {"prompt": "1+1=", "completions": ["2", "11"], "ranks": [0, 1]}]
+    model, batch = _ranked_batch(tmp_path, tiny_tokenizer, rows)
+    batch["ref_logps"] = torch.tensor([[-3.0, -2.0, -4.0], [-1.0, -5.0, 0.0]])
+    with torch.no_grad():
+        alone = {t: _batch_loss(model, batch, make_config(dpo.Config, {"loss_type": t})) for t in ("sigmoid", "ipo")}
+        rpo, mr = _batch_loss(model, batch, make_config(dpo.Config, {"rpo_alpha": 0.5}))
+        loss, m = _batch_loss(model, batch, make_config(dpo.Config, {"loss_type": "sigmoid,ipo,sft",
+                                                                     "loss_weights": [0.7, 0.3, 0.5]}))
+        sft, _ = _batch_loss(model, batch, make_config(dpo.Config, {"loss_type": ["sigmoid", "sft"],
+                                                                    "loss_weights": [1, 0.5]}))
+    (sig, ms), (ipo, mi), nll = alone["sigmoid"], alone["ipo"], mr["loss/nll"]
+    assert float(rpo) == pytest.approx(float(sig + 0.5 * nll), abs=1e-6)
+    assert float(loss) == pytest.approx(float(0.7 * sig + 0.3 * ipo + 0.5 * nll), abs=1e-6)
+    assert float(m["loss/dpo"]) == pytest.approx(float(0.7 * sig + 0.3 * ipo), abs=1e-6)
+    assert (m["loss/sigmoid"], m["loss/ipo"], m["loss/nll"]) == (ms["loss/dpo"], mi["loss/dpo"], nll)
+    assert m["rewards/margins"] == ms["rewards/margins"] != mi["rewards/margins"]
+    assert torch.equal(sft, rpo)
+
+
 def _batch_loss(model, batch, cfg):
     class NoAccelerator:  # batch_loss on one process, no autocast
         autocast = staticmethod(contextlib.nullcontext)
@@ -104,9 +129,9 @@ def test_each_response_goes_through_the_model_once_per_step(tmp_path, monkeypatc
     calls = []
     original = dpo.response_logps
 
-    def counting(model, batch, mean, share):
+    def counting(model, batch, share):
         calls.append(batch["completion_ids"].shape[0])
-        return original(model, batch, mean, share)
+        return original(model, batch, share)
 
     monkeypatch.setattr(dpo, "response_logps", counting)
     _train(tmp_path, "k4", max_steps=2, per_device_train_batch_size=4, completions_per_prompt=4, num_train_prompts=8)
@@ -135,8 +160,8 @@ def test_shared_prompt_prefix_gives_the_same_logps_and_gradients(tmp_path, tiny_
     batch = dpo.collate(groups, tiny_tokenizer.pad_token_id)
     assert batch["prompt_ids"].shape[0] == 4 and batch["ranks"][1].tolist() == [0, 1, -1, -1]
     params = list(model.parameters())
-    for mean in (False, True):
-        plain, shared = (dpo.response_logps(model, batch, mean, share) for share in (False, True))  # (4, 4)
+    for norm in (1, dpo.response_tokens(batch)):  # sums, means
+        plain, shared = (dpo.response_logps(model, batch, share) / norm for share in (False, True))  # (4, 4)
         assert torch.allclose(plain, shared, atol=1e-5), (plain - shared).abs().max()
         assert shared[1, 2] == 0 and shared[1, 3] == 0  # padding responses
         weights = torch.randn(plain.shape)  # any function of the log-probs: its gradient must match
@@ -228,7 +253,7 @@ def test_reference_pass_scores_each_group_as_alone(tmp_path, tiny_tokenizer, mon
     assert [s for batch in seen for s in batch] == sorted(shape(g) for g in groups)
     for g in groups:
         with torch.no_grad():
-            alone = dpo.response_logps(model, collate([g], tiny_tokenizer.pad_token_id), False, True)[0]  # (K,)
+            alone = dpo.response_logps(model, collate([g], tiny_tokenizer.pad_token_id), True)[0]  # (K,)
         assert g["ref_logps"] == pytest.approx(alone.tolist(), abs=1e-4)
 
 
@@ -263,15 +288,20 @@ def test_lora_reference_is_the_model_with_adapters_off(tmp_path):
         assert torch.allclose(wa[k], wb[k], atol=1e-5), k
 
 
-@pytest.mark.parametrize("loss_type", ["robust", "ipo", "hinge", "simpo"])
+MORE = "exo_pair,nca_pair,bco_pair,sppo_hard,apo_zero,apo_down,discopop,sigmoid_norm"  # one run, every loss once
+
+
+@pytest.mark.parametrize("loss_type", ["robust", "ipo", "hinge", "simpo", MORE])
 def test_every_loss_type_trains_and_logs_trl_metrics(tmp_path, loss_type):
-    eps = {"robust": 0.1, "simpo": 0.1}.get(loss_type, 0.0)
-    summary, _ = _train(tmp_path, loss_type, loss_type=loss_type, label_smoothing=eps, max_steps=2,
+    eps = {"robust": 0.1, "simpo": 0.1, MORE: 1e-3}.get(loss_type, 0.0)
+    name = loss_type.split(",")[0]
+    summary, _ = _train(tmp_path, name, loss_type=loss_type, label_smoothing=eps, max_steps=2,
                         per_device_train_batch_size=4, num_eval_prompts=8)
-    rows = [json.loads(line) for line in open(tmp_path / loss_type / "metrics.jsonl")]
-    for key in ("loss/dpo", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                "logps/chosen", "logps/rejected"):
-        assert key in rows[0], key
+    rows = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+    more = [f"loss/{t}" for t in loss_type.split(",")] if "," in loss_type else []
+    for key in ["loss/dpo", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected"] + more:
+        assert all(math.isfinite(r[key]) for r in rows if "step" in r and "train/epoch" in r), key
     assert 0 <= summary["eval/preference_accuracy"] <= 1
 
 
@@ -303,3 +333,31 @@ def test_bad_input_names_file_and_line_and_writes_nothing(tmp_path):
         make_config(dpo.Config, {"loss_type": "kto"})
     with pytest.raises(ConfigError, match="rpo_alpha"):
         make_config(dpo.Config, {"rpo_alpha": -1.0})
+    for bad, message in [({"loss_type": "sigmoid,kto"}, "`loss_type` must be one of .*got 'kto'"),
+                         ({"loss_type": "sft"}, "loss_type.*needs a preference loss"),
+                         ({"loss_type": "sigmoid,sigmoid"}, "loss_type.*twice"),
+                         ({"loss_type": "simpo,sigmoid"}, "loss_type.*simpo"),
+                         ({"loss_type": "sigmoid,ipo", "loss_weights": [1.0]}, "loss_weights.*one weight per"),
+                         ({"loss_weights": [-1.0]}, "loss_weights.*positive"),
+                         ({"loss_type": "exo_pair"}, "label_smoothing.*exo_pair"),
+                         ({"loss_type": "hinge,nca_pair", "label_smoothing": 0.1}, "label_smoothing.*applies to"),
+                         ({"loss_type": "sigmoid,sft", "rpo_alpha": 0.1}, "rpo_alpha.*same term"),
+                         ({"discopop_tau": 0.0}, "discopop_tau")]:
+        with pytest.raises(ConfigError, match=message):
+            make_config(dpo.Config, bad)
+
+
+def test_loss_lists_from_the_command_line_and_yaml(tmp_path):
+    from rlhf.runtime import parse_config
+
+    cfg = parse_config(dpo.Config, ["--loss_type", "sigmoid,bco_pair,sft", "--loss_weights", "0.8,0.2,1"])
+    assert cfg.losses == [("sigmoid", 0.8), ("bco_pair", 0.2), ("sft", 1.0)]
+    (tmp_path / "c.yaml").write_text("loss_type: [apo_zero, sft]\nrpo_alpha: 0\n")
+    assert parse_config(dpo.Config, ["--config", str(tmp_path / "c.yaml")]).losses == [("apo_zero", 1.0), ("sft", 1.0)]
+    (tmp_path / "one.yaml").write_text("loss_type: ipo\nrpo_alpha: 0.5\n")
+    cfg = parse_config(dpo.Config, ["--config", str(tmp_path / "one.yaml")])
+    assert cfg.losses == [("ipo", 1.0), ("sft", 0.5)] and cfg.length_normalised
+    with pytest.raises(ConfigError, match="`loss_type` must be one of"):
+        parse_config(dpo.Config, ["--loss_type", "sigmoid,dpop"])
+    with pytest.raises(ConfigError, match=r"--loss_weights: `loss_weights` expects list\[float\], got \['1', 'x'\]"):
+        parse_config(dpo.Config, ["--loss_type", "sigmoid,ipo", "--loss_weights", "1,x"])
