@@ -41,6 +41,12 @@ class ConfigError(ValueError):
     """A bad option, YAML key or value; the message names the culprit."""
 
 
+def notice(message: str) -> None:
+    """One line for the user on stderr, from the first process only (`accelerate launch` sets RANK in each)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr)
+
+
 # --------------------------------------------------------------------------------------------
 # Config
 # --------------------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ Formats (the TRL names):
 - PPO / GRPO prompts: `prompt`, a string or a list of chat messages.
 
 Length policy: an example (an SFT row, or a whole reward group) longer than `max_length` tokens is
-dropped, never truncated: a cut answer would teach a wrong answer. Callers report the count.
+dropped, never truncated: a cut answer would teach a wrong answer; the count is printed (`notice`) and
+callers put it in their summary.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from rlhf.data.loading import DataError, Locator
+from rlhf.runtime import notice
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding)
 
@@ -152,6 +154,9 @@ def tokenize_sft(rows, tokenizer, max_length: int, completion_only_loss: bool = 
         examples.append({"input_ids": ids, "labels": labels})
     if not examples:
         raise DataError(f"{source}: no usable example ({dropped} longer than max_length={max_length} tokens)")
+    if dropped:
+        notice(f"{source}: dropped {dropped} of {len(rows)} examples longer than max_length={max_length} tokens "
+               "(--max_length keeps them)")
     return Tokenized(examples, dropped)
 
 
@@ -276,4 +281,8 @@ def tokenize_rankings(rows, tokenizer, max_length: int, source: str = "data") ->
     if not examples:
         raise DataError(f"{source}: no usable ranking ({dropped} longer than max_length={max_length} tokens, "
                         f"{ties} with all responses tied)")
+    if dropped or ties:
+        why = [f"{dropped} longer than max_length={max_length} tokens (--max_length keeps them)"] * bool(dropped) + [
+            f"{ties} whose responses all tie"] * bool(ties)
+        notice(f"{source}: dropped {dropped + ties} of {len(checked)} rankings: {', '.join(why)}")
     return Tokenized(examples, dropped, ties)

@@ -66,15 +66,20 @@ def test_sft_formats_and_completion_only_masking(tmp_path, tiny_tokenizer):
     assert (batch["input_ids"][0][batch["attention_mask"][0] == 0] == tok.pad_token_id).all()
 
 
-def test_empty_fields_and_length_policy(tmp_path, tiny_tokenizer):
+def test_empty_fields_and_length_policy(tmp_path, tiny_tokenizer, capsys, monkeypatch):
     bad = load_rows(_jsonl(tmp_path / "e.jsonl", [{"prompt": "1+2=", "completion": "3"},
                                                   {"prompt": "1+2=", "completion": " "}]))
     with pytest.raises(DataError, match=r"e\.jsonl: line 2: empty or non-string `completion`"):
         tokenize_sft(bad, tiny_tokenizer, 64, source=str(tmp_path / "e.jsonl"))
     rows = load_rows(_jsonl(tmp_path / "l.jsonl", [{"prompt": "1+2=", "completion": "3"},
                                                    {"prompt": "1" * 80 + "+2=", "completion": "3"}]))
-    out = tokenize_sft(rows, tiny_tokenizer, 32)
+    out = tokenize_sft(rows, tiny_tokenizer, 32, source="l.jsonl")
     assert len(out.examples) == 1 and out.dropped_too_long == 1
+    assert capsys.readouterr().err == ("l.jsonl: dropped 1 of 2 examples longer than max_length=32 tokens "
+                                       "(--max_length keeps them)\n")
+    monkeypatch.setenv("RANK", "1")  # another process of a launch: the first one says it
+    tokenize_sft(rows, tiny_tokenizer, 32, source="l.jsonl")
+    assert capsys.readouterr().err == ""
 
 
 def test_packing_keeps_labels_aligned():
@@ -197,11 +202,15 @@ def test_bad_chat_preference_rows_name_the_line(tmp_path, tiny_tokenizer, row, n
         tokenize_rankings(load_rows(path), tiny_tokenizer, 64, source=path)
 
 
-def test_rankings_that_all_tie_are_dropped_and_counted(tmp_path, tiny_tokenizer):
+def test_rankings_that_all_tie_are_dropped_and_counted(tmp_path, tiny_tokenizer, capsys):
     path = _jsonl(tmp_path / "t.jsonl", [{"prompt": "1+2=", "completions": ["3", "4", "5"], "ranks": [0, 1, 1]},
-                                         {"prompt": "1+3=", "completions": ["4", "5"], "ranks": [2, 2]}])
+                                         {"prompt": "1+3=", "completions": ["4", "5"], "ranks": [2, 2]},
+                                         {"prompt": "1+4=", "completions": ["5" * 70, "6"], "ranks": [0, 1]}])
     out = tokenize_rankings(load_rows(path), tiny_tokenizer, 64, source=path)
     assert len(out.examples) == 1 and out.examples[0]["ranks"] == [0, 1, 1] and out.dropped_all_ties == 1
+    assert out.dropped_too_long == 1
+    assert capsys.readouterr().err == (f"{path}: dropped 2 of 3 rankings: 1 longer than max_length=64 tokens "
+                                       "(--max_length keeps them), 1 whose responses all tie\n")
 
 
 @pytest.mark.parametrize("rows, needle", [
