@@ -403,6 +403,47 @@ def consolidated_state_dict(accelerator, model) -> dict[str, torch.Tensor]:
     return out
 
 
+def load_consolidated(accelerator, model, state_dict: dict[str, torch.Tensor]) -> None:
+    """Inverse of `consolidated_state_dict`: copy a full state dict (every key) into `model`, in place.
+
+    Under ZeRO-3 each module's parameters are gathered, written on the main process and re-partitioned from it
+    (collective: call on every process; only the main process's `state_dict` is read there).
+    """
+    module = unwrap(accelerator, model)
+    if not is_zero3(accelerator):
+        module.load_state_dict(state_dict)
+        return
+    import deepspeed
+
+    for prefix, sub in module.named_modules():
+        params = list(sub.named_parameters(recurse=False))
+        if not params:
+            continue
+        with torch.no_grad(), deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0):
+            if accelerator.is_main_process:
+                for name, p in params:
+                    p.copy_(state_dict[f"{prefix}.{name}" if prefix else name])
+
+
+@torch.no_grad()
+def lerp_parameters(accelerator, target, source, weight: float) -> None:
+    """target <- weight x source + (1 - weight) x target, parameter by parameter (the same architecture: names
+    match), in place. Under ZeRO-3 each pair is gathered, mixed on the main process and re-partitioned from it
+    (collective: call on every process)."""
+    target, sources = unwrap(accelerator, target), dict(unwrap(accelerator, source).named_parameters())
+    if not is_zero3(accelerator):
+        for name, t in target.named_parameters():
+            t.lerp_(sources[name].to(t.dtype), weight)
+        return
+    import deepspeed
+
+    for name, t in target.named_parameters():
+        s = sources[name]
+        with deepspeed.zero.GatheredParameters([s]), deepspeed.zero.GatheredParameters([t], modifier_rank=0):
+            if accelerator.is_main_process:
+                t.lerp_(s.to(t.dtype), weight)
+
+
 def _merged_lora_copy(peft_model, state_dict: dict[str, torch.Tensor]) -> Any:
     """A plain transformers model: a fresh base model + the peft wrapper, loaded from `state_dict`, merged.
 

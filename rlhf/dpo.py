@@ -21,7 +21,9 @@ Reference log-probs are computed once before training (`precompute_ref_log_probs
 over the data) or per batch; with LoRA the reference is the model with its adapters disabled, without
 it a frozen copy (only when computed per batch: before training the policy is the reference).
 SimPO and `reference_free` use no reference at all. `rpo_alpha` adds RPO's negative log-likelihood of
-the best response (Pang et al. 2024, `rlhf.core.best_response_nll`).
+the best response (Pang et al. 2024, `rlhf.core.best_response_nll`). `sync_ref_model` moves the per-batch
+reference towards the policy every `ref_model_sync_steps` steps (TR-DPO, Gorbatovski et al. 2024); checkpoints
+hold it.
 
 Order of work: config -> tokenizer, data (all checks) -> model -> reference log-probs -> run
 directory (a checkpoint is loaded only now, after the reference pass). Evaluation: held-out
@@ -40,8 +42,8 @@ import torch
 
 from rlhf.core import best_response_nll, dpo_loss, ranked_pairs
 from rlhf.core.preference import LENGTH_NORMALISED, LOSS_TYPES, SMOOTHED
-from rlhf.distributed import (gather_objects, gathered_for_generation, prepare_frozen, reduce_sum,
-                              save_hf_model, unwrap)
+from rlhf.distributed import (consolidated_state_dict, gather_objects, gathered_for_generation, lerp_parameters,
+                              load_consolidated, prepare_frozen, reduce_sum, save_hf_model, unwrap)
 from rlhf.models import disable_dropout, load_causal_lm, load_tokenizer
 from rlhf.models.attention import use_padded_sdpa
 from rlhf.models.linear import use_onednn_linear
@@ -88,6 +90,11 @@ class Config(TrainingConfig):
                                 "weighted rpo_alpha); 0: off.")
     precompute_ref_log_probs: bool = arg(True, "Reference log-probs once before training (one pass over the data); "
                                                "false: per batch (a frozen copy, or LoRA adapters off).")
+    sync_ref_model: bool = arg(False, "TR-DPO: every ref_model_sync_steps optimizer steps the reference becomes "
+                                      "ref_model_mixup_alpha x the policy + (1 - alpha) x itself (needs the reference "
+                                      "per batch: precompute_ref_log_probs false; not with use_peft).")
+    ref_model_mixup_alpha: float = arg(0.6, "TR-DPO's alpha (1: the reference is replaced by the policy).")
+    ref_model_sync_steps: int = arg(512, "TR-DPO's tau: optimizer steps between two updates of the reference.")
     precompute_ref_batch_size: int = arg(0, "Prompts per batch of the reference pass before training (0: "
                                             "per_device_eval_batch_size).")
     share_prompt_prefix: bool = arg(True, "Encode each prompt once for its K responses in the policy, reference and "
@@ -123,6 +130,15 @@ class Config(TrainingConfig):
         check(self.discopop_tau > 0, "discopop_tau", "must be positive")
         check(self.rpo_alpha >= 0, "rpo_alpha", "must be >= 0 (0: off)")
         check(not (self.rpo_alpha and "sft" in types), "rpo_alpha", "and loss_type sft are the same term: give one")
+        if self.sync_ref_model:
+            check(self.uses_reference, "sync_ref_model", "needs a reference (not with simpo or reference_free)")
+            check(not self.precompute_ref_log_probs, "sync_ref_model", "moves the reference, whose log-probs then "
+                                                                       "cannot be computed before training: set "
+                                                                       "precompute_ref_log_probs false")
+            check(not self.use_peft, "sync_ref_model", "needs a copy of the model as its reference; with use_peft "
+                                                       "the reference is the model with its adapters off")
+        check(0 < self.ref_model_mixup_alpha <= 1, "ref_model_mixup_alpha", "must be in (0, 1]")
+        check(self.ref_model_sync_steps >= 1, "ref_model_sync_steps", "must be at least 1")
         check(self.num_train_epochs > 0, "num_train_epochs", "must be positive")
         check(self.max_steps == -1 or self.max_steps > 0, "max_steps", "must be -1 (no cap) or positive")
         check(self.per_device_train_batch_size > 0, "per_device_train_batch_size", "must be positive")
@@ -208,6 +224,20 @@ def response_logps(model, batch: dict, share_prompt_prefix: bool) -> torch.Tenso
 def response_tokens(batch: dict) -> torch.Tensor:
     """Tokens (B, K) of each response, EOS included (at least 1: padding responses have none), for mean log-probs."""
     return batch["completion_mask"].sum(dim=1).clamp_min(1).view(batch["ranks"].shape)
+
+
+class ReferenceWeights:
+    """A moving (TR-DPO) reference's weights as checkpoint state: `state_dict` / `load_state_dict` are collective
+    (the full weights on the main process; ZeRO-3 gathers and re-partitions them)."""
+
+    def __init__(self, accelerator, reference):
+        self.accelerator, self.reference = accelerator, reference
+
+    def state_dict(self) -> dict:
+        return consolidated_state_dict(self.accelerator, self.reference)
+
+    def load_state_dict(self, state: dict) -> None:
+        load_consolidated(self.accelerator, self.reference, state)
 
 
 def load_reference(cfg: Config):
@@ -343,10 +373,11 @@ def train(cfg: Config) -> dict:
         if eval_groups:
             add_reference_logps(accelerator, model, eval_groups, cfg, tokenizer.pad_token_id,
                                 cfg.per_device_eval_batch_size)
-    start, metrics, run, bar = open_epoch_run(cfg, accelerator, resume_dir, scheduler, total_steps, "dpo")
+    moving = {"reference": ReferenceWeights(accelerator, reference)} if cfg.sync_ref_model else {}
+    start, metrics, run, bar = open_epoch_run(cfg, accelerator, resume_dir, scheduler, total_steps, "dpo", **moving)
 
     def save(step):
-        save_checkpoint(run, accelerator, step, {"metrics": metrics}, scheduler=scheduler)
+        save_checkpoint(run, accelerator, step, {"metrics": metrics}, scheduler=scheduler, **moving)
 
     timer = Timer()
     model.train()
@@ -360,6 +391,8 @@ def train(cfg: Config) -> dict:
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * weight
         done = step + 1
+        if cfg.sync_ref_model and done % cfg.ref_model_sync_steps == 0:  # TR-DPO (Gorbatovski et al. 2024)
+            lerp_parameters(accelerator, reference, model, cfg.ref_model_mixup_alpha)
         metrics = {**{k: float(reduce_sum(accelerator, v)) for k, v in sums.items()}, **update,
                    "train/epoch": done * global_batch / len(groups),
                    "time/sps": (done - start) * global_batch / max(timer.elapsed(), 1e-9)}

@@ -147,15 +147,15 @@ def save_checkpoint(run, accelerator, step: int, state: dict, process_state: dic
     """Write `checkpoints/step-N`: accelerate's state (model, optimizer, each process's RNG) in
     `accelerate/`, `state` and each of `stateful`'s `state_dict()` in `trainer_state.pt` (plain data,
     read weights-only), and `process_state` (tensors each process keeps for itself) in `process_R.pt`.
-    Call on every process."""
+    Call on every process (a `state_dict()` may be collective; the main process's is written)."""
     with checkpoint(accelerator, run, step) as tmp:  # barriers: tmp exists before, everyone done after
         accelerator.save_state(str(Path(tmp) / "accelerate"))
+        states = {k: v.state_dict() for k, v in stateful.items()}
         if process_state is not None:
             torch.save({k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in process_state.items()},
                        Path(tmp) / f"process_{accelerator.process_index}.pt")
         if accelerator.is_main_process:
-            save_state(Path(tmp) / "trainer_state.pt",
-                       {"step": step, **state, **{k: v.state_dict() for k, v in stateful.items()}})
+            save_state(Path(tmp) / "trainer_state.pt", {"step": step, **state, **states})
 
 
 def open_run(cfg, accelerator, resume_dir: Path | None, fresh: dict, **stateful) -> tuple[dict, dict | None, Run]:
@@ -196,10 +196,12 @@ def epoch_steps(cfg, accelerator, n_examples: int) -> tuple[int, int]:
     return global_batch, (min(steps, cfg.max_steps) if cfg.max_steps > 0 else steps)
 
 
-def open_epoch_run(cfg, accelerator, resume_dir: Path | None, scheduler, total_steps: int, name: str):
+def open_epoch_run(cfg, accelerator, resume_dir: Path | None, scheduler, total_steps: int, name: str, **stateful):
     """`open_run` for the stages that pass over a data set (sft, reward, dpo), whose checkpoints hold the step and
-    the last step's metrics (summary.json's train/loss_last after a resume): (start, metrics, run, progress bar)."""
-    state, _, run = open_run(cfg, accelerator, resume_dir, {"step": 0, "metrics": {}}, scheduler=scheduler)
+    the last step's metrics (summary.json's train/loss_last after a resume): (start, metrics, run, progress bar).
+    `stateful`: more objects restored from the checkpoint, as in `open_run`."""
+    state, _, run = open_run(cfg, accelerator, resume_dir, {"step": 0, "metrics": {}}, scheduler=scheduler,
+                             **stateful)
     bar = progress(total_steps, name, enabled=cfg.progress and accelerator.is_main_process, initial=state["step"])
     return state["step"], state["metrics"], run, bar
 

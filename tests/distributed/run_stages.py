@@ -35,6 +35,11 @@ def stage_configs(root: Path, scale: int) -> dict:
         "dpo_lora": dict(common, per_device_train_batch_size=2 * scale, num_train_prompts=32, completions_per_prompt=3,
                          learning_rate=1e-2, beta=0.5, num_eval_prompts=8, num_greedy_eval_prompts=0,
                          per_device_eval_batch_size=3, use_peft=True, lora_dropout=0.0, precompute_ref_log_probs=False),
+        # dpo with TR-DPO's moving reference, mixed in after every step: the checkpoint holds it (gathered under ZeRO-3)
+        "dpo_tr": dict(common, per_device_train_batch_size=2 * scale, num_train_prompts=32, completions_per_prompt=3,
+                       learning_rate=1e-3, beta=0.5, num_eval_prompts=8, num_greedy_eval_prompts=0,
+                       per_device_eval_batch_size=3, precompute_ref_log_probs=False, sync_ref_model=True,
+                       ref_model_sync_steps=1, ref_model_mixup_alpha=0.6),
         "grpo": dict(common, model_name_or_path=str(root / "start"), reward_funcs=[LENGTH_REWARD], reward_weights=[1.0],
                      per_device_train_batch_size=8 * scale, num_generations=4, max_completion_length=6,
                      learning_rate=1e-3, beta=0.05, num_train_prompts=64, num_eval_prompts=8),

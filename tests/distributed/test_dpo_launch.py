@@ -4,7 +4,8 @@ the same global batch, and a run resumed from its step-2 checkpoint repeats the 
 run_stages.py trains the stage for 3 optimizer steps (checkpoint at step 2) and again resumed from step 2. DPO is
 deterministic - same rankings, same order, reference log-probs precomputed in fixed batches - so the loss curve,
 the metrics and the weights match one process (as SFT and reward do in test_stages_launch.py). `dpo_lora`
-trains LoRA adapters with the reference computed per batch by the same model with its adapters disabled.
+trains LoRA adapters with the reference computed per batch by the same model with its adapters disabled; `dpo_tr`
+moves the reference towards the policy after every step (TR-DPO), so the resumed run needs it from the checkpoint.
 """
 
 from __future__ import annotations
@@ -22,15 +23,16 @@ SETUPS = ["ddp", "zero2", "zero3"]
 @pytest.fixture(scope="module")
 def dpo_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dpo")
-    launch_many([([DRIVER, str(root / "single"), "dpo,dpo_lora", "2"], None)]
-                + [([DRIVER, str(root / setup), "dpo,dpo_lora", "1"], setup) for setup in SETUPS])
+    launch_many([([DRIVER, str(root / "single"), "dpo,dpo_lora,dpo_tr", "2"], None)]
+                + [([DRIVER, str(root / setup), "dpo,dpo_lora,dpo_tr", "1"], setup) for setup in SETUPS])
     return root
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("setup", SETUPS)
-@pytest.mark.parametrize("stage", ["dpo", "dpo_lora"])  # dpo_lora: LoRA, the reference per batch (adapters off)
+@pytest.mark.parametrize("stage", ["dpo", "dpo_lora", "dpo_tr"])  # dpo_lora: LoRA, the reference per batch
+# (adapters off); dpo_tr: TR-DPO's reference, mixed with the policy after every step
 def test_two_processes_equal_one_and_resume_exactly(dpo_runs, setup, stage):
     got, single = result(dpo_runs, setup, stage), result(dpo_runs, "single", stage)
     assert got["world"] == 2 and single["world"] == 1
@@ -49,7 +51,7 @@ def test_two_processes_equal_one_and_resume_exactly(dpo_runs, setup, stage):
         assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
     assert abs(ref[1]["rewards/margins"]) < 1e-5 < abs(ref[3]["rewards/margins"])  # the policy left the reference
     for summary in ("summary", "resumed_summary"):  # held-out preference accuracy and greedy accuracy
-        for k in ("eval/preference_accuracy", "eval/accuracy")[:1 if stage == "dpo_lora" else 2]:
+        for k in ("eval/preference_accuracy", "eval/accuracy")[:2 if stage == "dpo" else 1]:
             assert got[summary][k] == pytest.approx(single["summary"][k], abs=1e-6), (summary, k)
     w, w_single, w_resumed = (load_model("dpo", got["model_straight"]), load_model("dpo", single["model_straight"]),
                               load_model("dpo", got["model_resumed"]))

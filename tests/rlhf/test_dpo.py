@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from rlhf import dpo
 from rlhf.core import dpo_loss
-from rlhf.runtime import ConfigError, make_config
+from rlhf.runtime import ConfigError, load_state, make_config
 
 torch.set_num_threads(1)
 
@@ -257,10 +257,16 @@ def test_reference_pass_scores_each_group_as_alone(tmp_path, tiny_tokenizer, mon
         assert g["ref_logps"] == pytest.approx(alone.tolist(), abs=1e-4)
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "plackett_luce"])
+TR_DPO = dict(sync_ref_model=True, precompute_ref_log_probs=False, ref_model_sync_steps=2, ref_model_mixup_alpha=0.6)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "plackett_luce", "tr-dpo"])  # tr-dpo: the reference moves
 def test_resume_continues_exactly(tmp_path, loss_type):
+    """A run resumed from its step-3 checkpoint repeats the rest of the uninterrupted one, bit for bit (TR-DPO: from
+    a reference updated at step 2, which the checkpoint holds)."""
+    more = TR_DPO if loss_type == "tr-dpo" else {"loss_type": loss_type}
     kw = dict(max_steps=6, per_device_train_batch_size=4, save_steps=3, lr_scheduler_type="cosine", warmup_ratio=0.2,
-              loss_type=loss_type, beta=0.5)
+              beta=0.5, **more)
     _train(tmp_path, "run", **kw)
     run = tmp_path / "run"
     straight = load_file(run / "model" / "model.safetensors")
@@ -273,6 +279,30 @@ def test_resume_continues_exactly(tmp_path, loss_type):
         assert a.get("loss/dpo") == b.get("loss/dpo") and a.get("rewards/margins") == b.get("rewards/margins")
     for k in straight:
         assert torch.equal(straight[k], resumed[k]), k
+
+
+def test_tr_dpo_mixes_the_policy_into_the_reference(tmp_path):
+    """ref_model_mixup_alpha 1 every step: each step starts with the reference equal to the policy, so every
+    implicit reward is 0 and the loss log 2; alpha 0.6 every 2 steps: after step 2 the reference is 0.6 x the
+    policy + 0.4 x the starting model (read back from the step-2 checkpoint)."""
+    _train(tmp_path, "hard", max_steps=3, per_device_train_batch_size=4, **{**TR_DPO, "ref_model_sync_steps": 1,
+                                                                            "ref_model_mixup_alpha": 1.0})
+    rows = [r for r in map(json.loads, open(tmp_path / "hard" / "metrics.jsonl")) if "loss/dpo" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert r["loss/dpo"] == pytest.approx(math.log(2), abs=1e-6) and abs(r["rewards/margins"]) < 1e-6
+    assert rows[-1]["train/grad_norm"] > 0  # and yet the policy moves: log 2's gradient is not 0
+
+    from rlhf.models import BUILTIN_TINY, load_causal_lm
+
+    torch.manual_seed(0)
+    start = dict(load_causal_lm(BUILTIN_TINY).named_parameters())  # QUICK trains the untrained tiny model, seed 0
+    _train(tmp_path, "soft", max_steps=2, per_device_train_batch_size=4, save_steps=2, **TR_DPO)
+    saved = load_state(tmp_path / "soft" / "checkpoints" / "step-00000002" / "trainer_state.pt", restore_rng=False)
+    policy = load_file(tmp_path / "soft" / "model" / "model.safetensors")
+    for name, p in start.items():
+        want = 0.6 * policy.get(name, policy["model.embed_tokens.weight"] if "lm_head" in name else None) + 0.4 * p
+        torch.testing.assert_close(saved["reference"][name], want.detach(), rtol=1e-6, atol=1e-6)
 
 
 def test_lora_reference_is_the_model_with_adapters_off(tmp_path):
@@ -342,7 +372,12 @@ def test_bad_input_names_file_and_line_and_writes_nothing(tmp_path):
                          ({"loss_type": "exo_pair"}, "label_smoothing.*exo_pair"),
                          ({"loss_type": "hinge,nca_pair", "label_smoothing": 0.1}, "label_smoothing.*applies to"),
                          ({"loss_type": "sigmoid,sft", "rpo_alpha": 0.1}, "rpo_alpha.*same term"),
-                         ({"discopop_tau": 0.0}, "discopop_tau")]:
+                         ({"discopop_tau": 0.0}, "discopop_tau"),
+                         ({"sync_ref_model": True}, "sync_ref_model.*precompute_ref_log_probs false"),
+                         ({**TR_DPO, "use_peft": True}, "sync_ref_model.*use_peft"),
+                         ({**TR_DPO, "loss_type": "simpo"}, "sync_ref_model.*needs a reference"),
+                         ({"ref_model_mixup_alpha": 1.5}, "ref_model_mixup_alpha"),
+                         ({"ref_model_sync_steps": 0}, "ref_model_sync_steps")]:
         with pytest.raises(ConfigError, match=message):
             make_config(dpo.Config, bad)
 
