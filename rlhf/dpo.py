@@ -299,9 +299,11 @@ def batch_loss(accelerator, model, reference, batch: dict, cfg: Config) -> tuple
         if loss_type == "sft":
             term = metrics["loss/nll"] = best_response_nll(logps / tokens, batch["ranks"])
         else:
-            norm = tokens if loss_type in LENGTH_NORMALISED else 1  # x / 1 is x, bit for bit
-            term, m = dpo_loss(logps / norm, None if ref is None else ref / norm, batch["ranks"], beta=cfg.beta,
-                               loss_type=loss_type, label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
+            lp, rp = logps, ref
+            if loss_type in LENGTH_NORMALISED:  # mean log-probs per token
+                lp, rp = logps / tokens, None if ref is None else ref / tokens
+            term, m = dpo_loss(lp, rp, batch["ranks"], beta=cfg.beta, loss_type=loss_type,
+                               label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
                                discopop_tau=cfg.discopop_tau)
             if several:
                 m[f"loss/{loss_type}"] = m["loss/dpo"]
