@@ -90,13 +90,13 @@ class Config(TrainingConfig):
                                 "weighted rpo_alpha); 0: off.")
     precompute_ref_log_probs: bool = arg(True, "Reference log-probs once before training (one pass over the data); "
                                                "false: per batch (a frozen copy, or LoRA adapters off).")
+    precompute_ref_batch_size: int = arg(0, "Prompts per batch of the reference pass before training (0: "
+                                            "per_device_eval_batch_size).")
     sync_ref_model: bool = arg(False, "TR-DPO: every ref_model_sync_steps optimizer steps the reference becomes "
                                       "ref_model_mixup_alpha x the policy + (1 - alpha) x itself (needs the reference "
                                       "per batch: precompute_ref_log_probs false; not with use_peft).")
     ref_model_mixup_alpha: float = arg(0.6, "TR-DPO's alpha (1: the reference is replaced by the policy).")
     ref_model_sync_steps: int = arg(512, "TR-DPO's tau: optimizer steps between two updates of the reference.")
-    precompute_ref_batch_size: int = arg(0, "Prompts per batch of the reference pass before training (0: "
-                                            "per_device_eval_batch_size).")
     share_prompt_prefix: bool = arg(True, "Encode each prompt once for its K responses in the policy, reference and "
                                           "evaluation passes (same values); false: every prompt + response in full.")
     num_train_epochs: float = arg(1.0, "Passes over the rankings (the budget, unless max_steps is smaller).")
