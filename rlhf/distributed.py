@@ -404,10 +404,11 @@ def consolidated_state_dict(accelerator, model) -> dict[str, torch.Tensor]:
 
 
 def load_consolidated(accelerator, model, state_dict: dict[str, torch.Tensor]) -> None:
-    """Inverse of `consolidated_state_dict`: copy a full state dict (every key) into `model`, in place.
+    """Inverse of `consolidated_state_dict`: copy a full state dict into `model`, in place.
 
     Under ZeRO-3 each module's parameters are gathered, written on the main process and re-partitioned from it
-    (collective: call on every process; only the main process's `state_dict` is read there).
+    (collective: call on every process; only the main process's `state_dict` is read there); buffers, never
+    sharded, are left as they are there.
     """
     module = unwrap(accelerator, model)
     if not is_zero3(accelerator):
