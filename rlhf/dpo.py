@@ -4,7 +4,8 @@ No reward model and no generation: the policy pi is trained so that its implicit
 r = beta * (log pi(y|x) - log pi_ref(y|x)) orders the responses as the data does (Rafailov et al.
 2023, eq. 7), pi_ref being the starting model (usually the SFT model). log pi(y|x) is the sum of
 the response tokens' log-probabilities (the mean for `sigmoid_norm`, `ipo` and `simpo`, as TRL does).
-`loss_type` is one loss of `rlhf.core.preference` or a list of them, summed with `loss_weights`.
+`loss_type` is one loss of `rlhf.core.preference` or a list of them, summed with `loss_weights`;
+`f_divergence_type` replaces the log-ratio by f-DPO's beta * f'(pi / pi_ref) (`rlhf.core.implicit_rewards`).
 
 Data: the formats `rlhf reward` reads - `prompt` + `chosen` + `rejected`, or `prompt` + `completions` +
 `ranks` (0 = best, ties allowed) - checked the same way; without `--dataset_name` the built-in arithmetic
@@ -40,8 +41,8 @@ from pathlib import Path
 
 import torch
 
-from rlhf.core import best_response_nll, dpo_loss, ranked_pairs
-from rlhf.core.preference import LENGTH_NORMALISED, LOSS_TYPES, SMOOTHED
+from rlhf.core import best_response_nll, dpo_loss, implicit_rewards, ranked_pairs
+from rlhf.core.preference import F_DIVERGENCES, LENGTH_NORMALISED, LOSS_TYPES, ON_MARGINS, SMOOTHED
 from rlhf.distributed import (consolidated_state_dict, gather_objects, gathered_for_generation, lerp_parameters,
                               load_consolidated, prepare_frozen, reduce_sum, save_hf_model, unwrap)
 from rlhf.models import disable_dropout, load_causal_lm, load_tokenizer
@@ -84,6 +85,11 @@ class Config(TrainingConfig):
                                       "rDPO; simpo; exo_pair: EXO's epsilon, needed there).")
     simpo_gamma: float = arg(0.5, "SimPO's target reward margin gamma.")
     discopop_tau: float = arg(0.05, "DiscoPOP's temperature tau.")
+    f_divergence_type: str = arg("reverse_kl", "f-DPO: the divergence to the reference whose f'(pi / pi_ref) is "
+                                               "the implicit reward (reverse_kl: DPO's log-ratio); for the losses on "
+                                               "reward differences.", choices=F_DIVERGENCES)
+    f_alpha_divergence_coef: float = arg(0.5, "alpha of alpha_divergence: (ratio^(alpha - 1) - 1) / (alpha - 1), in "
+                                              "(0, 1] (1: reverse_kl).")
     reference_free: bool = arg(False, "No reference: rewards beta * log pi (simpo always is).")
     rpo_alpha: float = arg(0.0, "RPO: add this times the best response's negative log-likelihood per token "
                                 "(`rlhf.core.best_response_nll`; the RPO paper uses 1; the same as loss_type sft "
@@ -128,6 +134,12 @@ class Config(TrainingConfig):
         check("exo_pair" not in types or self.label_smoothing > 0, "label_smoothing",
               "must be > 0 for exo_pair (EXO's epsilon; its paper uses 1e-3)")
         check(self.discopop_tau > 0, "discopop_tau", "must be positive")
+        if self.f_divergence_type != "reverse_kl":
+            check(self.uses_reference, "f_divergence_type", "needs a reference (not with simpo or reference_free)")
+            others = [t for t in types if t not in ON_MARGINS + ("sft",)]
+            check(not others, "f_divergence_type", f"applies to the losses on reward differences "
+                                                   f"({', '.join(ON_MARGINS)}), not {others}")
+        check(0 < self.f_alpha_divergence_coef <= 1, "f_alpha_divergence_coef", "must be in (0, 1]")
         check(self.rpo_alpha >= 0, "rpo_alpha", "must be >= 0 (0: off)")
         check(not (self.rpo_alpha and "sft" in types), "rpo_alpha", "and loss_type sft are the same term: give one")
         if self.sync_ref_model:
@@ -304,7 +316,8 @@ def batch_loss(accelerator, model, reference, batch: dict, cfg: Config) -> tuple
                 lp, rp = logps / tokens, None if ref is None else ref / tokens
             term, m = dpo_loss(lp, rp, batch["ranks"], beta=cfg.beta, loss_type=loss_type,
                                label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
-                               discopop_tau=cfg.discopop_tau)
+                               discopop_tau=cfg.discopop_tau, f_divergence=cfg.f_divergence_type,
+                               f_alpha=cfg.f_alpha_divergence_coef)
             if several:
                 m[f"loss/{loss_type}"] = m["loss/dpo"]
             dpo_part = dpo_part + weight * m.pop("loss/dpo")
@@ -328,9 +341,11 @@ def evaluate(accelerator, model, tokenizer, eval_groups: list[dict] | None, cfg:
                                                                          tokenizer.pad_token_id).items()}
                 with accelerator.autocast():
                     logps = response_logps(unwrapped, batch, cfg.share_prompt_prefix).float()
-                if cfg.uses_reference:
-                    logps = logps - batch["ref_logps"]
-                rewards = cfg.beta * (logps / response_tokens(batch) if cfg.length_normalised else logps)  # (B, K)
+                ref = batch["ref_logps"] if cfg.uses_reference else None
+                if cfg.length_normalised:
+                    tokens = response_tokens(batch)
+                    logps, ref = logps / tokens, None if ref is None else ref / tokens
+                rewards = implicit_rewards(logps, ref, cfg.beta, cfg.f_divergence_type, cfg.f_alpha_divergence_coef)
                 pairs = ranked_pairs(batch["ranks"]).float()  # (B, K, K)
                 diff = rewards.unsqueeze(2) - rewards.unsqueeze(1)  # (B, K, K): r_better - r_worse on pairs
                 correct += float(((diff > 0).float() * pairs).sum())

@@ -22,6 +22,8 @@ References:
   Wu et al. 2024, "Self-Play Preference Optimization" (SPPO, hard labels); D'Oosterlinck et al. 2024,
   "Anchored Preference Optimization" (APO-zero eq. 7, APO-down eq. 8); Lu et al. 2024, "Discovering
   Preference Optimization Algorithms" (DiscoPOP, eq. 5).
+- Wang et al. 2023, "Beyond Reverse KL: Generalizing Direct Preference Optimization with Diverse
+  Divergence Constraints" (f-DPO: the implicit reward beta * f'(pi / pi_ref), Table 1).
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ PAIR_LOSSES = ("sigmoid", "sigmoid_norm", "robust", "ipo", "hinge", "simpo", "ex
 LOSS_TYPES = PAIR_LOSSES + ("plackett_luce",)
 LENGTH_NORMALISED = ("sigmoid_norm", "ipo", "simpo")  # on the mean log-prob per response token, not the sum
 SMOOTHED = ("sigmoid", "sigmoid_norm", "robust", "simpo", "exo_pair")  # the losses label_smoothing applies to
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# the losses on reward differences alone, where f-DPO's rewards may stand in for the log-ratio
+ON_MARGINS = ("sigmoid", "sigmoid_norm", "robust", "ipo", "hinge", "exo_pair", "discopop", "plackett_luce")
 
 
 def _d(x: torch.Tensor) -> torch.Tensor:
@@ -49,6 +54,32 @@ def ranked_pairs(ranks: torch.Tensor) -> torch.Tensor:
     """
     valid = ranks >= 0
     return (ranks.unsqueeze(2) < ranks.unsqueeze(1)) & valid.unsqueeze(2) & valid.unsqueeze(1)
+
+
+def implicit_rewards(logps: torch.Tensor, ref_logps: torch.Tensor | None, beta: float = 0.1,
+                     f_divergence: str = "reverse_kl", alpha: float = 0.5) -> torch.Tensor:
+    """beta x f'(pi / pi_ref) of each response, for the divergence f that regularises the policy (f-DPO, Table 1;
+    reverse KL is DPO). With u = logps - ref_logps, the log-ratio: reverse_kl u; forward_kl 1 - exp(-u);
+    js_divergence log 2 + log sigma(u); alpha_divergence (exp((alpha - 1) u) - 1) / (alpha - 1), u at alpha = 1
+    (TRL's parameterisation; the paper's alpha is 1 - this one). Each is 0 at u = 0 and rises with u; exponents
+    are clamped at 80 (float32's exp overflows past 88). `ref_logps` None: reference-free, beta x logps.
+
+    Shapes: logps, ref_logps (...) float; returns (...) float.
+    """
+    if ref_logps is None:
+        if f_divergence != "reverse_kl":
+            raise ValueError(f"f_divergence {f_divergence!r} needs a reference")
+        return beta * logps
+    u = logps - ref_logps
+    if f_divergence == "reverse_kl" or f_divergence == "alpha_divergence" and alpha == 1:
+        return beta * u
+    if f_divergence == "forward_kl":
+        return beta * (1 - torch.exp((-u).clamp_max(80)))
+    if f_divergence == "js_divergence":
+        return beta * (math.log(2) + F.logsigmoid(u))
+    if f_divergence == "alpha_divergence":
+        return beta * torch.expm1(((alpha - 1) * u).clamp_max(80)) / (alpha - 1)
+    raise ValueError(f"f_divergence must be one of {', '.join(F_DIVERGENCES)}, got {f_divergence!r}")
 
 
 def pair_losses(better: torch.Tensor, worse: torch.Tensor, loss_type: str = "sigmoid", beta: float = 0.1,
@@ -128,12 +159,15 @@ def dpo_loss(
     label_smoothing: float = 0.0,
     simpo_gamma: float = 0.5,
     discopop_tau: float = 0.05,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 0.5,
 ) -> tuple[torch.Tensor, dict]:
     """DPO-family loss of K ranked responses per prompt: mean over prompts of the mean pair loss
     (or of the Plackett-Luce negative log-likelihood with ``loss_type="plackett_luce"``).
 
     Rewards r = beta * (logps - ref_logps), or beta * logps when ``ref_logps`` is None (reference-free,
-    SimPO). The caller picks the sequence log-prob: the sum over completion tokens (DPO), or their
+    SimPO); with another ``f_divergence``, f-DPO's :func:`implicit_rewards` (for the losses ``ON_MARGINS``).
+    The caller picks the sequence log-prob: the sum over completion tokens (DPO), or their
     mean (``LENGTH_NORMALISED``: IPO, SimPO, sigmoid_norm). Pair losses: :func:`pair_losses`; K-wise: every
     ordered pair with rank_i < rank_j (ties skipped), as InstructGPT's reward model (Ouyang et al. 2022, eq. 1);
     a loss with a term per response (nca_pair, bco_pair, sppo_hard, apo_*) counts it once per pair it is in.
@@ -143,7 +177,10 @@ def dpo_loss(
 
     Shapes: logps, ref_logps (B, K) float, ranks (B, K) int (0 = best, < 0 padding); returns (loss, metrics).
     """
-    rewards = beta * (logps - ref_logps) if ref_logps is not None else beta * logps  # (B, K)
+    if f_divergence != "reverse_kl" and loss_type not in ON_MARGINS:
+        raise ValueError(f"f_divergence applies to the losses on reward differences ({', '.join(ON_MARGINS)}), "
+                         f"not {loss_type!r}")
+    rewards = implicit_rewards(logps, ref_logps, beta, f_divergence, f_alpha)  # (B, K)
     pairs = ranked_pairs(ranks).to(logps.dtype)  # (B, K, K)
     n_pairs = pairs.sum(dim=(1, 2))  # (B,)
     has_pairs = (n_pairs > 0).to(logps.dtype)  # (B,)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from rlhf.core import best_response_nll, dpo_loss, pair_losses, plackett_luce_nll, ranked_pairs
+from rlhf.core import best_response_nll, dpo_loss, implicit_rewards, pair_losses, plackett_luce_nll, ranked_pairs
 from rlhf.core.preference import PAIR_LOSSES, SMOOTHED
 
 torch.set_num_threads(1)
@@ -52,7 +52,21 @@ def naive_pair_loss(rb, rw, loss_type, beta, eps, gamma, tau=0.05):
     raise AssertionError(loss_type)
 
 
-def naive_dpo(logps, ref_logps, ranks, beta, loss_type, eps=0.0, gamma=0.5):
+def naive_f_score(u, f, alpha=0.5):
+    """f'(pi / pi_ref) at log-ratio u (f-DPO, Table 1; forward KL and JS shifted to 0 at u = 0), alpha in TRL's
+    parameterisation: the paper's (1 - ratio^(-a)) / a with a = 1 - alpha."""
+    if f == "reverse_kl":
+        return u
+    if f == "forward_kl":
+        return 1 - 1 / math.exp(u)
+    if f == "js_divergence":
+        ratio = math.exp(u)
+        return math.log(2 * ratio / (1 + ratio))
+    a = 1 - alpha
+    return (1 - math.exp(u) ** -a) / a
+
+
+def naive_dpo(logps, ref_logps, ranks, beta, loss_type, eps=0.0, gamma=0.5, f="reverse_kl"):
     """Loop: per prompt, mean over pairs (i better than j) of the pair loss; mean over prompts with a pair."""
     per_prompt, acc = [], []
     for b in range(len(ranks)):
@@ -60,8 +74,8 @@ def naive_dpo(logps, ref_logps, ranks, beta, loss_type, eps=0.0, gamma=0.5):
         for i, j in itertools.permutations(range(len(ranks[b])), 2):
             if ranks[b][i] < 0 or ranks[b][j] < 0 or not ranks[b][i] < ranks[b][j]:
                 continue
-            ri = beta * (logps[b][i] - (ref_logps[b][i] if ref_logps is not None else 0.0))
-            rj = beta * (logps[b][j] - (ref_logps[b][j] if ref_logps is not None else 0.0))
+            ri = beta * naive_f_score(logps[b][i] - (ref_logps[b][i] if ref_logps is not None else 0.0), f)
+            rj = beta * naive_f_score(logps[b][j] - (ref_logps[b][j] if ref_logps is not None else 0.0), f)
             losses.append(naive_pair_loss(ri, rj, loss_type, beta, eps, gamma))
             right.append(float(ri > rj))
         if losses:
@@ -94,6 +108,35 @@ def test_dpo_loss_matches_loops(loss_type, eps, reference_free):
     want, want_acc = naive_dpo(logps.tolist(), None if ref is None else ref.tolist(), RANKS, 0.7, loss_type, eps, 0.3)
     assert math.isclose(float(loss), want, rel_tol=1e-10)
     assert math.isclose(float(m["rewards/accuracies"]), want_acc, rel_tol=1e-10)
+
+
+@pytest.mark.parametrize("f", ["forward_kl", "js_divergence", "alpha_divergence"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "discopop"])
+def test_f_dpo_rewards_match_loops(f, loss_type):
+    """f-DPO: each response's reward beta * f'(pi / pi_ref), the loss on their differences, against the loop."""
+    g = torch.Generator().manual_seed(2)
+    logps, ref = (-5 * torch.rand(4, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    loss, m = dpo_loss(logps, ref, torch.tensor(RANKS), beta=0.7, loss_type=loss_type, f_divergence=f)
+    want, want_acc = naive_dpo(logps.tolist(), ref.tolist(), RANKS, 0.7, loss_type, f=f)
+    assert math.isclose(float(loss), want, rel_tol=1e-10)
+    assert math.isclose(float(m["rewards/accuracies"]), want_acc, rel_tol=1e-10)
+
+
+def test_f_divergence_rewards_limits_and_errors():
+    u = torch.tensor([-300.0, -2.0, 0.0, 1.5, 300.0])
+    zero = torch.zeros(5)
+    for f in ("forward_kl", "js_divergence", "alpha_divergence"):
+        r = implicit_rewards(u, zero, beta=1.0, f_divergence=f)
+        assert torch.isfinite(r).all() and r[2] == 0 and (r.diff() > 0).all(), f  # 0 at pi = pi_ref, rising
+    # alpha_divergence tends to reverse KL as alpha -> 1, and is it at 1
+    near = implicit_rewards(u[1:4], zero[1:4], f_divergence="alpha_divergence", alpha=1 - 1e-7)
+    assert torch.allclose(near, 0.1 * u[1:4], atol=1e-6)
+    assert torch.equal(implicit_rewards(u, zero, f_divergence="alpha_divergence", alpha=1.0), 0.1 * u)
+    with pytest.raises(ValueError, match="reward differences"):
+        dpo_loss(u.view(1, 5), zero.view(1, 5), torch.tensor([[0, 1, 2, 3, 4]]), loss_type="nca_pair",
+                 f_divergence="js_divergence")
+    with pytest.raises(ValueError, match="needs a reference"):
+        implicit_rewards(u, None, f_divergence="forward_kl")
 
 
 def test_pairwise_dpo_is_the_paper_loss_and_metrics():

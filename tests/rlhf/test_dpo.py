@@ -335,6 +335,18 @@ def test_every_loss_type_trains_and_logs_trl_metrics(tmp_path, loss_type):
     assert 0 <= summary["eval/preference_accuracy"] <= 1
 
 
+@pytest.mark.parametrize("f", ["forward_kl", "js_divergence", "alpha_divergence"])
+def test_f_divergences_train_and_evaluate_on_their_rewards(tmp_path, f):
+    """f-DPO with a loss list: finite metrics, and at the start (the policy is the reference) rewards of 0 and the
+    sigmoid loss log 2, as in DPO."""
+    summary, _ = _train(tmp_path, f, loss_type="sigmoid,ipo", f_divergence_type=f, max_steps=2,
+                        per_device_train_batch_size=4, num_eval_prompts=8)
+    rows = [r for r in map(json.loads, open(tmp_path / f / "metrics.jsonl")) if "loss/sigmoid" in r]
+    assert rows[0]["loss/sigmoid"] == pytest.approx(math.log(2), abs=1e-6) and rows[0]["rewards/margins"] == 0
+    assert all(math.isfinite(v) for r in rows for v in r.values())
+    assert 0 <= summary["eval/preference_accuracy"] <= 1 and math.isfinite(summary["eval/rewards/margins"])
+
+
 def test_dpo_on_builtin_rankings_orders_held_out_pairs(tmp_path, sft_model_dir):
     summary, _ = _train(tmp_path, "learn", model_name_or_path=str(sft_model_dir), num_train_prompts=256,
                         num_eval_prompts=100, num_greedy_eval_prompts=32, max_steps=30, per_device_train_batch_size=16,
@@ -377,7 +389,12 @@ def test_bad_input_names_file_and_line_and_writes_nothing(tmp_path):
                          ({**TR_DPO, "use_peft": True}, "sync_ref_model.*use_peft"),
                          ({**TR_DPO, "loss_type": "simpo"}, "sync_ref_model.*needs a reference"),
                          ({"ref_model_mixup_alpha": 1.5}, "ref_model_mixup_alpha"),
-                         ({"ref_model_sync_steps": 0}, "ref_model_sync_steps")]:
+                         ({"ref_model_sync_steps": 0}, "ref_model_sync_steps"),
+                         ({"f_divergence_type": "js_divergence", "loss_type": "sigmoid,nca_pair"},
+                          "f_divergence_type.*reward differences.*'nca_pair'"),
+                         ({"f_divergence_type": "forward_kl", "reference_free": True}, "f_divergence_type.*reference"),
+                         ({"f_divergence_type": "kl"}, "`f_divergence_type` must be one of"),
+                         ({"f_alpha_divergence_coef": 0.0}, "f_alpha_divergence_coef")]:
         with pytest.raises(ConfigError, match=message):
             make_config(dpo.Config, bad)
 
