@@ -262,6 +262,16 @@ def _read_summary(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _read_config(path: Path) -> dict:
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
+def _label(stage: str, row: dict) -> str:
+    """The policy's name in the report: DPO with its losses unless it is plain sigmoid (DPO's own)."""
+    losses = row.get("loss_type", ["sigmoid"])
+    return f"DPO ({' + '.join(losses)})" if stage == "dpo" and losses != ["sigmoid"] else stage.upper()
+
+
 def build_summary(out: Path, timings: dict) -> dict:
     summary: dict[str, dict] = {}
     for stage in ("sft", "dpo", "ppo", "grpo"):
@@ -270,6 +280,9 @@ def build_summary(out: Path, timings: dict) -> dict:
             row = {k: s.get(k) for k in _POLICY_KEYS + ("eval/preference_accuracy",) if k in s}
             if stage == "sft":
                 row.setdefault("kl/ref", 0.0)  # the SFT model is the reference
+            if stage == "dpo":  # which losses the row is (rpo_alpha: an sft term)
+                config = _read_config(out / stage / "config.yaml")
+                row["loss_type"] = list(config.get("loss_type", ["sigmoid"])) + ["sft"] * bool(config.get("rpo_alpha"))
             summary[stage] = row
     r = _read_summary(out / "reward" / "summary.json")
     if r:
@@ -295,7 +308,8 @@ def format_table(summary: dict) -> str:
              "|---|---|---|---|---|---|---|"]
     for stage in ("sft", "dpo", "ppo", "grpo"):
         if stage in summary:
-            lines.append(f"| {stage.upper()} | " + " | ".join(_fmt(summary[stage].get(c)) for c in cols) + " |")
+            row = summary[stage]
+            lines.append(f"| {_label(stage, row)} | " + " | ".join(_fmt(row.get(c)) for c in cols) + " |")
     return "\n".join(lines)
 
 

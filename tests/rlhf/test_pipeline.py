@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+import yaml
+
 from rlhf import pipeline
 from rlhf.runtime import ConfigError, make_config, parse_config
 
@@ -56,3 +58,15 @@ def test_pipeline_config_errors(tmp_path):
     cfg = make_config(pipeline.Config, {**TINY, "output_dir": str(tmp_path), "stages": ["ppo"]})
     with pytest.raises(ConfigError, match="no model at .*sft_model_path"):
         pipeline.train(cfg)
+
+
+def test_report_names_the_dpo_losses(tmp_path):
+    for stage, accuracy in (("sft", 0.5), ("dpo", 0.75)):
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "summary.json").write_text(json.dumps({"eval/accuracy": accuracy}))
+    assert "| DPO | 0.750 |" in pipeline.format_table(pipeline.build_summary(tmp_path, {}))  # no config: DPO's own
+    (tmp_path / "dpo" / "config.yaml").write_text(yaml.safe_dump({"loss_type": ["sigmoid"], "rpo_alpha": 0.0}))
+    assert "| DPO | 0.750 |" in pipeline.format_table(pipeline.build_summary(tmp_path, {}))
+    (tmp_path / "dpo" / "config.yaml").write_text(yaml.safe_dump({"loss_type": ["ipo", "bco_pair"], "rpo_alpha": 1.0}))
+    table = pipeline.format_table(pipeline.build_summary(tmp_path, {}))
+    assert "| SFT | 0.500 |" in table and "| DPO (ipo + bco_pair + sft) | 0.750 |" in table
