@@ -5,7 +5,9 @@ r = beta * (log pi(y|x) - log pi_ref(y|x)) orders the responses as the data does
 2023, eq. 7), pi_ref being the starting model (usually the SFT model). log pi(y|x) is the sum of
 the response tokens' log-probabilities (the mean for `sigmoid_norm`, `ipo` and `simpo`, as TRL does).
 `loss_type` is one loss of `rlhf.core.preference` or a list of them, summed with `loss_weights`;
-`f_divergence_type` replaces the log-ratio by f-DPO's beta * f'(pi / pi_ref) (`rlhf.core.implicit_rewards`).
+`f_divergence_type` replaces the log-ratio by f-DPO's beta * f'(pi / pi_ref) (`rlhf.core.implicit_rewards`);
+`ld_alpha` weighs the tokens of a response past the shorter one's length in each of its pairs (LD-DPO,
+`rlhf.core.length_desensitised_logps`).
 
 Data: the formats `rlhf reward` reads - `prompt` + `chosen` + `rejected`, or `prompt` + `completions` +
 `ranks` (0 = best, ties allowed) - checked the same way; without `--dataset_name` the built-in arithmetic
@@ -41,7 +43,8 @@ from pathlib import Path
 
 import torch
 
-from rlhf.core import best_response_nll, dpo_loss, implicit_rewards, ranked_pairs
+from rlhf.core import (best_response_nll, dpo_loss, implicit_rewards, length_desensitised_logps, pair_rewards,
+                       ranked_pairs)
 from rlhf.core.preference import F_DIVERGENCES, LENGTH_NORMALISED, LOSS_TYPES, ON_MARGINS, SMOOTHED
 from rlhf.distributed import (consolidated_state_dict, gather_objects, gathered_for_generation, lerp_parameters,
                               load_consolidated, prepare_frozen, reduce_sum, save_hf_model, unwrap)
@@ -90,6 +93,9 @@ class Config(TrainingConfig):
                                                "reward differences.", choices=F_DIVERGENCES)
     f_alpha_divergence_coef: float = arg(0.5, "alpha of alpha_divergence: (ratio^(alpha - 1) - 1) / (alpha - 1), in "
                                               "(0, 1] (1: reverse_kl).")
+    ld_alpha: float | None = arg(None, "LD-DPO: in each pair, the tokens of a response past the shorter one's "
+                                       "length weigh this, in [0, 1] (1: DPO); for the losses on summed log-probs; "
+                                       "null: off.")
     reference_free: bool = arg(False, "No reference: rewards beta * log pi (simpo always is).")
     rpo_alpha: float = arg(0.0, "RPO: add this times the best response's negative log-likelihood per token "
                                 "(`rlhf.core.best_response_nll`; the RPO paper uses 1; the same as loss_type sft "
@@ -140,6 +146,11 @@ class Config(TrainingConfig):
             check(not others, "f_divergence_type", f"applies to the losses on reward differences "
                                                    f"({', '.join(ON_MARGINS)}), not {others}")
         check(0 < self.f_alpha_divergence_coef <= 1, "f_alpha_divergence_coef", "must be in (0, 1]")
+        if self.ld_alpha is not None:
+            check(0 <= self.ld_alpha <= 1, "ld_alpha", f"must be in [0, 1] (null: off), got {self.ld_alpha}")
+            others = [t for t in types if t in LENGTH_NORMALISED + ("plackett_luce",)]
+            check(not others, "ld_alpha", f"weighs the summed log-probs of a pair's responses: not for {others} "
+                                          "(mean log-probs, or the listwise loss, which has no pairs)")
         check(self.rpo_alpha >= 0, "rpo_alpha", "must be >= 0 (0: off)")
         check(not (self.rpo_alpha and "sft" in types), "rpo_alpha", "and loss_type sft are the same term: give one")
         if self.sync_ref_model:
@@ -188,7 +199,8 @@ def collate(groups: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
 
     prompt_ids, prompt_mask (B, P); completion_ids, completion_mask (B*K, R), group-major, the mask covering the
     response and its EOS; a group with fewer than K responses gets empty rows (mask 0), and ranks (B, K) holds -1
-    there; ref_logps (B, K) when the groups carry precomputed reference log-probs.
+    there; ref_logps (B, K) when the groups carry precomputed reference log-probs ((B, K, K) per pair with
+    `ld_alpha`).
     """
     k = max(len(g["input_ids"]) for g in groups)
     prompts = [g["input_ids"][0][:g["prompt_len"]] for g in groups]
@@ -201,7 +213,12 @@ def collate(groups: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     ranks = torch.tensor([g["ranks"] + [-1] * (k - len(g["ranks"])) for g in groups])  # (B, K)
     batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
              "completion_mask": completion_mask, "ranks": ranks}
-    if "ref_logps" in groups[0]:
+    if "ref_logps" in groups[0] and isinstance(groups[0]["ref_logps"][0], list):  # per pair (LD-DPO): K x K each
+        batch["ref_logps"] = torch.zeros(len(groups), k, k)  # (B, K, K)
+        for b, g in enumerate(groups):
+            n = len(g["ref_logps"])
+            batch["ref_logps"][b, :n, :n] = torch.tensor(g["ref_logps"])
+    elif "ref_logps" in groups[0]:
         batch["ref_logps"] = torch.tensor([g["ref_logps"] + [0.0] * (k - len(g["ref_logps"])) for g in groups],
                                           dtype=torch.float32)  # (B, K)
     return batch
@@ -217,8 +234,9 @@ def collate_shape(group: dict) -> tuple[int, int, int]:
 # ---------------------------------------------------------------------------------------------
 
 
-def response_logps(model, batch: dict, share_prompt_prefix: bool) -> torch.Tensor:
-    """Log-prob (B, K) of each response given its prompt: the sum over its tokens (EOS included).
+def response_logps(model, batch: dict, share_prompt_prefix: bool, ld_alpha: float | None = None) -> torch.Tensor:
+    """Log-prob (B, K) of each response given its prompt: the sum over its tokens (EOS included); with `ld_alpha`
+    one per response and pair (B, K, K), LD-DPO's (`rlhf.core.length_desensitised_logps`).
 
     `share_prompt_prefix`: a group's prompt goes through the model once for its K responses (same values).
     """
@@ -230,6 +248,9 @@ def response_logps(model, batch: dict, share_prompt_prefix: bool) -> torch.Tenso
         input_ids = torch.cat([prompt_ids.repeat_interleave(k, 0), batch["completion_ids"]], 1)  # (B*K, P+R)
         token_logp = batch_logprobs(model, input_ids, torch.cat([prompt_mask.repeat_interleave(k, 0), mask], 1),
                                     prompt_ids.shape[1])
+    if ld_alpha is not None:
+        b, k = batch["ranks"].shape
+        return length_desensitised_logps(token_logp.view(b, k, -1), mask.view(b, k, -1), ld_alpha)  # (B, K, K)
     return (token_logp * mask).sum(dim=1).view(batch["ranks"].shape)  # (B, K)
 
 
@@ -265,16 +286,16 @@ def reference_logps(accelerator, model, reference, batch: dict, cfg: Config) -> 
     """log pi_ref (B, K): the frozen copy, or the policy with LoRA adapters off, or (before training) the policy."""
     if reference is not None:
         with accelerator.autocast():
-            return response_logps(reference, batch, cfg.share_prompt_prefix)
+            return response_logps(reference, batch, cfg.share_prompt_prefix, cfg.ld_alpha)
     unwrapped = unwrap(accelerator, model)
     off = unwrapped.disable_adapter() if cfg.use_peft else contextlib.nullcontext()
     with off, accelerator.autocast():
-        return response_logps(unwrapped, batch, cfg.share_prompt_prefix)
+        return response_logps(unwrapped, batch, cfg.share_prompt_prefix, cfg.ld_alpha)
 
 
 def add_reference_logps(accelerator, model, groups: list[dict], cfg: Config, pad_token_id: int, bs: int) -> None:
-    """Store each group's reference log-probs (`ref_logps`, K floats) in place; call before the first update,
-    while the policy is still the reference. `bs`: prompts per batch (of `scoring_batches`).
+    """Store each group's reference log-probs (`ref_logps`: K floats, K x K with `ld_alpha`) in place; call before
+    the first update, while the policy is still the reference. `bs`: prompts per batch (of `scoring_batches`).
     """
     mine = []
     was_training = model.training
@@ -283,7 +304,9 @@ def add_reference_logps(accelerator, model, groups: list[dict], cfg: Config, pad
         for chunk in scoring_batches(accelerator, groups, bs, collate_shape):
             batch = {k: v.to(accelerator.device) for k, v in collate([groups[i] for i in chunk], pad_token_id).items()}
             ref = reference_logps(accelerator, unwrapped, None, batch, cfg)  # (B, K)
-            mine += [(i, ref[b, :len(groups[i]["ranks"])].tolist()) for b, i in enumerate(chunk)]
+            for b, i in enumerate(chunk):
+                n = len(groups[i]["ranks"])
+                mine.append((i, (ref[b, :n, :n] if ref.dim() == 3 else ref[b, :n]).tolist()))
     model.train(was_training)
     for i, ref in gather_objects(accelerator, mine):
         groups[i]["ref_logps"] = ref
@@ -298,7 +321,7 @@ def batch_loss(accelerator, model, reference, batch: dict, cfg: Config) -> tuple
     """The weighted sum of `cfg.losses`. Logged: `loss/dpo` (the preference terms; with several, each as
     `loss/<type>` too), `loss/nll` (sft), and the first preference loss's rewards/* and logps/*."""
     with accelerator.autocast():
-        logps = response_logps(model, batch, cfg.share_prompt_prefix).float()  # (B, K)
+        logps = response_logps(model, batch, cfg.share_prompt_prefix, cfg.ld_alpha).float()  # (B, K) or (B, K, K)
     ref = None
     if cfg.uses_reference:
         ref = batch["ref_logps"] if "ref_logps" in batch else reference_logps(accelerator, model, reference, batch,
@@ -308,8 +331,9 @@ def batch_loss(accelerator, model, reference, batch: dict, cfg: Config) -> tuple
     loss = dpo_part = 0.0
     metrics = {}
     for loss_type, weight in cfg.losses:
-        if loss_type == "sft":
-            term = metrics["loss/nll"] = best_response_nll(logps / tokens, batch["ranks"])
+        if loss_type == "sft":  # LD-DPO's diagonal is each response's plain sum
+            sums = logps.diagonal(dim1=1, dim2=2) if logps.dim() == 3 else logps
+            term = metrics["loss/nll"] = best_response_nll(sums / tokens, batch["ranks"])
         else:
             lp, rp = logps, ref
             if loss_type in LENGTH_NORMALISED:  # mean log-probs per token
@@ -340,14 +364,15 @@ def evaluate(accelerator, model, tokenizer, eval_groups: list[dict] | None, cfg:
                 batch = {k: v.to(accelerator.device) for k, v in collate([eval_groups[i] for i in chunk],
                                                                          tokenizer.pad_token_id).items()}
                 with accelerator.autocast():
-                    logps = response_logps(unwrapped, batch, cfg.share_prompt_prefix).float()
+                    logps = response_logps(unwrapped, batch, cfg.share_prompt_prefix, cfg.ld_alpha).float()
                 ref = batch["ref_logps"] if cfg.uses_reference else None
                 if cfg.length_normalised:
                     tokens = response_tokens(batch)
                     logps, ref = logps / tokens, None if ref is None else ref / tokens
                 rewards = implicit_rewards(logps, ref, cfg.beta, cfg.f_divergence_type, cfg.f_alpha_divergence_coef)
                 pairs = ranked_pairs(batch["ranks"]).float()  # (B, K, K)
-                diff = rewards.unsqueeze(2) - rewards.unsqueeze(1)  # (B, K, K): r_better - r_worse on pairs
+                better, worse = pair_rewards(rewards)
+                diff = better - worse  # (B, K, K): r_better - r_worse on pairs
                 correct += float(((diff > 0).float() * pairs).sum())
                 margin += float((diff * pairs).sum())
                 n_pairs += float(pairs.sum())

@@ -24,6 +24,8 @@ References:
   Preference Optimization Algorithms" (DiscoPOP, eq. 5).
 - Wang et al. 2023, "Beyond Reverse KL: Generalizing Direct Preference Optimization with Diverse
   Divergence Constraints" (f-DPO: the implicit reward beta * f'(pi / pi_ref), Table 1).
+- Liu et al. 2024, "Length Desensitization in Direct Preference Optimization" (LD-DPO: in each pair,
+  the tokens past the shorter response's length weigh alpha).
 """
 
 from __future__ import annotations
@@ -54,6 +56,33 @@ def ranked_pairs(ranks: torch.Tensor) -> torch.Tensor:
     """
     valid = ranks >= 0
     return (ranks.unsqueeze(2) < ranks.unsqueeze(1)) & valid.unsqueeze(2) & valid.unsqueeze(1)
+
+
+def length_desensitised_logps(token_logps: torch.Tensor, mask: torch.Tensor, alpha: float) -> torch.Tensor:
+    """LD-DPO's log-prob of each response in each of its pairs: in pair (i, j) the first min(L_i, L_j) tokens of
+    response i count in full and its later ("verbose") tokens weigh `alpha`, so that a response's length alone
+    does not make its log-prob smaller. Entry [b, i, j] is response i's against response j; the diagonal
+    (i against itself, nothing cut) is the plain sum, and `alpha` = 1 is the plain sum everywhere.
+
+    Shapes: token_logps, mask (B, K, R), each response's tokens first (mask 1 on them); returns (B, K, K) float.
+    """
+    cumulative = (token_logps * mask).cumsum(dim=-1)  # (B, K, R): log-prob of each response's first t + 1 tokens
+    lengths = mask.sum(dim=-1).long()  # (B, K)
+    shared = torch.minimum(lengths.unsqueeze(2), lengths.unsqueeze(1))  # (B, K, K)
+    head = torch.gather(cumulative, 2, (shared - 1).clamp_min(0)) * (shared > 0)  # (B, K, K): i's first tokens
+    return head + alpha * (cumulative[..., -1:] - head)
+
+
+def pair_rewards(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_i, r_j) of every ordered pair (i, j): from one reward per response (B, K), or from one per response
+    and pair (B, K, K), [b, i, j] response i's in its pair with j (:func:`length_desensitised_logps`).
+
+    Shapes: rewards (B, K) or (B, K, K); returns two (B, K, K).
+    """
+    if rewards.dim() == 3:
+        return rewards, rewards.transpose(1, 2)
+    k = rewards.shape[1]
+    return rewards.unsqueeze(2).expand(-1, -1, k), rewards.unsqueeze(1).expand(-1, k, -1)
 
 
 def implicit_rewards(logps: torch.Tensor, ref_logps: torch.Tensor | None, beta: float = 0.1,
@@ -167,30 +196,35 @@ def dpo_loss(
 
     Rewards r = beta * (logps - ref_logps), or beta * logps when ``ref_logps`` is None (reference-free,
     SimPO); with another ``f_divergence``, f-DPO's :func:`implicit_rewards` (for the losses ``ON_MARGINS``).
-    The caller picks the sequence log-prob: the sum over completion tokens (DPO), or their
-    mean (``LENGTH_NORMALISED``: IPO, SimPO, sigmoid_norm). Pair losses: :func:`pair_losses`; K-wise: every
-    ordered pair with rank_i < rank_j (ties skipped), as InstructGPT's reward model (Ouyang et al. 2022, eq. 1);
-    a loss with a term per response (nca_pair, bco_pair, sppo_hard, apo_*) counts it once per pair it is in.
+    The caller picks the sequence log-prob: the sum over completion tokens (DPO), their mean
+    (``LENGTH_NORMALISED``: IPO, SimPO, sigmoid_norm), or one per pair (B, K, K) as LD-DPO's
+    :func:`length_desensitised_logps` (not for plackett_luce, which ranks whole lists). Pair losses:
+    :func:`pair_losses`; K-wise: every ordered pair with rank_i < rank_j (ties skipped), as InstructGPT's reward
+    model (Ouyang et al. 2022, eq. 1); a loss with a term per response (nca_pair, bco_pair, sppo_hard, apo_*)
+    counts it once per pair it is in.
     Metrics (TRL's names), per-prompt pair means averaged over prompts: ``rewards/chosen`` and
     ``rewards/rejected`` (r of the better / worse response), ``rewards/margins``,
     ``rewards/accuracies`` (share of pairs with r_better > r_worse), ``logps/chosen``, ``logps/rejected``.
 
-    Shapes: logps, ref_logps (B, K) float, ranks (B, K) int (0 = best, < 0 padding); returns (loss, metrics).
+    Shapes: logps, ref_logps (B, K) or both (B, K, K) float, ranks (B, K) int (0 = best, < 0 padding); returns
+    (loss, metrics).
     """
     if f_divergence != "reverse_kl" and loss_type not in ON_MARGINS:
         raise ValueError(f"f_divergence applies to the losses on reward differences ({', '.join(ON_MARGINS)}), "
                          f"not {loss_type!r}")
-    rewards = implicit_rewards(logps, ref_logps, beta, f_divergence, f_alpha)  # (B, K)
+    if loss_type == "plackett_luce" and logps.dim() == 3:
+        raise ValueError("plackett_luce ranks whole lists: it takes one log-prob per response (B, K), not per pair")
+    rewards = implicit_rewards(logps, ref_logps, beta, f_divergence, f_alpha)  # (B, K) or (B, K, K)
     pairs = ranked_pairs(ranks).to(logps.dtype)  # (B, K, K)
     n_pairs = pairs.sum(dim=(1, 2))  # (B,)
     has_pairs = (n_pairs > 0).to(logps.dtype)  # (B,)
     n_prompts = has_pairs.sum().clamp_min(1)
-    margins = rewards.unsqueeze(2) - rewards.unsqueeze(1)  # (B, K, K): r_i - r_j
+    better, worse = pair_rewards(rewards)  # (B, K, K): r_i, r_j
+    margins = better - worse
 
     def per_prompt_mean(x):  # (B, K, K) over each prompt's pairs -> mean over prompts
         return ((x * pairs).sum(dim=(1, 2)) / n_pairs.clamp_min(1)).sum() / n_prompts
 
-    better, worse = rewards.unsqueeze(2).expand_as(margins), rewards.unsqueeze(1).expand_as(margins)
     if loss_type == "plackett_luce":
         loss = (plackett_luce_nll(rewards, ranks) * has_pairs).sum() / n_prompts
     else:
@@ -201,9 +235,8 @@ def dpo_loss(
         "rewards/rejected": _d(per_prompt_mean(worse)),
         "rewards/margins": _d(per_prompt_mean(margins)),
         "rewards/accuracies": _d(per_prompt_mean((margins > 0).to(logps.dtype))),
-        "logps/chosen": _d(per_prompt_mean(logps.unsqueeze(2).expand_as(margins))),
-        "logps/rejected": _d(per_prompt_mean(logps.unsqueeze(1).expand_as(margins))),
     }
+    metrics["logps/chosen"], metrics["logps/rejected"] = (_d(per_prompt_mean(x)) for x in pair_rewards(logps))
     return loss, metrics
 
 

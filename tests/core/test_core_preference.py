@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from rlhf.core import best_response_nll, dpo_loss, implicit_rewards, pair_losses, plackett_luce_nll, ranked_pairs
+from rlhf.core import (best_response_nll, dpo_loss, implicit_rewards, length_desensitised_logps, pair_losses,
+                       plackett_luce_nll, ranked_pairs)
 from rlhf.core.preference import PAIR_LOSSES, SMOOTHED
 
 torch.set_num_threads(1)
@@ -137,6 +138,57 @@ def test_f_divergence_rewards_limits_and_errors():
                  f_divergence="js_divergence")
     with pytest.raises(ValueError, match="needs a reference"):
         implicit_rewards(u, None, f_divergence="forward_kl")
+
+
+def naive_ld(tokens_i, tokens_j, alpha):
+    """LD-DPO: response i's log-prob against j, its first min(len_i, len_j) tokens in full, the rest times alpha."""
+    shared = min(len(tokens_i), len(tokens_j))
+    return sum(tokens_i[:shared]) + alpha * sum(tokens_i[shared:])
+
+
+LENGTHS = [[6, 1, 3, 3], [0, 2, 5, 4], [4, 4, 1, 6], [2, 5, 3, 0]]  # 0: a padding response
+
+
+def _token_logps(g, lengths, r=6):
+    """Random token log-probs of responses of these lengths, as lists and as (B, K, R) tensors with their mask
+    (garbage past each response, as the model's log-probs there)."""
+    lists = [[(-3 * torch.rand(n, generator=g, dtype=torch.float64)).tolist() for n in row] for row in lengths]
+    tensor = torch.randn(len(lengths), len(lengths[0]), r, generator=g, dtype=torch.float64)
+    mask = torch.zeros_like(tensor)
+    for b, row in enumerate(lists):
+        for k, tokens in enumerate(row):
+            tensor[b, k, :len(tokens)], mask[b, k, :len(tokens)] = torch.tensor(tokens, dtype=torch.float64), 1
+    return lists, tensor, mask
+
+
+def test_length_desensitised_logps_match_a_loop():
+    lists, tokens, mask = _token_logps(torch.Generator().manual_seed(3), LENGTHS)
+    got = length_desensitised_logps(tokens, mask, 0.3)
+    for b, i, j in itertools.product(range(4), repeat=3):
+        assert math.isclose(float(got[b, i, j]), naive_ld(lists[b][i], lists[b][j], 0.3), abs_tol=1e-12)
+    plain = (tokens * mask).sum(-1)
+    assert torch.allclose(got.diagonal(dim1=1, dim2=2), plain)  # against itself nothing is cut
+    assert torch.allclose(length_desensitised_logps(tokens, mask, 1.0), plain.unsqueeze(2).expand(-1, -1, 4))
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "bco_pair", "sppo_hard"])
+def test_ld_dpo_loss_matches_loops(loss_type):
+    """dpo_loss on LD-DPO's per-pair log-probs of the policy and the reference: each pair's loss from the
+    log-probs cut at its own shared length, K-wise with ties and padding, against the loop."""
+    g = torch.Generator().manual_seed(4)
+    (lp, tp, mask), (lr, tr, _) = _token_logps(g, LENGTHS), _token_logps(g, LENGTHS)
+    ranks, beta, per_prompt = [[0, 1, 2, 3], [-1, 0, 1, 1], [0, 0, 1, 3], [1, 0, 2, -1]], 0.7, []
+    for b in range(4):
+        r = [[beta * (naive_ld(lp[b][i], lp[b][j], 0.4) - naive_ld(lr[b][i], lr[b][j], 0.4)) for j in range(4)]
+             for i in range(4)]  # r[i][j]: response i's reward in its pair with j
+        losses = [naive_pair_loss(r[i][j], r[j][i], loss_type, beta, 0.0, 0.5)
+                  for i, j in itertools.permutations(range(4), 2) if 0 <= ranks[b][i] < ranks[b][j]]
+        per_prompt.append(sum(losses) / len(losses))
+    loss, _ = dpo_loss(length_desensitised_logps(tp, mask, 0.4), length_desensitised_logps(tr, mask, 0.4),
+                       torch.tensor(ranks), beta=beta, loss_type=loss_type)
+    assert math.isclose(float(loss), sum(per_prompt) / 4, rel_tol=1e-10)
+    with pytest.raises(ValueError, match="plackett_luce ranks whole lists"):
+        dpo_loss(length_desensitised_logps(tp, mask, 0.4), None, torch.tensor(ranks), loss_type="plackett_luce")
 
 
 def test_pairwise_dpo_is_the_paper_loss_and_metrics():

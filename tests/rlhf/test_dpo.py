@@ -129,9 +129,9 @@ def test_each_response_goes_through_the_model_once_per_step(tmp_path, monkeypatc
     calls = []
     original = dpo.response_logps
 
-    def counting(model, batch, share):
+    def counting(model, batch, share, ld_alpha=None):
         calls.append(batch["completion_ids"].shape[0])
-        return original(model, batch, share)
+        return original(model, batch, share, ld_alpha)
 
     monkeypatch.setattr(dpo, "response_logps", counting)
     _train(tmp_path, "k4", max_steps=2, per_device_train_batch_size=4, completions_per_prompt=4, num_train_prompts=8)
@@ -347,6 +347,41 @@ def test_f_divergences_train_and_evaluate_on_their_rewards(tmp_path, f):
     assert 0 <= summary["eval/preference_accuracy"] <= 1 and math.isfinite(summary["eval/rewards/margins"])
 
 
+@pytest.mark.parametrize("share", [True, False])
+def test_ld_dpo_logps_cut_each_pair_at_its_shorter_response(tmp_path, tiny_tokenizer, share):
+    """ld_alpha: response i's log-prob against j is its first min(len_i, len_j) tokens' (EOS included) plus alpha
+    times the rest's, from each response scored alone; the diagonal is the plain sum."""
+    rows = [{"prompt": "12+30=", "completions": ["42", "4", "5232"], "ranks": [0, 2, 1]},
+            {"prompt": "1+1=", "completions": ["2", "111"], "ranks": [0, 1]}]
+    model, batch = _ranked_batch(tmp_path, tiny_tokenizer, rows)
+    with torch.no_grad():
+        got = dpo.response_logps(model, batch, share, ld_alpha=0.25)  # (2, 3, 3)
+        plain = dpo.response_logps(model, batch, share)
+    for b, row in enumerate(rows):
+        terms = [_alone(model, tiny_tokenizer, row["prompt"], c) for c in row["completions"]]
+        for i, j in [(i, j) for i in range(len(terms)) for j in range(len(terms))]:
+            n = min(len(terms[i]), len(terms[j]))
+            assert float(got[b, i, j]) == pytest.approx(sum(terms[i][:n]) + 0.25 * sum(terms[i][n:]), abs=1e-4)
+    assert torch.allclose(got.diagonal(dim1=1, dim2=2), plain, atol=1e-5)
+
+
+def test_ld_dpo_trains_with_the_reference_precomputed_or_per_batch(tmp_path):
+    """ld_alpha: the per-pair reference log-probs stored before training (K x K per ranking) and those computed per
+    batch train the same model; alpha 1 trains plain DPO's; alpha 0.5 another one."""
+    kw = dict(max_steps=3, per_device_train_batch_size=4, completions_per_prompt=3, learning_rate=1e-2,
+              num_eval_prompts=8)
+    a, wa = _train(tmp_path, "pre", ld_alpha=0.5, **kw)
+    b, wb = _train(tmp_path, "fly", ld_alpha=0.5, precompute_ref_log_probs=False, **kw)
+    one = _train(tmp_path, "one", ld_alpha=1.0, **kw)[1]
+    plain = _train(tmp_path, "plain", **kw)[1]
+    assert a["train/loss_last"] == pytest.approx(b["train/loss_last"], abs=1e-5)
+    assert a["eval/preference_accuracy"] == pytest.approx(b["eval/preference_accuracy"])
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+        assert torch.allclose(one[k], plain[k], atol=1e-5), k
+    assert any(not torch.allclose(wa[k], plain[k], atol=1e-4) for k in wa)
+
+
 def test_dpo_on_builtin_rankings_orders_held_out_pairs(tmp_path, sft_model_dir):
     summary, _ = _train(tmp_path, "learn", model_name_or_path=str(sft_model_dir), num_train_prompts=256,
                         num_eval_prompts=100, num_greedy_eval_prompts=32, max_steps=30, per_device_train_batch_size=16,
@@ -394,7 +429,10 @@ def test_bad_input_names_file_and_line_and_writes_nothing(tmp_path):
                           "f_divergence_type.*reward differences.*'nca_pair'"),
                          ({"f_divergence_type": "forward_kl", "reference_free": True}, "f_divergence_type.*reference"),
                          ({"f_divergence_type": "kl"}, "`f_divergence_type` must be one of"),
-                         ({"f_alpha_divergence_coef": 0.0}, "f_alpha_divergence_coef")]:
+                         ({"f_alpha_divergence_coef": 0.0}, "f_alpha_divergence_coef"),
+                         ({"ld_alpha": 1.5}, "`ld_alpha`: must be in \\[0, 1\\]"),
+                         ({"ld_alpha": 0.5, "loss_type": "sigmoid,ipo"}, "ld_alpha.*not for \\['ipo'\\]"),
+                         ({"ld_alpha": 0.5, "loss_type": "plackett_luce"}, "ld_alpha.*plackett_luce")]:
         with pytest.raises(ConfigError, match=message):
             make_config(dpo.Config, bad)
 
