@@ -7,7 +7,8 @@ the response tokens' log-probabilities (the mean for `sigmoid_norm`, `ipo` and `
 `loss_type` is one loss of `rlhf.core.preference` or a list of them, summed with `loss_weights`;
 `f_divergence_type` replaces the log-ratio by f-DPO's beta * f'(pi / pi_ref) (`rlhf.core.implicit_rewards`);
 `ld_alpha` weighs the tokens of a response past the shorter one's length in each of its pairs (LD-DPO,
-`rlhf.core.length_desensitised_logps`).
+`rlhf.core.length_desensitised_logps`); `use_weighting` weighs each pair by how likely the policy is to produce
+its responses (WPO, `rlhf.core.wpo_weights`).
 
 Data: the formats `rlhf reward` reads - `prompt` + `chosen` + `rejected`, or `prompt` + `completions` +
 `ranks` (0 = best, ties allowed) - checked the same way; without `--dataset_name` the built-in arithmetic
@@ -44,7 +45,7 @@ from pathlib import Path
 import torch
 
 from rlhf.core import (best_response_nll, dpo_loss, implicit_rewards, length_desensitised_logps, pair_rewards,
-                       ranked_pairs)
+                       ranked_pairs, wpo_weights)
 from rlhf.core.preference import F_DIVERGENCES, LENGTH_NORMALISED, LOSS_TYPES, ON_MARGINS, SMOOTHED
 from rlhf.distributed import (consolidated_state_dict, gather_objects, gathered_for_generation, lerp_parameters,
                               load_consolidated, prepare_frozen, reduce_sum, save_hf_model, unwrap)
@@ -96,6 +97,8 @@ class Config(TrainingConfig):
     ld_alpha: float | None = arg(None, "LD-DPO: in each pair, the tokens of a response past the shorter one's "
                                        "length weigh this, in [0, 1] (1: DPO); for the losses on summed log-probs; "
                                        "null: off.")
+    use_weighting: bool = arg(False, "WPO: each pair's loss times the product of its responses' weights, exp of "
+                                     "the policy's mean log p(token) - log sum_v p(v)^2 (for the pair losses).")
     reference_free: bool = arg(False, "No reference: rewards beta * log pi (simpo always is).")
     rpo_alpha: float = arg(0.0, "RPO: add this times the best response's negative log-likelihood per token "
                                 "(`rlhf.core.best_response_nll`; the RPO paper uses 1; the same as loss_type sft "
@@ -151,6 +154,8 @@ class Config(TrainingConfig):
             others = [t for t in types if t in LENGTH_NORMALISED + ("plackett_luce",)]
             check(not others, "ld_alpha", f"weighs the summed log-probs of a pair's responses: not for {others} "
                                           "(mean log-probs, or the listwise loss, which has no pairs)")
+        check(not (self.use_weighting and "plackett_luce" in types), "use_weighting",
+              "weighs pairs: not for plackett_luce (the listwise loss)")
         check(self.rpo_alpha >= 0, "rpo_alpha", "must be >= 0 (0: off)")
         check(not (self.rpo_alpha and "sft" in types), "rpo_alpha", "and loss_type sft are the same term: give one")
         if self.sync_ref_model:
@@ -234,24 +239,29 @@ def collate_shape(group: dict) -> tuple[int, int, int]:
 # ---------------------------------------------------------------------------------------------
 
 
-def response_logps(model, batch: dict, share_prompt_prefix: bool, ld_alpha: float | None = None) -> torch.Tensor:
+def response_logps(model, batch: dict, share_prompt_prefix: bool, ld_alpha: float | None = None,
+                   with_weights: bool = False):
     """Log-prob (B, K) of each response given its prompt: the sum over its tokens (EOS included); with `ld_alpha`
-    one per response and pair (B, K, K), LD-DPO's (`rlhf.core.length_desensitised_logps`).
+    one per response and pair (B, K, K), LD-DPO's (`rlhf.core.length_desensitised_logps`). `with_weights`: also
+    each response's WPO weight (B, K) (`rlhf.core.wpo_weights`), returned as (logps, weights).
 
     `share_prompt_prefix`: a group's prompt goes through the model once for its K responses (same values).
     """
     prompt_ids, prompt_mask, mask = batch["prompt_ids"], batch["prompt_mask"], batch["completion_mask"]  # mask (B*K, R)
+    (b, k), mask_3d = batch["ranks"].shape, mask.view(*batch["ranks"].shape, -1)
     if share_prompt_prefix:
-        token_logp = grouped_logprobs(model, prompt_ids, prompt_mask, batch["completion_ids"], mask)  # (B*K, R)
+        out = grouped_logprobs(model, prompt_ids, prompt_mask, batch["completion_ids"], mask,
+                               with_log_sum_sq=with_weights)  # (B*K, R)
     else:
-        k = batch["ranks"].shape[1]
         input_ids = torch.cat([prompt_ids.repeat_interleave(k, 0), batch["completion_ids"]], 1)  # (B*K, P+R)
-        token_logp = batch_logprobs(model, input_ids, torch.cat([prompt_mask.repeat_interleave(k, 0), mask], 1),
-                                    prompt_ids.shape[1])
+        out = batch_logprobs(model, input_ids, torch.cat([prompt_mask.repeat_interleave(k, 0), mask], 1),
+                             prompt_ids.shape[1], with_log_sum_sq=with_weights)
+    token_logp, log_sum_sq = out if with_weights else (out, None)
     if ld_alpha is not None:
-        b, k = batch["ranks"].shape
-        return length_desensitised_logps(token_logp.view(b, k, -1), mask.view(b, k, -1), ld_alpha)  # (B, K, K)
-    return (token_logp * mask).sum(dim=1).view(batch["ranks"].shape)  # (B, K)
+        logps = length_desensitised_logps(token_logp.view(b, k, -1), mask_3d, ld_alpha)  # (B, K, K)
+    else:
+        logps = (token_logp * mask).sum(dim=1).view(b, k)  # (B, K)
+    return (logps, wpo_weights(token_logp, log_sum_sq, mask).view(b, k)) if with_weights else logps
 
 
 def response_tokens(batch: dict) -> torch.Tensor:
@@ -321,7 +331,9 @@ def batch_loss(accelerator, model, reference, batch: dict, cfg: Config) -> tuple
     """The weighted sum of `cfg.losses`. Logged: `loss/dpo` (the preference terms; with several, each as
     `loss/<type>` too), `loss/nll` (sft), and the first preference loss's rewards/* and logps/*."""
     with accelerator.autocast():
-        logps = response_logps(model, batch, cfg.share_prompt_prefix, cfg.ld_alpha).float()  # (B, K) or (B, K, K)
+        out = response_logps(model, batch, cfg.share_prompt_prefix, cfg.ld_alpha, cfg.use_weighting)
+    logps, weights = out if cfg.use_weighting else (out, None)
+    logps = logps.float()  # (B, K) or (B, K, K)
     ref = None
     if cfg.uses_reference:
         ref = batch["ref_logps"] if "ref_logps" in batch else reference_logps(accelerator, model, reference, batch,
@@ -341,7 +353,7 @@ def batch_loss(accelerator, model, reference, batch: dict, cfg: Config) -> tuple
             term, m = dpo_loss(lp, rp, batch["ranks"], beta=cfg.beta, loss_type=loss_type,
                                label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma,
                                discopop_tau=cfg.discopop_tau, f_divergence=cfg.f_divergence_type,
-                               f_alpha=cfg.f_alpha_divergence_coef)
+                               f_alpha=cfg.f_alpha_divergence_coef, weights=weights)
             if several:
                 m[f"loss/{loss_type}"] = m["loss/dpo"]
             dpo_part = dpo_part + weight * m.pop("loss/dpo")

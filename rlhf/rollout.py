@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from rlhf.core import entropy_from_logits, logprobs_from_logits
+from rlhf.core import entropy_from_logits, log_sum_sq_probs, logprobs_from_logits
 from rlhf.data import check_prompts, load_rows
 from rlhf.distributed import gathered_for_generation
 from rlhf.models import disable_dropout, load_tokenizer
@@ -229,6 +229,7 @@ def batch_logprobs(
     temperature: float = 1.0,
     share_prompts: bool = False,
     with_entropy: bool = False,
+    with_log_sum_sq: bool = False,
 ):
     """Per-token log-probs of the completion tokens `input_ids[:, completion_start:]` under softmax(logits / T).
 
@@ -242,7 +243,8 @@ def batch_logprobs(
     instead of G times. Needs a model that accepts a KV cache in training (no gradient checkpointing).
 
     `with_entropy`: also the entropy of each position's temperature-T distribution (for an entropy
-    bonus), returned as (logp, entropy).
+    bonus), returned as (logp, entropy); `with_log_sum_sq`: also its log sum_v p_v^2 (WPO's weights,
+    `rlhf.core.log_sum_sq_probs`), after the entropy if both.
 
     Shapes: input_ids, attention_mask (B, P + T), completion_start = P; returns (B, T) float32.
     """
@@ -270,7 +272,8 @@ def batch_logprobs(
         logits = torch.cat([prefix.logits[group, -1:], out.logits[:, :-1]], dim=1)  # (B, T, V)
     logits = logits.float() / temperature
     logp = logprobs_from_logits(logits, input_ids[:, completion_start:])  # (B, T)
-    return (logp, entropy_from_logits(logits)) if with_entropy else logp
+    extras = [entropy_from_logits(logits)] * with_entropy + [log_sum_sq_probs(logits)] * with_log_sum_sq
+    return (logp, *extras) if extras else logp
 
 
 def grouped_logprobs(
@@ -279,7 +282,8 @@ def grouped_logprobs(
     prompt_mask: torch.Tensor,
     completion_ids: torch.Tensor,
     completion_mask: torch.Tensor,
-) -> torch.Tensor:
+    with_log_sum_sq: bool = False,
+):
     """`batch_logprobs` of K completions per prompt (temperature 1) in ONE forward pass, each prompt encoded once.
 
     Each prompt and its K completions are laid out in one row, prompt | completion 1 | ... | completion K
@@ -290,6 +294,8 @@ def grouped_logprobs(
     `batch_logprobs(share_prompts=True)`, in one model call (on a tiny model a call's fixed cost
     is most of a short batch) and without a cache (so gradient checkpointing works). Attention over the
     row grows with K x completion length: meant for DPO's pairs and rankings, not for long rollouts.
+
+    `with_log_sum_sq`: also each position's log sum_v p_v^2, returned as (logp, log_sum_sq) (as `batch_logprobs`).
 
     Shapes: prompt_ids, prompt_mask (U, P) left-padded; completion_ids, completion_mask (U*K, R), the K
     completions of a prompt consecutive, right-padded; returns (U*K, R) float32 (garbage where the mask is 0).
@@ -315,7 +321,8 @@ def grouped_logprobs(
     # own token j - 1 (kept index 1 + i*n + j - 1)
     index = (torch.arange(k, device=device)[:, None] * n + offset) * (offset > 0)  # (K, R)
     logits = logits[:, index.view(-1)].reshape(u * k, r, -1)  # (U*K, R, V)
-    return logprobs_from_logits(logits, completion_ids)
+    logp = logprobs_from_logits(logits, completion_ids)
+    return (logp, log_sum_sq_probs(logits)) if with_log_sum_sq else logp
 
 
 def tokenize_prompts(tokenizer, prompts: list, device=None, max_prompt_length: int | None = None):

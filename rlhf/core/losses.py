@@ -223,6 +223,15 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
 
 
+def log_sum_sq_probs(logits: torch.Tensor) -> torch.Tensor:
+    """log sum_i softmax(z)_i^2, the log-probability that two draws agree, in float32: logsumexp(2z) - 2 logsumexp(z).
+
+    Shapes: logits (..., V); returns (...).
+    """
+    logits = logits.float()
+    return torch.logsumexp(2 * logits, dim=-1) - 2 * torch.logsumexp(logits, dim=-1)
+
+
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Log-probability of ``labels`` under softmax(logits): z[label] - logsumexp(z), in float32.
 

@@ -26,6 +26,8 @@ References:
   Divergence Constraints" (f-DPO: the implicit reward beta * f'(pi / pi_ref), Table 1).
 - Liu et al. 2024, "Length Desensitization in Direct Preference Optimization" (LD-DPO: in each pair,
   the tokens past the shorter response's length weigh alpha).
+- Zhou et al. 2024, "WPO: Enhancing RLHF with Weighted Preference Optimization" (eq. 2 with the
+  sampled-alignment normalisation, as TRL's `use_weighting`).
 """
 
 from __future__ import annotations
@@ -71,6 +73,17 @@ def length_desensitised_logps(token_logps: torch.Tensor, mask: torch.Tensor, alp
     shared = torch.minimum(lengths.unsqueeze(2), lengths.unsqueeze(1))  # (B, K, K)
     head = torch.gather(cumulative, 2, (shared - 1).clamp_min(0)) * (shared > 0)  # (B, K, K): i's first tokens
     return head + alpha * (cumulative[..., -1:] - head)
+
+
+def wpo_weights(token_logps: torch.Tensor, token_log_sum_sq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """WPO's weight of each response, how likely the policy is to produce it: exp of the mean over its tokens of
+    log p(y_t) - log sum_v p(v)^2 (the token's log-prob relative to that of the policy's own draws agreeing,
+    `rlhf.core.log_sum_sq_probs`), detached: a constant of the loss. A pair weighs the product of its two.
+
+    Shapes: token_logps, token_log_sum_sq, mask (..., R); returns (...) float (1 for an empty response).
+    """
+    aligned = ((token_logps - token_log_sum_sq) * mask).sum(dim=-1) / mask.sum(dim=-1).clamp_min(1)
+    return torch.exp(aligned).detach()
 
 
 def pair_rewards(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,6 +203,7 @@ def dpo_loss(
     discopop_tau: float = 0.05,
     f_divergence: str = "reverse_kl",
     f_alpha: float = 0.5,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """DPO-family loss of K ranked responses per prompt: mean over prompts of the mean pair loss
     (or of the Plackett-Luce negative log-likelihood with ``loss_type="plackett_luce"``).
@@ -198,7 +212,8 @@ def dpo_loss(
     SimPO); with another ``f_divergence``, f-DPO's :func:`implicit_rewards` (for the losses ``ON_MARGINS``).
     The caller picks the sequence log-prob: the sum over completion tokens (DPO), their mean
     (``LENGTH_NORMALISED``: IPO, SimPO, sigmoid_norm), or one per pair (B, K, K) as LD-DPO's
-    :func:`length_desensitised_logps` (not for plackett_luce, which ranks whole lists). Pair losses:
+    :func:`length_desensitised_logps` (not for plackett_luce, which ranks whole lists). ``weights`` (B, K): WPO's
+    :func:`wpo_weights`, each pair's loss times the product of its two responses' (pair losses only). Pair losses:
     :func:`pair_losses`; K-wise: every ordered pair with rank_i < rank_j (ties skipped), as InstructGPT's reward
     model (Ouyang et al. 2022, eq. 1); a loss with a term per response (nca_pair, bco_pair, sppo_hard, apo_*)
     counts it once per pair it is in.
@@ -212,8 +227,9 @@ def dpo_loss(
     if f_divergence != "reverse_kl" and loss_type not in ON_MARGINS:
         raise ValueError(f"f_divergence applies to the losses on reward differences ({', '.join(ON_MARGINS)}), "
                          f"not {loss_type!r}")
-    if loss_type == "plackett_luce" and logps.dim() == 3:
-        raise ValueError("plackett_luce ranks whole lists: it takes one log-prob per response (B, K), not per pair")
+    if loss_type == "plackett_luce" and (logps.dim() == 3 or weights is not None):
+        raise ValueError("plackett_luce ranks whole lists: it takes one log-prob per response (B, K), not per pair, "
+                         "and no pair weights")
     rewards = implicit_rewards(logps, ref_logps, beta, f_divergence, f_alpha)  # (B, K) or (B, K, K)
     pairs = ranked_pairs(ranks).to(logps.dtype)  # (B, K, K)
     n_pairs = pairs.sum(dim=(1, 2))  # (B,)
@@ -228,7 +244,10 @@ def dpo_loss(
     if loss_type == "plackett_luce":
         loss = (plackett_luce_nll(rewards, ranks) * has_pairs).sum() / n_prompts
     else:
-        loss = per_prompt_mean(pair_losses(better, worse, loss_type, beta, label_smoothing, simpo_gamma, discopop_tau))
+        losses = pair_losses(better, worse, loss_type, beta, label_smoothing, simpo_gamma, discopop_tau)  # (B, K, K)
+        if weights is not None:  # WPO: a pair weighs the product of its responses' weights
+            losses = losses * (weights.unsqueeze(2) * weights.unsqueeze(1))
+        loss = per_prompt_mean(losses)
     metrics = {
         "loss/dpo": _d(loss),
         "rewards/chosen": _d(per_prompt_mean(better)),

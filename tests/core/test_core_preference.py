@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from rlhf.core import (best_response_nll, dpo_loss, implicit_rewards, length_desensitised_logps, pair_losses,
-                       plackett_luce_nll, ranked_pairs)
+from rlhf.core import (best_response_nll, dpo_loss, implicit_rewards, length_desensitised_logps, log_sum_sq_probs,
+                       pair_losses, plackett_luce_nll, ranked_pairs, wpo_weights)
 from rlhf.core.preference import PAIR_LOSSES, SMOOTHED
 
 torch.set_num_threads(1)
@@ -189,6 +189,44 @@ def test_ld_dpo_loss_matches_loops(loss_type):
     assert math.isclose(float(loss), sum(per_prompt) / 4, rel_tol=1e-10)
     with pytest.raises(ValueError, match="plackett_luce ranks whole lists"):
         dpo_loss(length_desensitised_logps(tp, mask, 0.4), None, torch.tensor(ranks), loss_type="plackett_luce")
+
+
+def test_wpo_weights_match_a_loop():
+    """exp(mean over a response's tokens of log p(y_t) - log sum_v p(v)^2), from the softmax written out; detached."""
+    g = torch.Generator().manual_seed(5)
+    logits = (3 * torch.randn(2, 3, 4, 7, generator=g, dtype=torch.float64)).requires_grad_()
+    labels = torch.randint(0, 7, (2, 3, 4), generator=g)
+    lengths = [[4, 1, 0], [2, 3, 4]]
+    mask = torch.tensor([[[1.0] * n + [0.0] * (4 - n) for n in row] for row in lengths], dtype=torch.float64)
+    token_logps = torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    got = wpo_weights(token_logps, log_sum_sq_probs(logits).double(), mask)
+    assert not got.requires_grad
+    for b, k in itertools.product(range(2), range(3)):
+        terms = []
+        for t in range(lengths[b][k]):
+            p = [math.exp(z) for z in logits[b, k, t].tolist()]
+            p = [x / sum(p) for x in p]
+            terms.append(math.log(p[int(labels[b, k, t])]) - math.log(sum(x * x for x in p)))
+        want = math.exp(sum(terms) / len(terms)) if terms else 1.0
+        assert math.isclose(float(got[b, k]), want, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "apo_zero"])
+def test_wpo_weighs_each_pair_by_its_two_responses(loss_type):
+    g = torch.Generator().manual_seed(6)
+    logps, ref = (-5 * torch.rand(4, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    w = torch.rand(4, 4, generator=g, dtype=torch.float64)
+    loss, _ = dpo_loss(logps, ref, torch.tensor(RANKS), beta=0.7, loss_type=loss_type, weights=w)
+    per_prompt = []
+    for b in range(4):
+        losses = [w[b, i] * w[b, j] * naive_pair_loss(0.7 * float(logps[b, i] - ref[b, i]),
+                                                      0.7 * float(logps[b, j] - ref[b, j]), loss_type, 0.7, 0.0, 0.5)
+                  for i, j in itertools.permutations(range(4), 2) if 0 <= RANKS[b][i] < RANKS[b][j]]
+        if losses:
+            per_prompt.append(sum(losses) / len(losses))
+    assert math.isclose(float(loss), float(sum(per_prompt) / len(per_prompt)), rel_tol=1e-10)
+    with pytest.raises(ValueError, match="no pair weights"):
+        dpo_loss(logps, ref, torch.tensor(RANKS), loss_type="plackett_luce", weights=w)
 
 
 def test_pairwise_dpo_is_the_paper_loss_and_metrics():

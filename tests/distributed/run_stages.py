@@ -40,6 +40,10 @@ def stage_configs(root: Path, scale: int) -> dict:
                        learning_rate=1e-3, beta=0.5, num_eval_prompts=8, num_greedy_eval_prompts=0,
                        per_device_eval_batch_size=3, precompute_ref_log_probs=False, sync_ref_model=True,
                        ref_model_sync_steps=1, ref_model_mixup_alpha=0.6),
+        # dpo with LD-DPO's per-pair log-probs (the reference pass gathers K x K per ranking) and WPO's pair weights
+        "dpo_ld": dict(common, per_device_train_batch_size=2 * scale, num_train_prompts=32, completions_per_prompt=3,
+                       learning_rate=1e-3, beta=0.5, num_eval_prompts=8, num_greedy_eval_prompts=0,
+                       per_device_eval_batch_size=3, ld_alpha=0.5, use_weighting=True),
         "grpo": dict(common, model_name_or_path=str(root / "start"), reward_funcs=[LENGTH_REWARD], reward_weights=[1.0],
                      per_device_train_batch_size=8 * scale, num_generations=4, max_completion_length=6,
                      learning_rate=1e-3, beta=0.05, num_train_prompts=64, num_eval_prompts=8),

@@ -5,7 +5,9 @@ run_stages.py trains the stage for 3 optimizer steps (checkpoint at step 2) and 
 deterministic - same rankings, same order, reference log-probs precomputed in fixed batches - so the loss curve,
 the metrics and the weights match one process (as SFT and reward do in test_stages_launch.py). `dpo_lora`
 trains LoRA adapters with the reference computed per batch by the same model with its adapters disabled; `dpo_tr`
-moves the reference towards the policy after every step (TR-DPO), so the resumed run needs it from the checkpoint.
+moves the reference towards the policy after every step (TR-DPO), so the resumed run needs it from the checkpoint;
+`dpo_ld` trains on LD-DPO's per-pair log-probs (K x K reference log-probs per ranking, gathered from both processes)
+with WPO's pair weights.
 """
 
 from __future__ import annotations
@@ -23,16 +25,16 @@ SETUPS = ["ddp", "zero2", "zero3"]
 @pytest.fixture(scope="module")
 def dpo_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dpo")
-    launch_many([([DRIVER, str(root / "single"), "dpo,dpo_lora,dpo_tr", "2"], None)]
-                + [([DRIVER, str(root / setup), "dpo,dpo_lora,dpo_tr", "1"], setup) for setup in SETUPS])
+    launch_many([([DRIVER, str(root / "single"), "dpo,dpo_lora,dpo_tr,dpo_ld", "2"], None)]
+                + [([DRIVER, str(root / setup), "dpo,dpo_lora,dpo_tr,dpo_ld", "1"], setup) for setup in SETUPS])
     return root
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("setup", SETUPS)
-@pytest.mark.parametrize("stage", ["dpo", "dpo_lora", "dpo_tr"])  # dpo_lora: LoRA, the reference per batch
-# (adapters off); dpo_tr: TR-DPO's reference, mixed with the policy after every step
+@pytest.mark.parametrize("stage", ["dpo", "dpo_lora", "dpo_tr", "dpo_ld"])  # dpo_lora: LoRA, the reference
+# per batch (adapters off); dpo_tr: TR-DPO's reference, mixed with the policy after every step; dpo_ld: LD-DPO + WPO
 def test_two_processes_equal_one_and_resume_exactly(dpo_runs, setup, stage):
     got, single = result(dpo_runs, setup, stage), result(dpo_runs, "single", stage)
     assert got["world"] == 2 and single["world"] == 1

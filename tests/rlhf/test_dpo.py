@@ -382,6 +382,45 @@ def test_ld_dpo_trains_with_the_reference_precomputed_or_per_batch(tmp_path):
     assert any(not torch.allclose(wa[k], plain[k], atol=1e-4) for k in wa)
 
 
+@pytest.mark.parametrize("share", [True, False])
+def test_wpo_weights_are_each_response_alones(tmp_path, tiny_tokenizer, share):
+    """use_weighting: a response's weight is exp of the mean over its tokens (EOS included) of log p(token) -
+    log sum_v p(v)^2, from the response scored alone; batch_loss is the loss with each pair times its two weights."""
+    rows = [{"prompt": "12+30=", "completions": ["42", "4", "5232"], "ranks": [0, 2, 1]},
+            {"prompt": "1+1=", "completions": ["2", "111"], "ranks": [0, 1]}]
+    model, batch = _ranked_batch(tmp_path, tiny_tokenizer, rows)
+    with torch.no_grad():
+        logps, weights = dpo.response_logps(model, batch, share, with_weights=True)
+    assert torch.equal(logps, dpo.response_logps(model, batch, share))
+    for b, row in enumerate(rows):
+        for k, c in enumerate(row["completions"]):
+            prompt_ids = tiny_tokenizer(row["prompt"])["input_ids"]
+            ids = prompt_ids + tiny_tokenizer(c, add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]
+            with torch.no_grad():
+                logp = F.log_softmax(model(input_ids=torch.tensor([ids])).logits[0], dim=-1)
+            terms = [float(logp[t - 1, ids[t]] - torch.logsumexp(2 * logp[t - 1], 0)) for t in range(len(prompt_ids),
+                                                                                                   len(ids))]
+            assert float(weights[b, k]) == pytest.approx(math.exp(sum(terms) / len(terms)), rel=1e-4)
+    batch["ref_logps"] = torch.tensor([[-3.0, -2.0, -4.0], [-1.0, -5.0, 0.0]])
+    with torch.no_grad():
+        loss, _ = _batch_loss(model, batch, make_config(dpo.Config, {"use_weighting": True,
+                                                                     "share_prompt_prefix": share}))
+    want, _ = dpo_loss(logps, batch["ref_logps"], batch["ranks"], weights=weights)
+    assert float(loss) == pytest.approx(float(want), rel=1e-6)
+
+
+def test_wpo_trains_with_the_reference_precomputed_or_per_batch(tmp_path):
+    kw = dict(max_steps=3, per_device_train_batch_size=4, completions_per_prompt=3, learning_rate=1e-2,
+              num_eval_prompts=8, use_weighting=True)
+    a, wa = _train(tmp_path, "pre", **kw)
+    b, wb = _train(tmp_path, "fly", precompute_ref_log_probs=False, **kw)
+    plain = _train(tmp_path, "plain", **{**kw, "use_weighting": False})[1]
+    assert a["train/loss_last"] == pytest.approx(b["train/loss_last"], abs=1e-6) and math.isfinite(a["train/loss_last"])
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+    assert any(not torch.allclose(wa[k], plain[k], atol=1e-4) for k in wa)
+
+
 def test_dpo_on_builtin_rankings_orders_held_out_pairs(tmp_path, sft_model_dir):
     summary, _ = _train(tmp_path, "learn", model_name_or_path=str(sft_model_dir), num_train_prompts=256,
                         num_eval_prompts=100, num_greedy_eval_prompts=32, max_steps=30, per_device_train_batch_size=16,
@@ -432,7 +471,8 @@ def test_bad_input_names_file_and_line_and_writes_nothing(tmp_path):
                          ({"f_alpha_divergence_coef": 0.0}, "f_alpha_divergence_coef"),
                          ({"ld_alpha": 1.5}, "`ld_alpha`: must be in \\[0, 1\\]"),
                          ({"ld_alpha": 0.5, "loss_type": "sigmoid,ipo"}, "ld_alpha.*not for \\['ipo'\\]"),
-                         ({"ld_alpha": 0.5, "loss_type": "plackett_luce"}, "ld_alpha.*plackett_luce")]:
+                         ({"ld_alpha": 0.5, "loss_type": "plackett_luce"}, "ld_alpha.*plackett_luce"),
+                         ({"use_weighting": True, "loss_type": "plackett_luce"}, "use_weighting.*plackett_luce")]:
         with pytest.raises(ConfigError, match=message):
             make_config(dpo.Config, bad)
 
