@@ -129,9 +129,9 @@ def test_each_response_goes_through_the_model_once_per_step(tmp_path, monkeypatc
     calls = []
     original = dpo.response_logps
 
-    def counting(model, batch, share, ld_alpha=None):
+    def counting(model, batch, *args):
         calls.append(batch["completion_ids"].shape[0])
-        return original(model, batch, share, ld_alpha)
+        return original(model, batch, *args)
 
     monkeypatch.setattr(dpo, "response_logps", counting)
     _train(tmp_path, "k4", max_steps=2, per_device_train_batch_size=4, completions_per_prompt=4, num_train_prompts=8)
