@@ -293,7 +293,8 @@ def load_reference(cfg: Config):
 
 @torch.no_grad()
 def reference_logps(accelerator, model, reference, batch: dict, cfg: Config) -> torch.Tensor:
-    """log pi_ref (B, K): the frozen copy, or the policy with LoRA adapters off, or (before training) the policy."""
+    """log pi_ref (B, K), or (B, K, K) with `ld_alpha`: the frozen copy, or the policy with LoRA adapters off, or
+    (before training) the policy."""
     if reference is not None:
         with accelerator.autocast():
             return response_logps(reference, batch, cfg.share_prompt_prefix, cfg.ld_alpha)
@@ -313,7 +314,7 @@ def add_reference_logps(accelerator, model, groups: list[dict], cfg: Config, pad
     with gathered_for_generation(accelerator, model) as unwrapped:
         for chunk in scoring_batches(accelerator, groups, bs, collate_shape):
             batch = {k: v.to(accelerator.device) for k, v in collate([groups[i] for i in chunk], pad_token_id).items()}
-            ref = reference_logps(accelerator, unwrapped, None, batch, cfg)  # (B, K)
+            ref = reference_logps(accelerator, unwrapped, None, batch, cfg)  # (B, K) or (B, K, K)
             for b, i in enumerate(chunk):
                 n = len(groups[i]["ranks"])
                 mine.append((i, (ref[b, :n, :n] if ref.dim() == 3 else ref[b, :n]).tolist()))
