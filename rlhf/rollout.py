@@ -272,7 +272,11 @@ def batch_logprobs(
         logits = torch.cat([prefix.logits[group, -1:], out.logits[:, :-1]], dim=1)  # (B, T, V)
     logits = logits.float() / temperature
     logp = logprobs_from_logits(logits, input_ids[:, completion_start:])  # (B, T)
-    extras = [entropy_from_logits(logits)] * with_entropy + [log_sum_sq_probs(logits)] * with_log_sum_sq
+    extras = []  # only what is asked for: each is a pass over the vocabulary
+    if with_entropy:
+        extras.append(entropy_from_logits(logits))
+    if with_log_sum_sq:
+        extras.append(log_sum_sq_probs(logits))
     return (logp, *extras) if extras else logp
 
 
